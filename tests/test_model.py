@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from model import Transformer, apply_rope, rope_tables, sample_next
+from utils import ModelConfig
+
+
+def make_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(**{"vocab_size": 97, "embed_dim": 64, "num_heads": 4, "num_kv_heads": 4, "ff_dim": 96,
+                            "num_layers": 3, "max_seq_len": 48, **overrides})
+    return Transformer(config).eval()
+
+
+def test_shapes_and_loss():
+    model = make_model()
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 16, 97)
+    assert loss.shape == () and abs(loss.item() - math.log(97)) < 0.5  # near-uniform at init
+    assert model(idx)[1] is None
+
+
+def test_causal_future_tokens_do_not_change_earlier_logits():
+    model = make_model()
+    idx = torch.randint(0, 97, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 97
+    before, after = model(idx)[0], model(changed)[0]
+    assert torch.allclose(before[0, :12], after[0, :12], atol=1e-6)
+    assert not torch.allclose(before[0, 12:], after[0, 12:], atol=1e-3)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    head_dim = 16
+    cos, sin = rope_tables(head_dim, 64, theta=10000.0)
+    q, k = torch.randn(1, 1, 1, head_dim), torch.randn(1, 1, 1, head_dim)
+
+    def score(q_pos, k_pos):
+        q_rot = apply_rope(q, cos[q_pos:q_pos + 1], sin[q_pos:q_pos + 1])
+        k_rot = apply_rope(k, cos[k_pos:k_pos + 1], sin[k_pos:k_pos + 1])
+        return (q_rot * k_rot).sum()
+
+    assert torch.allclose(score(5, 2), score(25, 22), atol=1e-5)
+    assert torch.allclose(score(40, 0), score(47, 7), atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
+    rotated = apply_rope(q.expand(1, 1, 10, head_dim), cos[:10], sin[:10])
+    assert torch.allclose(rotated.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 10), atol=1e-5)  # a pure rotation
+
+
+def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
+    gqa = make_model(num_kv_heads=2)
+    mha = make_model(num_kv_heads=4)
+    state = gqa.state_dict()
+    head_dim, groups = 16, 2
+    for name, weight in list(state.items()):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):  # kv head j serves query heads 2j and 2j+1
+            state[name] = weight.view(2, head_dim, -1).repeat_interleave(groups, dim=0).reshape(4 * head_dim, -1)
+    mha.load_state_dict(state)
+    assert gqa.layers[0].self_attn.k_proj.weight.shape == (32, 64)
+    idx = torch.randint(0, 97, (2, 20))
+    assert torch.allclose(gqa(idx)[0], mha(idx)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_kv_cache_generation_equals_full_recompute(num_kv_heads):
+    model = make_model(num_kv_heads=num_kv_heads)
+    prompt = torch.randint(0, 97, (2, 7))
+    cached = torch.stack(list(model.generate(prompt, 30, temperature=0.0, use_cache=True)), dim=1)
+    full = torch.stack(list(model.generate(prompt, 30, temperature=0.0, use_cache=False)), dim=1)
+    assert torch.equal(cached, full)
+    sequence = torch.cat((prompt, cached), dim=1)
+    assert torch.equal(model(sequence)[0][:, 6:-1].argmax(-1), cached)  # greedy really is greedy
+
+
+def test_generation_continues_past_the_context_and_stops_on_eos():
+    model = make_model()
+    prompt = torch.randint(0, 97, (1, 40))
+    tokens = list(model.generate(prompt, 30, temperature=0.0))  # 70 > max_seq_len=48: re-prefills
+    assert len(tokens) == 30
+    eos = int(tokens[0])
+    assert len(list(model.generate(prompt, 30, temperature=0.0, eos_id=eos))) == 1
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    assert sample_next(logits, 0.0, 0, 1.0).item() == 0
+    generator = torch.Generator().manual_seed(0)
+    top1 = {sample_next(logits, 1.0, 1, 1.0, generator).item() for _ in range(50)}
+    nucleus = {sample_next(logits, 1.0, 0, 0.5, generator).item() for _ in range(50)}
+    top2 = {sample_next(logits, 5.0, 2, 1.0, generator).item() for _ in range(200)}
+    full = {sample_next(logits, 5.0, 0, 1.0, generator).item() for _ in range(200)}
+    assert top1 == {0} and nucleus == {0} and top2 == {0, 1} and full == {0, 1, 2, 3}
+
+
+def test_embedding_and_head_are_tied_through_training_and_state_dict():
+    model = make_model().train()
+    assert model.lm_head.weight is model.embed_tokens.weight
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 97, (2, 16))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    assert model.lm_head.weight is model.embed_tokens.weight
+    reloaded = make_model()
+    reloaded.load_state_dict(model.state_dict())
+    assert reloaded.lm_head.weight is reloaded.embed_tokens.weight
+    assert torch.equal(reloaded.lm_head.weight, model.embed_tokens.weight)
+
+
+def test_init_scales_residual_projections_and_counts_flops():
+    model = make_model(embed_dim=256, ff_dim=512, num_layers=8, num_heads=4, num_kv_heads=4)
+    assert model.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    n = 97 * 256 + 8 * (4 * 256 * 256 + 3 * 256 * 512 + 2 * 256) + 256
+    assert model.num_params() == n
+    assert model.flops_per_token(32) == 6 * n + 12 * 8 * 256 * 32

@@ -1,0 +1,127 @@
+import math
+import pickle
+
+import pytest
+import torch
+
+from conftest import REPO
+from utils import (Config, TrainingConfig, UserError, apply_overrides, atomic_save, config_from_dict, config_to_dict, load_checkpoint,
+                   load_config, lr_at, validate)
+
+
+def test_shipped_config_loads_and_validates():
+    config = load_config(str(REPO / "configs.yaml"))
+    assert config.model.vocab_size == 4096
+    assert config.data.raw_text_path == "data/shakespeare.txt"
+    assert config.training.max_steps > 0
+
+
+def test_overrides_are_typed_like_yaml():
+    config = Config()
+    apply_overrides(config, ["training.max_steps=30", "training.lr=1e-3", "training.compile=true",
+                             "data.raw_text_path=my.txt", "model.rope_theta=500000"])
+    assert config.training.max_steps == 30 and isinstance(config.training.max_steps, int)
+    assert config.training.lr == 1e-3  # YAML reads 1e-3 as a string; float fields accept it
+    assert config.training.compile is True
+    assert config.data.raw_text_path == "my.txt"
+    assert config.model.rope_theta == 500000.0 and isinstance(config.model.rope_theta, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.max_step=3", "did you mean 'training.max_steps'"),
+    ("model.num_layers=two", "model.num_layers must be int"),
+    ("model.num_layers=2.5", "model.num_layers must be int"),
+    ("training.compile=1", "training.compile must be bool"),
+    ("max_steps=3", "bad override"),
+    ("training.max_steps", "bad override"),
+    ("trainng.max_steps=3", "no section 'trainng'"),
+])
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(UserError, match=message):
+        apply_overrides(Config(), [override])
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("training", "lr", 0.0, "training.lr must be > 0"),
+    ("data", "val_split", 1.0, r"val_split must be in \(0, 1\)"),
+    ("data", "val_split", 0.0, r"val_split must be in \(0, 1\)"),
+    ("model", "embed_dim", 250, "not divisible by model.num_heads"),
+    ("model", "num_kv_heads", 3, "not divisible by model.num_kv_heads"),
+    ("data", "context_length", 512, "context_length .* > model.max_seq_len"),
+    ("data", "batch_size", 0, "data.batch_size must be > 0"),
+    ("training", "device", "tpu", "choose one of auto, cpu, cuda, mps"),
+    ("training", "min_lr", 1.0, "min_lr .* > training.lr"),
+])
+def test_validation_rejects_out_of_range_values(section, key, value, message):
+    config = Config()
+    setattr(getattr(config, section), key, value)
+    with pytest.raises(UserError, match=message):
+        validate(config)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  embed_dim: 64\n  num_heads: [4\n")
+    with pytest.raises(UserError, match="malformed YAML .* line 4"):
+        load_config(str(broken))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("modle:\n  embed_dim: 64\n")
+    with pytest.raises(UserError, match="did you mean 'model'"):
+        load_config(str(unknown))
+
+
+def test_config_dict_round_trip():
+    config = Config()
+    config.model.num_layers = 3
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    t = TrainingConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    total = 110
+    assert lr_at(0, t, total) == pytest.approx(0.1)
+    assert lr_at(9, t, total) == pytest.approx(1.0)
+    assert lr_at(10, t, total) == pytest.approx(1.0)
+    assert lr_at(60, t, total) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(total, t, total) == pytest.approx(0.1)
+    decay = [lr_at(s, t, total) for s in range(10, total + 1)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_atomic_save_keeps_previous_file_when_a_save_fails(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
+    with pytest.raises(Exception):
+        atomic_save({"model": {"w": torch.zeros(3)}, "config": {}, "bad": lambda: 0}, str(path))
+    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_loading_refuses_code_and_damage(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": _RunsCode(str(marker)), "config": {}}, f)
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        load_checkpoint(str(evil))
+    assert not marker.exists()
+
+    good = tmp_path / "good.pth"
+    atomic_save({"model": {"w": torch.randn(1000)}, "config": {}}, str(good))
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:1500])
+    with pytest.raises(UserError, match="corrupt, truncated"):
+        load_checkpoint(str(truncated))
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(str(tmp_path / "nope.pth"))
+    assert math.isfinite(load_checkpoint(str(good))["model"]["w"].sum().item())

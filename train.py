@@ -1,0 +1,268 @@
+"""Single-device training (CPU, one CUDA GPU, or Apple MPS).
+
+    python train.py configs.yaml [section.key=value ...]
+
+The helpers above `main` (setup, optimizer, evaluation, snapshots, logging) are shared with
+data_parallel_train.py, which imports them rather than keeping a copy.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from data import EOT, TokenWindows, decode, epoch_loader, load_tokenizer, prepare_tokens, split_tokens, token_byte_lengths
+from model import Transformer, load_weights
+from utils import (Config, UserError, atomic_save, autocast_context, check_writable, config_to_dict, format_config,
+                   load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device, pick_precision, run_cli)
+
+
+def parse_cli(description: str) -> Config:
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Overrides are typed like YAML, e.g. training.max_steps=30 model.num_layers=2 data.raw_text_path=my.txt")
+    parser.add_argument("config", help="YAML config, e.g. configs.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
+    args = parser.parse_args()
+    return load_config(args.config, args.overrides)
+
+
+def prepare_data(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
+    tokenizer = load_tokenizer(config.data.tokenizer_path)
+    if tokenizer.get_vocab_size() != config.model.vocab_size:
+        raise UserError(f"tokenizer {config.data.tokenizer_path} has {tokenizer.get_vocab_size()} tokens but "
+                        f"model.vocab_size is {config.model.vocab_size} — set model.vocab_size="
+                        f"{tokenizer.get_vocab_size()} or use the matching tokenizer")
+    train_set, val_set = split_tokens(prepare_tokens(config.data, tokenizer), config.data)
+    return tokenizer, train_set, val_set
+
+
+def steps_per_epoch(train_set: TokenWindows, config: Config) -> int:
+    micro_batches = max(1, len(train_set) // config.data.batch_size)
+    if micro_batches < config.training.grad_accum_steps:
+        raise UserError(f"one epoch has {micro_batches} batches, fewer than training.grad_accum_steps="
+                        f"{config.training.grad_accum_steps} — lower grad_accum_steps or data.batch_size")
+    return micro_batches // config.training.grad_accum_steps
+
+
+def build_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on 2-D weight matrices (not norms), fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.training.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.training.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def fixed_val_batches(val_set: TokenWindows, config: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same eval_batches batches at every eval, spread evenly over the validation split."""
+    count = min(len(val_set), config.training.eval_batches * config.data.batch_size)
+    picks = torch.linspace(0, len(val_set) - 1, count).round().long().unique().tolist()
+    windows = [val_set[i] for i in picks]
+    return [(torch.stack([x for x, _ in windows[i:i + config.data.batch_size]]),
+             torch.stack([y for _, y in windows[i:i + config.data.batch_size]]))
+            for i in range(0, len(windows), config.data.batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor, device: torch.device,
+             precision: str) -> tuple[float, float]:
+    """(mean loss in nats/token, bits per UTF-8 byte); special tokens (0 bytes) are left out of the bpb sum."""
+    model.eval()
+    nats = torch.zeros((), device=device, dtype=torch.float64)
+    nats_on_bytes = torch.zeros_like(nats)
+    tokens, num_bytes = 0, torch.zeros((), device=device, dtype=torch.int64)
+    token_bytes = token_bytes.to(device)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast_context(device, precision):
+            logits, _ = model(x)
+        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
+        target_bytes = token_bytes[y.view(-1)]
+        nats += losses.sum()
+        nats_on_bytes += (losses * (target_bytes > 0)).sum()
+        num_bytes += target_bytes.sum()
+        tokens += y.numel()
+    model.train()
+    return nats.item() / tokens, nats_on_bytes.item() / (math.log(2) * max(1, num_bytes.item()))
+
+
+def sample_text(model: Transformer, tokenizer: Tokenizer, num_tokens: int, device: torch.device) -> str:
+    """A short sample from <|endoftext|> with its own generator, so the training RNG stream is untouched."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    prompt = torch.tensor([[tokenizer.token_to_id(EOT)]], device=device)
+    was_training = model.training
+    model.eval()
+    ids = [int(t) for t in model.generate(prompt, num_tokens, temperature=0.8, top_k=50, generator=generator)]
+    model.train(was_training)
+    return decode(tokenizer, ids)
+
+
+def open_writer(config: Config, run_name: str) -> SummaryWriter:
+    writer = SummaryWriter(os.path.join(config.training.logdir, run_name))
+    writer.add_text("config", "```\n" + format_config(config) + "\n```")
+    return writer
+
+
+def log_hparams(writer: SummaryWriter, config: Config, best_val_loss: float, best_val_bpb: float) -> None:
+    hparams = {f"{section}.{key}": value for section, values in config_to_dict(config).items()
+               for key, value in values.items()}
+    writer.add_hparams(hparams, {"hparam/best_val_loss": best_val_loss, "hparam/best_val_bpb": best_val_bpb},
+                       run_name=".")
+
+
+def check_outputs_writable(config: Config) -> None:
+    for path in (config.training.checkpoint_path, config.training.snapshot_path,
+                 os.path.join(config.training.logdir, "x")):
+        check_writable(path)
+
+
+PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "best_val_loss", "best_val_bpb", "run_name")
+
+
+def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  config: Config, progress: dict) -> None:
+    """Everything needed to continue exactly: weights, optimizer, scaler, position in the data, RNG states."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "config": config_to_dict(config), "rng": rng, **progress}, path)
+
+
+def load_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  device: torch.device) -> dict:
+    """Restore a snapshot written by save_snapshot; returns its progress fields (step, epoch, ...)."""
+    snapshot = load_checkpoint(path, map_location=device)
+    load_weights(model, snapshot, path)
+    optimizer.load_state_dict(snapshot["optimizer"])
+    scaler.load_state_dict(snapshot["scaler"])
+    torch.set_rng_state(snapshot["rng"]["torch"].cpu())
+    if "cuda" in snapshot["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in snapshot["rng"]["cuda"]])
+    return {key: snapshot[key] for key in PROGRESS_KEYS}
+
+
+def main() -> None:
+    config = parse_cli("Train the SLM decoder on one device (CPU, CUDA GPU or Apple MPS).")
+    t = config.training
+    print(format_config(config), flush=True)
+    check_outputs_writable(config)
+    device = pick_device(t.device)
+    precision = pick_precision(t.precision, device)
+    torch.manual_seed(t.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    tokenizer, train_set, val_set = prepare_data(config)
+    model = Transformer(config.model).to(device)
+    optimizer = build_optimizer(model, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "best_val_bpb": math.inf,
+                "run_name": t.run_name or time.strftime("%Y%m%d-%H%M%S")}
+    if os.path.exists(t.snapshot_path):
+        progress = load_snapshot(t.snapshot_path, model, optimizer, scaler, device)
+        print(f"resuming from {t.snapshot_path}: step {progress['step']}, epoch {progress['epoch']}, "
+              f"batch {progress['batch_in_epoch']} of that epoch", flush=True)
+    train_model = torch.compile(model) if t.compile else model
+
+    per_epoch = steps_per_epoch(train_set, config)
+    total_steps = per_epoch * t.epochs if t.max_steps == 0 else min(per_epoch * t.epochs, t.max_steps)
+    tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps
+    flops_per_token = model.flops_per_token(config.data.context_length)
+    peak_flops = measure_peak_flops(device, precision)
+    print(f"device {device} ({precision}), {model.num_params():,} parameters, {len(train_set):,} train / "
+          f"{len(val_set):,} val windows, {tokens_per_step:,} tokens per step, {total_steps} steps "
+          f"({per_epoch} per epoch), measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
+    if progress["step"] >= total_steps:
+        print(f"{t.snapshot_path} is already at step {progress['step']} of {total_steps}: nothing to train — "
+              "raise training.max_steps/epochs to continue, or delete the snapshot to start over", flush=True)
+        return
+
+    val_batches = fixed_val_batches(val_set, config)
+    token_bytes = token_byte_lengths(tokenizer)
+    writer = open_writer(config, progress["run_name"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    last_log_time, last_log_step = time.perf_counter(), step
+
+    def run_eval() -> None:
+        val_loss, val_bpb = evaluate(train_model, val_batches, token_bytes, device, precision)
+        writer.add_scalar("val/loss", val_loss, step)
+        writer.add_scalar("val/bpb", val_bpb, step)
+        if t.sample_tokens:
+            writer.add_text("sample", sample_text(model, tokenizer, t.sample_tokens, device), step)
+        improved = val_loss < progress["best_val_loss"]
+        if improved:
+            progress.update(best_val_loss=val_loss, best_val_bpb=val_bpb)
+            atomic_save({"model": model.state_dict(), "config": config_to_dict(config), "step": step,
+                         "val_loss": val_loss, "val_bpb": val_bpb}, t.checkpoint_path)
+        bar.write(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
+                  + (f" -> saved {t.checkpoint_path}" if improved else ""))
+
+    def snapshot() -> None:
+        progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+        save_snapshot(t.snapshot_path, model, optimizer, scaler, config, progress)
+
+    while step < total_steps:
+        micro_batches = per_epoch * t.grad_accum_steps - batch_in_epoch
+        loader = epoch_loader(train_set, config.data, t.seed, epoch, batch_in_epoch, device.type == "cuda")
+        for micro_step, (x, y) in enumerate(itertools.islice(loader, micro_batches), start=1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_context(device, precision):
+                _, loss = train_model(x, y)
+            scaler.scale(loss / t.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+            batch_in_epoch += 1
+            if micro_step % t.grad_accum_steps:
+                continue
+            lr = lr_at(step, t, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % t.log_every == 0 or step == total_steps:
+                train_loss = loss_sum.item() / loss_count  # the one host sync per log interval
+                now = time.perf_counter()
+                tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
+                mfu = flops_per_token * tokens_per_sec / peak_flops
+                for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", grad_norm.item()),
+                                    ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):
+                    writer.add_scalar(name, value, step)
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+                loss_sum.zero_()
+                loss_count, last_log_time, last_log_step = 0, now, step
+            if step % t.eval_every == 0 or step == total_steps:
+                run_eval()
+            if step % t.save_every == 0 or step == total_steps:
+                snapshot()
+            if step >= total_steps:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    log_hparams(writer, config, progress["best_val_loss"], progress["best_val_bpb"])
+    writer.close()
+    print(f"done: {step} steps, best val loss {progress['best_val_loss']:.4f} "
+          f"({progress['best_val_bpb']:.4f} bits/byte) in {t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
