@@ -46,11 +46,11 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     checkpoint = load_checkpoint(args.ckpt_path)
-    config = load_config(args.config) if args.config else config_from_dict(checkpoint["config"], args.ckpt_path)
-    config.model = config_from_dict(checkpoint["config"], args.ckpt_path).model  # the weights decide the shape
+    stored = config_from_dict(checkpoint["config"], args.ckpt_path)
+    config = load_config(args.config) if args.config else stored
+    config.model = stored.model  # the weights decide the shape, whatever --config says
     device = pick_device(args.device or config.training.device)
     precision = pick_precision(config.training.precision, device)
-    precision = "fp32" if precision == "fp16" and device.type != "cuda" else precision
 
     tokenizer = load_tokenizer(config.data.tokenizer_path)
     if tokenizer.get_vocab_size() != config.model.vocab_size:

@@ -188,13 +188,14 @@ class Transformer(nn.Module):
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(tokens[:, -max_len:])
-            else:
-                if caches is None or cached_len >= max_len:
-                    tokens = tokens[:, -(max_len // 2):] if cached_len >= max_len else tokens
-                    caches = self.new_caches(idx.shape[0])
-                    logits, _ = self(tokens, caches=caches, start_pos=0)
-                else:
-                    logits, _ = self(tokens[:, -1:], caches=caches, start_pos=cached_len)
+            elif caches is not None and cached_len < max_len:  # decode: one new position
+                logits, _ = self(tokens[:, -1:], caches=caches, start_pos=cached_len)
+                cached_len += 1
+            else:  # first step, or the cache is full: prefill (the newest half of) the context
+                if caches is not None:
+                    tokens = tokens[:, -(max_len // 2):]
+                caches = self.new_caches(idx.shape[0])
+                logits, _ = self(tokens, caches=caches, start_pos=0)
                 cached_len = tokens.shape[1]
             next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             if eos_id is not None:

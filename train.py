@@ -120,9 +120,10 @@ def log_hparams(writer: SummaryWriter, config: Config, best_val_loss: float, bes
 
 
 def check_outputs_writable(config: Config) -> None:
-    for path in (config.training.checkpoint_path, config.training.snapshot_path,
-                 os.path.join(config.training.logdir, "x")):
-        check_writable(path)
+    t = config.training
+    for directory in (os.path.dirname(os.path.abspath(t.checkpoint_path)),
+                      os.path.dirname(os.path.abspath(t.snapshot_path)), t.logdir):
+        check_writable(directory)
 
 
 PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "best_val_loss", "best_val_bpb", "run_name")

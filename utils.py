@@ -306,9 +306,8 @@ def _sync(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- checkpoint I/O
 
-def check_writable(path: str) -> None:
-    """Fail before training, not an hour later, when an output file cannot be created."""
-    directory = os.path.dirname(os.path.abspath(path))
+def check_writable(directory: str) -> None:
+    """Fail before training, not an hour later, when outputs cannot be written to `directory`."""
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):

@@ -46,7 +46,7 @@ def test_bad_overrides_name_the_problem(override, message):
     ("data", "val_split", 1.0, r"val_split must be in \(0, 1\)"),
     ("data", "val_split", 0.0, r"val_split must be in \(0, 1\)"),
     ("model", "embed_dim", 250, "not divisible by model.num_heads"),
-    ("model", "num_kv_heads", 3, "not divisible by model.num_kv_heads"),
+    ("model", "num_kv_heads", 4, "not divisible by model.num_kv_heads"),
     ("data", "context_length", 512, "context_length .* > model.max_seq_len"),
     ("data", "batch_size", 0, "data.batch_size must be > 0"),
     ("training", "device", "tpu", "choose one of auto, cpu, cuda, mps"),
@@ -111,7 +111,7 @@ def test_checkpoint_loading_refuses_code_and_damage(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     with open(evil, "wb") as f:
-        pickle.dump({"model": _RunsCode(str(marker)), "config": {}}, f)
+        pickle.dump({"model": _RunsCode(str(marker)), "config": {}}, f, protocol=2)
     with pytest.raises(UserError, match="cannot load checkpoint"):
         load_checkpoint(str(evil))
     assert not marker.exists()
