@@ -243,14 +243,17 @@ def split_tokens(tokens: np.ndarray, data: DataConfig) -> tuple[TokenWindows, To
 
 
 def epoch_order(num_windows: int, seed: int, epoch: int) -> list[int]:
-    """The window order of one epoch: a shuffle that depends only on (seed, epoch), so resume can replay it."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    """The window order of one epoch, a shuffle fixed by (seed, epoch) so resume can replay it.
+
+    Same permutation as DistributedSampler(shuffle=True, seed=seed) after set_epoch(epoch): one process
+    and N data-parallel ranks walk the same global order.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
     return torch.randperm(num_windows, generator=generator).tolist()
 
 
-def epoch_loader(dataset: TokenWindows, data: DataConfig, seed: int, epoch: int, skip_batches: int,
+def epoch_loader(dataset: TokenWindows, data: DataConfig, order: list[int], skip_batches: int,
                  pin_memory: bool) -> DataLoader:
-    """Batches of epoch `epoch`, starting after the first `skip_batches` (resume mid-epoch)."""
-    order = epoch_order(len(dataset), seed, epoch)[skip_batches * data.batch_size:]
-    return DataLoader(dataset, batch_size=data.batch_size, sampler=order, num_workers=data.num_workers,
-                      pin_memory=pin_memory, drop_last=len(dataset) >= data.batch_size)
+    """Batches over the windows `order`, starting after the first `skip_batches` (resume mid-epoch)."""
+    return DataLoader(dataset, batch_size=data.batch_size, sampler=order[skip_batches * data.batch_size:],
+                      num_workers=data.num_workers, pin_memory=pin_memory, drop_last=len(order) >= data.batch_size)

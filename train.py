@@ -8,7 +8,6 @@ data_parallel_train.py, which imports them rather than keeping a copy.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import math
 import os
@@ -20,7 +19,8 @@ from tokenizers import Tokenizer
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data import EOT, TokenWindows, decode, epoch_loader, load_tokenizer, prepare_tokens, split_tokens, token_byte_lengths
+from data import (EOT, TokenWindows, decode, epoch_loader, epoch_order, load_tokenizer, prepare_tokens, split_tokens,
+                  token_byte_lengths)
 from model import Transformer, load_weights
 from utils import (Config, UserError, atomic_save, autocast_context, check_writable, config_to_dict, format_config,
                    load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device, pick_precision, run_cli)
@@ -46,8 +46,9 @@ def prepare_data(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]
     return tokenizer, train_set, val_set
 
 
-def steps_per_epoch(train_set: TokenWindows, config: Config) -> int:
-    micro_batches = max(1, len(train_set) // config.data.batch_size)
+def steps_per_epoch(num_windows: int, config: Config) -> int:
+    """Optimizer steps in one pass over `num_windows` windows (the ones this process sees)."""
+    micro_batches = max(1, num_windows // config.data.batch_size)
     if micro_batches < config.training.grad_accum_steps:
         raise UserError(f"one epoch has {micro_batches} batches, fewer than training.grad_accum_steps="
                         f"{config.training.grad_accum_steps} — lower grad_accum_steps or data.batch_size")
@@ -73,13 +74,11 @@ def fixed_val_batches(val_set: TokenWindows, config: Config) -> list[tuple[torch
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor, device: torch.device,
-             precision: str) -> tuple[float, float]:
-    """(mean loss in nats/token, bits per UTF-8 byte); special tokens (0 bytes) are left out of the bpb sum."""
+def evaluation_sums(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor, device: torch.device,
+                    precision: str) -> torch.Tensor:
+    """[nats, nats on byte-carrying tokens, bytes, tokens] summed over `batches` (sums add up across ranks)."""
     model.eval()
-    nats = torch.zeros((), device=device, dtype=torch.float64)
-    nats_on_bytes = torch.zeros_like(nats)
-    tokens, num_bytes = 0, torch.zeros((), device=device, dtype=torch.int64)
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
     token_bytes = token_bytes.to(device)
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -87,12 +86,40 @@ def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor, d
             logits, _ = model(x)
         losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
         target_bytes = token_bytes[y.view(-1)]
-        nats += losses.sum()
-        nats_on_bytes += (losses * (target_bytes > 0)).sum()
-        num_bytes += target_bytes.sum()
-        tokens += y.numel()
+        sums += torch.stack((losses.sum(), (losses * (target_bytes > 0)).sum(), target_bytes.sum(),
+                             torch.tensor(y.numel(), device=device))).double()
     model.train()
-    return nats.item() / tokens, nats_on_bytes.item() / (math.log(2) * max(1, num_bytes.item()))
+    return sums
+
+
+def evaluation_metrics(sums: torch.Tensor) -> tuple[float, float]:
+    """(mean loss in nats/token, bits per UTF-8 byte); special tokens (0 bytes) are left out of the bpb sum."""
+    nats, nats_on_bytes, num_bytes, tokens = sums.tolist()
+    return nats / tokens, nats_on_bytes / (math.log(2) * max(1.0, num_bytes))
+
+
+def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                     precision: str, scaler: torch.amp.GradScaler, grad_accum_steps: int) -> torch.Tensor:
+    """One micro-batch: the loss of the mean is accumulated, so gradients sum to the step's mean gradient."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with autocast_context(device, precision):
+        _, loss = model(x, y)
+    scaler.scale(loss / grad_accum_steps).backward()
+    return loss.detach()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr: float,
+                   grad_clip: float) -> torch.Tensor:
+    """Set lr, unscale, clip (0 = off), step, clear grads; returns the pre-clip global grad norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def sample_text(model: Transformer, tokenizer: Tokenizer, num_tokens: int, device: torch.device) -> str:
@@ -126,30 +153,42 @@ def check_outputs_writable(config: Config) -> None:
         check_writable(directory)
 
 
-PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "best_val_loss", "best_val_bpb", "run_name")
+PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "best_val_loss", "best_val_bpb", "run_name", "world_size")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.cuda.current_device())
 
 
 def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  config: Config, progress: dict) -> None:
-    """Everything needed to continue exactly: weights, optimizer, scaler, position in the data, RNG states."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+                  config: Config, progress: dict, rng: dict | list[dict]) -> None:
+    """Everything needed to continue exactly: weights, optimizer, scaler, position in the data, RNG state(s)."""
     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "config": config_to_dict(config), "rng": rng, **progress}, path)
 
 
 def load_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  device: torch.device) -> dict:
-    """Restore a snapshot written by save_snapshot; returns its progress fields (step, epoch, ...)."""
+                  device: torch.device) -> tuple[dict, dict | list[dict]]:
+    """Restore weights, optimizer and scaler; returns (progress fields, stored RNG state(s)) for the caller."""
     snapshot = load_checkpoint(path, map_location=device)
     load_weights(model, snapshot, path)
     optimizer.load_state_dict(snapshot["optimizer"])
     scaler.load_state_dict(snapshot["scaler"])
-    torch.set_rng_state(snapshot["rng"]["torch"].cpu())
-    if "cuda" in snapshot["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in snapshot["rng"]["cuda"]])
-    return {key: snapshot[key] for key in PROGRESS_KEYS}
+    return {key: snapshot[key] for key in PROGRESS_KEYS if key in snapshot}, snapshot["rng"]
+
+
+def log_scalars(writer: SummaryWriter, step: int, values: dict[str, float]) -> None:
+    for name, value in values.items():
+        writer.add_scalar(name, value, step)
 
 
 def main() -> None:
@@ -171,12 +210,13 @@ def main() -> None:
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "best_val_bpb": math.inf,
                 "run_name": t.run_name or time.strftime("%Y%m%d-%H%M%S")}
     if os.path.exists(t.snapshot_path):
-        progress = load_snapshot(t.snapshot_path, model, optimizer, scaler, device)
+        progress, rng = load_snapshot(t.snapshot_path, model, optimizer, scaler, device)
+        restore_rng_state(rng)
         print(f"resuming from {t.snapshot_path}: step {progress['step']}, epoch {progress['epoch']}, "
               f"batch {progress['batch_in_epoch']} of that epoch", flush=True)
     train_model = torch.compile(model) if t.compile else model
 
-    per_epoch = steps_per_epoch(train_set, config)
+    per_epoch = steps_per_epoch(len(train_set), config)
     total_steps = per_epoch * t.epochs if t.max_steps == 0 else min(per_epoch * t.epochs, t.max_steps)
     tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps
     flops_per_token = model.flops_per_token(config.data.context_length)
@@ -192,16 +232,15 @@ def main() -> None:
     val_batches = fixed_val_batches(val_set, config)
     token_bytes = token_byte_lengths(tokenizer)
     writer = open_writer(config, progress["run_name"])
-    params = [p for p in model.parameters() if p.requires_grad]
     step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     last_log_time, last_log_step = time.perf_counter(), step
 
     def run_eval() -> None:
-        val_loss, val_bpb = evaluate(train_model, val_batches, token_bytes, device, precision)
-        writer.add_scalar("val/loss", val_loss, step)
-        writer.add_scalar("val/bpb", val_bpb, step)
+        val_loss, val_bpb = evaluation_metrics(evaluation_sums(train_model, val_batches, token_bytes, device,
+                                                               precision))
+        log_scalars(writer, step, {"val/loss": val_loss, "val/bpb": val_bpb})
         if t.sample_tokens:
             writer.add_text("sample", sample_text(model, tokenizer, t.sample_tokens, device), step)
         improved = val_loss < progress["best_val_loss"]
@@ -212,48 +251,35 @@ def main() -> None:
         bar.write(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
                   + (f" -> saved {t.checkpoint_path}" if improved else ""))
 
-    def snapshot() -> None:
-        progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
-        save_snapshot(t.snapshot_path, model, optimizer, scaler, config, progress)
-
     while step < total_steps:
         micro_batches = per_epoch * t.grad_accum_steps - batch_in_epoch
-        loader = epoch_loader(train_set, config.data, t.seed, epoch, batch_in_epoch, device.type == "cuda")
+        order = epoch_order(len(train_set), t.seed, epoch)
+        loader = epoch_loader(train_set, config.data, order, batch_in_epoch, device.type == "cuda")
         for micro_step, (x, y) in enumerate(itertools.islice(loader, micro_batches), start=1):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device, precision):
-                _, loss = train_model(x, y)
-            scaler.scale(loss / t.grad_accum_steps).backward()
-            loss_sum += loss.detach()
+            loss_sum += forward_backward(train_model, x, y, device, precision, scaler, t.grad_accum_steps)
             loss_count += 1
             batch_in_epoch += 1
             if micro_step % t.grad_accum_steps:
                 continue
             lr = lr_at(step, t, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, scaler, lr, t.grad_clip)
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == total_steps:
                 train_loss = loss_sum.item() / loss_count  # the one host sync per log interval
                 now = time.perf_counter()
                 tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
-                mfu = flops_per_token * tokens_per_sec / peak_flops
-                for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", grad_norm.item()),
-                                    ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):
-                    writer.add_scalar(name, value, step)
+                log_scalars(writer, step, {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                                           "tokens_per_sec": tokens_per_sec,
+                                           "mfu": flops_per_token * tokens_per_sec / peak_flops})
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
                 loss_sum.zero_()
                 loss_count, last_log_time, last_log_step = 0, now, step
             if step % t.eval_every == 0 or step == total_steps:
                 run_eval()
             if step % t.save_every == 0 or step == total_steps:
-                snapshot()
+                progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+                save_snapshot(t.snapshot_path, model, optimizer, scaler, config, progress, rng_state())
             if step >= total_steps:
                 break
         else:

@@ -137,3 +137,15 @@ def test_epoch_order_is_a_seeded_shuffle():
     assert order == epoch_order(100, seed=1, epoch=0)
     assert order != epoch_order(100, seed=1, epoch=1)
     assert order != epoch_order(100, seed=2, epoch=0)
+
+
+def test_epoch_order_matches_distributed_sampler():
+    from torch.utils.data import DistributedSampler
+    windows = TokenWindows(np.arange(1001, dtype=np.uint16), context_length=10)
+    for num_replicas in (1, 2):
+        ranks = [DistributedSampler(windows, num_replicas=num_replicas, rank=r, shuffle=True, seed=5, drop_last=True)
+                 for r in range(num_replicas)]
+        for sampler in ranks:
+            sampler.set_epoch(3)
+        interleaved = [i for group in zip(*(list(s) for s in ranks)) for i in group]
+        assert interleaved == epoch_order(len(windows), seed=5, epoch=3)

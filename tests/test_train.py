@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO, run_script, tiny_config, write_config
 from data import load_tokenizer, token_byte_lengths
 from model import Transformer
-from train import evaluate
+from train import evaluation_metrics, evaluation_sums
 from utils import ModelConfig, TrainingConfig, load_checkpoint, lr_at
 
 
@@ -88,6 +88,7 @@ def test_evaluate_reports_bits_per_byte_consistent_with_loss():
                                     max_seq_len=32))
     ids = torch.tensor(tokenizer.encode("But, soft! what light through yonder window breaks? " * 3).ids[:33])
     batches = [(ids[None, :-1], ids[None, 1:])]
-    loss, bpb = evaluate(model, batches, token_byte_lengths(tokenizer), torch.device("cpu"), "fp32")
+    loss, bpb = evaluation_metrics(evaluation_sums(model, batches, token_byte_lengths(tokenizer),
+                                                   torch.device("cpu"), "fp32"))
     num_bytes = token_byte_lengths(tokenizer)[ids[1:]].sum().item()
     assert bpb == pytest.approx(loss * 32 / (num_bytes * 0.6931471805599453), rel=1e-6)
