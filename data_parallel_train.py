@@ -1,0 +1,220 @@
+"""Distributed data-parallel training under torchrun: one process per device, NCCL on GPUs, gloo on CPU.
+
+    torchrun --standalone --nproc_per_node=N data_parallel_train.py configs.yaml [section.key=value ...]
+
+Each optimizer step sees batch_size x grad_accum_steps x world_size windows; DDP averages the
+gradients. The schedule, AMP, clipping, evaluation and snapshot code are train.py's, imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from data import epoch_loader, token_byte_lengths
+from model import Transformer
+from train import (build_optimizer, check_outputs_writable, evaluation_metrics, evaluation_sums, fixed_val_batches,
+                   forward_backward, load_snapshot, log_hparams, log_scalars, open_writer, optimizer_step,
+                   parse_cli, prepare_data, restore_rng_state, rng_state, sample_text, save_snapshot,
+                   steps_per_epoch)
+from utils import (Config, UserError, atomic_save, config_to_dict, format_config, lr_at, measure_peak_flops,
+                   pick_precision, run_cli)
+
+
+def init_distributed(config: Config) -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device) from torchrun's environment, with the process group up."""
+    if not all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        raise UserError("data_parallel_train.py must be launched by torchrun — run torchrun --standalone "
+                        "--nproc_per_node=N data_parallel_train.py configs.yaml (or python train.py on one device)")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    wanted = config.training.device
+    if wanted == "mps":
+        raise UserError("DDP does not run on MPS — use training.device=cpu, or python train.py on the Mac's GPU")
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("training.device is 'cuda' but no CUDA GPU is visible — use device=auto or cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()} — "
+                            f"launch at most --nproc_per_node={torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        init_process_group("nccl", rank, world_size)
+    else:
+        device = torch.device("cpu")
+        init_process_group("gloo", rank, world_size)
+    return rank, local_rank, world_size, device
+
+
+def init_process_group(backend: str, rank: int, world_size: int) -> None:
+    """env:// init, except that a single-node torchrun restart gets its own namespace in the agent's store.
+
+    torchrun keeps one TCPStore across restarts and the workers publish their addresses in it without
+    a per-attempt prefix, so a restarted rank can read a dead rank's address and fail or hang. On one
+    node TORCHELASTIC_RESTART_COUNT is the same for every worker and names the attempt; across nodes
+    it counts per agent (pytorch#108158), so there torch's default is kept.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("GROUP_WORLD_SIZE") == "1":
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"slm/attempt_{attempt}", store), rank=rank,
+                                world_size=world_size)
+    else:
+        dist.init_process_group(backend)
+
+
+def train(config: Config, rank: int, local_rank: int, world_size: int, device: torch.device) -> None:
+    t, is_main = config.training, rank == 0
+    if is_main:
+        print(format_config(config), flush=True)
+        check_outputs_writable(config)
+    precision = pick_precision(t.precision, device)
+    torch.manual_seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # One process per node builds the corpus and token cache; the others wait, then read the cache.
+    if local_rank == 0:
+        tokenizer, train_set, val_set = prepare_data(config)
+    dist.barrier()
+    if local_rank != 0:
+        tokenizer, train_set, val_set = prepare_data(config)
+
+    model = Transformer(config.model).to(device)
+    optimizer = build_optimizer(model, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "best_val_bpb": math.inf,
+                "run_name": t.run_name or time.strftime("%Y%m%d-%H%M%S"), "world_size": world_size}
+    if os.path.exists(t.snapshot_path):
+        progress, rng_states = load_snapshot(t.snapshot_path, model, optimizer, scaler, device)
+        if progress.get("world_size") != world_size:
+            raise UserError(f"{t.snapshot_path} was written by {progress.get('world_size') or 'a single-device'} "
+                            f"run, this one has {world_size} processes — relaunch with the same total number "
+                            "of processes, or use another training.snapshot_path to start over")
+        restore_rng_state(rng_states[rank])
+        if is_main:
+            print(f"resuming from {t.snapshot_path}: step {progress['step']}, epoch {progress['epoch']}, "
+                  f"batch {progress['batch_in_epoch']} of that epoch on each of {world_size} ranks", flush=True)
+    else:
+        torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
+    ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    train_model = torch.compile(ddp_model) if t.compile else ddp_model
+
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=t.seed,
+                                 drop_last=True)
+    per_epoch = steps_per_epoch(len(sampler), config)
+    total_steps = per_epoch * t.epochs if t.max_steps == 0 else min(per_epoch * t.epochs, t.max_steps)
+    tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps * world_size
+    flops_per_token = model.flops_per_token(config.data.context_length)
+    peak_flops = measure_peak_flops(device, precision) * world_size  # assumes identical devices
+    if is_main:
+        print(f"{world_size} processes on {device.type} ({precision}), {model.num_params():,} parameters; global "
+              f"batch = {config.data.batch_size} x {t.grad_accum_steps} accumulation x {world_size} ranks = "
+              f"{config.data.batch_size * t.grad_accum_steps * world_size} windows ({tokens_per_step:,} tokens) "
+              f"per step; {total_steps} steps ({per_epoch} per epoch)", flush=True)
+    if progress["step"] >= total_steps:
+        if is_main:
+            print(f"{t.snapshot_path} is already at step {progress['step']} of {total_steps}: nothing to train — "
+                  "raise training.max_steps/epochs to continue, or delete the snapshot to start over", flush=True)
+        return
+
+    val_batches = fixed_val_batches(val_set, config)[rank::world_size]  # each rank evaluates its share
+    token_bytes = token_byte_lengths(tokenizer)
+    writer = open_writer(config, progress["run_name"]) if is_main else None
+    step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+    bar = tqdm(total=total_steps, initial=step, desc=f"rank {rank}", position=rank, unit="step",
+               disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    last_log_time, last_log_step = time.perf_counter(), step
+
+    def run_eval() -> None:
+        sums = evaluation_sums(model, val_batches, token_bytes, device, precision)
+        dist.all_reduce(sums)
+        val_loss, val_bpb = evaluation_metrics(sums)
+        improved = val_loss < progress["best_val_loss"]
+        if improved:
+            progress.update(best_val_loss=val_loss, best_val_bpb=val_bpb)
+        if is_main:
+            log_scalars(writer, step, {"val/loss": val_loss, "val/bpb": val_bpb})
+            if t.sample_tokens:
+                writer.add_text("sample", sample_text(model, tokenizer, t.sample_tokens, device), step)
+            if improved:
+                atomic_save({"model": model.state_dict(), "config": config_to_dict(config), "step": step,
+                             "val_loss": val_loss, "val_bpb": val_bpb}, t.checkpoint_path)
+            tqdm.write(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
+                       + (f" -> saved {t.checkpoint_path}" if improved else ""))
+
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        micro_batches = per_epoch * t.grad_accum_steps - batch_in_epoch
+        loader = epoch_loader(train_set, config.data, list(sampler), batch_in_epoch, device.type == "cuda")
+        for micro_step, (x, y) in enumerate(itertools.islice(loader, micro_batches), start=1):
+            last_micro_step = micro_step % t.grad_accum_steps == 0
+            with contextlib.nullcontext() if last_micro_step else ddp_model.no_sync():  # all-reduce once per step
+                loss_sum += forward_backward(train_model, x, y, device, precision, scaler, t.grad_accum_steps)
+            loss_count += 1
+            batch_in_epoch += 1
+            if not last_micro_step:
+                continue
+            lr = lr_at(step, t, total_steps)
+            grad_norm = optimizer_step(optimizer, scaler, lr, t.grad_clip)
+            step += 1
+            bar.update(1)
+            if step % t.log_every == 0 or step == total_steps:
+                dist.all_reduce(loss_sum)
+                train_loss = loss_sum.item() / (loss_count * world_size)
+                now = time.perf_counter()
+                tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
+                if is_main:
+                    log_scalars(writer, step, {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                                               "tokens_per_sec": tokens_per_sec,
+                                               "mfu": flops_per_token * tokens_per_sec / peak_flops})
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+                loss_sum.zero_()
+                loss_count, last_log_time, last_log_step = 0, now, step
+            if step % t.eval_every == 0 or step == total_steps:
+                run_eval()
+            if step % t.save_every == 0 or step == total_steps:
+                progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+                rng_states = [None] * world_size
+                dist.all_gather_object(rng_states, rng_state())
+                if is_main:
+                    save_snapshot(t.snapshot_path, model, optimizer, scaler, config, progress, rng_states)
+            if step >= total_steps:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    if is_main:
+        log_hparams(writer, config, progress["best_val_loss"], progress["best_val_bpb"])
+        writer.close()
+        print(f"done: {step} steps on {world_size} ranks, best val loss {progress['best_val_loss']:.4f} "
+              f"({progress['best_val_bpb']:.4f} bits/byte) in {t.checkpoint_path}; snapshot {t.snapshot_path}",
+              flush=True)
+
+
+def main() -> None:
+    # torchrun stops the group with SIGTERM: exit through `finally` so the process group is torn down.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    config = parse_cli("Distributed data-parallel SLM training; launch with torchrun.")
+    rank, local_rank, world_size, device = init_distributed(config)
+    try:
+        train(config, rank, local_rank, world_size, device)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,131 @@
+"""data_parallel_train.py under real torchrun with 2 CPU processes (gloo)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_script, tiny_config, write_config
+from utils import load_checkpoint
+
+DDP_STEPS = {"max_steps": 20, "eval_every": 10, "save_every": 10}
+
+
+def torchrun_command(config: Path, nproc: int = 2, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *flags,
+            str(REPO / "data_parallel_train.py"), str(config)]
+
+
+def torchrun(config: Path, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(config, nproc), cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    assert path.exists(), "no snapshot was written"
+
+
+def final_weights(workdir: Path) -> dict:
+    return load_checkpoint(str(workdir / "ckpt" / "snapshot.pth"))["model"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, corpus) -> Path:
+    workdir = tmp_path_factory.mktemp("ddp")
+    config = write_config(workdir / "tiny.yaml", tiny_config(workdir, corpus, training=DDP_STEPS))
+    result = torchrun(config, workdir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return workdir
+
+
+def test_two_process_run_writes_checkpoint_snapshot_and_logs(ddp_run):
+    best = load_checkpoint(str(ddp_run / "ckpt" / "best.pth"))
+    assert not any(name.startswith("module.") for name in best["model"])  # unwrapped weights
+    snapshot = load_checkpoint(str(ddp_run / "ckpt" / "snapshot.pth"))
+    assert snapshot["step"] == 20 and snapshot["world_size"] == 2 and len(snapshot["rng"]) == 2
+    assert len(list((ddp_run / "runs" / "test").iterdir())) >= 1  # rank 0 wrote TensorBoard
+
+
+def test_infer_loads_the_ddp_checkpoint(ddp_run):
+    result = run_script("infer.py", "--ckpt_path", "ckpt/best.pth", "--prompt", "MACBETH:", "--max-length", "10",
+                        "--seed", "0", cwd=ddp_run)
+    assert result.returncode == 0 and result.stdout.startswith("MACBETH:"), result.stderr[-2000:]
+
+
+def test_two_ranks_equal_one_process_with_twice_the_accumulation(ddp_run, tmp_path, corpus):
+    """Same global batches: 2 ranks x accum 1 (ddp_run) vs train.py with accum 2 -> the same parameters."""
+    config = write_config(tmp_path / "accum.yaml",
+                          tiny_config(tmp_path, corpus, training={**DDP_STEPS, "grad_accum_steps": 2}))
+    result = run_script("train.py", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, distributed = final_weights(tmp_path), final_weights(ddp_run)
+    for name in single:
+        assert torch.allclose(single[name], distributed[name], atol=1e-5, rtol=0), name
+    assert not torch.equal(single["norm.weight"], torch.ones_like(single["norm.weight"]))  # it did train
+
+
+def test_resume_after_stop_matches_uninterrupted_run(ddp_run, tmp_path, corpus):
+    config = write_config(tmp_path / "tiny.yaml",
+                          tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 2}))
+    snapshot = tmp_path / "ckpt" / "snapshot.pth"
+    launcher = subprocess.Popen(torchrun_command(config), cwd=tmp_path, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(snapshot, launcher)
+    os.killpg(launcher.pid, signal.SIGKILL)  # torchrun and both workers, without warning
+    launcher.wait()
+    stopped_at = load_checkpoint(str(snapshot))["step"]
+    assert 2 <= stopped_at < 20
+
+    resumed = torchrun(config, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {snapshot}: step {stopped_at}" in resumed.stdout
+    reference = final_weights(ddp_run)
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items())
+
+
+def test_elastic_restart_after_rank_0_is_killed(tmp_path, corpus):
+    """Rank 0 is the hard case: its replacement must not read the dead group's addresses from the store."""
+    config = write_config(tmp_path / "tiny.yaml",
+                          tiny_config(tmp_path, corpus, training={**DDP_STEPS, "max_steps": 40, "save_every": 2}))
+    launcher = subprocess.Popen(torchrun_command(config, 2, "--max-restarts=1"), cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(tmp_path / "ckpt" / "snapshot.pth", launcher)
+    workers = {_rank(int(pid)): int(pid) for pid in os.listdir("/proc")
+               if pid.isdigit() and _parent(int(pid)) == launcher.pid}
+    assert sorted(workers) == ["0", "1"]
+    os.kill(workers["0"], signal.SIGKILL)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, output[-3000:]
+    assert "resuming from" in output
+    assert load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["step"] == 40
+
+
+def _rank(pid: int) -> str:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        variables = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return variables.get(b"RANK", b"?").decode()
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def test_other_world_size_and_plain_python_are_refused(ddp_run):
+    one_rank = torchrun(ddp_run / "tiny.yaml", ddp_run, nproc=1)
+    assert one_rank.returncode != 0
+    assert "error: " in one_rank.stderr and "written by 2-process" not in one_rank.stderr
+    assert "relaunch with the same total number of processes" in one_rank.stderr
+    plain = run_script("data_parallel_train.py", "tiny.yaml", cwd=ddp_run)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.startswith("error: data_parallel_train.py must be launched by torchrun")
