@@ -24,7 +24,7 @@ from tqdm import tqdm
 from data import epoch_loader, token_byte_lengths
 from model import Transformer
 from train import (build_optimizer, check_outputs_writable, evaluation_metrics, evaluation_sums, fixed_val_batches,
-                   forward_backward, load_snapshot, log_hparams, log_scalars, open_writer, optimizer_step,
+                   forward_backward, load_snapshot, log_hparams, log_scalars, log_training, open_writer, optimizer_step,
                    parse_cli, prepare_data, restore_rng_state, rng_state, sample_text, save_snapshot,
                    steps_per_epoch)
 from utils import (Config, UserError, atomic_save, config_to_dict, format_config, lr_at, measure_peak_flops,
@@ -177,11 +177,8 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
                 train_loss = loss_sum.item() / (loss_count * world_size)
                 now = time.perf_counter()
                 tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
-                if is_main:
-                    log_scalars(writer, step, {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                               "tokens_per_sec": tokens_per_sec,
-                                               "mfu": flops_per_token * tokens_per_sec / peak_flops})
-                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+                log_training(writer, bar, step, train_loss, lr, grad_norm, tokens_per_sec,
+                             flops_per_token * tokens_per_sec / peak_flops)  # writer is None off rank 0
                 loss_sum.zero_()
                 loss_count, last_log_time, last_log_step = 0, now, step
             if step % t.eval_every == 0 or step == total_steps:

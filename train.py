@@ -191,6 +191,15 @@ def log_scalars(writer: SummaryWriter, step: int, values: dict[str, float]) -> N
         writer.add_scalar(name, value, step)
 
 
+def log_training(writer: SummaryWriter | None, bar: tqdm, step: int, train_loss: float, lr: float,
+                 grad_norm: torch.Tensor, tokens_per_sec: float, mfu: float) -> None:
+    """The per-log-interval scalars (to TensorBoard where this process writes it) and the progress bar."""
+    if writer is not None:
+        log_scalars(writer, step, {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                                   "tokens_per_sec": tokens_per_sec, "mfu": mfu})
+    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+
+
 def main() -> None:
     config = parse_cli("Train the SLM decoder on one device (CPU, CUDA GPU or Apple MPS).")
     t = config.training
@@ -269,10 +278,8 @@ def main() -> None:
                 train_loss = loss_sum.item() / loss_count  # the one host sync per log interval
                 now = time.perf_counter()
                 tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
-                log_scalars(writer, step, {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                           "tokens_per_sec": tokens_per_sec,
-                                           "mfu": flops_per_token * tokens_per_sec / peak_flops})
-                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+                log_training(writer, bar, step, train_loss, lr, grad_norm, tokens_per_sec,
+                             flops_per_token * tokens_per_sec / peak_flops)
                 loss_sum.zero_()
                 loss_count, last_log_time, last_log_step = 0, now, step
             if step % t.eval_every == 0 or step == total_steps:
