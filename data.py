@@ -11,7 +11,8 @@ import importlib.util
 import json
 import os
 import re
-from typing import BinaryIO
+import signal
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -161,7 +162,8 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
-def _tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type) -> int:
+def _tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
+                    check_length: Callable[[int], None]) -> int:
     eot_id = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
     total_bytes = sum(os.path.getsize(p) for p in files)
     num_tokens = 0
@@ -185,6 +187,7 @@ def _tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype
                         bar.update(len(chunk))
                 out.write(eot_id.tobytes())  # document boundary between files
                 num_tokens += 1
+        check_length(num_tokens)  # before the rename: a corpus that cannot train leaves no cache behind
 
     atomic_write(out_path, write)
     return num_tokens
@@ -204,7 +207,7 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     if not meta or meta.get("key") != key or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(dtype).itemsize:
-        num_tokens = _tokenize_files(files, tokenizer, bin_path, dtype)
+        num_tokens = _tokenize_files(files, tokenizer, bin_path, dtype, lambda n: check_corpus_length(n, data))
         meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name, "files": len(files)}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)
@@ -228,14 +231,19 @@ class TokenWindows(Dataset):
         return window[:-1], window[1:]
 
 
+def check_corpus_length(num_tokens: int, data: DataConfig) -> None:
+    num_val = int(num_tokens * data.val_split)
+    if min(num_tokens - num_val, num_val) < data.context_length + 1:
+        need = int((data.context_length + 1) / min(data.val_split, 1 - data.val_split)) + 1
+        raise UserError(f"corpus has {num_tokens} tokens: too short for one train and one val window of "
+                        f"{data.context_length} — use at least ~{need} tokens of text or a smaller data.context_length")
+
+
 def split_tokens(tokens: np.ndarray, data: DataConfig) -> tuple[TokenWindows, TokenWindows]:
+    check_corpus_length(len(tokens), data)
     num_val = int(len(tokens) * data.val_split)
     train = TokenWindows(tokens[:len(tokens) - num_val], data.context_length)
     val = TokenWindows(tokens[len(tokens) - num_val:], data.context_length)
-    if len(train) < 1 or len(val) < 1:
-        need = int((data.context_length + 1) / min(data.val_split, 1 - data.val_split)) + 1
-        raise UserError(f"corpus has {len(tokens)} tokens: too short for one train and one val window of "
-                        f"{data.context_length} — use at least ~{need} tokens of text or a smaller data.context_length")
     if len(train) < data.batch_size:
         warn(f"only {len(train)} training windows, fewer than data.batch_size={data.batch_size}; "
              "batches will be smaller — add text or lower the batch size")
@@ -254,6 +262,15 @@ def epoch_order(num_windows: int, seed: int, epoch: int) -> list[int]:
 
 def epoch_loader(dataset: TokenWindows, data: DataConfig, order: list[int], skip_batches: int,
                  pin_memory: bool) -> DataLoader:
-    """Batches over the windows `order`, starting after the first `skip_batches` (resume mid-epoch)."""
+    """Batches over the windows `order`, starting after the first `skip_batches` (resume mid-epoch).
+
+    The loader gets its own generator: each new iterator draws a worker base seed, and drawing it from the
+    global RNG would shift the dropout stream of a resumed run against an uninterrupted one.
+    """
     return DataLoader(dataset, batch_size=data.batch_size, sampler=order[skip_batches * data.batch_size:],
-                      num_workers=data.num_workers, pin_memory=pin_memory, drop_last=len(order) >= data.batch_size)
+                      num_workers=data.num_workers, pin_memory=pin_memory, drop_last=len(order) >= data.batch_size,
+                      worker_init_fn=_ignore_sigint if data.num_workers else None, generator=torch.Generator())
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches workers too; the trainer finishes its step first

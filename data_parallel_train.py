@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from data import epoch_loader, token_byte_lengths
 from model import Transformer
-from train import (build_optimizer, check_outputs_writable, evaluation_metrics, evaluation_sums, fixed_val_batches,
-                   forward_backward, load_snapshot, log_hparams, log_scalars, log_training, open_writer, optimizer_step,
-                   parse_cli, prepare_data, restore_rng_state, rng_state, sample_text, save_snapshot,
-                   steps_per_epoch)
+from train import (UNPLANNED, build_optimizer, cap_steps, catch_stop_signals, check_outputs_writable,
+                   evaluation_metrics, evaluation_sums, fixed_val_batches, forward_backward, load_snapshot, log_hparams,
+                   log_scalars, log_training, nonfinite_loss_error, open_writer, optimizer_step, parse_cli,
+                   planned_total_steps, prepare_data, restore_rng_state, rng_state, sample_text, save_snapshot,
+                   steps_per_epoch, stop_on_signal)
 from utils import (Config, UserError, atomic_save, config_to_dict, format_config, lr_at, measure_peak_flops,
                    pick_precision, run_cli)
 
@@ -95,8 +96,9 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
     model = Transformer(config.model).to(device)
     optimizer = build_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "best_val_bpb": math.inf,
-                "run_name": t.run_name or time.strftime("%Y%m%d-%H%M%S"), "world_size": world_size}
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "best_val_loss": math.inf,
+                "best_val_bpb": math.inf, "run_name": t.run_name or time.strftime("%Y%m%d-%H%M%S"),
+                "world_size": world_size}
     if os.path.exists(t.snapshot_path):
         progress, rng_states = load_snapshot(t.snapshot_path, model, optimizer, scaler, device)
         if progress.get("world_size") != world_size:
@@ -115,29 +117,34 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=t.seed,
                                  drop_last=True)
     per_epoch = steps_per_epoch(len(sampler), config)
-    total_steps = per_epoch * t.epochs if t.max_steps == 0 else min(per_epoch * t.epochs, t.max_steps)
+    cap = cap_steps(per_epoch, t)
+    step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+    total_steps = planned_total_steps(t, cap, step, 0, 0.0, progress["train_seconds"])
     tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps * world_size
     flops_per_token = model.flops_per_token(config.data.context_length)
     peak_flops = measure_peak_flops(device, precision) * world_size  # assumes identical devices
     if is_main:
+        length = f"{t.time_budget_s:g} s budget" if t.time_budget_s > 0 else f"{total_steps} steps"
         print(f"{world_size} processes on {device.type} ({precision}), {model.num_params():,} parameters; global "
               f"batch = {config.data.batch_size} x {t.grad_accum_steps} accumulation x {world_size} ranks = "
               f"{config.data.batch_size * t.grad_accum_steps * world_size} windows ({tokens_per_step:,} tokens) "
-              f"per step; {total_steps} steps ({per_epoch} per epoch)", flush=True)
-    if progress["step"] >= total_steps:
+              f"per step; {length} ({per_epoch} steps per epoch)", flush=True)
+    if step >= total_steps:
         if is_main:
-            print(f"{t.snapshot_path} is already at step {progress['step']} of {total_steps}: nothing to train — "
-                  "raise training.max_steps/epochs to continue, or delete the snapshot to start over", flush=True)
+            print(f"{t.snapshot_path} is already at step {step}, the end of this run: nothing to train — raise "
+                  "training.max_steps/epochs/time_budget_s to continue, or delete the snapshot to start over",
+                  flush=True)
         return
 
     val_batches = fixed_val_batches(val_set, config)[rank::world_size]  # each rank evaluates its share
     token_bytes = token_byte_lengths(tokenizer)
     writer = open_writer(config, progress["run_name"]) if is_main else None
-    step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-    bar = tqdm(total=total_steps, initial=step, desc=f"rank {rank}", position=rank, unit="step",
-               disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    last_log_time, last_log_step = time.perf_counter(), step
+    bar = tqdm(total=total_steps if total_steps < UNPLANNED else None, initial=step, desc=f"rank {rank}",
+               position=rank, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    stop = catch_stop_signals()
+    step_loss, loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    run_start, run_first_step, earlier_seconds = time.perf_counter(), step, progress["train_seconds"]
+    last_log_time, last_log_step, train_seconds = run_start, step, earlier_seconds
 
     def run_eval() -> None:
         sums = evaluation_sums(model, val_batches, token_bytes, device, precision)
@@ -163,19 +170,34 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
         for micro_step, (x, y) in enumerate(itertools.islice(loader, micro_batches), start=1):
             last_micro_step = micro_step % t.grad_accum_steps == 0
             with contextlib.nullcontext() if last_micro_step else ddp_model.no_sync():  # all-reduce once per step
-                loss_sum += forward_backward(train_model, x, y, device, precision, scaler, t.grad_accum_steps)
-            loss_count += 1
+                step_loss += forward_backward(train_model, x, y, device, precision, scaler, t.grad_accum_steps)
             batch_in_epoch += 1
             if not last_micro_step:
                 continue
             lr = lr_at(step, t, total_steps)
             grad_norm = optimizer_step(optimizer, scaler, lr, t.grad_clip)
             step += 1
+            now = time.perf_counter()
+            train_seconds = earlier_seconds + now - run_start
+            # One small all-reduce per step keeps the ranks in agreement: any rank's nan/inf loss or stop
+            # signal stops all of them, and rank 0's clock alone plans a time-budgeted run.
+            planned = planned_total_steps(t, cap, step, step - run_first_step, now - run_start, train_seconds)
+            flags = torch.tensor([0, stop["signum"], planned if is_main else 0], device=device)
+            flags[0] = (~torch.isfinite(step_loss)).long()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            nonfinite, signum, total_steps = flags.tolist()
+            if nonfinite:
+                bar.close()
+                raise nonfinite_loss_error(step, lr, precision, config)
+            loss_sum += step_loss
+            loss_count += t.grad_accum_steps
+            step_loss.zero_()
+            if total_steps < UNPLANNED and bar.total != total_steps:
+                bar.total = total_steps
             bar.update(1)
             if step % t.log_every == 0 or step == total_steps:
                 dist.all_reduce(loss_sum)
                 train_loss = loss_sum.item() / (loss_count * world_size)
-                now = time.perf_counter()
                 tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
                 log_training(writer, bar, step, train_loss, lr, grad_norm, tokens_per_sec,
                              flops_per_token * tokens_per_sec / peak_flops)  # writer is None off rank 0
@@ -183,12 +205,15 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
                 loss_count, last_log_time, last_log_step = 0, now, step
             if step % t.eval_every == 0 or step == total_steps:
                 run_eval()
-            if step % t.save_every == 0 or step == total_steps:
-                progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+            if step % t.save_every == 0 or step == total_steps or signum:
+                progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=train_seconds)
                 rng_states = [None] * world_size
                 dist.all_gather_object(rng_states, rng_state())
                 if is_main:
                     save_snapshot(t.snapshot_path, model, optimizer, scaler, config, progress, rng_states)
+            if signum:
+                dist.barrier()  # the snapshot is on disk before any rank exits
+                stop_on_signal(signum, step, t.snapshot_path, bar, writer, report=is_main)
             if step >= total_steps:
                 break
         else:
@@ -197,7 +222,7 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
     if is_main:
         log_hparams(writer, config, progress["best_val_loss"], progress["best_val_bpb"])
         writer.close()
-        print(f"done: {step} steps on {world_size} ranks, best val loss {progress['best_val_loss']:.4f} "
+        print(f"done: {step} steps in {train_seconds:.0f} s on {world_size} ranks, best val loss {progress['best_val_loss']:.4f} "
               f"({progress['best_val_bpb']:.4f} bits/byte) in {t.checkpoint_path}; snapshot {t.snapshot_path}",
               flush=True)
 
@@ -214,4 +239,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, report=os.environ.get("RANK", "0") == "0")  # one error line from rank 0, not one per rank

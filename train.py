@@ -11,6 +11,8 @@ import argparse
 import itertools
 import math
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -22,7 +24,7 @@ from tqdm import tqdm
 from data import (EOT, TokenWindows, decode, epoch_loader, epoch_order, load_tokenizer, prepare_tokens, split_tokens,
                   token_byte_lengths)
 from model import Transformer, load_weights
-from utils import (Config, UserError, atomic_save, autocast_context, check_writable, config_to_dict, format_config,
+from utils import (Config, TrainingConfig, UserError, atomic_save, autocast_context, check_writable, config_to_dict, format_config,
                    load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device, pick_precision, run_cli)
 
 
@@ -53,6 +55,69 @@ def steps_per_epoch(num_windows: int, config: Config) -> int:
         raise UserError(f"one epoch has {micro_batches} batches, fewer than training.grad_accum_steps="
                         f"{config.training.grad_accum_steps} — lower grad_accum_steps or data.batch_size")
     return micro_batches // config.training.grad_accum_steps
+
+
+BUDGET_PROBE_STEPS = 10  # steps timed before time_budget_s fixes the schedule's length
+UNPLANNED = 10 ** 9      # the step count while a time budget is still being measured
+
+
+def cap_steps(per_epoch: int, t: TrainingConfig) -> int:
+    """The configured length of the run in optimizer steps; a time budget replaces max_steps and epochs."""
+    if t.time_budget_s > 0:
+        return UNPLANNED
+    return per_epoch * t.epochs if t.max_steps == 0 else min(per_epoch * t.epochs, t.max_steps)
+
+
+def planned_total_steps(t: TrainingConfig, cap: int, step: int, run_steps: int, run_seconds: float,
+                        train_seconds: float) -> int:
+    """Total steps of the run. With time_budget_s: what fits in the budget at the step rate this process has
+    measured (evals and saves included), re-planned every step so the cosine ends where the budget does."""
+    if t.time_budget_s <= 0:
+        return cap
+    if train_seconds >= t.time_budget_s:
+        return step
+    if run_steps < BUDGET_PROBE_STEPS:
+        return cap
+    return step + int((t.time_budget_s - train_seconds) * run_steps / run_seconds)
+
+
+def catch_stop_signals() -> dict[str, int]:
+    """SIGINT/SIGTERM ask the loop to finish its step, save a snapshot and exit (130/143).
+
+    A repeat of the signal more than 2 s later quits at once: atomic saves keep the previous snapshot intact.
+    (torchrun forwards Ctrl-C to workers that already got it from the terminal: that near-double is ignored.)
+    """
+    request = {"signum": 0, "at": 0.0}
+
+    def handler(signum: int, frame: object) -> None:
+        if request["signum"] and time.monotonic() - request["at"] > 2.0:
+            sys.exit(128 + signum)
+        if not request["signum"]:
+            print(f"\n{signal.Signals(signum).name}: finishing this step and saving a snapshot "
+                  "(repeat to quit without saving)", file=sys.stderr, flush=True)
+            request.update(signum=signum, at=time.monotonic())
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+    return request
+
+
+def nonfinite_loss_error(step: int, lr: float, precision: str, config: Config) -> UserError:
+    t = config.training
+    return UserError(f"training loss became nan/inf at step {step} (lr {lr:.3g}, {precision}); nothing from this "
+                     f"step was saved, {t.checkpoint_path} and {t.snapshot_path} are as they were — lower training.lr or raise warmup_steps, "
+                     "keep grad_clip on, and prefer precision=bf16/fp32 over fp16")
+
+
+def stop_on_signal(signum: int, step: int, snapshot_path: str, bar: tqdm, writer: SummaryWriter | None,
+                   report: bool = True) -> None:
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if report:
+        print(f"stopped by {signal.Signals(signum).name} after step {step}; snapshot saved to {snapshot_path} — "
+              "run the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def build_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
@@ -153,7 +218,8 @@ def check_outputs_writable(config: Config) -> None:
         check_writable(directory)
 
 
-PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "best_val_loss", "best_val_bpb", "run_name", "world_size")
+PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "train_seconds", "best_val_loss", "best_val_bpb", "run_name",
+                 "world_size")
 
 
 def rng_state() -> dict:
@@ -216,8 +282,8 @@ def main() -> None:
     model = Transformer(config.model).to(device)
     optimizer = build_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "best_val_bpb": math.inf,
-                "run_name": t.run_name or time.strftime("%Y%m%d-%H%M%S")}
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "best_val_loss": math.inf,
+                "best_val_bpb": math.inf, "run_name": t.run_name or time.strftime("%Y%m%d-%H%M%S")}
     if os.path.exists(t.snapshot_path):
         progress, rng = load_snapshot(t.snapshot_path, model, optimizer, scaler, device)
         restore_rng_state(rng)
@@ -226,25 +292,30 @@ def main() -> None:
     train_model = torch.compile(model) if t.compile else model
 
     per_epoch = steps_per_epoch(len(train_set), config)
-    total_steps = per_epoch * t.epochs if t.max_steps == 0 else min(per_epoch * t.epochs, t.max_steps)
+    cap = cap_steps(per_epoch, t)
+    step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+    total_steps = planned_total_steps(t, cap, step, 0, 0.0, progress.get("train_seconds", 0.0))
     tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps
     flops_per_token = model.flops_per_token(config.data.context_length)
     peak_flops = measure_peak_flops(device, precision)
+    length = f"{t.time_budget_s:g} s budget" if t.time_budget_s > 0 else f"{total_steps} steps"
     print(f"device {device} ({precision}), {model.num_params():,} parameters, {len(train_set):,} train / "
-          f"{len(val_set):,} val windows, {tokens_per_step:,} tokens per step, {total_steps} steps "
-          f"({per_epoch} per epoch), measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
-    if progress["step"] >= total_steps:
-        print(f"{t.snapshot_path} is already at step {progress['step']} of {total_steps}: nothing to train — "
-              "raise training.max_steps/epochs to continue, or delete the snapshot to start over", flush=True)
+          f"{len(val_set):,} val windows, {tokens_per_step:,} tokens per step, {length} "
+          f"({per_epoch} steps per epoch), measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
+    if step >= total_steps:
+        print(f"{t.snapshot_path} is already at step {step}, the end of this run: nothing to train — raise "
+              "training.max_steps/epochs/time_budget_s to continue, or delete the snapshot to start over", flush=True)
         return
 
     val_batches = fixed_val_batches(val_set, config)
     token_bytes = token_byte_lengths(tokenizer)
     writer = open_writer(config, progress["run_name"])
-    step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    last_log_time, last_log_step = time.perf_counter(), step
+    bar = tqdm(total=total_steps if total_steps < UNPLANNED else None, initial=step, desc="training", unit="step",
+               dynamic_ncols=True)
+    stop = catch_stop_signals()
+    step_loss, loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    run_start, run_first_step, earlier_seconds = time.perf_counter(), step, progress.get("train_seconds", 0.0)
+    last_log_time, last_log_step, train_seconds = run_start, step, earlier_seconds
 
     def run_eval() -> None:
         val_loss, val_bpb = evaluation_metrics(evaluation_sums(train_model, val_batches, token_bytes, device,
@@ -265,18 +336,27 @@ def main() -> None:
         order = epoch_order(len(train_set), t.seed, epoch)
         loader = epoch_loader(train_set, config.data, order, batch_in_epoch, device.type == "cuda")
         for micro_step, (x, y) in enumerate(itertools.islice(loader, micro_batches), start=1):
-            loss_sum += forward_backward(train_model, x, y, device, precision, scaler, t.grad_accum_steps)
-            loss_count += 1
+            step_loss += forward_backward(train_model, x, y, device, precision, scaler, t.grad_accum_steps)
             batch_in_epoch += 1
             if micro_step % t.grad_accum_steps:
                 continue
             lr = lr_at(step, t, total_steps)
             grad_norm = optimizer_step(optimizer, scaler, lr, t.grad_clip)
+            if not torch.isfinite(step_loss):  # the one host sync per step; nothing has been saved from it
+                bar.close()
+                raise nonfinite_loss_error(step + 1, lr, precision, config)
+            loss_sum += step_loss
+            loss_count += t.grad_accum_steps
+            step_loss.zero_()
             step += 1
+            now = time.perf_counter()
+            train_seconds = earlier_seconds + now - run_start
+            total_steps = planned_total_steps(t, cap, step, step - run_first_step, now - run_start, train_seconds)
+            if total_steps < UNPLANNED and bar.total != total_steps:
+                bar.total = total_steps
             bar.update(1)
             if step % t.log_every == 0 or step == total_steps:
-                train_loss = loss_sum.item() / loss_count  # the one host sync per log interval
-                now = time.perf_counter()
+                train_loss = loss_sum.item() / loss_count
                 tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
                 log_training(writer, bar, step, train_loss, lr, grad_norm, tokens_per_sec,
                              flops_per_token * tokens_per_sec / peak_flops)
@@ -284,9 +364,11 @@ def main() -> None:
                 loss_count, last_log_time, last_log_step = 0, now, step
             if step % t.eval_every == 0 or step == total_steps:
                 run_eval()
-            if step % t.save_every == 0 or step == total_steps:
-                progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+            if step % t.save_every == 0 or step == total_steps or stop["signum"]:
+                progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=train_seconds)
                 save_snapshot(t.snapshot_path, model, optimizer, scaler, config, progress, rng_state())
+            if stop["signum"]:
+                stop_on_signal(stop["signum"], step, t.snapshot_path, bar, writer)
             if step >= total_steps:
                 break
         else:
@@ -294,7 +376,7 @@ def main() -> None:
     bar.close()
     log_hparams(writer, config, progress["best_val_loss"], progress["best_val_bpb"])
     writer.close()
-    print(f"done: {step} steps, best val loss {progress['best_val_loss']:.4f} "
+    print(f"done: {step} steps in {train_seconds:.0f} s, best val loss {progress['best_val_loss']:.4f} "
           f"({progress['best_val_bpb']:.4f} bits/byte) in {t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
 
 

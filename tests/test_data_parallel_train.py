@@ -90,6 +90,39 @@ def test_resume_after_stop_matches_uninterrupted_run(ddp_run, tmp_path, corpus):
     assert all(torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items())
 
 
+def test_sigterm_to_torchrun_saves_a_snapshot_that_resumes_exactly(ddp_run, tmp_path, corpus):
+    """What a cluster scheduler does at the end of a job: SIGTERM to the launcher, which passes it on."""
+    config = write_config(tmp_path / "tiny.yaml",
+                          tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 1000}))
+    launcher = subprocess.Popen(torchrun_command(config), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "ckpt" / "best.pth", launcher)  # the first eval, at step 10
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    stopped_at = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["step"]
+    assert 10 <= stopped_at < 20
+    assert stderr.count(f"stopped by SIGTERM after step {stopped_at}; snapshot saved to") == 1, stderr[-3000:]
+    resumed = torchrun(config, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = final_weights(ddp_run)
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.lr=-1"], "error: training.lr must be > 0, got -1.0 — set a positive value"),
+    (["training.lr=1000", "training.min_lr=0", "training.grad_clip=0"], "error: training loss became nan/inf at step "),
+])
+def test_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, corpus, overrides, message):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus, training=DDP_STEPS))
+    result = subprocess.run(torchrun_command(config) + overrides, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith(message), result.stderr[-3000:]
+    assert "data_parallel_train.py\", line" not in result.stderr  # torchrun's own report follows, ours is one line
+    assert not (tmp_path / "ckpt" / "snapshot.pth").exists()
+
+
 def test_elastic_restart_after_rank_0_is_killed(tmp_path, corpus):
     """Rank 0 is the hard case: its replacement must not read the dead group's addresses from the store."""
     config = write_config(tmp_path / "tiny.yaml",

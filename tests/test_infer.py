@@ -1,8 +1,10 @@
 import re
+import shutil
 
 import pytest
 
-from conftest import run_script
+import infer
+from conftest import assert_one_error_line, run_main, run_script
 
 
 def test_infer_streams_samples_from_a_trained_checkpoint(trained_run):
@@ -30,12 +32,43 @@ def test_infer_starts_from_endoftext_on_empty_prompt(trained_run):
     assert result.returncode == 0 and len(result.stdout) > 1, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-length", "0"], "error: --max-length must be > 0"),
-    (["--top-p", "1.5"], r"error: --top-p must be in \(0, 1\]"),
-    (["--ckpt_path", "nope.pth"], "error: checkpoint 'nope.pth' not found"),
+def test_infer_keeps_the_end_of_a_prompt_longer_than_the_context(trained_run, monkeypatch, capsys):
+    prompt = "O Romeo, Romeo, wherefore art thou Romeo? " * 20  # far more than max_seq_len=64 tokens
+    code, stdout, stderr = run_main(infer.main, ["--ckpt_path", "ckpt/best.pth", "--prompt", prompt,
+                                                 "--max-length", "5", "--seed", "0"], trained_run, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert re.fullmatch(r"warning: prompt has \d+ tokens, more than the model's context allows; keeping the last 63\n",
+                        stderr)
+    assert stdout.startswith(prompt) and len(stdout) > len(prompt)
+
+
+def damaged_copy(trained_run, workdir):
+    (workdir / "bad.pth").write_bytes((trained_run / "ckpt" / "best.pth").read_bytes()[:3000])
+
+
+@pytest.mark.parametrize("args, setup, message", [
+    (["--max-length", "0"], None, "--max-length must be > 0, got 0"),
+    (["--max-length", "-5"], None, "--max-length must be > 0, got -5"),
+    (["--top-k", "0"], None, "--top-k must be > 0, got 0"),
+    (["--top-p", "0"], None, r"--top-p must be in \(0, 1\], got 0.0"),
+    (["--top-p", "1.5"], None, r"--top-p must be in \(0, 1\], got 1.5"),
+    (["--temperature", "-0.1"], None, "--temperature must be >= 0, got -0.1"),
+    (["--num-samples", "0"], None, "--num-samples must be > 0"),
+    (["--ckpt_path", "nope.pth"], None, "checkpoint 'nope.pth' not found"),
+    (["--ckpt_path", "bad.pth"], damaged_copy, "cannot load checkpoint 'bad.pth'.* corrupt, truncated"),
+    (["--ckpt_path", "ckpt/best.pth", "--config", "other.yaml"],
+     lambda run, workdir: (workdir / "other.yaml").write_text("data:\n  tokenizer_path: nope.json\n"),
+     "tokenizer 'nope.json' not found"),
 ])
-def test_infer_errors_are_one_line(trained_run, args, message):
-    result = run_script("infer.py", *args, cwd=trained_run)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert re.match(message, result.stderr.strip()), result.stderr
+def test_infer_bad_input_is_one_line_exit_2(trained_run, tmp_path, monkeypatch, capsys, args, setup, message):
+    shutil.copytree(trained_run / "ckpt", tmp_path / "ckpt")
+    if setup:
+        setup(trained_run, tmp_path)
+    code, stdout, stderr = run_main(infer.main, args, tmp_path, monkeypatch, capsys)
+    assert_one_error_line(code, stderr, "^error: " + message)
+    assert stdout == ""
+
+
+def test_infer_entry_point_error_has_no_traceback(trained_run):
+    result = run_script("infer.py", "--top-k", "-1", cwd=trained_run)
+    assert_one_error_line(result.returncode, result.stderr, "^error: --top-k must be > 0")

@@ -1,15 +1,20 @@
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, run_script, tiny_config, write_config
+import train
+from conftest import REPO, assert_one_error_line, file_tree, run_main, run_script, tiny_config, write_config
 from data import load_tokenizer, token_byte_lengths
 from model import Transformer
 from train import evaluation_metrics, evaluation_sums
@@ -39,26 +44,123 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
     assert snapshot["step"] == 50 and {"optimizer", "rng", "epoch", "batch_in_epoch"} <= set(snapshot)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, corpus, trained_run):
-    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus, training={"save_every": 5}))
-    snapshot_path = tmp_path / "ckpt" / "snapshot.pth"
-    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), str(config)], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not snapshot_path.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)  # the hard way: no handler runs
-    process.wait()
-    killed_at = load_checkpoint(str(snapshot_path))["step"]
-    assert 5 <= killed_at < 50, "the run must be killed after its first snapshot and before the end"
+# Exact resume is checked on a short corpus (22 steps per epoch, 3 epochs), with dropout and gradient
+# accumulation on, so data order, RNG, optimizer and schedule all have to be restored.
+RESUME_SETTINGS = {"model": {"dropout": 0.1},
+                   "data": {"batch_size": 4},
+                   "training": {"epochs": 3, "max_steps": 0, "grad_accum_steps": 2, "eval_every": 22,
+                                "save_every": 5}}
 
-    resumed = run_script("train.py", str(config), cwd=tmp_path)
+
+@pytest.fixture(scope="module")
+def short_corpus(corpus, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("short") / "short.txt"
+    path.write_text(corpus.read_text(encoding="utf-8")[:19000], encoding="utf-8")
+    return path
+
+
+def resume_config(workdir: Path, short_corpus: Path, **training) -> Path:
+    settings = {section: dict(values) for section, values in RESUME_SETTINGS.items()}
+    settings["training"].update(training)
+    return write_config(workdir / "tiny.yaml", tiny_config(workdir, short_corpus, **settings))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, short_corpus) -> tuple[dict, int]:
+    """(final weights, steps per epoch) of the run the interrupted ones must reproduce bit for bit."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_script("train.py", str(resume_config(workdir, short_corpus)), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_epoch = int(re.search(r"\((\d+) steps per epoch\)", result.stdout).group(1))
+    assert per_epoch == 22, "the short corpus should give 22 steps per epoch"
+    return load_checkpoint(str(workdir / "ckpt" / "snapshot.pth"))["model"], per_epoch
+
+
+def start_training(config: Path, workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), str(config)], cwd=workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def pause_at_snapshot(process: subprocess.Popen, path: Path, min_step: int) -> dict:
+    """Freeze the trainer (SIGSTOP) as soon as a snapshot at step >= min_step is on disk; returns that snapshot."""
+    seen, deadline = None, time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.stat()
+            if (stat.st_ino, stat.st_mtime_ns) != seen:
+                seen = (stat.st_ino, stat.st_mtime_ns)
+                os.kill(process.pid, signal.SIGSTOP)
+                snapshot = load_checkpoint(str(path))
+                if snapshot["step"] >= min_step:
+                    return snapshot
+                os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.001)
+    raise AssertionError(f"the run ended before a snapshot at step {min_step}")
+
+
+def assert_resumes_exactly(config: Path, workdir: Path, stopped_at: int, reference: dict) -> None:
+    resumed = run_script("train.py", str(config), cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {snapshot_path}: step {killed_at}" in resumed.stdout
-    final = load_checkpoint(str(snapshot_path))["model"]
-    reference = load_checkpoint(str(trained_run / "ckpt" / "snapshot.pth"))["model"]
+    assert f"resuming from {workdir / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
+    final = load_checkpoint(str(workdir / "ckpt" / "snapshot.pth"))["model"]
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[name], reference[name]) for name in final), "resume diverged from the uninterrupted run"
+
+
+@pytest.mark.parametrize("kill_point", ["early", "mid-epoch", "epoch boundary"])
+def test_sigkill_at_any_point_then_resume_is_bitwise_exact(tmp_path, short_corpus, uninterrupted, kill_point):
+    reference, per_epoch = uninterrupted
+    save_every, min_step = {"early": (5, 5), "mid-epoch": (5, per_epoch + 6),
+                            "epoch boundary": (per_epoch, per_epoch)}[kill_point]
+    config = resume_config(tmp_path, short_corpus, save_every=save_every)
+    process = start_training(config, tmp_path)
+    snapshot = pause_at_snapshot(process, tmp_path / "ckpt" / "snapshot.pth", min_step)
+    os.kill(process.pid, signal.SIGKILL)  # the hard way: no handler runs, whatever it was doing is lost
+    process.wait()
+    micro_batches_per_epoch = 2 * per_epoch
+    if kill_point == "early":
+        assert snapshot["epoch"] == 0 and snapshot["step"] < per_epoch
+    elif kill_point == "mid-epoch":
+        assert snapshot["epoch"] == 1 and 0 < snapshot["batch_in_epoch"] < micro_batches_per_epoch
+    else:  # the resumed run has to roll over into the next epoch first
+        assert snapshot["epoch"] == 0 and snapshot["batch_in_epoch"] == micro_batches_per_epoch
+    assert_resumes_exactly(config, tmp_path, snapshot["step"], reference)
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_finish_the_step_save_and_exit(tmp_path, short_corpus, uninterrupted, signum, exit_code):
+    reference, per_epoch = uninterrupted
+    config = resume_config(tmp_path, short_corpus, save_every=1000)  # only the stop itself writes a snapshot
+    process = start_training(config, tmp_path)
+    pause_at_snapshot(process, tmp_path / "ckpt" / "best.pth", per_epoch)  # first eval: mid-run
+    os.kill(process.pid, signum)
+    os.kill(process.pid, signal.SIGCONT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == exit_code, stderr[-2000:]
+    stopped_at = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["step"]
+    assert per_epoch <= stopped_at < 3 * per_epoch
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} after step {stopped_at}; snapshot saved to" in stderr and "Traceback" not in stderr
+    events = EventAccumulator(str(tmp_path / "runs" / "test"))
+    events.Reload()
+    assert events.Scalars("train/loss"), "TensorBoard events were not flushed on the way out"
+    assert_resumes_exactly(config, tmp_path, stopped_at, reference)
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_saved_files(tmp_path, trained_run):
+    shutil.copytree(trained_run / "ckpt", tmp_path / "ckpt")
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    config = tiny_config(tmp_path, trained_run / "missing.txt")
+    config["data"]["raw_text_path"] = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))["config"]["data"][
+        "raw_text_path"]
+    config["training"].update(max_steps=100, lr=1000.0, min_lr=0.0, grad_clip=0.0)
+    result = run_script("train.py", str(write_config(tmp_path / "tiny.yaml", config)), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and re.match(r"error: training loss became nan/inf at step (\d+) \(lr .*, fp32\)", error[0])
+    assert int(re.search(r"at step (\d+)", error[0]).group(1)) > 50  # the run resumed at 50, then blew up
+    assert "lower training.lr" in error[0] and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == saved
 
 
 def test_finished_run_is_not_trained_again(trained_run):
@@ -66,19 +168,62 @@ def test_finished_run_is_not_trained_again(trained_run):
     assert result.returncode == 0 and "nothing to train" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["tiny.yaml", "training.lr=-1"], "error: training.lr must be > 0"),
-    (["tiny.yaml", "model.vocab_size=100"], "error: tokenizer .* has 4096 tokens but model.vocab_size is 100"),
-    (["missing.yaml"], "error: config file 'missing.yaml' not found"),
+def write_text(name: str, content: bytes) -> Callable[[Path, Path], None]:
+    return lambda workdir, trained_run: (workdir / name).write_bytes(content)
+
+
+def resumable(damage: bool = False) -> Callable[[Path, Path], None]:
+    """Put trained_run's checkpoints in place (optionally with the snapshot cut short)."""
+    def setup(workdir: Path, trained_run: Path) -> None:
+        shutil.copytree(trained_run / "ckpt", workdir / "ckpt")
+        if damage:
+            snapshot = workdir / "ckpt" / "snapshot.pth"
+            snapshot.write_bytes(snapshot.read_bytes()[:4000])
+    return setup
+
+
+@pytest.mark.parametrize("argv, setup, message", [
+    (["broken.yaml"], write_text("broken.yaml", b"model:\n  embed_dim: 64\n  num_heads: [4\n"),
+     r"malformed YAML in broken.yaml at line 4"),
+    (["modle.yaml"], write_text("modle.yaml", b"modle:\n  embed_dim: 64\n"), "did you mean 'model'"),
+    (["tiny.yaml", "training.max_step=30"], None, "unknown config key 'training.max_step' — did you mean 'training.max_steps'"),
+    (["tiny.yaml", "model.num_layers=two"], None, "model.num_layers must be int, got 'two'"),
+    (["tiny.yaml", "training.lr=0"], None, "training.lr must be > 0"),
+    (["tiny.yaml", "training.lr=-3e-4"], None, "training.lr must be > 0"),
+    (["tiny.yaml", "data.val_split=1.5"], None, r"data.val_split must be in \(0, 1\)"),
+    (["tiny.yaml", "model.embed_dim=66"], None, r"embed_dim \(66\) is not divisible by model.num_heads \(4\)"),
+    (["tiny.yaml", "model.num_kv_heads=3"], None, r"num_heads \(4\) is not divisible by model.num_kv_heads \(3\)"),
+    (["tiny.yaml", "data.context_length=128"], None, r"context_length \(128\) > model.max_seq_len \(64\)"),
+    (["tiny.yaml", "data.batch_size=0"], None, "data.batch_size must be > 0"),
+    (["tiny.yaml", "max_steps=30"], None, "bad override 'max_steps=30' — write section.key=value"),
+    (["tiny.yaml", "training.max_steps"], None, "bad override 'training.max_steps'"),
+    (["missing.yaml"], None, "config file 'missing.yaml' not found"),
+    (["tiny.yaml", "data.raw_text_path=nope.txt"], None, "no text found at data.raw_text_path='nope.txt'"),
+    (["tiny.yaml", "data.tokenizer_path=nope.json"], None, "tokenizer 'nope.json' not found"),
+    (["tiny.yaml", "data.raw_text_path=empty.txt"], write_text("empty.txt", b""), "the corpus at 'empty.txt' is empty"),
+    (["tiny.yaml", "data.raw_text_path=short.txt"], write_text("short.txt", "To be.".encode()),
+     "too short for one train and one val window"),
+    (["tiny.yaml", "data.raw_text_path=latin1.txt"], write_text("latin1.txt", "O Romeo, café".encode("latin-1")),
+     r"latin1.txt is not valid UTF-8 \(byte offset 12\)"),
+    (["tiny.yaml", "model.vocab_size=100"], None, "tokenizer .* has 4096 tokens but model.vocab_size is 100"),
+    (["tiny.yaml", "model.num_layers=3"], resumable(), r"was trained with a different model \(num_layers=2 vs 3"),
+    (["tiny.yaml", "training.max_steps=80"], resumable(damage=True), "cannot load checkpoint .* corrupt, truncated"),
+    (["tiny.yaml", "training.checkpoint_path=/proc/self/ckpt/best.pth"], None, "cannot write to /proc/self"),
 ])
-def test_train_cli_errors_are_one_line(trained_run, args, message):
-    before = (trained_run / "ckpt" / "best.pth").stat().st_mtime_ns
-    result = run_script("train.py", *args, cwd=trained_run)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and re.search(message, error_lines[0]), result.stderr
-    assert (trained_run / "ckpt" / "best.pth").stat().st_mtime_ns == before
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, trained_run, monkeypatch, capsys,
+                                                                argv, setup, message):
+    write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus))
+    if setup:
+        setup(tmp_path, trained_run)
+    before = file_tree(tmp_path)
+    code, _, stderr = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert_one_error_line(code, stderr, message)
+    assert file_tree(tmp_path) == before
+
+
+def test_the_real_entry_point_prints_one_line_without_traceback(trained_run):
+    result = run_script("train.py", "tiny.yaml", "model.num_heads=5", cwd=trained_run)
+    assert_one_error_line(result.returncode, result.stderr, r"embed_dim \(64\) is not divisible by model.num_heads")
 
 
 def test_evaluate_reports_bits_per_byte_consistent_with_loss():

@@ -1,12 +1,16 @@
 import math
+import os
 import pickle
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import REPO
-from utils import (Config, TrainingConfig, UserError, apply_overrides, atomic_save, config_from_dict, config_to_dict, load_checkpoint,
-                   load_config, lr_at, validate)
+from utils import (Config, TrainingConfig, UserError, apply_overrides, atomic_save, atomic_write, check_writable, config_from_dict,
+                   config_to_dict, load_checkpoint, load_config, lr_at, validate)
 
 
 def test_shipped_config_loads_and_validates():
@@ -97,6 +101,59 @@ def test_atomic_save_keeps_previous_file_when_a_save_fails(tmp_path):
         atomic_save({"model": {"w": torch.zeros(3)}, "config": {}, "bad": lambda: 0}, str(path))
     assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
+
+
+KILLED_MID_SAVE = """
+import sys, time, torch
+sys.path.insert(0, {repo!r})
+from utils import atomic_write
+def write_half_then_hang(f):
+    torch.save({{"model": {{"w": torch.zeros(100_000)}}, "config": {{}}}}, f)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+atomic_write({path!r}, write_half_then_hang)
+"""
+
+
+def test_a_kill_inside_a_save_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "snapshot.pth"
+    atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
+    saver = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE.format(repo=str(REPO), path=str(path))],
+                             stdout=subprocess.PIPE, text=True)
+    assert saver.stdout.readline().strip() == "writing"  # the new bytes are on disk, in the temp file
+    os.kill(saver.pid, signal.SIGKILL)
+    saver.wait()
+    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "snapshot.pth"]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".snapshot.pth.tmp-")
+    atomic_save({"model": {"w": torch.full((3,), 2.0)}, "config": {}}, str(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["snapshot.pth"]  # the next save clears the dead temp file
+    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.full((3,), 2.0))
+
+
+def test_output_check_refuses_unwritable_places_and_leaves_nothing_behind(tmp_path):
+    check_writable(str(tmp_path / "not" / "yet" / "there"))
+    assert list(tmp_path.iterdir()) == []  # probed, not created
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        check_writable(str(tmp_path / "file" / "ckpt"))
+    with pytest.raises(UserError, match="cannot write to /proc/self"):  # unwritable even for root
+        check_writable("/proc/self/checkpoints")
+
+
+def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "best.pth"
+    atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
+
+    def disk_full(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match=r"could not write .*best.pth \(No space left on device\); the previous"):
+        atomic_write(str(path), disk_full)
+    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
 
 
 class _RunsCode:
