@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
 from data import EOT, decode, load_tokenizer
+from export import load_exported
 from model import Transformer, load_weights
 from utils import (UserError, autocast_context, config_from_dict, load_checkpoint, load_config, pick_device,
                    pick_precision, run_cli, warn)
@@ -19,7 +21,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Generate text from a trained SLM checkpoint.")
     parser.add_argument("--config", help="YAML config for the tokenizer path and device "
                                          "(default: the config stored in the checkpoint)")
-    parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth", help="checkpoint written by train.py")
+    parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth",
+                        help="checkpoint written by train.py, or a directory written by export.py")
     parser.add_argument("--prompt", default="", help="text to continue; empty starts from <|endoftext|>")
     parser.add_argument("--max-length", type=int, default=200, help="number of new tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
@@ -45,10 +48,13 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    checkpoint = load_checkpoint(args.ckpt_path)
+    exported = os.path.isdir(args.ckpt_path)
+    checkpoint = load_exported(args.ckpt_path) if exported else load_checkpoint(args.ckpt_path)
     stored = config_from_dict(checkpoint["config"], args.ckpt_path)
     config = load_config(args.config) if args.config else stored
     config.model = stored.model  # the weights decide the shape, whatever --config says
+    if exported:
+        config.data.tokenizer_path = stored.data.tokenizer_path  # the export carries its own tokenizer
     device = pick_device(args.device or config.training.device)
     precision = pick_precision(config.training.precision, device)
 
