@@ -162,8 +162,9 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
-def _tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
+def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
                     check_length: Callable[[int], None]) -> int:
+    """Write the token stream of `files` (an <|endoftext|> after each) to out_path; returns its length."""
     eot_id = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
     total_bytes = sum(os.path.getsize(p) for p in files)
     num_tokens = 0
@@ -207,7 +208,7 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     if not meta or meta.get("key") != key or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(dtype).itemsize:
-        num_tokens = _tokenize_files(files, tokenizer, bin_path, dtype, lambda n: check_corpus_length(n, data))
+        num_tokens = tokenize_files(files, tokenizer, bin_path, dtype, lambda n: check_corpus_length(n, data))
         meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name, "files": len(files)}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)

@@ -29,7 +29,7 @@ from train import (UNPLANNED, build_optimizer, cap_steps, catch_stop_signals, ch
                    planned_total_steps, prepare_data, restore_rng_state, rng_state, sample_text, save_snapshot,
                    steps_per_epoch, stop_on_signal)
 from utils import (Config, UserError, atomic_save, config_to_dict, format_config, lr_at, measure_peak_flops,
-                   pick_precision, run_cli)
+                   pick_precision, run_cli, use_compile)
 
 
 def init_distributed(config: Config) -> tuple[int, int, int, torch.device]:
@@ -112,14 +112,14 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
     else:
         torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
     ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    train_model = torch.compile(ddp_model) if t.compile else ddp_model
+    train_model = torch.compile(ddp_model) if use_compile(t.compile, device) else ddp_model
 
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=t.seed,
                                  drop_last=True)
     per_epoch = steps_per_epoch(len(sampler), config)
     cap = cap_steps(per_epoch, t)
     step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-    total_steps = planned_total_steps(t, cap, step, 0, 0.0, progress["train_seconds"])
+    total_steps = planned_total_steps(t, cap, step, 0, 0.0, progress.get("train_seconds", 0.0))
     tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps * world_size
     flops_per_token = model.flops_per_token(config.data.context_length)
     peak_flops = measure_peak_flops(device, precision) * world_size  # assumes identical devices
@@ -143,7 +143,7 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
                position=rank, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
     stop = catch_stop_signals()
     step_loss, loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    run_start, run_first_step, earlier_seconds = time.perf_counter(), step, progress["train_seconds"]
+    run_start, run_first_step, earlier_seconds = time.perf_counter(), step, progress.get("train_seconds", 0.0)
     last_log_time, last_log_step, train_seconds = run_start, step, earlier_seconds
 
     def run_eval() -> None:

@@ -25,7 +25,8 @@ from data import (EOT, TokenWindows, decode, epoch_loader, epoch_order, load_tok
                   token_byte_lengths)
 from model import Transformer, load_weights
 from utils import (Config, TrainingConfig, UserError, atomic_save, autocast_context, check_writable, config_to_dict, format_config,
-                   load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device, pick_precision, run_cli)
+                   load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device, pick_precision, run_cli,
+                   use_compile)
 
 
 def parse_cli(description: str) -> Config:
@@ -71,14 +72,19 @@ def cap_steps(per_epoch: int, t: TrainingConfig) -> int:
 def planned_total_steps(t: TrainingConfig, cap: int, step: int, run_steps: int, run_seconds: float,
                         train_seconds: float) -> int:
     """Total steps of the run. With time_budget_s: what fits in the budget at the step rate this process has
-    measured (evals and saves included), re-planned every step so the cosine ends where the budget does."""
+    measured (evals and saves included), re-planned every step so the cosine ends where the budget does.
+    A resumed run plans from the earlier processes' rate until it has timed its own steps."""
     if t.time_budget_s <= 0:
         return cap
     if train_seconds >= t.time_budget_s:
         return step
-    if run_steps < BUDGET_PROBE_STEPS:
+    if run_steps >= BUDGET_PROBE_STEPS:
+        steps_per_second = run_steps / run_seconds
+    elif step > run_steps:
+        steps_per_second = step / train_seconds
+    else:
         return cap
-    return step + int((t.time_budget_s - train_seconds) * run_steps / run_seconds)
+    return step + int((t.time_budget_s - train_seconds) * steps_per_second)
 
 
 def catch_stop_signals() -> dict[str, int]:
@@ -289,7 +295,7 @@ def main() -> None:
         restore_rng_state(rng)
         print(f"resuming from {t.snapshot_path}: step {progress['step']}, epoch {progress['epoch']}, "
               f"batch {progress['batch_in_epoch']} of that epoch", flush=True)
-    train_model = torch.compile(model) if t.compile else model
+    train_model = torch.compile(model) if use_compile(t.compile, device) else model
 
     per_epoch = steps_per_epoch(len(train_set), config)
     cap = cap_steps(per_epoch, t)

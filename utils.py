@@ -47,10 +47,10 @@ def run_cli(main: Callable[[], None], report: bool = True) -> None:
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
-    embed_dim: int = 192
-    num_heads: int = 6
-    num_kv_heads: int = 6        # < num_heads turns on grouped-query attention
-    ff_dim: int = 512            # SwiGLU hidden width; ~8/3 * embed_dim costs what a 4x GELU MLP does
+    embed_dim: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 4        # < num_heads turns on grouped-query attention
+    ff_dim: int = 352            # SwiGLU hidden width; ~8/3 * embed_dim costs what a 4x GELU MLP does
     num_layers: int = 4
     max_seq_len: int = 256       # longest sequence RoPE and the KV cache are sized for
     rope_theta: float = 10000.0
@@ -63,7 +63,7 @@ class DataConfig:
     tokenizer_path: str = "tokenizer/bpe_4096.json"
     raw_text_path: str = "data/shakespeare.txt"   # a file, a directory of .txt files, or a glob
     context_length: int = 128
-    batch_size: int = 32
+    batch_size: int = 16
     val_split: float = 0.05      # the last 5 % of the token stream is validation
     num_workers: int = 0
 
@@ -71,7 +71,7 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     epochs: int = 2
-    max_steps: int = 480         # optimizer steps; 0 = no cap (run all epochs)
+    max_steps: int = 1350        # optimizer steps; 0 = no cap (run all epochs)
     time_budget_s: float = 0.0   # > 0: train for this many wall-clock seconds instead of max_steps/epochs
     warmup_steps: int = 30
     lr: float = 3e-3
@@ -91,7 +91,7 @@ class TrainingConfig:
     seed: int = 1337
     device: str = "auto"         # auto | cpu | cuda | mps
     precision: str = "auto"      # auto | fp32 | bf16 | fp16
-    compile: bool = False
+    compile: str = "auto"        # auto (= on CUDA only) | true | false
 
 
 @dataclass
@@ -101,7 +101,8 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
-CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "precision": ("auto", "fp32", "bf16", "fp16")}
+CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "compile": ("auto", "true", "false")}
 
 
 def _coerce(name: str, value: Any, expected: type) -> Any:
@@ -132,6 +133,8 @@ def _set_field(section_obj: Any, section: str, key: str, value: Any) -> None:
         hint = f"did you mean '{section}.{guess[0]}'?" if guess else f"valid keys: {', '.join(names)}"
         raise UserError(f"unknown config key '{section}.{key}' — {hint}")
     expected = {"int": int, "float": float, "str": str, "bool": bool}[str(names[key].type)]
+    if key in CHOICES and isinstance(value, bool):  # YAML reads `compile: true` as a bool
+        value = str(value).lower()
     setattr(section_obj, key, _coerce(f"{section}.{key}", value, expected))
 
 
@@ -215,7 +218,7 @@ def validate(config: Config) -> None:
                         "shorten the context or raise max_seq_len")
     if t.min_lr > t.lr:
         raise UserError(f"training.min_lr ({t.min_lr}) > training.lr ({t.lr}) — the cosine decays from lr down to min_lr")
-    for name, value in (("device", t.device), ("precision", t.precision)):
+    for name, value in (("device", t.device), ("precision", t.precision), ("compile", t.compile)):
         if value not in CHOICES[name]:
             raise UserError(f"training.{name} is '{value}' — choose one of {', '.join(CHOICES[name])}")
 
@@ -260,7 +263,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    """fp32 on CPU/MPS by default: CPUs without AVX512-BF16/AMX run bf16 matmuls orders of magnitude slower."""
+    """fp32 on CPU/MPS by default: CPUs without AVX512-BF16/AMX run bf16 matmuls many times slower, and with
+    AVX512-BF16 bf16 autocast measured only ~15 % faster end to end (bench.py), not worth the rounding."""
     if name != "auto":
         if name == "fp16" and device.type == "cpu":
             raise UserError("training.precision=fp16 is not supported on CPU — use fp32 (or bf16 on a CPU with AMX)")
@@ -268,6 +272,11 @@ def pick_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """torch.compile by default on CUDA only: on a CPU its minute of compiling eats a short run's gain."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -286,26 +295,32 @@ def lr_at(step: int, config: TrainingConfig, total_steps: int) -> float:
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
-def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.3) -> float:
-    """Matmul FLOP/s this device actually reaches — the denominator of MFU, never a datasheet constant."""
+def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.5, windows: int = 5) -> float:
+    """Matmul FLOP/s this device actually reaches — the denominator of MFU, never a datasheet constant.
+
+    The best of `windows` timing windows: a neighbour's burst on a shared machine lowers some windows,
+    never raises one, so the maximum is the stable estimate of what the hardware can do.
+    """
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    n = 2048 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 1024  # big enough that a GPU's launch overhead is noise
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG stream alone
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     a @ b
-    _sync(device)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        calls += 1
-        if device.type != "cpu" and calls % 10 == 0:
-            _sync(device)
-    _sync(device)
-    return 2 * n ** 3 * calls / (time.perf_counter() - start)
+    sync(device)
+    best = 0.0
+    for _ in range(windows):
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / windows:
+            a @ b
+            calls += 1
+            if device.type != "cpu":
+                sync(device)
+        best = max(best, 2 * n ** 3 * calls / (time.perf_counter() - start))
+    return best
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elif device.type == "mps":

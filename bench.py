@@ -1,0 +1,174 @@
+"""Benchmarks on whatever device the config picks: matmul peak, training throughput and MFU, generation
+with and without the KV cache, and corpus tokenization.
+
+    python bench.py configs.yaml [section.key=value ...] [--json] [--compile] [--steps 20]
+
+MFU is always model FLOP/s (model.flops_per_token) over the matmul peak measured here, on this device,
+in the run's precision — never a datasheet constant. Numbers are printed, not asserted: compare ratios
+taken in one run, since shared machines are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from data import epoch_loader, epoch_order, resolve_text_files, tokenize_files
+from model import Transformer
+from train import build_optimizer, forward_backward, optimizer_step, prepare_data
+from utils import (Config, autocast_context, load_config, measure_peak_flops, pick_device, pick_precision, run_cli,
+                   sync)
+
+GENERATION_TOKENS = 256
+GENERATION_PROMPT = 32
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_peak(device: torch.device, precision: str) -> dict:
+    """Matmul FLOP/s of this device in fp32, bf16 on CUDA, and the run's precision."""
+    names = dict.fromkeys(["fp32", *(["bf16"] if device.type == "cuda" else []), precision])
+    return {name: measure_peak_flops(device, name, seconds=1.0) for name in names}
+
+
+def bench_data(config: Config, tokenizer) -> dict:
+    """Tokenization throughput of the configured corpus, written to a throw-away file (the cache is untouched)."""
+    files = resolve_text_files(config.data.raw_text_path)
+    num_bytes = sum(os.path.getsize(path) for path in files)
+    rss_before = peak_rss_mb()
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        num_tokens = tokenize_files(files, tokenizer, os.path.join(scratch, "tokens.bin"), np.uint16,
+                                    lambda n: None)
+        seconds = time.perf_counter() - start
+    return {"corpus_mb": num_bytes / 1e6, "tokens": num_tokens, "tokenize_mb_per_sec": num_bytes / 1e6 / seconds,
+            "peak_rss_mb": peak_rss_mb(), "rss_growth_mb": peak_rss_mb() - rss_before}
+
+
+def bench_training(config: Config, train_set, device: torch.device, precision: str, compile_model: bool,
+                   steps: int, warmup_steps: int) -> dict:
+    """Steady-state optimizer steps on the real data pipeline; the first warmup_steps are not timed."""
+    torch.manual_seed(config.training.seed)
+    model = Transformer(config.model).to(device)
+    optimizer = build_optimizer(model, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    train_model = torch.compile(model) if compile_model else model
+    accum = config.training.grad_accum_steps
+    loader = iter(epoch_loader(train_set, config.data, epoch_order(len(train_set), 0, 0), 0, device.type == "cuda"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    data_seconds, start = 0.0, 0.0
+    for step in range(warmup_steps + steps):
+        if step == warmup_steps:
+            sync(device)
+            data_seconds, start = 0.0, time.perf_counter()
+        for _ in range(accum):
+            fetch_start = time.perf_counter()
+            try:
+                x, y = next(loader)
+            except StopIteration:
+                loader = iter(epoch_loader(train_set, config.data, epoch_order(len(train_set), 0, step), 0,
+                                           device.type == "cuda"))
+                x, y = next(loader)
+            data_seconds += time.perf_counter() - fetch_start
+            forward_backward(train_model, x, y, device, precision, scaler, accum)
+        optimizer_step(optimizer, scaler, config.training.lr, config.training.grad_clip)
+    sync(device)
+    seconds = time.perf_counter() - start
+    tokens_per_sec = steps * accum * config.data.batch_size * config.data.context_length / seconds
+    model_flops = model.flops_per_token(config.data.context_length) * tokens_per_sec
+    peak_memory_mb = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+                      else peak_rss_mb())
+    return {"params": model.num_params(), "step_ms": 1000 * seconds / steps, "tokens_per_sec": tokens_per_sec,
+            "model_flops": model_flops, "data_wait_share": data_seconds / seconds, "peak_memory_mb": peak_memory_mb}
+
+
+@torch.no_grad()
+def bench_generation(model: Transformer, device: torch.device, precision: str, batch_size: int,
+                     use_cache: bool) -> dict:
+    """Prefill = time to the first new token; decode = the other GENERATION_TOKENS - 1 tokens."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, GENERATION_PROMPT), device=device,
+                           generator=torch.Generator(device=device).manual_seed(0))
+    with autocast_context(device, precision):
+        list(model.generate(prompt, 2, temperature=0.0, use_cache=use_cache))  # warm the kernels up
+        sync(device)
+        start = time.perf_counter()
+        first_token_at = None
+        for _ in model.generate(prompt, GENERATION_TOKENS, temperature=0.0, use_cache=use_cache):
+            if first_token_at is None:
+                sync(device)
+                first_token_at = time.perf_counter()
+        sync(device)
+    decode_seconds = time.perf_counter() - first_token_at
+    return {"prefill_ms": 1000 * (first_token_at - start),
+            "decode_tokens_per_sec": batch_size * (GENERATION_TOKENS - 1) / decode_seconds}
+
+
+def print_table(results: dict) -> None:
+    peak = results["peak_flops"]
+    print("\npeak matmul: " + ", ".join(f"{name} {flops / 1e9:,.0f} GFLOP/s" for name, flops in peak.items()))
+    data = results["data"]
+    print(f"data: {data['corpus_mb']:.1f} MB -> {data['tokens']:,} tokens at {data['tokenize_mb_per_sec']:.1f} MB/s; "
+          f"peak RSS {data['peak_rss_mb']:,.0f} MB (+{data['rss_growth_mb']:,.0f} MB while tokenizing)")
+    print(f"\n{'training':<22}{'params':>11}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>10}{'MFU':>7}"
+          f"{'data wait':>11}{'peak MB':>9}")
+    for name, row in results["training"].items():
+        print(f"{name:<22}{row['params']:>11,}{row['step_ms']:>10.1f}{row['tokens_per_sec']:>11,.0f}"
+              f"{row['model_flops'] / 1e9:>10.1f}{row['mfu']:>7.1%}{row['data_wait_share']:>11.1%}"
+              f"{row['peak_memory_mb']:>9,.0f}")
+    print(f"\n{f'generation, {GENERATION_TOKENS} new tokens':<34}{'prefill ms':>11}{'decode tok/s':>14}")
+    for name, row in results["generation"].items():
+        print(f"{name:<34}{row['prefill_ms']:>11.1f}{row['decode_tokens_per_sec']:>14,.0f}")
+    for batch_size in (1, 8):
+        cached, uncached = (results["generation"][f"batch {batch_size}, {kind}"] for kind in ("KV cache", "no cache"))
+        print(f"KV cache speed-up at batch {batch_size}: "
+              f"{cached['decode_tokens_per_sec'] / uncached['decode_tokens_per_sec']:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark SLM on the device the config picks.")
+    parser.add_argument("config", help="YAML config, e.g. configs.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
+    parser.add_argument("--compile", action="store_true", help="measure training with torch.compile as well")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps (after --warmup-steps)")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed training steps first")
+    args = parser.parse_args()
+    config = load_config(args.config, args.overrides)
+    device = pick_device(config.training.device)
+    precision = pick_precision(config.training.precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    print(f"device {device} ({precision}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+          flush=True)
+
+    peak_flops = bench_peak(device, precision)  # first: the tokenizer's thread pool may spin on after its work
+    tokenizer, train_set, _ = prepare_data(config)
+    results = {"device": str(device), "precision": precision, "model": dataclasses.asdict(config.model),
+               "peak_flops": peak_flops, "data": bench_data(config, tokenizer), "training": {}}
+    peak = results["peak_flops"][precision]  # MFU against the peak of the precision the matmuls run in
+    for compiled in (False, True) if args.compile else (False,):
+        row = bench_training(config, train_set, device, precision, compiled, args.steps, args.warmup_steps)
+        row["mfu"] = row["model_flops"] / peak
+        results["training"][f"{precision}{', compiled' if compiled else ''}"] = row
+    model = Transformer(config.model).to(device).eval()
+    results["generation"] = {f"batch {batch_size}, {'KV cache' if cached else 'no cache'}":
+                             bench_generation(model, device, precision, batch_size, cached)
+                             for batch_size in (1, 8) for cached in (True, False)}
+    print_table(results)
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    run_cli(main)
