@@ -237,7 +237,8 @@ def check_corpus_length(num_tokens: int, data: DataConfig) -> None:
     if min(num_tokens - num_val, num_val) < data.context_length + 1:
         need = int((data.context_length + 1) / min(data.val_split, 1 - data.val_split)) + 1
         raise UserError(f"corpus has {num_tokens} tokens: too short for one train and one val window of "
-                        f"{data.context_length} — use at least ~{need} tokens of text or a smaller data.context_length")
+                        f"{data.context_length} — use at least ~{need} tokens of text or a smaller "
+                        "data.context_length")
 
 
 def split_tokens(tokens: np.ndarray, data: DataConfig) -> tuple[TokenWindows, TokenWindows]:

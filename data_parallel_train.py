@@ -25,9 +25,9 @@ from data import epoch_loader, token_byte_lengths
 from model import Transformer
 from train import (UNPLANNED, build_optimizer, cap_steps, catch_stop_signals, check_outputs_writable,
                    evaluation_metrics, evaluation_sums, fixed_val_batches, forward_backward, load_snapshot, log_hparams,
-                   log_scalars, log_training, nonfinite_loss_error, open_writer, optimizer_step, parse_cli,
-                   planned_total_steps, prepare_data, restore_rng_state, rng_state, sample_text, save_snapshot,
-                   steps_per_epoch, stop_on_signal)
+                   log_scalars, log_training, nonfinite_loss_error, nothing_to_train, open_writer, optimizer_step,
+                   parse_cli, planned_total_steps, prepare_data, restore_rng_state, rng_state, run_length, sample_text,
+                   save_snapshot, steps_per_epoch, stop_on_signal)
 from utils import (Config, UserError, atomic_save, config_to_dict, format_config, lr_at, measure_peak_flops,
                    pick_precision, run_cli, use_compile)
 
@@ -124,16 +124,13 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
     flops_per_token = model.flops_per_token(config.data.context_length)
     peak_flops = measure_peak_flops(device, precision) * world_size  # assumes identical devices
     if is_main:
-        length = f"{t.time_budget_s:g} s budget" if t.time_budget_s > 0 else f"{total_steps} steps"
         print(f"{world_size} processes on {device.type} ({precision}), {model.num_params():,} parameters; global "
               f"batch = {config.data.batch_size} x {t.grad_accum_steps} accumulation x {world_size} ranks = "
               f"{config.data.batch_size * t.grad_accum_steps * world_size} windows ({tokens_per_step:,} tokens) "
-              f"per step; {length} ({per_epoch} steps per epoch)", flush=True)
+              f"per step; {run_length(t, total_steps)} ({per_epoch} steps per epoch)", flush=True)
     if step >= total_steps:
         if is_main:
-            print(f"{t.snapshot_path} is already at step {step}, the end of this run: nothing to train — raise "
-                  "training.max_steps/epochs/time_budget_s to continue, or delete the snapshot to start over",
-                  flush=True)
+            print(nothing_to_train(t.snapshot_path, step), flush=True)
         return
 
     val_batches = fixed_val_batches(val_set, config)[rank::world_size]  # each rank evaluates its share
@@ -222,9 +219,9 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
     if is_main:
         log_hparams(writer, config, progress["best_val_loss"], progress["best_val_bpb"])
         writer.close()
-        print(f"done: {step} steps in {train_seconds:.0f} s on {world_size} ranks, best val loss {progress['best_val_loss']:.4f} "
-              f"({progress['best_val_bpb']:.4f} bits/byte) in {t.checkpoint_path}; snapshot {t.snapshot_path}",
-              flush=True)
+        print(f"done: {step} steps in {train_seconds:.0f} s on {world_size} ranks, best val loss "
+              f"{progress['best_val_loss']:.4f} ({progress['best_val_bpb']:.4f} bits/byte) in {t.checkpoint_path}; "
+              f"snapshot {t.snapshot_path}", flush=True)
 
 
 def main() -> None:

@@ -85,7 +85,8 @@ def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None, forc
         text = json.dumps(content, indent=2) + "\n"
         atomic_write(os.path.join(out_dir, name), lambda f, text=text: f.write(text.encode()))
     atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tokenizer.to_str().encode()))
-    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(save(tensors, metadata={"format": "pt"})))
+    weights = save(tensors, metadata={"format": "pt"})
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(weights))
 
 
 def load_exported(directory: str) -> dict:

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from data import (EOT, TokenWindows, decode, epoch_loader, epoch_order, load_tokenizer, prepare_tokens, split_tokens,
                   token_byte_lengths)
 from model import Transformer, load_weights
-from utils import (Config, TrainingConfig, UserError, atomic_save, autocast_context, check_writable, config_to_dict, format_config,
-                   load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device, pick_precision, run_cli,
-                   use_compile)
+from utils import (Config, TrainingConfig, UserError, atomic_save, autocast_context, check_writable, config_to_dict,
+                   format_config, load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device, pick_precision,
+                   run_cli, use_compile)
 
 
 def parse_cli(description: str) -> Config:
@@ -111,8 +111,17 @@ def catch_stop_signals() -> dict[str, int]:
 def nonfinite_loss_error(step: int, lr: float, precision: str, config: Config) -> UserError:
     t = config.training
     return UserError(f"training loss became nan/inf at step {step} (lr {lr:.3g}, {precision}); nothing from this "
-                     f"step was saved, {t.checkpoint_path} and {t.snapshot_path} are as they were — lower training.lr or raise warmup_steps, "
-                     "keep grad_clip on, and prefer precision=bf16/fp32 over fp16")
+                     f"step was saved, {t.checkpoint_path} and {t.snapshot_path} are as they were — lower "
+                     "training.lr or raise warmup_steps, keep grad_clip on, and prefer precision=bf16/fp32 over fp16")
+
+
+def run_length(t: TrainingConfig, total_steps: int) -> str:
+    return f"{t.time_budget_s:g} s budget" if t.time_budget_s > 0 else f"{total_steps} steps"
+
+
+def nothing_to_train(snapshot_path: str, step: int) -> str:
+    return (f"{snapshot_path} is already at step {step}, the end of this run: nothing to train — raise "
+            "training.max_steps/epochs/time_budget_s to continue, or delete the snapshot to start over")
 
 
 def stop_on_signal(signum: int, step: int, snapshot_path: str, bar: tqdm, writer: SummaryWriter | None,
@@ -304,13 +313,11 @@ def main() -> None:
     tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps
     flops_per_token = model.flops_per_token(config.data.context_length)
     peak_flops = measure_peak_flops(device, precision)
-    length = f"{t.time_budget_s:g} s budget" if t.time_budget_s > 0 else f"{total_steps} steps"
     print(f"device {device} ({precision}), {model.num_params():,} parameters, {len(train_set):,} train / "
-          f"{len(val_set):,} val windows, {tokens_per_step:,} tokens per step, {length} "
+          f"{len(val_set):,} val windows, {tokens_per_step:,} tokens per step, {run_length(t, total_steps)} "
           f"({per_epoch} steps per epoch), measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
     if step >= total_steps:
-        print(f"{t.snapshot_path} is already at step {step}, the end of this run: nothing to train — raise "
-              "training.max_steps/epochs/time_budget_s to continue, or delete the snapshot to start over", flush=True)
+        print(nothing_to_train(t.snapshot_path, step), flush=True)
         return
 
     val_batches = fixed_val_batches(val_set, config)

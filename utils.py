@@ -217,7 +217,8 @@ def validate(config: Config) -> None:
         raise UserError(f"data.context_length ({d.context_length}) > model.max_seq_len ({m.max_seq_len}) — "
                         "shorten the context or raise max_seq_len")
     if t.min_lr > t.lr:
-        raise UserError(f"training.min_lr ({t.min_lr}) > training.lr ({t.lr}) — the cosine decays from lr down to min_lr")
+        raise UserError(f"training.min_lr ({t.min_lr}) > training.lr ({t.lr}) — the cosine decays from lr down to "
+                        "min_lr")
     for name, value in (("device", t.device), ("precision", t.precision), ("compile", t.compile)):
         if value not in CHOICES[name]:
             raise UserError(f"training.{name} is '{value}' — choose one of {', '.join(CHOICES[name])}")

@@ -104,7 +104,7 @@ def assert_resumes_exactly(config: Path, workdir: Path, stopped_at: int, referen
     assert f"resuming from {workdir / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
     final = load_checkpoint(str(workdir / "ckpt" / "snapshot.pth"))["model"]
     assert final.keys() == reference.keys()
-    assert all(torch.equal(final[name], reference[name]) for name in final), "resume diverged from the uninterrupted run"
+    assert all(torch.equal(final[name], reference[name]) for name in final), "resume diverged from the reference"
 
 
 @pytest.mark.parametrize("kill_point", ["early", "mid-epoch", "epoch boundary"])
@@ -186,7 +186,8 @@ def resumable(damage: bool = False) -> Callable[[Path, Path], None]:
     (["broken.yaml"], write_text("broken.yaml", b"model:\n  embed_dim: 64\n  num_heads: [4\n"),
      r"malformed YAML in broken.yaml at line 4"),
     (["modle.yaml"], write_text("modle.yaml", b"modle:\n  embed_dim: 64\n"), "did you mean 'model'"),
-    (["tiny.yaml", "training.max_step=30"], None, "unknown config key 'training.max_step' — did you mean 'training.max_steps'"),
+    (["tiny.yaml", "training.max_step=30"], None,
+     "unknown config key 'training.max_step' — did you mean 'training.max_steps'"),
     (["tiny.yaml", "model.num_layers=two"], None, "model.num_layers must be int, got 'two'"),
     (["tiny.yaml", "training.lr=0"], None, "training.lr must be > 0"),
     (["tiny.yaml", "training.lr=-3e-4"], None, "training.lr must be > 0"),

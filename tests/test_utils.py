@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from utils import (Config, TrainingConfig, UserError, apply_overrides, atomic_save, atomic_write, check_writable, config_from_dict,
-                   config_to_dict, load_checkpoint, load_config, lr_at, validate)
+from utils import (Config, TrainingConfig, UserError, apply_overrides, atomic_save, atomic_write, check_writable,
+                   config_from_dict, config_to_dict, load_checkpoint, load_config, lr_at, validate)
 
 
 def test_shipped_config_loads_and_validates():
