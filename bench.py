@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import resource
@@ -23,8 +24,8 @@ import torch
 from data import epoch_loader, epoch_order, resolve_text_files, tokenize_files
 from model import Transformer
 from train import build_optimizer, forward_backward, optimizer_step, prepare_data
-from utils import (Config, autocast_context, load_config, measure_peak_flops, pick_device, pick_precision, run_cli,
-                   sync)
+from utils import (Config, autocast_context, enable_tf32, load_config, measure_peak_flops, pick_device,
+                   pick_precision, run_cli, sync)
 
 GENERATION_TOKENS = 256
 GENERATION_PROMPT = 32
@@ -63,7 +64,9 @@ def bench_training(config: Config, train_set, device: torch.device, precision: s
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train_model = torch.compile(model) if compile_model else model
     accum = config.training.grad_accum_steps
-    loader = iter(epoch_loader(train_set, config.data, epoch_order(len(train_set), 0, 0), 0, device.type == "cuda"))
+    batches = (batch for epoch in itertools.count()
+               for batch in epoch_loader(train_set, config.data, epoch_order(len(train_set), 0, epoch), 0,
+                                         device.type == "cuda"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data_seconds, start = 0.0, 0.0
@@ -73,12 +76,7 @@ def bench_training(config: Config, train_set, device: torch.device, precision: s
             data_seconds, start = 0.0, time.perf_counter()
         for _ in range(accum):
             fetch_start = time.perf_counter()
-            try:
-                x, y = next(loader)
-            except StopIteration:
-                loader = iter(epoch_loader(train_set, config.data, epoch_order(len(train_set), 0, step), 0,
-                                           device.type == "cuda"))
-                x, y = next(loader)
+            x, y = next(batches)
             data_seconds += time.perf_counter() - fetch_start
             forward_backward(train_model, x, y, device, precision, scaler, accum)
         optimizer_step(optimizer, scaler, config.training.lr, config.training.grad_clip)
@@ -146,9 +144,7 @@ def main() -> None:
     config = load_config(args.config, args.overrides)
     device = pick_device(config.training.device)
     precision = pick_precision(config.training.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
     print(f"device {device} ({precision}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
           flush=True)
 

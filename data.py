@@ -43,7 +43,8 @@ def train_tokenizer(files: list[str], out_path: str, vocab_size: int) -> Tokeniz
     return tokenizer
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "") -> Tokenizer:
+    """The tokenizer at `path`; with `vocab_size`, one of another size is refused with the `fix` hint."""
     if not os.path.isfile(path):
         raise UserError(f"tokenizer '{path}' not found — set data.tokenizer_path to a tokenizer JSON "
                         "(the repo ships tokenizer/bpe_4096.json) or train one with data.train_tokenizer")
@@ -53,6 +54,9 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise UserError(f"'{path}' is not a Hugging Face tokenizer JSON — point data.tokenizer_path at one") from None
     if tokenizer.token_to_id(EOT) is None:
         raise UserError(f"tokenizer '{path}' has no {EOT} token — train it with data.train_tokenizer")
+    if vocab_size is not None and tokenizer.get_vocab_size() != vocab_size:
+        raise UserError(f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but model.vocab_size is "
+                        f"{vocab_size} — {fix or 'use the tokenizer the model was trained with'}")
     return tokenizer
 
 

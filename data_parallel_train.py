@@ -28,8 +28,8 @@ from train import (UNPLANNED, build_optimizer, cap_steps, catch_stop_signals, ch
                    log_scalars, log_training, nonfinite_loss_error, nothing_to_train, open_writer, optimizer_step,
                    parse_cli, planned_total_steps, prepare_data, restore_rng_state, rng_state, run_length, sample_text,
                    save_snapshot, steps_per_epoch, stop_on_signal)
-from utils import (Config, UserError, atomic_save, config_to_dict, format_config, lr_at, measure_peak_flops,
-                   pick_precision, run_cli, use_compile)
+from utils import (Config, UserError, atomic_save, config_to_dict, enable_tf32, format_config, lr_at,
+                   measure_peak_flops, pick_precision, run_cli, use_compile)
 
 
 def init_distributed(config: Config) -> tuple[int, int, int, torch.device]:
@@ -82,9 +82,7 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
         check_outputs_writable(config)
     precision = pick_precision(t.precision, device)
     torch.manual_seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
 
     # One process per node builds the corpus and token cache; the others wait, then read the cache.
     if local_rank == 0:
@@ -119,7 +117,8 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
     per_epoch = steps_per_epoch(len(sampler), config)
     cap = cap_steps(per_epoch, t)
     step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-    total_steps = planned_total_steps(t, cap, step, 0, 0.0, progress.get("train_seconds", 0.0))
+    earlier_seconds = progress.get("train_seconds", 0.0)  # training time of the processes before this one
+    total_steps = planned_total_steps(t, cap, step, 0, 0.0, earlier_seconds)
     tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps * world_size
     flops_per_token = model.flops_per_token(config.data.context_length)
     peak_flops = measure_peak_flops(device, precision) * world_size  # assumes identical devices
@@ -140,7 +139,7 @@ def train(config: Config, rank: int, local_rank: int, world_size: int, device: t
                position=rank, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
     stop = catch_stop_signals()
     step_loss, loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    run_start, run_first_step, earlier_seconds = time.perf_counter(), step, progress.get("train_seconds", 0.0)
+    run_start, run_first_step = time.perf_counter(), step
     last_log_time, last_log_step, train_seconds = run_start, step, earlier_seconds
 
     def run_eval() -> None:

@@ -61,10 +61,8 @@ def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None, forc
     checkpoint = load_checkpoint(ckpt_path)
     config = config_from_dict(checkpoint["config"], ckpt_path)
     tokenizer_path = tokenizer_path or config.data.tokenizer_path
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.get_vocab_size() != config.model.vocab_size:
-        raise UserError(f"tokenizer {tokenizer_path} has {tokenizer.get_vocab_size()} tokens, the checkpoint "
-                        f"{config.model.vocab_size} — pass --tokenizer with the one it was trained on")
+    tokenizer = load_tokenizer(tokenizer_path, config.model.vocab_size,
+                               "pass --tokenizer with the one the checkpoint was trained on")
     if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not force):
         raise UserError(f"{out_dir} already exists and is not empty — choose a new --out, or add --force to "
                         "overwrite the exported files in it")

@@ -58,10 +58,8 @@ def main() -> None:
     device = pick_device(args.device or config.training.device)
     precision = pick_precision(config.training.precision, device)
 
-    tokenizer = load_tokenizer(config.data.tokenizer_path)
-    if tokenizer.get_vocab_size() != config.model.vocab_size:
-        raise UserError(f"tokenizer {config.data.tokenizer_path} has {tokenizer.get_vocab_size()} tokens, the "
-                        f"checkpoint {config.model.vocab_size} — pass --config with the tokenizer it was trained on")
+    tokenizer = load_tokenizer(config.data.tokenizer_path, config.model.vocab_size,
+                               "pass --config with the tokenizer the checkpoint was trained on")
     model = Transformer(config.model)
     load_weights(model, checkpoint, args.ckpt_path)
     model.to(device).eval()

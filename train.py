@@ -25,8 +25,8 @@ from data import (EOT, TokenWindows, decode, epoch_loader, epoch_order, load_tok
                   token_byte_lengths)
 from model import Transformer, load_weights
 from utils import (Config, TrainingConfig, UserError, atomic_save, autocast_context, check_writable, config_to_dict,
-                   format_config, load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device, pick_precision,
-                   run_cli, use_compile)
+                   enable_tf32, format_config, load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device,
+                   pick_precision, run_cli, use_compile)
 
 
 def parse_cli(description: str) -> Config:
@@ -40,11 +40,8 @@ def parse_cli(description: str) -> Config:
 
 
 def prepare_data(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
-    tokenizer = load_tokenizer(config.data.tokenizer_path)
-    if tokenizer.get_vocab_size() != config.model.vocab_size:
-        raise UserError(f"tokenizer {config.data.tokenizer_path} has {tokenizer.get_vocab_size()} tokens but "
-                        f"model.vocab_size is {config.model.vocab_size} — set model.vocab_size="
-                        f"{tokenizer.get_vocab_size()} or use the matching tokenizer")
+    tokenizer = load_tokenizer(config.data.tokenizer_path, config.model.vocab_size,
+                               "set model.vocab_size to the tokenizer's size or use the matching tokenizer")
     train_set, val_set = split_tokens(prepare_tokens(config.data, tokenizer), config.data)
     return tokenizer, train_set, val_set
 
@@ -289,9 +286,7 @@ def main() -> None:
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
     torch.manual_seed(t.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
 
     tokenizer, train_set, val_set = prepare_data(config)
     model = Transformer(config.model).to(device)
@@ -309,7 +304,8 @@ def main() -> None:
     per_epoch = steps_per_epoch(len(train_set), config)
     cap = cap_steps(per_epoch, t)
     step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-    total_steps = planned_total_steps(t, cap, step, 0, 0.0, progress.get("train_seconds", 0.0))
+    earlier_seconds = progress.get("train_seconds", 0.0)  # training time of the processes before this one
+    total_steps = planned_total_steps(t, cap, step, 0, 0.0, earlier_seconds)
     tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps
     flops_per_token = model.flops_per_token(config.data.context_length)
     peak_flops = measure_peak_flops(device, precision)
@@ -327,7 +323,7 @@ def main() -> None:
                dynamic_ncols=True)
     stop = catch_stop_signals()
     step_loss, loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    run_start, run_first_step, earlier_seconds = time.perf_counter(), step, progress.get("train_seconds", 0.0)
+    run_start, run_first_step = time.perf_counter(), step
     last_log_time, last_log_step, train_seconds = run_start, step, earlier_seconds
 
     def run_eval() -> None:

@@ -275,6 +275,13 @@ def pick_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def enable_tf32(device: torch.device) -> None:
+    """TF32 tensor-core matmuls for fp32 work on CUDA (ignored elsewhere): ~8x the fp32 rate for 10-bit mantissas."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def use_compile(setting: str, device: torch.device) -> bool:
     """torch.compile by default on CUDA only: on a CPU its minute of compiling eats a short run's gain."""
     return setting == "true" or (setting == "auto" and device.type == "cuda")

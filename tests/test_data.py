@@ -38,6 +38,12 @@ def test_train_tokenizer_round_trips_and_has_eot(tmp_path, corpus):
         assert decode(reloaded, reloaded.encode(text).ids) == text
 
 
+def test_tokenizer_of_another_size_is_refused_with_the_fix():
+    assert load_tokenizer(TOKENIZER, 4096).get_vocab_size() == 4096
+    with pytest.raises(UserError, match=r"has 4096 tokens but model.vocab_size is 100 — retrain it$"):
+        load_tokenizer(TOKENIZER, 100, "retrain it")
+
+
 def test_token_byte_lengths_count_utf8_bytes(tokenizer):
     lengths = token_byte_lengths(tokenizer)
     for text in SAMPLES:
