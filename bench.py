@@ -29,6 +29,8 @@ from utils import (Config, autocast_context, enable_tf32, load_config, measure_p
 
 GENERATION_TOKENS = 256
 GENERATION_PROMPT = 32
+GENERATION_RUNS = 3
+GENERATION_RUN_SECONDS = 10.0  # one row stops repeating after this long
 
 
 def peak_rss_mb() -> float:
@@ -92,22 +94,32 @@ def bench_training(config: Config, train_set, device: torch.device, precision: s
 
 @torch.no_grad()
 def bench_generation(model: Transformer, device: torch.device, precision: str, batch_size: int,
-                     use_cache: bool) -> dict:
-    """Prefill = time to the first new token; decode = the other GENERATION_TOKENS - 1 tokens."""
+                     use_cache: bool, compile_model: bool) -> dict:
+    """Prefill = time to the first new token; decode = the other GENERATION_TOKENS - 1 tokens; each the best
+    of up to GENERATION_RUNS runs, so a burst of other load on a shared machine does not skew one row against
+    another. The untimed warm-up (which compiles, when asked) covers both the prefill and the decode step."""
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, GENERATION_PROMPT), device=device,
                            generator=torch.Generator(device=device).manual_seed(0))
+    options = {"temperature": 0.0, "use_cache": use_cache, "compile": compile_model}
+    prefill_seconds, decode_seconds = float("inf"), float("inf")
     with autocast_context(device, precision):
-        list(model.generate(prompt, 2, temperature=0.0, use_cache=use_cache))  # warm the kernels up
-        sync(device)
         start = time.perf_counter()
-        first_token_at = None
-        for _ in model.generate(prompt, GENERATION_TOKENS, temperature=0.0, use_cache=use_cache):
-            if first_token_at is None:
-                sync(device)
-                first_token_at = time.perf_counter()
+        list(model.generate(prompt, 3, **options))
         sync(device)
-    decode_seconds = time.perf_counter() - first_token_at
-    return {"prefill_ms": 1000 * (first_token_at - start),
+        warmup_seconds = time.perf_counter() - start
+        runs_start = time.perf_counter()
+        for _ in range(GENERATION_RUNS):
+            if time.perf_counter() - runs_start > GENERATION_RUN_SECONDS:
+                break
+            start, first_token_at = time.perf_counter(), None
+            for _ in model.generate(prompt, GENERATION_TOKENS, **options):
+                if first_token_at is None:
+                    sync(device)
+                    first_token_at = time.perf_counter()
+            sync(device)
+            prefill_seconds = min(prefill_seconds, first_token_at - start)
+            decode_seconds = min(decode_seconds, time.perf_counter() - first_token_at)
+    return {"warmup_s": warmup_seconds, "prefill_ms": 1000 * prefill_seconds,
             "decode_tokens_per_sec": batch_size * (GENERATION_TOKENS - 1) / decode_seconds}
 
 
@@ -123,13 +135,16 @@ def print_table(results: dict) -> None:
         print(f"{name:<22}{row['params']:>11,}{row['step_ms']:>10.1f}{row['tokens_per_sec']:>11,.0f}"
               f"{row['model_flops'] / 1e9:>10.1f}{row['mfu']:>7.1%}{row['data_wait_share']:>11.1%}"
               f"{row['peak_memory_mb']:>9,.0f}")
-    print(f"\n{f'generation, {GENERATION_TOKENS} new tokens':<34}{'prefill ms':>11}{'decode tok/s':>14}")
+    print(f"\n{f'generation, {GENERATION_TOKENS} new tokens':<34}{'warm-up s':>10}{'prefill ms':>11}"
+          f"{'decode tok/s':>14}")
     for name, row in results["generation"].items():
-        print(f"{name:<34}{row['prefill_ms']:>11.1f}{row['decode_tokens_per_sec']:>14,.0f}")
-    for batch_size in (1, 8):
-        cached, uncached = (results["generation"][f"batch {batch_size}, {kind}"] for kind in ("KV cache", "no cache"))
-        print(f"KV cache speed-up at batch {batch_size}: "
-              f"{cached['decode_tokens_per_sec'] / uncached['decode_tokens_per_sec']:.1f}x")
+        print(f"{name:<34}{row['warmup_s']:>10.1f}{row['prefill_ms']:>11.1f}{row['decode_tokens_per_sec']:>14,.0f}")
+    rows = results["generation"]
+    for name, cached in rows.items():
+        uncached = rows.get(name.replace("KV cache", "no cache"))
+        if "KV cache" in name and uncached:
+            print(f"KV cache speed-up at {name.replace(', KV cache', '')}: "
+                  f"{cached['decode_tokens_per_sec'] / uncached['decode_tokens_per_sec']:.1f}x")
 
 
 def main() -> None:
@@ -137,7 +152,8 @@ def main() -> None:
     parser.add_argument("config", help="YAML config, e.g. configs.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
-    parser.add_argument("--compile", action="store_true", help="measure training with torch.compile as well")
+    parser.add_argument("--compile", action="store_true",
+                        help="measure training and generation with torch.compile as well")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps (after --warmup-steps)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed training steps first")
     args = parser.parse_args()
@@ -158,9 +174,11 @@ def main() -> None:
         row["mfu"] = row["model_flops"] / peak
         results["training"][f"{precision}{', compiled' if compiled else ''}"] = row
     model = Transformer(config.model).to(device).eval()
-    results["generation"] = {f"batch {batch_size}, {'KV cache' if cached else 'no cache'}":
-                             bench_generation(model, device, precision, batch_size, cached)
-                             for batch_size in (1, 8) for cached in (True, False)}
+    results["generation"] = {
+        f"batch {batch_size}{', compiled' if compiled else ''}, {'KV cache' if cached else 'no cache'}":
+        bench_generation(model, device, precision, batch_size, cached, compiled)
+        for compiled in ((False, True) if args.compile else (False,)) for batch_size in (1, 8)
+        for cached in (True, False)}
     print_table(results)
     if args.json:
         print(json.dumps(results))

@@ -25,30 +25,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even under autocast: the mean of squares loses too much in bf16.
-        x_fp32 = x.float()
-        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_fp32.to(x.dtype)
+        # x is the fp32 residual stream even under autocast, so this normalises in fp32; one fused op on CUDA.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (max_seq_len, head_dim); both halves repeat the same frequencies (rotate-half layout)."""
+    """cos and signed sin of shape (max_seq_len, head_dim), rotate-half layout: both halves repeat the same
+    frequencies, and the first half of sin is negated so apply_rope needs no negation of its own."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, head_dim); cos/sin: (T, head_dim). Rotates channel i with channel i + head_dim/2."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """x: (B, heads, T, head_dim); cos/sin: (T, head_dim) from rope_tables. Rotates channel i with channel
+    i + head_dim/2: x * cos + (-x2, x1) * sin, where roll swaps the halves and sin carries the sign."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
 
 
 @dataclass
 class KVCache:
-    """Keys/values of one layer for positions [0, length): (B, num_kv_heads, max_seq_len, head_dim)."""
+    """Keys/values of one layer by position: (B, num_kv_heads, max_seq_len, head_dim). Fixed shapes, so a
+    compiled decode step never recompiles; attention masks out the positions not written yet."""
     k: torch.Tensor
     v: torch.Tensor
 
@@ -65,26 +64,20 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, start_pos: int) -> torch.Tensor:
+                cache: KVCache | None, input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, is_causal = None, True
         if cache is not None:
-            end = start_pos + T
-            cache.k[:, :, start_pos:end] = k
-            cache.v[:, :, start_pos:end] = v
-            k, v = cache.k[:, :, :end], cache.v[:, :, :end]
-            if start_pos > 0:  # one new query sees every cached key; several need a mask offset by start_pos
-                is_causal = False
-                if T > 1:
-                    mask = torch.arange(end, device=x.device) <= torch.arange(start_pos, end, device=x.device)[:, None]
+            cache.k.index_copy_(2, input_pos, k)
+            cache.v.index_copy_(2, input_pos, v)
+            k, v = cache.k, cache.v
         if self.num_kv_heads != self.num_heads:  # GQA: kv head j serves query heads j*g .. j*g+g-1 (HF's repeat_kv)
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -110,8 +103,8 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, start_pos: int) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos))
+                cache: KVCache | None, input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, input_pos, mask))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -139,16 +132,24 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, start_pos: int = 0
+                caches: list[KVCache] | None = None, input_pos: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: (B, T) token ids at positions start_pos..start_pos+T-1 -> logits (B, T, vocab), mean loss."""
+        """idx: (B, T) token ids -> logits (B, T, vocab), mean loss.
+
+        Without caches idx holds positions 0..T-1. With caches, input_pos (T,) gives the positions of idx's
+        tokens; their keys/values are written there and each attends to every cached position up to its own.
+        """
         T = idx.shape[1]
-        if start_pos + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        if caches is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+        else:
+            cos, sin = self.rope_cos.index_select(0, input_pos), self.rope_sin.index_select(0, input_pos)
+            mask = torch.arange(self.config.max_seq_len, device=idx.device) <= input_pos[:, None]  # (T, max_seq_len)
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches[i] if caches is not None else None, start_pos)
+            x = layer(x, cos, sin, caches[i] if caches is not None else None, input_pos, mask)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
@@ -171,37 +172,46 @@ class Transformer(nn.Module):
         return [KVCache(torch.zeros(shape, device=param.device, dtype=param.dtype),
                         torch.zeros(shape, device=param.device, dtype=param.dtype)) for _ in range(c.num_layers)]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, eos_id: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                 generator: torch.Generator | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
         """Yield the next (B,) token ids one step at a time; temperature 0 = greedy.
 
         With the cache the prompt is prefilled once, then each step feeds one position. When the
         context fills up, the most recent half is prefilled again and decoding goes on from there.
         Stops early once every row has produced eos_id (rows that finished keep emitting eos_id).
+        compile=True runs the decode step (or, without the cache, the forward) through torch.compile:
+        a one-off compile of seconds, then fewer, fused kernels per token.
         """
         max_len = self.config.max_seq_len
-        tokens = idx[:, -max_len:]
+        # The newest max_len tokens, always a fresh contiguous tensor made here, so a compiled step sees
+        # the same strides and tensor kind every call and never recompiles for them.
+        window = idx[:, -max_len:].clone(memory_format=torch.contiguous_format)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         caches, cached_len = None, 0
+        positions = torch.arange(max_len, device=idx.device)
+        # On CPU the default compiled wrapper spends a third of a decode step dispatching kernels from Python.
+        options = {"cpp_wrapper": True} if idx.device.type == "cpu" else None
+        step = torch.compile(self, options=options) if compile else self
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits, _ = self(tokens[:, -max_len:])
+                logits, _ = step(window)
             elif caches is not None and cached_len < max_len:  # decode: one new position
-                logits, _ = self(tokens[:, -1:], caches=caches, start_pos=cached_len)
+                logits, _ = step(next_token[:, None], caches=caches, input_pos=positions[cached_len:cached_len + 1])
                 cached_len += 1
-            else:  # first step, or the cache is full: prefill (the newest half of) the context
-                if caches is not None:
-                    tokens = tokens[:, -(max_len // 2):]
-                caches = self.new_caches(idx.shape[0])
-                logits, _ = self(tokens, caches=caches, start_pos=0)
-                cached_len = tokens.shape[1]
+            else:  # first step, or the cache is full: prefill (the newest half of) the window, eagerly
+                if caches is None:
+                    caches = self.new_caches(idx.shape[0])
+                else:  # positions past the refilled ones keep stale keys, which the mask hides
+                    window = window[:, -(max_len // 2):]
+                cached_len = window.shape[1]
+                logits, _ = self(window, caches=caches, input_pos=positions[:cached_len])
             next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
                 finished |= next_token == eos_id
-            tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+            window = torch.cat((window[:, -(max_len - 1):], next_token[:, None]), dim=1)
             yield next_token
             if eos_id is not None and bool(finished.all()):
                 return

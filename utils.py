@@ -40,6 +40,14 @@ def run_cli(main: Callable[[], None], report: bool = True) -> None:
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except Exception as err:  # Inductor raises this at the first compiled call; any other error is a bug to show
+        if "InvalidCxxCompiler" not in str(err):
+            raise
+        if report:
+            print("error: torch.compile needs a working C++ compiler on a CPU and found none — install one "
+                  "(e.g. apt install g++, or set CXX) or run without compiling (training.compile=false, no "
+                  "--compile)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- configs

@@ -16,13 +16,15 @@ def test_infer_streams_samples_from_a_trained_checkpoint(trained_run):
     assert all(sample.startswith("ROMEO:") and len(sample) > len("ROMEO:") + 10 for sample in samples)
 
 
-def test_infer_greedy_is_deterministic_with_and_without_cache(trained_run):
+def test_infer_greedy_is_the_same_with_and_without_cache_and_compiled(trained_run):
     args = ["--ckpt_path", "ckpt/best.pth", "--config", "tiny.yaml", "--prompt", "JULIET:\nO Romeo",
             "--max-length", "15", "--temperature", "0"]
     cached = run_script("infer.py", *args, cwd=trained_run)
     uncached = run_script("infer.py", *args, "--no-cache", cwd=trained_run)
-    assert cached.returncode == 0 and uncached.returncode == 0, cached.stderr[-2000:] + uncached.stderr[-2000:]
-    assert cached.stdout == uncached.stdout
+    compiled = run_script("infer.py", *args, "--compile", cwd=trained_run)
+    for result in (cached, uncached, compiled):
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert cached.stdout == uncached.stdout == compiled.stdout
     assert cached.stdout.startswith("JULIET:\nO Romeo") and len(cached.stdout) >= len("JULIET:\nO Romeo") + 10
 
 
@@ -72,3 +74,10 @@ def test_infer_bad_input_is_one_line_exit_2(trained_run, tmp_path, monkeypatch, 
 def test_infer_entry_point_error_has_no_traceback(trained_run):
     result = run_script("infer.py", "--top-k", "-1", cwd=trained_run)
     assert_one_error_line(result.returncode, result.stderr, "^error: --top-k must be > 0")
+
+
+def test_infer_compile_without_a_cxx_compiler_is_one_line_exit_2(trained_run, tmp_path):
+    result = run_script("infer.py", "--ckpt_path", "ckpt/best.pth", "--max-length", "3", "--compile",
+                        cwd=trained_run, env={"CXX": str(tmp_path / "no-such-g++"),
+                                              "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert_one_error_line(result.returncode, result.stderr, "^error: torch.compile needs a working C\\+\\+ compiler")

@@ -14,6 +14,17 @@ def make_model(**overrides) -> Transformer:
     return Transformer(config).eval()
 
 
+def make_decisive_model(**overrides) -> Transformer:
+    """At init a tied model's greedy choice is mostly its input token again; larger weights make the next
+    token depend on the whole context, so a wrong key, position or mask changes the generated tokens."""
+    model = make_model(**overrides)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.15)
+    return model
+
+
 def test_shapes_and_loss():
     model = make_model()
     idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
@@ -66,8 +77,19 @@ def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
-def test_kv_cache_generation_equals_full_recompute(num_kv_heads):
+def test_kv_cache_prefill_and_decode_give_the_full_forward_logits(num_kv_heads):
     model = make_model(num_kv_heads=num_kv_heads)
+    sequence = torch.randint(0, 97, (2, 30))
+    full = model(sequence)[0]
+    caches, positions = model.new_caches(2), torch.arange(30)
+    prefill = model(sequence[:, :10], caches=caches, input_pos=positions[:10])[0]
+    decoded = [model(sequence[:, i:i + 1], caches=caches, input_pos=positions[i:i + 1])[0] for i in range(10, 30)]
+    assert torch.allclose(torch.cat([prefill, *decoded], dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 1])
+def test_kv_cache_generation_equals_full_recompute(num_kv_heads):
+    model = make_decisive_model(num_kv_heads=num_kv_heads)
     prompt = torch.randint(0, 97, (2, 7))
     cached = torch.stack(list(model.generate(prompt, 30, temperature=0.0, use_cache=True)), dim=1)
     full = torch.stack(list(model.generate(prompt, 30, temperature=0.0, use_cache=False)), dim=1)
@@ -83,6 +105,27 @@ def test_generation_continues_past_the_context_and_stops_on_eos():
     assert len(tokens) == 30
     eos = int(tokens[0])
     assert len(list(model.generate(prompt, 30, temperature=0.0, eos_id=eos))) == 1
+
+
+def test_refill_after_a_full_cache_attends_only_to_the_refilled_window():
+    model = make_decisive_model()  # max_seq_len=48: the first token fills the cache, the next refills 24
+    prompt = torch.randint(0, 97, (1, 48))
+    generated = torch.stack(list(model.generate(prompt, 12, temperature=0.0)), dim=1)
+    sequence = torch.cat((prompt, generated), dim=1)
+    assert generated[0, 0] == model(prompt)[0][0, -1].argmax()
+    for i in range(1, 12):  # step i sees the refilled 24 tokens plus the i - 1 decoded after them
+        window = sequence[:, 48 + 1 - 24:48 + i]
+        assert generated[0, i] == model(window)[0][0, -1].argmax(), f"token {i} attended to stale cache entries"
+
+
+def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once():
+    model = make_decisive_model(num_kv_heads=2)
+    prompt = torch.randint(0, 97, (2, 7))
+    eager = torch.stack(list(model.generate(prompt, 50, temperature=0.0)), dim=1)  # 57 > 48: one refill too
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a stride or position change would recompile
+        compiled = torch.stack(list(model.generate(prompt, 50, temperature=0.0, compile=True)), dim=1)
+    assert torch.equal(compiled, eager)
 
 
 def test_sampling_filters():
