@@ -126,6 +126,8 @@ def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once():
     with torch._dynamo.config.patch(error_on_recompile=True):  # a stride or position change would recompile
         compiled = torch.stack(list(model.generate(prompt, 50, temperature=0.0, compile=True)), dim=1)
     assert torch.equal(compiled, eager)
+    uncached = torch.stack(list(model.generate(prompt, 20, temperature=0.0, use_cache=False, compile=True)), dim=1)
+    assert torch.equal(uncached, eager[:, :20])  # the window grows each step: one static, then one dynamic graph
 
 
 def test_sampling_filters():
