@@ -191,7 +191,7 @@ class Transformer(nn.Module):
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         caches, cached_len = None, 0
         positions = torch.arange(max_len, device=idx.device)
-        # On CPU the default compiled wrapper spends a third of a decode step dispatching kernels from Python.
+        # On CPU the default compiled wrapper spends a quarter of a decode step dispatching kernels from Python.
         options = {"cpp_wrapper": True} if idx.device.type == "cpu" else None
         step = torch.compile(self, options=options) if compile else self
         for _ in range(max_new_tokens):
