@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import Transformer, apply_rope, rope_tables, sample_next
+from model import Transformer, apply_rope, compiled_cpu_decode, rope_tables, sample_next
 from utils import ModelConfig
 
 
@@ -32,6 +32,8 @@ def test_shapes_and_loss():
     assert logits.shape == (2, 16, 97)
     assert loss.shape == () and abs(loss.item() - math.log(97)) < 0.5  # near-uniform at init
     assert model(idx)[1] is None
+    last = model(idx, last_only=True)[0]  # what generation asks for: only the last position's logits
+    assert last.shape == (2, 1, 97) and torch.allclose(last, logits[:, -1:], atol=1e-6)
 
 
 def test_causal_future_tokens_do_not_change_earlier_logits():
@@ -128,6 +130,39 @@ def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once():
     assert torch.equal(compiled, eager)
     uncached = torch.stack(list(model.generate(prompt, 20, temperature=0.0, use_cache=False, compile=True)), dim=1)
     assert torch.equal(uncached, eager[:, :20])  # the window grows each step: one static, then one dynamic graph
+
+
+def test_compiled_batch1_decode_uses_fused_cpu_form_and_equals_eager_logits():
+    decode_form = torch.compile(compiled_cpu_decode, fullgraph=True)
+    assert decode_form(torch.zeros(1, 1, 8)) and not decode_form(torch.zeros(2, 1, 8))
+    assert not compiled_cpu_decode(torch.zeros(1, 1, 8))  # eager keeps the library kernels
+    model = make_decisive_model(num_kv_heads=2)
+    sequence, positions = torch.randint(0, 97, (1, 20)), torch.arange(20)
+    eager_caches, compiled_caches = model.new_caches(1), model.new_caches(1)
+    step = torch.compile(model)
+    with torch.inference_mode():
+        for caches in (eager_caches, compiled_caches):
+            model(sequence[:, :12], caches=caches, input_pos=positions[:12])
+        for i in range(12, 20):
+            eager = model(sequence[:, i:i + 1], caches=eager_caches, input_pos=positions[i:i + 1])[0]
+            compiled = step(sequence[:, i:i + 1], caches=compiled_caches, input_pos=positions[i:i + 1])[0]
+            assert torch.allclose(compiled, eager, atol=1e-4), f"position {i}"
+    assert all(torch.allclose(a.k, b.k, atol=1e-5) and torch.allclose(a.v, b.v, atol=1e-5)
+               for a, b in zip(eager_caches, compiled_caches))
+
+
+def test_cache_under_autocast_is_kept_in_the_autocast_dtype():
+    model = make_model(num_kv_heads=2)  # infer.py and bench.py generate under autocast (bf16 on a GPU)
+    sequence, positions = torch.randint(0, 97, (1, 20)), torch.arange(20)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        caches = model.new_caches(1)
+        assert caches[0].k.dtype == caches[0].v.dtype == torch.bfloat16
+        full = model(sequence)[0]
+        prefill = model(sequence[:, :12], caches=caches, input_pos=positions[:12])[0]
+        decoded = [model(sequence[:, i:i + 1], caches=caches, input_pos=positions[i:i + 1])[0] for i in range(12, 20)]
+        assert torch.allclose(torch.cat([prefill, *decoded], dim=1).float(), full.float(), atol=0.02)
+        compiled = list(model.generate(sequence, 3, temperature=0.0, compile=True))  # fp32 fused decode form
+    assert len(compiled) == 3
 
 
 def test_sampling_filters():
