@@ -25,6 +25,17 @@ def make_decisive_model(**overrides) -> Transformer:
     return model
 
 
+def prefill_then_decode(model, sequence: torch.Tensor, prefill_len: int, step=None):
+    """Logits of `sequence` from prefilling its first prefill_len tokens into fresh caches, then feeding the
+    rest one position at a time through `step` (the model itself, or a compiled one); and the caches."""
+    step = model if step is None else step
+    caches, positions = model.new_caches(sequence.shape[0]), torch.arange(sequence.shape[1])
+    logits = [model(sequence[:, :prefill_len], caches=caches, input_pos=positions[:prefill_len])[0]]
+    for i in range(prefill_len, sequence.shape[1]):
+        logits.append(step(sequence[:, i:i + 1], caches=caches, input_pos=positions[i:i + 1])[0])
+    return torch.cat(logits, dim=1), caches
+
+
 def test_shapes_and_loss():
     model = make_model()
     idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
@@ -34,6 +45,14 @@ def test_shapes_and_loss():
     assert model(idx)[1] is None
     last = model(idx, last_only=True)[0]  # what generation asks for: only the last position's logits
     assert last.shape == (2, 1, 97) and torch.allclose(last, logits[:, -1:], atol=1e-6)
+
+
+def test_dropout_acts_in_training_only():
+    model = make_model(dropout=0.5)
+    idx = torch.randint(0, 97, (2, 16))
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    model.train()
+    assert not torch.allclose(model(idx)[0], model(idx)[0])
 
 
 def test_causal_future_tokens_do_not_change_earlier_logits():
@@ -82,11 +101,7 @@ def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
 def test_kv_cache_prefill_and_decode_give_the_full_forward_logits(num_kv_heads):
     model = make_model(num_kv_heads=num_kv_heads)
     sequence = torch.randint(0, 97, (2, 30))
-    full = model(sequence)[0]
-    caches, positions = model.new_caches(2), torch.arange(30)
-    prefill = model(sequence[:, :10], caches=caches, input_pos=positions[:10])[0]
-    decoded = [model(sequence[:, i:i + 1], caches=caches, input_pos=positions[i:i + 1])[0] for i in range(10, 30)]
-    assert torch.allclose(torch.cat([prefill, *decoded], dim=1), full, atol=1e-5)
+    assert torch.allclose(prefill_then_decode(model, sequence, 10)[0], model(sequence)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 1])
@@ -137,30 +152,22 @@ def test_compiled_batch1_decode_uses_fused_cpu_form_and_equals_eager_logits():
     assert decode_form(torch.zeros(1, 1, 8)) and not decode_form(torch.zeros(2, 1, 8))
     assert not compiled_cpu_decode(torch.zeros(1, 1, 8))  # eager keeps the library kernels
     model = make_decisive_model(num_kv_heads=2)
-    sequence, positions = torch.randint(0, 97, (1, 20)), torch.arange(20)
-    eager_caches, compiled_caches = model.new_caches(1), model.new_caches(1)
-    step = torch.compile(model)
+    sequence = torch.randint(0, 97, (1, 20))
     with torch.inference_mode():
-        for caches in (eager_caches, compiled_caches):
-            model(sequence[:, :12], caches=caches, input_pos=positions[:12])
-        for i in range(12, 20):
-            eager = model(sequence[:, i:i + 1], caches=eager_caches, input_pos=positions[i:i + 1])[0]
-            compiled = step(sequence[:, i:i + 1], caches=compiled_caches, input_pos=positions[i:i + 1])[0]
-            assert torch.allclose(compiled, eager, atol=1e-4), f"position {i}"
+        eager, eager_caches = prefill_then_decode(model, sequence, 12)
+        compiled, compiled_caches = prefill_then_decode(model, sequence, 12, step=torch.compile(model))
+    assert torch.allclose(compiled, eager, atol=1e-4)
     assert all(torch.allclose(a.k, b.k, atol=1e-5) and torch.allclose(a.v, b.v, atol=1e-5)
                for a, b in zip(eager_caches, compiled_caches))
 
 
 def test_cache_under_autocast_is_kept_in_the_autocast_dtype():
     model = make_model(num_kv_heads=2)  # infer.py and bench.py generate under autocast (bf16 on a GPU)
-    sequence, positions = torch.randint(0, 97, (1, 20)), torch.arange(20)
+    sequence = torch.randint(0, 97, (1, 20))
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
-        caches = model.new_caches(1)
+        cached, caches = prefill_then_decode(model, sequence, 12)
         assert caches[0].k.dtype == caches[0].v.dtype == torch.bfloat16
-        full = model(sequence)[0]
-        prefill = model(sequence[:, :12], caches=caches, input_pos=positions[:12])[0]
-        decoded = [model(sequence[:, i:i + 1], caches=caches, input_pos=positions[i:i + 1])[0] for i in range(12, 20)]
-        assert torch.allclose(torch.cat([prefill, *decoded], dim=1).float(), full.float(), atol=0.02)
+        assert torch.allclose(cached.float(), model(sequence)[0].float(), atol=0.02)
         compiled = list(model.generate(sequence, 3, temperature=0.0, compile=True))  # fp32 fused decode form
     assert len(compiled) == 3
 
