@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from data import epoch_loader, epoch_order, resolve_text_files, tokenize_files
-from model import Transformer
-from train import build_optimizer, forward_backward, optimizer_step, prepare_data
-from utils import (Config, autocast_context, enable_tf32, load_config, measure_peak_flops, pick_device,
-                   pick_precision, run_cli, sync)
+from data import epoch_loader, epoch_order, prepare_data, resolve_text_files, tokenize_files
+from generate import generate
+from model import Transformer, configure_optimizer, optimizer_step
+from utils import (Config, autocast_context, load_config, measure_peak_flops, pick_device, run_cli,
+                   setup_precision, sync)
 
 GENERATION_TOKENS = 256
 GENERATION_PROMPT = 32
@@ -62,7 +62,7 @@ def bench_training(config: Config, train_set, device: torch.device, precision: s
     """Steady-state optimizer steps on the real data pipeline; the first warmup_steps are not timed."""
     torch.manual_seed(config.training.seed)
     model = Transformer(config.model).to(device)
-    optimizer = build_optimizer(model, config, device)
+    optimizer = configure_optimizer(model, config.training, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train_model = torch.compile(model) if compile_model else model
     accum = config.training.grad_accum_steps
@@ -80,7 +80,9 @@ def bench_training(config: Config, train_set, device: torch.device, precision: s
             fetch_start = time.perf_counter()
             x, y = next(batches)
             data_seconds += time.perf_counter() - fetch_start
-            forward_backward(train_model, x, y, device, precision, scaler, accum)
+            with autocast_context(device, precision):
+                _, loss = train_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            scaler.scale(loss / accum).backward()
         optimizer_step(optimizer, scaler, config.training.lr, config.training.grad_clip)
     sync(device)
     seconds = time.perf_counter() - start
@@ -93,8 +95,8 @@ def bench_training(config: Config, train_set, device: torch.device, precision: s
 
 
 @torch.no_grad()
-def bench_generation(model: Transformer, device: torch.device, precision: str, batch_size: int,
-                     use_cache: bool, compile_model: bool) -> dict:
+def bench_generation(model: Transformer, context_length: int, device: torch.device, precision: str,
+                     batch_size: int, use_cache: bool, compile_model: bool) -> dict:
     """Prefill = time to the first new token; decode = the other GENERATION_TOKENS - 1 tokens; each the best
     of up to GENERATION_RUNS runs, so a burst of other load on a shared machine does not skew one row against
     another. The untimed warm-up (which compiles, when asked) covers both the prefill and the decode step."""
@@ -104,7 +106,7 @@ def bench_generation(model: Transformer, device: torch.device, precision: str, b
     prefill_seconds, decode_seconds = float("inf"), float("inf")
     with autocast_context(device, precision):
         start = time.perf_counter()
-        list(model.generate(prompt, 3, **options))
+        list(generate(model, prompt, 3, context_length, **options))
         sync(device)
         warmup_seconds = time.perf_counter() - start
         runs_start = time.perf_counter()
@@ -112,7 +114,7 @@ def bench_generation(model: Transformer, device: torch.device, precision: str, b
             if time.perf_counter() - runs_start > GENERATION_RUN_SECONDS:
                 break
             start, first_token_at = time.perf_counter(), None
-            for _ in model.generate(prompt, GENERATION_TOKENS, **options):
+            for _ in generate(model, prompt, GENERATION_TOKENS, context_length, **options):
                 if first_token_at is None:
                     sync(device)
                     first_token_at = time.perf_counter()
@@ -159,8 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
     device = pick_device(config.training.device)
-    precision = pick_precision(config.training.precision, device)
-    enable_tf32(device)
+    precision = setup_precision(config.training.precision, device)
     print(f"device {device} ({precision}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
           flush=True)
 
@@ -176,7 +177,7 @@ def main() -> None:
     model = Transformer(config.model).to(device).eval()
     results["generation"] = {
         f"batch {batch_size}{', compiled' if compiled else ''}, {'KV cache' if cached else 'no cache'}":
-        bench_generation(model, device, precision, batch_size, cached, compiled)
+        bench_generation(model, config.data.context_length, device, precision, batch_size, cached, compiled)
         for compiled in ((False, True) if args.compile else (False,)) for batch_size in (1, 8)
         for cached in (True, False)}
     print_table(results)

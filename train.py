@@ -1,95 +1,251 @@
-"""Single-device training (CPU, one CUDA GPU, or Apple MPS).
+"""The training loop, once, for one process or for each of N torchrun processes.
 
     python train.py configs.yaml [section.key=value ...]
 
-The helpers above `main` (setup, optimizer, evaluation, snapshots, logging) are shared with
-data_parallel_train.py, which imports them rather than keeping a copy.
+data_parallel_train.py starts the process group and calls `train`; without one the same code
+runs as one process. What DDP changes shows where it happens: the model wrapper, each rank's
+share of an epoch, gradients synced on the last micro-step, a few all-reduces, rank 0 writing.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
+import dataclasses
 import itertools
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tokenizers import Tokenizer
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data import (EOT, TokenWindows, decode, epoch_loader, epoch_order, load_tokenizer, prepare_tokens, split_tokens,
+from data import (EOT, TokenWindows, decode, epoch_loader, epoch_order, prepare_data,
                   token_byte_lengths)
-from model import Transformer, load_weights
-from utils import (Config, TrainingConfig, UserError, atomic_save, autocast_context, check_writable, config_to_dict,
-                   enable_tf32, format_config, load_checkpoint, load_config, lr_at, measure_peak_flops, pick_device,
-                   pick_precision, run_cli, use_compile)
+from generate import generate
+from model import Transformer, configure_optimizer, load_weights, optimizer_step
+from utils import (Config, TrainingConfig, UserError, atomic_save, autocast_context, check_writable,
+                   config_to_dict, format_config, load_checkpoint, lr_at, measure_peak_flops,
+                   parse_config_cli, pick_device, require, run_cli, setup_precision, use_compile)
 
 
-def parse_cli(description: str) -> Config:
-    parser = argparse.ArgumentParser(
-        description=description,
-        epilog="Overrides are typed like YAML, e.g. training.max_steps=30 model.num_layers=2 data.raw_text_path=my.txt")
-    parser.add_argument("config", help="YAML config, e.g. configs.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
-    args = parser.parse_args()
-    return load_config(args.config, args.overrides)
+@dataclass
+class RunState:
+    """Where a run stands: saved in every snapshot and restored from it as a whole."""
+    run_name: str                    # TensorBoard sub-directory
+    step: int = 0                    # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0          # micro-batches of this epoch each rank has consumed
+    train_seconds: float = 0.0       # wall clock of the loop, over every process that resumed it
+    best_val_loss: float = math.inf  # nats per token
+    best_val_bpb: float = math.inf   # bits per UTF-8 byte
 
 
-def prepare_data(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
-    tokenizer = load_tokenizer(config.data.tokenizer_path, config.model.vocab_size,
-                               "set model.vocab_size to the tokenizer's size or use the matching tokenizer")
-    train_set, val_set = split_tokens(prepare_tokens(config.data, tokenizer), config.data)
-    return tokenizer, train_set, val_set
+def main() -> None:
+    config = parse_config_cli("Train the SLM decoder on one device (CPU, CUDA GPU or Apple MPS).")
+    train(config, pick_device(config.training.device))
 
 
-def steps_per_epoch(num_windows: int, config: Config) -> int:
-    """Optimizer steps in one pass over `num_windows` windows (the ones this process sees)."""
-    micro_batches = max(1, num_windows // config.data.batch_size)
-    if micro_batches < config.training.grad_accum_steps:
-        raise UserError(f"one epoch has {micro_batches} batches, fewer than training.grad_accum_steps="
-                        f"{config.training.grad_accum_steps} — lower grad_accum_steps or data.batch_size")
-    return micro_batches // config.training.grad_accum_steps
+def train(config: Config, device: torch.device) -> None:
+    """Train as `config` says, resuming from its snapshot; under torchrun, as one DDP rank."""
+    t, distributed = config.training, dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    is_main = rank == 0
+    if is_main:
+        print(format_config(config), flush=True)
+        check_writable(os.path.dirname(os.path.abspath(t.checkpoint_path)),
+                       os.path.dirname(os.path.abspath(t.snapshot_path)), t.logdir)
+    precision = setup_precision(t.precision, device)
+    tokenizer, train_set, val_set = prepare_data_once_per_node(config)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = Transformer(config.model).to(device)
+    optimizer = configure_optimizer(model, t, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
+    state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(t.snapshot_path):
+        state = load_snapshot(t.snapshot_path, model, optimizer, scaler, device, world_size)
+        if is_main:
+            print(f"resuming from {t.snapshot_path}: step {state.step}, epoch {state.epoch}, "
+                  f"batch {state.batch_in_epoch} of that epoch", flush=True)
+    ddp_model = DistributedDataParallel(model) if distributed else model  # on this rank's device
+    train_model = torch.compile(ddp_model) if use_compile(t.compile, device) else ddp_model
+
+    per_epoch = steps_per_epoch(len(train_set) // world_size, config)
+    total_steps = None if t.time_budget_s > 0 else per_epoch * t.epochs
+    total_steps = min(total_steps, t.max_steps or total_steps) if total_steps else None
+    context = config.data.context_length
+    tokens_per_step = world_size * t.grad_accum_steps * config.data.batch_size * context
+    flops_per_token = model.flops_per_token(context)
+    peak_flops = measure_peak_flops(device, precision) * world_size  # assumes equal devices
+    if is_main:
+        print(describe_run(config, model, (len(train_set), len(val_set)), world_size, device,
+                           precision, total_steps, per_epoch, peak_flops), flush=True)
+    if run_is_over(state, t, total_steps):
+        if is_main:
+            print(f"{t.snapshot_path} is already at step {state.step}, the end of this run: "
+                  "nothing to train — raise training.max_steps/epochs/time_budget_s to "
+                  "continue, or delete the snapshot to start over", flush=True)
+        return
+
+    val_batches = fixed_val_batches(val_set, config)[rank::world_size]  # each rank its share
+    writer = open_writer(config, state.run_name) if is_main else None
+    bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+               desc=f"rank {rank}" if distributed else "training", position=rank,
+               disable=not is_main and not sys.stderr.isatty())
+    stop = catch_stop_signals()
+    batches = training_batches(train_set, config, state, rank, world_size, device)
+    step_loss, loss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    run_start, earlier_seconds = time.perf_counter(), state.train_seconds
+    log_time, log_step, finished = run_start, state.step, False
+    while not finished:
+        for micro_step in range(t.grad_accum_steps):
+            x, y = next(batches)
+            # DDP all-reduces gradients once per optimizer step: on its last micro-step.
+            sync = micro_step == t.grad_accum_steps - 1 or not distributed
+            with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                with autocast_context(device, precision):
+                    _, loss = train_model(x.to(device, non_blocking=True),
+                                          y.to(device, non_blocking=True))
+                scaler.scale(loss / t.grad_accum_steps).backward()  # sums to the mean gradient
+            step_loss += loss.detach()
+        lr = lr_at(state.step, schedule_progress(state, t, total_steps), t)
+        grad_norm = optimizer_step(optimizer, scaler, lr, t.grad_clip)
+        state.step += 1
+        clock = earlier_seconds + time.perf_counter() - run_start
+        nonfinite, signum, state.train_seconds = agree(step_loss, stop["signum"], clock)
+        if nonfinite:
+            bar.close()
+            raise UserError(f"training loss became nan/inf at step {state.step} (lr {lr:.3g}, "
+                            f"{precision}); nothing from this step was saved — lower training.lr "
+                            "or raise warmup_steps, keep grad_clip on, prefer bf16/fp32 to fp16")
+        loss_sum += step_loss
+        step_loss.zero_()
+        finished = run_is_over(state, t, total_steps)
+        bar.update(1)
+        if state.step % t.log_every == 0 or finished:
+            now, steps = time.perf_counter(), state.step - log_step
+            train_loss = all_reduce(loss_sum).item() / (steps * t.grad_accum_steps * world_size)
+            tokens_per_sec = steps * tokens_per_step / (now - log_time)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{tokens_per_sec:,.0f}")
+            mfu = flops_per_token * tokens_per_sec / peak_flops
+            log_scalars(writer, state.step, {"train/loss": train_loss, "lr": lr, "mfu": mfu,
+                        "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec})
+            loss_sum.zero_()
+            log_time, log_step = now, state.step
+        if state.step % t.eval_every == 0 or finished:
+            bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, config, precision,
+                                             state, writer))
+        if state.step % t.save_every == 0 or finished or signum:
+            save_snapshot(t.snapshot_path, model, optimizer, scaler, config, state)
+        if signum:
+            bar.close()
+            if writer:
+                writer.close()
+                print(f"stopped by {signal.Signals(signum).name} after step {state.step}; "
+                      f"snapshot saved to {t.snapshot_path} — run the same command to resume",
+                      file=sys.stderr, flush=True)
+            sys.exit(128 + signum)
+    bar.close()
+    if writer:
+        log_hparams_and_close(writer, config, state)
+        print(f"done: {state.step} steps in {state.train_seconds:.0f} s, best val loss "
+              f"{state.best_val_loss:.4f} ({state.best_val_bpb:.4f} bits/byte) in "
+              f"{t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
 
 
-BUDGET_PROBE_STEPS = 10  # steps timed before time_budget_s fixes the schedule's length
-UNPLANNED = 10 ** 9      # the step count while a time budget is still being measured
+def steps_per_epoch(windows_per_rank: int, config: Config) -> int:
+    """Optimizer steps in one pass over the windows each rank sees."""
+    micro_batches = max(1, windows_per_rank // config.data.batch_size)
+    accumulation = config.training.grad_accum_steps
+    require(micro_batches >= accumulation, f"one epoch has {micro_batches} batches, fewer than "
+            f"training.grad_accum_steps={accumulation} — lower it or data.batch_size")
+    return micro_batches // accumulation
 
 
-def cap_steps(per_epoch: int, t: TrainingConfig) -> int:
-    """The configured length of the run in optimizer steps; a time budget replaces max_steps and epochs."""
-    if t.time_budget_s > 0:
-        return UNPLANNED
-    return per_epoch * t.epochs if t.max_steps == 0 else min(per_epoch * t.epochs, t.max_steps)
+def run_is_over(state: RunState, t: TrainingConfig, total_steps: int | None) -> bool:
+    """The planned steps are done; or less of the time budget is left than a step takes on
+    average (evaluations and saves included), so a budgeted run ends inside its budget."""
+    if total_steps is None:
+        return t.time_budget_s - state.train_seconds < state.train_seconds / max(1, state.step)
+    return state.step >= total_steps
 
 
-def planned_total_steps(t: TrainingConfig, cap: int, step: int, run_steps: int, run_seconds: float,
-                        train_seconds: float) -> int:
-    """Total steps of the run. With time_budget_s: what fits in the budget at the step rate this process has
-    measured (evals and saves included), re-planned every step so the cosine ends where the budget does.
-    A resumed run plans from the earlier processes' rate until it has timed its own steps."""
-    if t.time_budget_s <= 0:
-        return cap
-    if train_seconds >= t.time_budget_s:
-        return step
-    if run_steps >= BUDGET_PROBE_STEPS:
-        steps_per_second = run_steps / run_seconds
-    elif step > run_steps:
-        steps_per_second = step / train_seconds
-    else:
-        return cap
-    return step + int((t.time_budget_s - train_seconds) * steps_per_second)
+def schedule_progress(state: RunState, t: TrainingConfig, total_steps: int | None) -> float:
+    """How far the cosine has come, 0 to 1: the share of the time budget used, or of the steps
+    after warmup done."""
+    if total_steps is None:
+        return state.train_seconds / t.time_budget_s
+    return (state.step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
+
+
+def describe_run(config: Config, model: Transformer, windows: tuple[int, int], world_size: int,
+                 device: torch.device, precision: str, total_steps: int | None, per_epoch: int,
+                 peak_flops: float) -> str:
+    t, batch = config.training, config.data.batch_size
+    length = f"{t.time_budget_s:g} s budget" if total_steps is None else f"{total_steps} steps"
+    return (f"{device.type} ({precision}), {model.num_params():,} parameters, {windows[0]:,} "
+            f"train / {windows[1]:,} val windows; global batch {batch} x {t.grad_accum_steps} "
+            f"accumulation x {world_size} process(es) = {batch * t.grad_accum_steps * world_size} "
+            f"windows; {length} ({per_epoch} steps per epoch); peak {peak_flops / 1e9:.0f} GFLOP/s")
+
+
+def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
+    """Local rank 0 builds the corpus and token cache; the node's other ranks then read them."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if dist.is_initialized() and not first:
+        dist.barrier()
+    prepared = prepare_data(config)
+    if dist.is_initialized() and first:
+        dist.barrier()
+    return prepared
+
+
+def training_batches(train_set: TokenWindows, config: Config, state: RunState, rank: int,
+                     world_size: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
+    """This rank's micro-batches from the position in `state` on, epoch after epoch. The state
+    advances as batches are taken, so a snapshot always says where to resume."""
+    per_epoch = steps_per_epoch(len(train_set) // world_size, config)
+    micro_batches = per_epoch * config.training.grad_accum_steps
+    while True:
+        order = epoch_order(len(train_set), config.training.seed, state.epoch, rank, world_size)
+        loader = epoch_loader(train_set, config.data, order, state.batch_in_epoch,
+                              pin_memory=device.type == "cuda")
+        for batch in itertools.islice(loader, micro_batches - state.batch_in_epoch):
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Combine `tensor` over the ranks in place (one process: as it is) and return it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def agree(step_loss: torch.Tensor, signum: int, clock: float) -> tuple[bool, int, float]:
+    """The step's one host sync, one small all-reduce: any rank's nan/inf loss or stop signal
+    stops every rank, and all take the latest clock, so under a time budget every rank has
+    the same schedule and last step. Returns (loss not finite, signal, training seconds)."""
+    flags = torch.tensor([0.0, signum, clock], device=step_loss.device)
+    flags[0] = (~torch.isfinite(step_loss)).float()
+    nonfinite, signum, clock = all_reduce(flags, dist.ReduceOp.MAX).tolist()
+    return bool(nonfinite), int(signum), clock
 
 
 def catch_stop_signals() -> dict[str, int]:
-    """SIGINT/SIGTERM ask the loop to finish its step, save a snapshot and exit (130/143).
-
-    A repeat of the signal more than 2 s later quits at once: atomic saves keep the previous snapshot intact.
-    (torchrun forwards Ctrl-C to workers that already got it from the terminal: that near-double is ignored.)
-    """
+    """SIGINT/SIGTERM ask the loop to finish its step, save a snapshot and exit (130/143). A
+    repeat more than 2 s later quits at once (atomic saves keep the last snapshot intact);
+    the near-double of torchrun forwarding a terminal's Ctrl-C is ignored."""
     request = {"signum": 0, "at": 0.0}
 
     def handler(signum: int, frame: object) -> None:
@@ -105,288 +261,130 @@ def catch_stop_signals() -> dict[str, int]:
     return request
 
 
-def nonfinite_loss_error(step: int, lr: float, precision: str, config: Config) -> UserError:
-    t = config.training
-    return UserError(f"training loss became nan/inf at step {step} (lr {lr:.3g}, {precision}); nothing from this "
-                     f"step was saved, {t.checkpoint_path} and {t.snapshot_path} are as they were — lower "
-                     "training.lr or raise warmup_steps, keep grad_clip on, and prefer precision=bf16/fp32 over fp16")
-
-
-def run_length(t: TrainingConfig, total_steps: int) -> str:
-    return f"{t.time_budget_s:g} s budget" if t.time_budget_s > 0 else f"{total_steps} steps"
-
-
-def nothing_to_train(snapshot_path: str, step: int) -> str:
-    return (f"{snapshot_path} is already at step {step}, the end of this run: nothing to train — raise "
-            "training.max_steps/epochs/time_budget_s to continue, or delete the snapshot to start over")
-
-
-def stop_on_signal(signum: int, step: int, snapshot_path: str, bar: tqdm, writer: SummaryWriter | None,
-                   report: bool = True) -> None:
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if report:
-        print(f"stopped by {signal.Signals(signum).name} after step {step}; snapshot saved to {snapshot_path} — "
-              "run the same command to resume", file=sys.stderr, flush=True)
-    sys.exit(128 + signum)
-
-
-def build_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on 2-D weight matrices (not norms), fused kernels on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.training.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.training.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-def fixed_val_batches(val_set: TokenWindows, config: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The same eval_batches batches at every eval, spread evenly over the validation split."""
-    count = min(len(val_set), config.training.eval_batches * config.data.batch_size)
-    picks = torch.linspace(0, len(val_set) - 1, count).round().long().unique().tolist()
-    windows = [val_set[i] for i in picks]
-    return [(torch.stack([x for x, _ in windows[i:i + config.data.batch_size]]),
-             torch.stack([y for _, y in windows[i:i + config.data.batch_size]]))
-            for i in range(0, len(windows), config.data.batch_size)]
-
-
-@torch.no_grad()
-def evaluation_sums(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor, device: torch.device,
-                    precision: str) -> torch.Tensor:
-    """[nats, nats on byte-carrying tokens, bytes, tokens] summed over `batches` (sums add up across ranks)."""
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)
-    token_bytes = token_bytes.to(device)
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast_context(device, precision):
-            logits, _ = model(x)
-        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
-        target_bytes = token_bytes[y.view(-1)]
-        sums += torch.stack((losses.sum(), (losses * (target_bytes > 0)).sum(), target_bytes.sum(),
-                             torch.tensor(y.numel(), device=device))).double()
-    model.train()
-    return sums
-
-
-def evaluation_metrics(sums: torch.Tensor) -> tuple[float, float]:
-    """(mean loss in nats/token, bits per UTF-8 byte); special tokens (0 bytes) are left out of the bpb sum."""
-    nats, nats_on_bytes, num_bytes, tokens = sums.tolist()
-    return nats / tokens, nats_on_bytes / (math.log(2) * max(1.0, num_bytes))
-
-
-def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                     precision: str, scaler: torch.amp.GradScaler, grad_accum_steps: int) -> torch.Tensor:
-    """One micro-batch: the loss of the mean is accumulated, so gradients sum to the step's mean gradient."""
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    with autocast_context(device, precision):
-        _, loss = model(x, y)
-    scaler.scale(loss / grad_accum_steps).backward()
-    return loss.detach()
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr: float,
-                   grad_clip: float) -> torch.Tensor:
-    """Set lr, unscale, clip (0 = off), step, clear grads; returns the pre-clip global grad norm."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def sample_text(model: Transformer, tokenizer: Tokenizer, num_tokens: int, device: torch.device) -> str:
-    """A short sample from <|endoftext|> with its own generator, so the training RNG stream is untouched."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    prompt = torch.tensor([[tokenizer.token_to_id(EOT)]], device=device)
-    was_training = model.training
-    model.eval()
-    ids = [int(t) for t in model.generate(prompt, num_tokens, temperature=0.8, top_k=50, generator=generator)]
-    model.train(was_training)
-    return decode(tokenizer, ids)
-
-
 def open_writer(config: Config, run_name: str) -> SummaryWriter:
     writer = SummaryWriter(os.path.join(config.training.logdir, run_name))
     writer.add_text("config", "```\n" + format_config(config) + "\n```")
     return writer
 
 
-def log_hparams(writer: SummaryWriter, config: Config, best_val_loss: float, best_val_bpb: float) -> None:
-    hparams = {f"{section}.{key}": value for section, values in config_to_dict(config).items()
-               for key, value in values.items()}
-    writer.add_hparams(hparams, {"hparam/best_val_loss": best_val_loss, "hparam/best_val_bpb": best_val_bpb},
-                       run_name=".")
-
-
-def check_outputs_writable(config: Config) -> None:
-    t = config.training
-    for directory in (os.path.dirname(os.path.abspath(t.checkpoint_path)),
-                      os.path.dirname(os.path.abspath(t.snapshot_path)), t.logdir):
-        check_writable(directory)
-
-
-PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "train_seconds", "best_val_loss", "best_val_bpb", "run_name",
-                 "world_size")
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.cuda.current_device())
-
-
-def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  config: Config, progress: dict, rng: dict | list[dict]) -> None:
-    """Everything needed to continue exactly: weights, optimizer, scaler, position in the data, RNG state(s)."""
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "config": config_to_dict(config), "rng": rng, **progress}, path)
-
-
-def load_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  device: torch.device) -> tuple[dict, dict | list[dict]]:
-    """Restore weights, optimizer and scaler; returns (progress fields, stored RNG state(s)) for the caller."""
-    snapshot = load_checkpoint(path, map_location=device)
-    load_weights(model, snapshot, path)
-    optimizer.load_state_dict(snapshot["optimizer"])
-    scaler.load_state_dict(snapshot["scaler"])
-    return {key: snapshot[key] for key in PROGRESS_KEYS if key in snapshot}, snapshot["rng"]
-
-
-def log_scalars(writer: SummaryWriter, step: int, values: dict[str, float]) -> None:
-    for name, value in values.items():
+def log_scalars(writer: SummaryWriter | None, step: int, values: dict[str, float]) -> None:
+    """To TensorBoard, where this process writes it (rank 0)."""
+    for name, value in values.items() if writer else ():
         writer.add_scalar(name, value, step)
 
 
-def log_training(writer: SummaryWriter | None, bar: tqdm, step: int, train_loss: float, lr: float,
-                 grad_norm: torch.Tensor, tokens_per_sec: float, mfu: float) -> None:
-    """The per-log-interval scalars (to TensorBoard where this process writes it) and the progress bar."""
-    if writer is not None:
-        log_scalars(writer, step, {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                   "tokens_per_sec": tokens_per_sec, "mfu": mfu})
-    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
-
-
-def main() -> None:
-    config = parse_cli("Train the SLM decoder on one device (CPU, CUDA GPU or Apple MPS).")
-    t = config.training
-    print(format_config(config), flush=True)
-    check_outputs_writable(config)
-    device = pick_device(t.device)
-    precision = pick_precision(t.precision, device)
-    torch.manual_seed(t.seed)
-    enable_tf32(device)
-
-    tokenizer, train_set, val_set = prepare_data(config)
-    model = Transformer(config.model).to(device)
-    optimizer = build_optimizer(model, config, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "best_val_loss": math.inf,
-                "best_val_bpb": math.inf, "run_name": t.run_name or time.strftime("%Y%m%d-%H%M%S")}
-    if os.path.exists(t.snapshot_path):
-        progress, rng = load_snapshot(t.snapshot_path, model, optimizer, scaler, device)
-        restore_rng_state(rng)
-        print(f"resuming from {t.snapshot_path}: step {progress['step']}, epoch {progress['epoch']}, "
-              f"batch {progress['batch_in_epoch']} of that epoch", flush=True)
-    train_model = torch.compile(model) if use_compile(t.compile, device) else model
-
-    per_epoch = steps_per_epoch(len(train_set), config)
-    cap = cap_steps(per_epoch, t)
-    step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-    earlier_seconds = progress.get("train_seconds", 0.0)  # training time of the processes before this one
-    total_steps = planned_total_steps(t, cap, step, 0, 0.0, earlier_seconds)
-    tokens_per_step = config.data.batch_size * config.data.context_length * t.grad_accum_steps
-    flops_per_token = model.flops_per_token(config.data.context_length)
-    peak_flops = measure_peak_flops(device, precision)
-    print(f"device {device} ({precision}), {model.num_params():,} parameters, {len(train_set):,} train / "
-          f"{len(val_set):,} val windows, {tokens_per_step:,} tokens per step, {run_length(t, total_steps)} "
-          f"({per_epoch} steps per epoch), measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
-    if step >= total_steps:
-        print(nothing_to_train(t.snapshot_path, step), flush=True)
-        return
-
-    val_batches = fixed_val_batches(val_set, config)
-    token_bytes = token_byte_lengths(tokenizer)
-    writer = open_writer(config, progress["run_name"])
-    bar = tqdm(total=total_steps if total_steps < UNPLANNED else None, initial=step, desc="training", unit="step",
-               dynamic_ncols=True)
-    stop = catch_stop_signals()
-    step_loss, loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    run_start, run_first_step = time.perf_counter(), step
-    last_log_time, last_log_step, train_seconds = run_start, step, earlier_seconds
-
-    def run_eval() -> None:
-        val_loss, val_bpb = evaluation_metrics(evaluation_sums(train_model, val_batches, token_bytes, device,
-                                                               precision))
-        log_scalars(writer, step, {"val/loss": val_loss, "val/bpb": val_bpb})
-        if t.sample_tokens:
-            writer.add_text("sample", sample_text(model, tokenizer, t.sample_tokens, device), step)
-        improved = val_loss < progress["best_val_loss"]
-        if improved:
-            progress.update(best_val_loss=val_loss, best_val_bpb=val_bpb)
-            atomic_save({"model": model.state_dict(), "config": config_to_dict(config), "step": step,
-                         "val_loss": val_loss, "val_bpb": val_bpb}, t.checkpoint_path)
-        bar.write(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
-                  + (f" -> saved {t.checkpoint_path}" if improved else ""))
-
-    while step < total_steps:
-        micro_batches = per_epoch * t.grad_accum_steps - batch_in_epoch
-        order = epoch_order(len(train_set), t.seed, epoch)
-        loader = epoch_loader(train_set, config.data, order, batch_in_epoch, device.type == "cuda")
-        for micro_step, (x, y) in enumerate(itertools.islice(loader, micro_batches), start=1):
-            step_loss += forward_backward(train_model, x, y, device, precision, scaler, t.grad_accum_steps)
-            batch_in_epoch += 1
-            if micro_step % t.grad_accum_steps:
-                continue
-            lr = lr_at(step, t, total_steps)
-            grad_norm = optimizer_step(optimizer, scaler, lr, t.grad_clip)
-            if not torch.isfinite(step_loss):  # the one host sync per step; nothing has been saved from it
-                bar.close()
-                raise nonfinite_loss_error(step + 1, lr, precision, config)
-            loss_sum += step_loss
-            loss_count += t.grad_accum_steps
-            step_loss.zero_()
-            step += 1
-            now = time.perf_counter()
-            train_seconds = earlier_seconds + now - run_start
-            total_steps = planned_total_steps(t, cap, step, step - run_first_step, now - run_start, train_seconds)
-            if total_steps < UNPLANNED and bar.total != total_steps:
-                bar.total = total_steps
-            bar.update(1)
-            if step % t.log_every == 0 or step == total_steps:
-                train_loss = loss_sum.item() / loss_count
-                tokens_per_sec = (step - last_log_step) * tokens_per_step / (now - last_log_time)
-                log_training(writer, bar, step, train_loss, lr, grad_norm, tokens_per_sec,
-                             flops_per_token * tokens_per_sec / peak_flops)
-                loss_sum.zero_()
-                loss_count, last_log_time, last_log_step = 0, now, step
-            if step % t.eval_every == 0 or step == total_steps:
-                run_eval()
-            if step % t.save_every == 0 or step == total_steps or stop["signum"]:
-                progress.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=train_seconds)
-                save_snapshot(t.snapshot_path, model, optimizer, scaler, config, progress, rng_state())
-            if stop["signum"]:
-                stop_on_signal(stop["signum"], step, t.snapshot_path, bar, writer)
-            if step >= total_steps:
-                break
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
-    log_hparams(writer, config, progress["best_val_loss"], progress["best_val_bpb"])
+def log_hparams_and_close(writer: SummaryWriter, config: Config, state: RunState) -> None:
+    """The config beside the run's best results, for TensorBoard's HPARAMS tab."""
+    hparams = {f"{section}.{key}": value for section, values in config_to_dict(config).items()
+               for key, value in values.items()}
+    writer.add_hparams(hparams, {"hparam/best_val_loss": state.best_val_loss,
+                                 "hparam/best_val_bpb": state.best_val_bpb}, run_name=".")
     writer.close()
-    print(f"done: {step} steps in {train_seconds:.0f} s, best val loss {progress['best_val_loss']:.4f} "
-          f"({progress['best_val_bpb']:.4f} bits/byte) in {t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
+
+
+def fixed_val_batches(val_set: TokenWindows, config: Config) -> list[tuple[torch.Tensor, ...]]:
+    """The same eval_batches batches at every eval, spread evenly over the validation split."""
+    size = config.data.batch_size
+    count = min(len(val_set), config.training.eval_batches * size)
+    picks = torch.linspace(0, len(val_set) - 1, count).round().long().unique().tolist()
+    windows = [val_set[i] for i in picks]
+    return [tuple(torch.stack(column) for column in zip(*windows[i:i + size]))
+            for i in range(0, len(windows), size)]
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]],
+             token_bytes: torch.Tensor, precision: str) -> tuple[float, float]:
+    """(mean loss in nats/token, bits per UTF-8 byte) over every rank's batches; special tokens
+    (0 bytes) are left out of the bits-per-byte sum."""
+    device = token_bytes.device
+    sums = torch.zeros(4, device=device,  # MPS has no float64
+                       dtype=torch.float32 if device.type == "mps" else torch.float64)
+    model.eval()
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).view(-1)
+        with autocast_context(device, precision):
+            logits, _ = model(x)
+        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y, reduction="none")
+        target_bytes = token_bytes[y]
+        sums += torch.stack((losses.sum(), (losses * (target_bytes > 0)).sum(),
+                             target_bytes.sum(), torch.tensor(y.numel(), device=device)))
+    model.train()
+    nats, nats_on_bytes, num_bytes, tokens = all_reduce(sums).tolist()
+    return nats / tokens, nats_on_bytes / (math.log(2) * max(1.0, num_bytes))
+
+
+def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: list,
+                           config: Config, precision: str, state: RunState,
+                           writer: SummaryWriter | None) -> str:
+    """Validation loss and bits/byte over every rank's batches; a new best goes into `state`
+    and, from rank 0, into the best checkpoint; rank 0 logs both and a text sample (drawn with
+    its own generator, so the training RNG stream is untouched). Returns the line to print."""
+    device, t = model.embed_tokens.weight.device, config.training
+    token_bytes = token_byte_lengths(tokenizer).to(device)
+    val_loss, val_bpb = evaluate(model, batches, token_bytes, precision)
+    improved = val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.best_val_bpb = val_loss, val_bpb
+    if writer and improved:
+        atomic_save({"model": model.state_dict(), "config": config_to_dict(config),
+                     "step": state.step, "val_loss": val_loss, "val_bpb": val_bpb},
+                    t.checkpoint_path)
+    if writer and t.sample_tokens:
+        prompt = torch.tensor([[tokenizer.token_to_id(EOT)]], device=device)
+        model.eval()
+        with autocast_context(device, precision):
+            ids = [int(token) for token in generate(
+                model, prompt, t.sample_tokens, config.data.context_length, temperature=0.8,
+                top_k=50, generator=torch.Generator(device=device).manual_seed(0))]
+        model.train()
+        writer.add_text("sample", decode(tokenizer, ids), state.step)
+    log_scalars(writer, state.step, {"val/loss": val_loss, "val/bpb": val_bpb})
+    return (f"step {state.step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
+            + (f" -> saved {t.checkpoint_path}" if improved else ""))
+
+
+def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler, config: Config, state: RunState) -> None:
+    """Everything needed to continue exactly: weights, optimizer, scaler, the run state and
+    every rank's RNG state. Rank 0 writes; every rank returns once the file is in place."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    ranks_rng = [rng]
+    if dist.is_initialized():
+        ranks_rng = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks_rng, rng)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "config": config_to_dict(config),
+                     "progress": dataclasses.asdict(state), "world_size": len(ranks_rng),
+                     "rng": ranks_rng}, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler, device: torch.device,
+                  world_size: int) -> RunState:
+    """Restore weights, optimizer, scaler and this rank's RNG; returns the stored run state."""
+    snapshot = load_checkpoint(path, map_location=device)
+    require("progress" in snapshot and "optimizer" in snapshot, f"{path} is not a training "
+            "snapshot (no optimizer state or progress: a best-model checkpoint, or a snapshot "
+            "of an older SLM) — point training.snapshot_path at a snapshot, or at a new path "
+            "to start over")
+    require(snapshot["world_size"] == world_size, f"{path} was written by a run of "
+            f"{snapshot['world_size']} process(es) and this one has {world_size} — relaunch "
+            "with the same total number of processes (python train.py for one, torchrun for "
+            "more), or use another training.snapshot_path to start over")
+    load_weights(model, snapshot, path)
+    optimizer.load_state_dict(snapshot["optimizer"])
+    scaler.load_state_dict(snapshot["scaler"])
+    rng = snapshot["rng"][dist.get_rank() if dist.is_initialized() else 0]
+    torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+    return RunState(**snapshot["progress"])
 
 
 if __name__ == "__main__":

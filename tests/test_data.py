@@ -151,13 +151,19 @@ def test_epoch_order_is_a_seeded_shuffle():
     assert order != epoch_order(100, seed=2, epoch=0)
 
 
-def test_epoch_order_matches_distributed_sampler():
+def test_each_rank_walks_its_share_of_the_epoch_like_distributed_sampler():
     from torch.utils.data import DistributedSampler
-    windows = TokenWindows(np.arange(1001, dtype=np.uint16), context_length=10)
-    for num_replicas in (1, 2):
-        ranks = [DistributedSampler(windows, num_replicas=num_replicas, rank=r, shuffle=True, seed=5, drop_last=True)
-                 for r in range(num_replicas)]
-        for sampler in ranks:
+    windows = TokenWindows(np.arange(1001, dtype=np.uint16), context_length=10)  # 100 windows
+    for world_size in (1, 2, 3):
+        shares = []
+        for rank in range(world_size):
+            sampler = DistributedSampler(windows, num_replicas=world_size, rank=rank, shuffle=True,
+                                         seed=5, drop_last=True)
             sampler.set_epoch(3)
-        interleaved = [i for group in zip(*(list(s) for s in ranks)) for i in group]
-        assert interleaved == epoch_order(len(windows), seed=5, epoch=3)
+            shares.append(epoch_order(len(windows), seed=5, epoch=3, rank=rank, world_size=world_size))
+            assert shares[-1] == list(sampler)
+        assert sum(map(len, shares)) == 100 - 100 % world_size
+        assert len(set().union(*shares)) == 100 - 100 % world_size  # disjoint
+    two_ranks = [epoch_order(100, seed=5, epoch=3, rank=rank, world_size=2) for rank in (0, 1)]
+    one_process = epoch_order(100, seed=5, epoch=3)
+    assert one_process == [i for pair in zip(*two_ranks) for i in pair]  # the same global order

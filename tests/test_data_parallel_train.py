@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_script, tiny_config, write_config
+from conftest import (REPO, assert_one_error_line, parent_pid, pause_at_snapshot, run_script, signal_tree,
+                      tiny_config, write_config)
 from utils import load_checkpoint
 
 DDP_STEPS = {"max_steps": 20, "eval_every": 10, "save_every": 10}
@@ -36,6 +37,16 @@ def final_weights(workdir: Path) -> dict:
     return load_checkpoint(str(workdir / "ckpt" / "snapshot.pth"))["model"]
 
 
+def stop_after_a_snapshot(command: list[str], workdir: Path) -> int:
+    """Run `command` until a snapshot at step >= 4 is on disk, then kill -9 it and its children
+    (torchrun's workers too); returns the snapshot's step."""
+    process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = pause_at_snapshot(process, workdir / "ckpt" / "snapshot.pth", 4)
+    signal_tree(process.pid, signal.SIGKILL)
+    process.wait()
+    return progress["step"]
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, corpus) -> Path:
     workdir = tmp_path_factory.mktemp("ddp")
@@ -49,7 +60,7 @@ def test_two_process_run_writes_checkpoint_snapshot_and_logs(ddp_run):
     best = load_checkpoint(str(ddp_run / "ckpt" / "best.pth"))
     assert not any(name.startswith("module.") for name in best["model"])  # unwrapped weights
     snapshot = load_checkpoint(str(ddp_run / "ckpt" / "snapshot.pth"))
-    assert snapshot["step"] == 20 and snapshot["world_size"] == 2 and len(snapshot["rng"]) == 2
+    assert snapshot["progress"]["step"] == 20 and snapshot["world_size"] == 2 and len(snapshot["rng"]) == 2
     assert len(list((ddp_run / "runs" / "test").iterdir())) >= 1  # rank 0 wrote TensorBoard
 
 
@@ -71,21 +82,14 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(ddp_run, tmp_pa
     assert not torch.equal(single["norm.weight"], torch.ones_like(single["norm.weight"]))  # it did train
 
 
-def test_resume_after_stop_matches_uninterrupted_run(ddp_run, tmp_path, corpus):
+def test_resume_after_kill_9_matches_uninterrupted_run(ddp_run, tmp_path, corpus):
     config = write_config(tmp_path / "tiny.yaml",
                           tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 2}))
-    snapshot = tmp_path / "ckpt" / "snapshot.pth"
-    launcher = subprocess.Popen(torchrun_command(config), cwd=tmp_path, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(snapshot, launcher)
-    os.killpg(launcher.pid, signal.SIGKILL)  # torchrun and both workers, without warning
-    launcher.wait()
-    stopped_at = load_checkpoint(str(snapshot))["step"]
-    assert 2 <= stopped_at < 20
-
+    stopped_at = stop_after_a_snapshot(torchrun_command(config), tmp_path)  # torchrun and both workers
+    assert 4 <= stopped_at < 20
     resumed = torchrun(config, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {snapshot}: step {stopped_at}" in resumed.stdout
+    assert f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
     reference = final_weights(ddp_run)
     assert all(torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items())
 
@@ -99,7 +103,7 @@ def test_sigterm_to_torchrun_saves_a_snapshot_that_resumes_exactly(ddp_run, tmp_
     wait_for(tmp_path / "ckpt" / "best.pth", launcher)  # the first eval, at step 10
     launcher.send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=120)
-    stopped_at = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["step"]
+    stopped_at = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"]
     assert 10 <= stopped_at < 20
     assert stderr.count(f"stopped by SIGTERM after step {stopped_at}; snapshot saved to") == 1, stderr[-3000:]
     resumed = torchrun(config, tmp_path)
@@ -131,13 +135,13 @@ def test_elastic_restart_after_rank_0_is_killed(tmp_path, corpus):
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(tmp_path / "ckpt" / "snapshot.pth", launcher)
     workers = {_rank(int(pid)): int(pid) for pid in os.listdir("/proc")
-               if pid.isdigit() and _parent(int(pid)) == launcher.pid}
+               if pid.isdigit() and parent_pid(int(pid)) == launcher.pid}
     assert sorted(workers) == ["0", "1"]
     os.kill(workers["0"], signal.SIGKILL)
     output, _ = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, output[-3000:]
     assert "resuming from" in output
-    assert load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["step"] == 40
+    assert load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"] == 40
 
 
 def _rank(pid: int) -> str:
@@ -146,19 +150,40 @@ def _rank(pid: int) -> str:
     return variables.get(b"RANK", b"?").decode()
 
 
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, corpus) -> Path:
+    workdir = tmp_path_factory.mktemp("one")
+    config = write_config(workdir / "tiny.yaml", tiny_config(workdir, corpus, training={**DDP_STEPS, "save_every": 2}))
+    result = run_script("train.py", str(config), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
 
 
-def test_other_world_size_and_plain_python_are_refused(ddp_run):
-    one_rank = torchrun(ddp_run / "tiny.yaml", ddp_run, nproc=1)
-    assert one_rank.returncode != 0
-    assert "error: " in one_rank.stderr and "written by 2-process" not in one_rank.stderr
-    assert "relaunch with the same total number of processes" in one_rank.stderr
+@pytest.mark.parametrize("first, then", [("train.py", "torchrun"), ("torchrun", "train.py")])
+def test_one_snapshot_format_resumes_under_either_entry_point(one_process_run, tmp_path, corpus, first, then):
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 2}))
+    commands = {"train.py": [sys.executable, str(REPO / "train.py"), str(config)],
+                "torchrun": torchrun_command(config, 1)}
+    stopped_at = stop_after_a_snapshot(commands[first], tmp_path)
+    assert 4 <= stopped_at < 20
+    resumed = subprocess.run(commands[then], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
+    reference = final_weights(one_process_run)
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items())
+
+
+def test_a_snapshot_of_another_number_of_processes_is_one_error_line(ddp_run, one_process_run):
+    plain = run_script("train.py", "tiny.yaml", cwd=ddp_run)  # a 2-rank snapshot, one process
+    assert_one_error_line(plain.returncode, plain.stderr, "written by a run of 2 process.* this one has 1 "
+                                                          "— relaunch with the same total number of processes")
+    for workdir, nproc in ((ddp_run, 1), (one_process_run, 2)):
+        result = torchrun(workdir / "tiny.yaml", workdir, nproc=nproc)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+        assert f"this one has {nproc} — relaunch with the same total number of processes" in errors[0]
+
+
+def test_plain_python_is_refused(ddp_run):
     plain = run_script("data_parallel_train.py", "tiny.yaml", cwd=ddp_run)
-    assert plain.returncode == 2 and "Traceback" not in plain.stderr
-    assert plain.stderr.startswith("error: data_parallel_train.py must be launched by torchrun")
+    assert_one_error_line(plain.returncode, plain.stderr, "^error: data_parallel_train.py must be launched by torchrun")

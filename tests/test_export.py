@@ -11,7 +11,8 @@ from conftest import TOKENIZER, assert_one_error_line, file_tree, run_main, run_
 from data import EOT, load_tokenizer
 from export import export, load_exported
 from model import Transformer
-from utils import Config, ModelConfig, atomic_save, config_to_dict, load_checkpoint
+from generate import generate
+from utils import Config, DataConfig, ModelConfig, atomic_save, config_to_dict, load_checkpoint
 
 RANDOM_MODELS = {
     "mha": ModelConfig(embed_dim=64, num_heads=4, num_kv_heads=4, ff_dim=160, num_layers=2, max_seq_len=96),
@@ -27,8 +28,7 @@ def random_checkpoint(tmp_path: Path, model_config: ModelConfig) -> Path:
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.add_(0.1 * torch.randn_like(param))
-    config = Config(model=model_config)
-    config.data.tokenizer_path = TOKENIZER
+    config = Config(model=model_config, data=DataConfig(tokenizer_path=TOKENIZER, context_length=96))
     path = tmp_path / "random.pth"
     atomic_save({"model": model.state_dict(), "config": config_to_dict(config)}, str(path))
     return path
@@ -67,7 +67,7 @@ def test_greedy_generation_matches_transformers_generate(exported):
     ckpt, out = exported
     ours, theirs = slm_model(ckpt), LlamaForCausalLM.from_pretrained(out).eval()
     prompt = torch.tensor([load_tokenizer(TOKENIZER).encode("ROMEO:\nWhat light").ids])
-    ids_ours = torch.stack(list(ours.generate(prompt, 50, temperature=0.0)), dim=1)
+    ids_ours = torch.stack(list(generate(ours, prompt, 50, ours.config.max_seq_len, temperature=0.0)), dim=1)
     greedy = GenerationConfig(do_sample=False, max_new_tokens=50, min_new_tokens=50, eos_token_id=None,
                               pad_token_id=0)
     ids_theirs = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy)

@@ -3,37 +3,8 @@ import math
 import pytest
 import torch
 
-from model import Transformer, apply_rope, compiled_cpu_decode, rope_tables, sample_next
-from utils import ModelConfig
-
-
-def make_model(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    config = ModelConfig(**{"vocab_size": 97, "embed_dim": 64, "num_heads": 4, "num_kv_heads": 4, "ff_dim": 96,
-                            "num_layers": 3, "max_seq_len": 48, **overrides})
-    return Transformer(config).eval()
-
-
-def make_decisive_model(**overrides) -> Transformer:
-    """At init a tied model's greedy choice is mostly its input token again; larger weights make the next
-    token depend on the whole context, so a wrong key, position or mask changes the generated tokens."""
-    model = make_model(**overrides)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.15)
-    return model
-
-
-def prefill_then_decode(model, sequence: torch.Tensor, prefill_len: int, step=None):
-    """Logits of `sequence` from prefilling its first prefill_len tokens into fresh caches, then feeding the
-    rest one position at a time through `step` (the model itself, or a compiled one); and the caches."""
-    step = model if step is None else step
-    caches, positions = model.new_caches(sequence.shape[0]), torch.arange(sequence.shape[1])
-    logits = [model(sequence[:, :prefill_len], caches=caches, input_pos=positions[:prefill_len])[0]]
-    for i in range(prefill_len, sequence.shape[1]):
-        logits.append(step(sequence[:, i:i + 1], caches=caches, input_pos=positions[i:i + 1])[0])
-    return torch.cat(logits, dim=1), caches
+from conftest import make_model, prefill_then_decode
+from model import apply_rope, rope_tables
 
 
 def test_shapes_and_loss():
@@ -104,63 +75,6 @@ def test_kv_cache_prefill_and_decode_give_the_full_forward_logits(num_kv_heads):
     assert torch.allclose(prefill_then_decode(model, sequence, 10)[0], model(sequence)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("num_kv_heads", [4, 1])
-def test_kv_cache_generation_equals_full_recompute(num_kv_heads):
-    model = make_decisive_model(num_kv_heads=num_kv_heads)
-    prompt = torch.randint(0, 97, (2, 7))
-    cached = torch.stack(list(model.generate(prompt, 30, temperature=0.0, use_cache=True)), dim=1)
-    full = torch.stack(list(model.generate(prompt, 30, temperature=0.0, use_cache=False)), dim=1)
-    assert torch.equal(cached, full)
-    sequence = torch.cat((prompt, cached), dim=1)
-    assert torch.equal(model(sequence)[0][:, 6:-1].argmax(-1), cached)  # greedy really is greedy
-
-
-def test_generation_continues_past_the_context_and_stops_on_eos():
-    model = make_model()
-    prompt = torch.randint(0, 97, (1, 40))
-    tokens = list(model.generate(prompt, 30, temperature=0.0))  # 70 > max_seq_len=48: re-prefills
-    assert len(tokens) == 30
-    eos = int(tokens[0])
-    assert len(list(model.generate(prompt, 30, temperature=0.0, eos_id=eos))) == 1
-
-
-def test_refill_after_a_full_cache_attends_only_to_the_refilled_window():
-    model = make_decisive_model()  # max_seq_len=48: the first token fills the cache, the next refills 24
-    prompt = torch.randint(0, 97, (1, 48))
-    generated = torch.stack(list(model.generate(prompt, 12, temperature=0.0)), dim=1)
-    sequence = torch.cat((prompt, generated), dim=1)
-    assert generated[0, 0] == model(prompt)[0][0, -1].argmax()
-    for i in range(1, 12):  # step i sees the refilled 24 tokens plus the i - 1 decoded after them
-        window = sequence[:, 48 + 1 - 24:48 + i]
-        assert generated[0, i] == model(window)[0][0, -1].argmax(), f"token {i} attended to stale cache entries"
-
-
-def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once():
-    model = make_decisive_model(num_kv_heads=2)
-    prompt = torch.randint(0, 97, (2, 7))
-    eager = torch.stack(list(model.generate(prompt, 50, temperature=0.0)), dim=1)  # 57 > 48: one refill too
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a stride or position change would recompile
-        compiled = torch.stack(list(model.generate(prompt, 50, temperature=0.0, compile=True)), dim=1)
-    assert torch.equal(compiled, eager)
-    uncached = torch.stack(list(model.generate(prompt, 20, temperature=0.0, use_cache=False, compile=True)), dim=1)
-    assert torch.equal(uncached, eager[:, :20])  # the window grows each step: one static, then one dynamic graph
-
-
-def test_compiled_batch1_decode_uses_fused_cpu_form_and_equals_eager_logits():
-    decode_form = torch.compile(compiled_cpu_decode, fullgraph=True)
-    assert decode_form(torch.zeros(1, 1, 8)) and not decode_form(torch.zeros(2, 1, 8))
-    assert not compiled_cpu_decode(torch.zeros(1, 1, 8))  # eager keeps the library kernels
-    model = make_decisive_model(num_kv_heads=2)
-    sequence = torch.randint(0, 97, (1, 20))
-    with torch.inference_mode():
-        eager, eager_caches = prefill_then_decode(model, sequence, 12)
-        compiled, compiled_caches = prefill_then_decode(model, sequence, 12, step=torch.compile(model))
-    assert torch.allclose(compiled, eager, atol=1e-4)
-    assert all(torch.allclose(a.k, b.k, atol=1e-5) and torch.allclose(a.v, b.v, atol=1e-5)
-               for a, b in zip(eager_caches, compiled_caches))
-
-
 def test_cache_under_autocast_is_kept_in_the_autocast_dtype():
     model = make_model(num_kv_heads=2)  # infer.py and bench.py generate under autocast (bf16 on a GPU)
     sequence = torch.randint(0, 97, (1, 20))
@@ -168,19 +82,6 @@ def test_cache_under_autocast_is_kept_in_the_autocast_dtype():
         cached, caches = prefill_then_decode(model, sequence, 12)
         assert caches[0].k.dtype == caches[0].v.dtype == torch.bfloat16
         assert torch.allclose(cached.float(), model(sequence)[0].float(), atol=0.02)
-        compiled = list(model.generate(sequence, 3, temperature=0.0, compile=True))  # fp32 fused decode form
-    assert len(compiled) == 3
-
-
-def test_sampling_filters():
-    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
-    assert sample_next(logits, 0.0, 0, 1.0).item() == 0
-    generator = torch.Generator().manual_seed(0)
-    top1 = {sample_next(logits, 1.0, 1, 1.0, generator).item() for _ in range(50)}
-    nucleus = {sample_next(logits, 1.0, 0, 0.5, generator).item() for _ in range(50)}
-    top2 = {sample_next(logits, 5.0, 2, 1.0, generator).item() for _ in range(200)}
-    full = {sample_next(logits, 5.0, 0, 1.0, generator).item() for _ in range(200)}
-    assert top1 == {0} and nucleus == {0} and top2 == {0, 1} and full == {0, 1, 2, 3}
 
 
 def test_embedding_and_head_are_tied_through_training_and_state_dict():

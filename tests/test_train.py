@@ -14,10 +14,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import REPO, assert_one_error_line, file_tree, run_main, run_script, tiny_config, write_config
+from conftest import (REPO, assert_one_error_line, file_tree, pause_at_snapshot, run_main, run_script,
+                      tiny_config, write_config)
 from data import load_tokenizer, token_byte_lengths
 from model import Transformer
-from train import UNPLANNED, evaluation_metrics, evaluation_sums, planned_total_steps
+from train import evaluate
 from utils import ModelConfig, TrainingConfig, load_checkpoint, lr_at
 
 
@@ -31,7 +32,8 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
     assert len(train_loss) == 10 and train_loss[-1] < train_loss[0] - 1.5, train_loss  # from ~8.3 nats
     lrs = [e.value for e in events.Scalars("lr")]
     schedule = TrainingConfig(warmup_steps=5, lr=3e-3, min_lr=3e-4)
-    assert lrs == pytest.approx([lr_at(step - 1, schedule, 50) for step in range(5, 51, 5)], rel=1e-6)
+    assert lrs == pytest.approx([lr_at(step - 1, (step - 6) / 45, schedule) for step in range(5, 51, 5)],
+                                rel=1e-6)
     assert lrs[0] == pytest.approx(3e-3) and lrs[-1] < 3.1e-4  # warmup done at step 5, decayed to ~min_lr
 
     val_loss = {e.step: e.value for e in events.Scalars("val/loss")}
@@ -41,7 +43,9 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
     assert best["step"] == min(val_loss, key=val_loss.get)
     assert set(best) == {"model", "config", "step", "val_loss", "val_bpb"}  # weights only, no optimizer
     snapshot = load_checkpoint(str(trained_run / "ckpt" / "snapshot.pth"))
-    assert snapshot["step"] == 50 and {"optimizer", "rng", "epoch", "batch_in_epoch"} <= set(snapshot)
+    assert {"model", "optimizer", "scaler", "config", "progress", "world_size", "rng"} == set(snapshot)
+    assert snapshot["progress"]["step"] == 50 and snapshot["progress"]["run_name"] == "test"
+    assert snapshot["world_size"] == 1 and len(snapshot["rng"]) == 1  # the format torchrun writes too
 
 
 # Exact resume is checked on a short corpus (22 steps per epoch, 3 epochs), with dropout and gradient
@@ -79,23 +83,6 @@ def uninterrupted(tmp_path_factory, short_corpus) -> tuple[dict, int]:
 def start_training(config: Path, workdir: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), str(config)], cwd=workdir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def pause_at_snapshot(process: subprocess.Popen, path: Path, min_step: int) -> dict:
-    """Freeze the trainer (SIGSTOP) as soon as a snapshot at step >= min_step is on disk; returns that snapshot."""
-    seen, deadline = None, time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        with contextlib.suppress(FileNotFoundError):
-            stat = path.stat()
-            if (stat.st_ino, stat.st_mtime_ns) != seen:
-                seen = (stat.st_ino, stat.st_mtime_ns)
-                os.kill(process.pid, signal.SIGSTOP)
-                snapshot = load_checkpoint(str(path))
-                if snapshot["step"] >= min_step:
-                    return snapshot
-                os.kill(process.pid, signal.SIGCONT)
-        time.sleep(0.001)
-    raise AssertionError(f"the run ended before a snapshot at step {min_step}")
 
 
 def assert_resumes_exactly(config: Path, workdir: Path, stopped_at: int, reference: dict) -> None:
@@ -137,7 +124,7 @@ def test_sigint_and_sigterm_finish_the_step_save_and_exit(tmp_path, short_corpus
     os.kill(process.pid, signal.SIGCONT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == exit_code, stderr[-2000:]
-    stopped_at = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["step"]
+    stopped_at = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"]
     assert per_epoch <= stopped_at < 3 * per_epoch
     name = signal.Signals(signum).name
     assert f"stopped by {name} after step {stopped_at}; snapshot saved to" in stderr and "Traceback" not in stderr
@@ -227,19 +214,6 @@ def test_the_real_entry_point_prints_one_line_without_traceback(trained_run):
     assert_one_error_line(result.returncode, result.stderr, r"embed_dim \(64\) is not divisible by model.num_heads")
 
 
-def test_time_budget_plans_the_schedule_over_the_remaining_time():
-    t = TrainingConfig(time_budget_s=100.0)
-    assert planned_total_steps(t, UNPLANNED, step=5, run_steps=5, run_seconds=5.0, train_seconds=5.0) == UNPLANNED
-    assert planned_total_steps(t, UNPLANNED, step=20, run_steps=20, run_seconds=10.0, train_seconds=10.0) == 200
-    # a resumed run: 60 s already spent earlier, this process does 4 steps/s -> 40 s x 4 more steps
-    assert planned_total_steps(t, UNPLANNED, step=300, run_steps=40, run_seconds=10.0, train_seconds=70.0) == 420
-    assert planned_total_steps(t, UNPLANNED, step=480, run_steps=200, run_seconds=50.0, train_seconds=100.5) == 480
-    # just resumed at step 300 after 60 s: the earlier rate (5 steps/s) plans the rest until 10 steps are timed
-    assert planned_total_steps(t, UNPLANNED, step=300, run_steps=0, run_seconds=0.0, train_seconds=60.0) == 500
-    assert planned_total_steps(t, UNPLANNED, step=300, run_steps=0, run_seconds=0.0, train_seconds=99.9) == 300
-    assert planned_total_steps(TrainingConfig(), 480, step=20, run_steps=20, run_seconds=1.0, train_seconds=1.0) == 480
-
-
 def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tmp_path, corpus):
     config = write_config(tmp_path / "tiny.yaml", tiny_config(
         tmp_path, corpus, training={"time_budget_s": 4.0, "max_steps": 20, "eval_every": 100000,
@@ -247,17 +221,31 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
     result = run_script("train.py", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 s budget" in result.stdout
-    snapshot = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))
+    snapshot = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]
     best = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))
     assert snapshot["step"] > 20, "the budget replaces max_steps"
     assert best["step"] == snapshot["step"], "the final eval runs at the last step"
-    assert 3.5 <= snapshot["train_seconds"] < 30  # stops when less than one step of budget is left
+    mean_step = snapshot["train_seconds"] / snapshot["step"]
+    # It ends inside the budget, less than a mean step short of it (give or take a step's noise).
+    assert 4.0 - mean_step <= snapshot["train_seconds"] < 4.0 + mean_step
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
     lrs = [e.value for e in events.Scalars("lr")]
     assert lrs[-1] < 0.5 * max(lrs), "the cosine is laid out over the budget, so it has decayed by the end"
+    assert lrs[-1] < lrs[-2] < lrs[-3], "and it decays all the way to the end"
     again = run_script("train.py", str(config), cwd=tmp_path)
     assert again.returncode == 0 and "nothing to train" in again.stdout
+
+    longer = run_script("train.py", str(config), "training.time_budget_s=7", cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {snapshot['step']}," in longer.stdout
+    resumed = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]
+    assert resumed["step"] > snapshot["step"]
+    assert 7.0 - 2 * mean_step <= resumed["train_seconds"] < 7.0 + mean_step
+    events.Reload()
+    lrs_after = [e.value for e in events.Scalars("lr")][len(lrs):]
+    assert lrs_after[0] > lrs[-1], "a larger budget puts the resumed run back earlier on its cosine"
+    assert lrs_after[-1] < 0.5 * max(lrs), "and the cosine ends at the new budget"
 
 
 def test_evaluate_reports_bits_per_byte_consistent_with_loss():
@@ -267,7 +255,6 @@ def test_evaluate_reports_bits_per_byte_consistent_with_loss():
                                     max_seq_len=32))
     ids = torch.tensor(tokenizer.encode("But, soft! what light through yonder window breaks? " * 3).ids[:33])
     batches = [(ids[None, :-1], ids[None, 1:])]
-    loss, bpb = evaluation_metrics(evaluation_sums(model, batches, token_byte_lengths(tokenizer),
-                                                   torch.device("cpu"), "fp32"))
+    loss, bpb = evaluate(model, batches, token_byte_lengths(tokenizer), "fp32")
     num_bytes = token_byte_lengths(tokenizer)[ids[1:]].sum().item()
     assert bpb == pytest.approx(loss * 32 / (num_bytes * 0.6931471805599453), rel=1e-6)

@@ -1,0 +1,114 @@
+"""Generation: prefill, decode through the KV cache, the context window, sampling (temperature,
+top-k, top-p). Used by infer.py, the training loop's TensorBoard samples and bench.py.
+
+The window rule: the model sees at most `context_length` tokens, what it was trained on. When
+the window is full it drops to its newest half and goes on from there: the KV-cache path
+prefills that half again, the no-cache path just feeds it, so both produce the same tokens.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache, Transformer, apply_rope
+
+# A CPU decode step is little compute, so per-call costs count: the C++ wrapper launches kernels
+# without Python, and memory planning takes the step's intermediates from one allocation.
+CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True}
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits: (B, vocab) -> (B,) ids. top_k <= 0 and top_p >= 1 disable those filters."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p; the best one stays.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def fused_decode(model: Transformer, token: torch.Tensor, caches: list[KVCache],
+                 input_pos: torch.Tensor) -> torch.Tensor:
+    """Transformer.forward in eval mode for one new token of one sequence (token (1, 1)), with
+    projections as multiply-and-sum and attention as two reductions over the cache: compiled on
+    a CPU, the whole step fuses into one C++ kernel instead of a library call per weight (eager
+    or batched, the library kernels win). It restates model.py's math; tests/test_generate.py
+    checks the logits agree, so an edit to model.py not made here fails there, not silently."""
+    def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+        return (x.unsqueeze(-2) * layer.weight).sum(-1)
+
+    cos, sin = model.rope_cos[input_pos], model.rope_sin[input_pos]
+    x = model.embed_tokens(token)
+    for layer, cache in zip(model.layers, caches):
+        attn, mlp = layer.self_attn, layer.mlp
+        h = layer.input_layernorm(x)
+        q = linear(h, attn.q_proj).view(1, attn.num_heads, 1, attn.head_dim)
+        k = linear(h, attn.k_proj).view(1, attn.num_kv_heads, 1, attn.head_dim)
+        v = linear(h, attn.v_proj).view(1, attn.num_kv_heads, 1, attn.head_dim)
+        k, v = cache.update(input_pos, apply_rope(k, cos, sin), v)
+        groups = attn.num_heads // attn.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (apply_rope(q, cos, sin) * k).sum(-1) * attn.head_dim ** -0.5  # (1, heads, L)
+        visible = torch.arange(k.shape[2], device=token.device) <= input_pos
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        y = (weights.unsqueeze(-1) * v).sum(-2)  # (1, heads, head_dim)
+        x = x + linear(y.reshape(1, 1, -1), attn.o_proj)
+        h = layer.post_attention_layernorm(x)
+        x = x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj)
+    return linear(model.norm(x), model.lm_head)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, context_length: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None,
+             compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the next (B,) token ids after prompt (B, T), one step at a time, by the window rule
+    above; temperature 0 is greedy. Stops once every row has produced eos_id (finished rows
+    repeat it). compile=True compiles the decode step (without the cache, the forward)."""
+    batch_size, device = prompt.shape[0], prompt.device
+    # A fresh contiguous tensor, like each later window: a compiled step sees one stride.
+    window = prompt[:, -context_length:].clone(memory_format=torch.contiguous_format)
+    positions = torch.arange(context_length, device=device)
+    caches = model.new_caches(batch_size, context_length) if use_cache else None
+    options = CPU_COMPILE_OPTIONS if device.type == "cpu" else None
+    forward = torch.compile(model, options=options) if compile else model
+    if compile and device.type == "cpu" and batch_size == 1:
+        decode = torch.compile(lambda token, caches, pos: fused_decode(model, token, caches, pos),
+                               options=options)
+    else:
+        decode = lambda token, caches, pos: forward(token, caches=caches, input_pos=pos)[0]
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    refill = True  # the cache holds none of the window yet
+    for _ in range(max_new_tokens):
+        length = window.shape[1]
+        if not use_cache:
+            logits = forward(window, last_only=True)[0]
+        elif refill:  # prefill the whole window, eagerly: it happens once per half window
+            logits = model(window, caches=caches, input_pos=positions[:length], last_only=True)[0]
+            refill = False
+        else:  # one new position: the token sampled last
+            logits = decode(next_token[:, None], caches, positions[length - 1:length])
+        next_token = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
+            finished |= next_token == eos_id
+        yield next_token
+        if eos_id is not None and bool(finished.all()):
+            return
+        window = torch.cat((window, next_token[:, None]), dim=1)
+        if window.shape[1] > context_length:  # full: go on from the newest half
+            window = window[:, -max(1, context_length // 2):].contiguous()
+            refill = True

@@ -1,0 +1,90 @@
+"""generate.py: the window rule, KV cache against recomputation, the fused decode form, sampling."""
+import pytest
+import torch
+
+from conftest import make_decisive_model, make_model, prefill_then_decode
+from generate import fused_decode, generate, sample_next
+
+CONTEXT = 16  # shorter than the test models' max_seq_len=48: the training context rules, not RoPE
+
+
+def tokens(model, prompt, count, **options) -> torch.Tensor:
+    return torch.stack(list(generate(model, prompt, count, CONTEXT, temperature=0.0, **options)),
+                       dim=1)
+
+
+def greedy_by_the_rule(model, prompt: torch.Tensor, count: int) -> torch.Tensor:
+    """The window rule written out: see the newest CONTEXT tokens; when a new token makes the
+    window longer than that, keep its newest half."""
+    window, out = prompt[:, -CONTEXT:], []
+    for _ in range(count):
+        out.append(model(window)[0][:, -1].argmax(-1))
+        window = torch.cat((window, out[-1][:, None]), dim=1)
+        if window.shape[1] > CONTEXT:
+            window = window[:, -(CONTEXT // 2):]
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("prompt_len", [5, CONTEXT, 3 * CONTEXT])  # shorter, equal, longer
+@pytest.mark.parametrize("num_kv_heads", [4, 1])
+def test_cache_and_no_cache_follow_the_window_rule_far_past_the_context(prompt_len, num_kv_heads):
+    model = make_decisive_model(num_kv_heads=num_kv_heads)
+    prompt = torch.randint(0, 97, (2, prompt_len), generator=torch.Generator().manual_seed(1))
+    expected = greedy_by_the_rule(model, prompt, 5 * CONTEXT)
+    assert torch.equal(tokens(model, prompt, 5 * CONTEXT, use_cache=True), expected)
+    assert torch.equal(tokens(model, prompt, 5 * CONTEXT, use_cache=False), expected)
+
+
+def test_generation_stops_on_eos_and_finished_rows_repeat_it():
+    model = make_model()
+    prompt = torch.randint(0, 97, (1, 40))
+    first = int(tokens(model, prompt, 1)[0, 0])
+    assert len(list(generate(model, prompt, 30, CONTEXT, temperature=0.0, eos_id=first))) == 1
+    two_rows = torch.cat((prompt, torch.randint(0, 97, (1, 40))))
+    out = torch.stack(list(generate(model, two_rows, 30, CONTEXT, temperature=0.0, eos_id=first)))
+    assert out.shape[1] == 2 and (out[:, 0] == first).all()
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_fused_decode_form_gives_the_models_logits_and_cache(num_kv_heads):
+    """fused_decode restates model.py's math; a change to attention, norms or RoPE in model.py
+    that is not made there too fails here."""
+    model = make_decisive_model(num_kv_heads=num_kv_heads)
+    sequence = torch.randint(0, 97, (1, 20))
+    with torch.inference_mode():
+        expected, expected_caches = prefill_then_decode(model, sequence, 12)
+        fused, fused_caches = prefill_then_decode(
+            model, sequence, 12, lambda token, caches, pos: fused_decode(model, token, caches, pos))
+    assert torch.allclose(fused, expected, atol=1e-4)
+    assert all(torch.allclose(a.k, b.k, atol=1e-5) and torch.allclose(a.v, b.v, atol=1e-5)
+               for a, b in zip(expected_caches, fused_caches))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])  # 1: the fused CPU form; 2: the model's forward
+def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once(batch_size):
+    model = make_decisive_model(num_kv_heads=2)
+    prompt = torch.randint(0, 97, (batch_size, 7))
+    eager = tokens(model, prompt, 50)  # 57 > CONTEXT: several refills too
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a stride or position change
+        assert torch.equal(tokens(model, prompt, 50, compile=True), eager)
+
+
+def test_compiled_generation_without_cache_and_under_autocast():
+    model = make_decisive_model(num_kv_heads=2)
+    prompt = torch.randint(0, 97, (2, 7))
+    uncached = tokens(model, prompt, 20, use_cache=False, compile=True)
+    assert torch.equal(uncached, tokens(model, prompt, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what infer.py does on a GPU
+        assert tokens(model, prompt[:1], 3, compile=True).shape == (1, 3)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    assert sample_next(logits, 0.0, 0, 1.0).item() == 0
+    generator = torch.Generator().manual_seed(0)
+    top1 = {sample_next(logits, 1.0, 1, 1.0, generator).item() for _ in range(50)}
+    nucleus = {sample_next(logits, 1.0, 0, 0.5, generator).item() for _ in range(50)}
+    top2 = {sample_next(logits, 5.0, 2, 1.0, generator).item() for _ in range(200)}
+    full = {sample_next(logits, 5.0, 0, 1.0, generator).item() for _ in range(200)}
+    assert top1 == {0} and nucleus == {0} and top2 == {0, 1} and full == {0, 1, 2, 3}
