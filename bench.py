@@ -1,11 +1,11 @@
-"""Benchmarks on whatever device the config picks: matmul peak, training throughput and MFU, generation
-with and without the KV cache, and corpus tokenization.
+"""Benchmarks on whatever device the config picks: matmul peak, training throughput and MFU,
+generation with and without the KV cache, and corpus tokenization.
 
     python bench.py configs.yaml [section.key=value ...] [--json] [--compile] [--steps 20]
 
-MFU is always model FLOP/s (model.flops_per_token) over the matmul peak measured here, on this device,
-in the run's precision — never a datasheet constant. Numbers are printed, not asserted: compare ratios
-taken in one run, since shared machines are noisy.
+MFU is always model FLOP/s (model.flops_per_token) over the matmul peak measured here, on this
+device, in the run's precision — never a datasheet constant. Numbers are printed, not asserted:
+compare ratios taken in one run, since shared machines are noisy.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from data import epoch_loader, epoch_order, prepare_data, resolve_text_files, tokenize_files
+from data import (TokenWindows, epoch_loader, epoch_order, prepare_data, resolve_text_files,
+                  tokenize_files)
 from generate import generate
 from model import Transformer, configure_optimizer, optimizer_step
 from utils import (Config, autocast_context, load_config, measure_peak_flops, pick_device, run_cli,
@@ -44,31 +45,31 @@ def bench_peak(device: torch.device, precision: str) -> dict:
 
 
 def bench_data(config: Config, tokenizer) -> dict:
-    """Tokenization throughput of the configured corpus, written to a throw-away file (the cache is untouched)."""
+    """Tokenization throughput of the configured corpus, into a throw-away file (not the cache)."""
     files = resolve_text_files(config.data.raw_text_path)
     num_bytes = sum(os.path.getsize(path) for path in files)
     rss_before = peak_rss_mb()
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        num_tokens = tokenize_files(files, tokenizer, os.path.join(scratch, "tokens.bin"), np.uint16,
-                                    lambda n: None)
+        num_tokens = tokenize_files(files, tokenizer, os.path.join(scratch, "tokens.bin"),
+                                    np.uint16, lambda n: None)
         seconds = time.perf_counter() - start
-    return {"corpus_mb": num_bytes / 1e6, "tokens": num_tokens, "tokenize_mb_per_sec": num_bytes / 1e6 / seconds,
-            "peak_rss_mb": peak_rss_mb(), "rss_growth_mb": peak_rss_mb() - rss_before}
+    return {"corpus_mb": num_bytes / 1e6, "tokens": num_tokens,
+            "tokenize_mb_per_sec": num_bytes / 1e6 / seconds, "peak_rss_mb": peak_rss_mb(),
+            "rss_growth_mb": peak_rss_mb() - rss_before}
 
 
-def bench_training(config: Config, train_set, device: torch.device, precision: str, compile_model: bool,
-                   steps: int, warmup_steps: int) -> dict:
-    """Steady-state optimizer steps on the real data pipeline; the first warmup_steps are not timed."""
+def bench_training(config: Config, train_set: TokenWindows, device: torch.device, precision: str,
+                   compile_model: bool, steps: int, warmup_steps: int) -> dict:
+    """Steady-state optimizer steps on the real data pipeline, after untimed warmup_steps."""
     torch.manual_seed(config.training.seed)
     model = Transformer(config.model).to(device)
     optimizer = configure_optimizer(model, config.training, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train_model = torch.compile(model) if compile_model else model
     accum = config.training.grad_accum_steps
-    batches = (batch for epoch in itertools.count()
-               for batch in epoch_loader(train_set, config.data, epoch_order(len(train_set), 0, epoch), 0,
-                                         device.type == "cuda"))
+    batches = (batch for epoch in itertools.count() for batch in epoch_loader(
+        train_set, config.data, epoch_order(len(train_set), 0, epoch), 0, device.type == "cuda"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data_seconds, start = 0.0, 0.0
@@ -81,7 +82,8 @@ def bench_training(config: Config, train_set, device: torch.device, precision: s
             x, y = next(batches)
             data_seconds += time.perf_counter() - fetch_start
             with autocast_context(device, precision):
-                _, loss = train_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                _, loss = train_model(x.to(device, non_blocking=True),
+                                      y.to(device, non_blocking=True))
             scaler.scale(loss / accum).backward()
         optimizer_step(optimizer, scaler, config.training.lr, config.training.grad_clip)
     sync(device)
@@ -90,18 +92,20 @@ def bench_training(config: Config, train_set, device: torch.device, precision: s
     model_flops = model.flops_per_token(config.data.context_length) * tokens_per_sec
     peak_memory_mb = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
                       else peak_rss_mb())
-    return {"params": model.num_params(), "step_ms": 1000 * seconds / steps, "tokens_per_sec": tokens_per_sec,
-            "model_flops": model_flops, "data_wait_share": data_seconds / seconds, "peak_memory_mb": peak_memory_mb}
+    return {"params": model.num_params(), "step_ms": 1000 * seconds / steps,
+            "tokens_per_sec": tokens_per_sec, "model_flops": model_flops,
+            "data_wait_share": data_seconds / seconds, "peak_memory_mb": peak_memory_mb}
 
 
 @torch.no_grad()
 def bench_generation(model: Transformer, context_length: int, device: torch.device, precision: str,
                      batch_size: int, use_cache: bool, compile_model: bool) -> dict:
-    """Prefill = time to the first new token; decode = the other GENERATION_TOKENS - 1 tokens; each the best
-    of up to GENERATION_RUNS runs, so a burst of other load on a shared machine does not skew one row against
-    another. The untimed warm-up (which compiles, when asked) covers both the prefill and the decode step."""
-    prompt = torch.randint(0, model.config.vocab_size, (batch_size, GENERATION_PROMPT), device=device,
-                           generator=torch.Generator(device=device).manual_seed(0))
+    """Prefill = time to the first new token; decode = the other GENERATION_TOKENS - 1 tokens,
+    in the window `context_length` (the generation rule); each the best of up to GENERATION_RUNS
+    runs, so a burst of other load on a shared machine does not skew one row against another.
+    The untimed warm-up (which compiles, when asked) covers the prefill and the decode step."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, GENERATION_PROMPT),
+                           device=device, generator=torch.Generator(device=device).manual_seed(0))
     options = {"temperature": 0.0, "use_cache": use_cache, "compile": compile_model}
     prefill_seconds, decode_seconds = float("inf"), float("inf")
     with autocast_context(device, precision):
@@ -127,20 +131,23 @@ def bench_generation(model: Transformer, context_length: int, device: torch.devi
 
 def print_table(results: dict) -> None:
     peak = results["peak_flops"]
-    print("\npeak matmul: " + ", ".join(f"{name} {flops / 1e9:,.0f} GFLOP/s" for name, flops in peak.items()))
+    print("\npeak matmul: " + ", ".join(f"{name} {flops / 1e9:,.0f} GFLOP/s"
+                                        for name, flops in peak.items()))
     data = results["data"]
-    print(f"data: {data['corpus_mb']:.1f} MB -> {data['tokens']:,} tokens at {data['tokenize_mb_per_sec']:.1f} MB/s; "
-          f"peak RSS {data['peak_rss_mb']:,.0f} MB (+{data['rss_growth_mb']:,.0f} MB while tokenizing)")
-    print(f"\n{'training':<22}{'params':>11}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>10}{'MFU':>7}"
-          f"{'data wait':>11}{'peak MB':>9}")
+    print(f"data: {data['corpus_mb']:.1f} MB -> {data['tokens']:,} tokens at "
+          f"{data['tokenize_mb_per_sec']:.1f} MB/s; peak RSS {data['peak_rss_mb']:,.0f} MB "
+          f"(+{data['rss_growth_mb']:,.0f} MB while tokenizing)")
+    print(f"\n{'training':<22}{'params':>11}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>10}"
+          f"{'MFU':>7}{'data wait':>11}{'peak MB':>9}")
     for name, row in results["training"].items():
-        print(f"{name:<22}{row['params']:>11,}{row['step_ms']:>10.1f}{row['tokens_per_sec']:>11,.0f}"
-              f"{row['model_flops'] / 1e9:>10.1f}{row['mfu']:>7.1%}{row['data_wait_share']:>11.1%}"
-              f"{row['peak_memory_mb']:>9,.0f}")
-    print(f"\n{f'generation, {GENERATION_TOKENS} new tokens':<34}{'warm-up s':>10}{'prefill ms':>11}"
-          f"{'decode tok/s':>14}")
+        print(f"{name:<22}{row['params']:>11,}{row['step_ms']:>10.1f}"
+              f"{row['tokens_per_sec']:>11,.0f}{row['model_flops'] / 1e9:>10.1f}{row['mfu']:>7.1%}"
+              f"{row['data_wait_share']:>11.1%}{row['peak_memory_mb']:>9,.0f}")
+    print(f"\n{f'generation, {GENERATION_TOKENS} new tokens':<34}{'warm-up s':>10}"
+          f"{'prefill ms':>11}{'decode tok/s':>14}")
     for name, row in results["generation"].items():
-        print(f"{name:<34}{row['warmup_s']:>10.1f}{row['prefill_ms']:>11.1f}{row['decode_tokens_per_sec']:>14,.0f}")
+        print(f"{name:<34}{row['warmup_s']:>10.1f}{row['prefill_ms']:>11.1f}"
+              f"{row['decode_tokens_per_sec']:>14,.0f}")
     rows = results["generation"]
     for name, cached in rows.items():
         uncached = rows.get(name.replace("KV cache", "no cache"))
@@ -152,33 +159,37 @@ def print_table(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark SLM on the device the config picks.")
     parser.add_argument("config", help="YAML config, e.g. configs.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override one config value")
-    parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override one config value")
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--compile", action="store_true",
                         help="measure training and generation with torch.compile as well")
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps (after --warmup-steps)")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed training steps first")
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
     device = pick_device(config.training.device)
     precision = setup_precision(config.training.precision, device)
-    print(f"device {device} ({precision}), {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-          flush=True)
+    print(f"device {device} ({precision}), {torch.get_num_threads()} CPU threads, "
+          f"torch {torch.__version__}", flush=True)
 
-    peak_flops = bench_peak(device, precision)  # first: the tokenizer's thread pool may spin on after its work
+    peak_flops = bench_peak(device, precision)  # first: the tokenizer's threads may spin on after
     tokenizer, train_set, _ = prepare_data(config)
-    results = {"device": str(device), "precision": precision, "model": dataclasses.asdict(config.model),
-               "peak_flops": peak_flops, "data": bench_data(config, tokenizer), "training": {}}
-    peak = results["peak_flops"][precision]  # MFU against the peak of the precision the matmuls run in
+    results = {"device": str(device), "precision": precision,
+               "model": dataclasses.asdict(config.model), "peak_flops": peak_flops,
+               "data": bench_data(config, tokenizer), "training": {}}
+    peak = results["peak_flops"][precision]  # MFU against the peak of the matmuls' precision
     for compiled in (False, True) if args.compile else (False,):
-        row = bench_training(config, train_set, device, precision, compiled, args.steps, args.warmup_steps)
+        row = bench_training(config, train_set, device, precision, compiled, args.steps,
+                             args.warmup_steps)
         row["mfu"] = row["model_flops"] / peak
         results["training"][f"{precision}{', compiled' if compiled else ''}"] = row
     model = Transformer(config.model).to(device).eval()
     results["generation"] = {
-        f"batch {batch_size}{', compiled' if compiled else ''}, {'KV cache' if cached else 'no cache'}":
-        bench_generation(model, config.data.context_length, device, precision, batch_size, cached, compiled)
-        for compiled in ((False, True) if args.compile else (False,)) for batch_size in (1, 8)
+        f"batch {batch}{', compiled' if compiled else ''}, {'KV cache' if cached else 'no cache'}":
+        bench_generation(model, config.data.context_length, device, precision, batch, cached,
+                         compiled)
+        for compiled in ((False, True) if args.compile else (False,)) for batch in (1, 8)
         for cached in (True, False)}
     print_table(results)
     if args.json:

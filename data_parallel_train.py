@@ -15,27 +15,22 @@ import torch
 import torch.distributed as dist
 
 from train import train
-from utils import Config, UserError, parse_config_cli, require, run_cli
+from utils import Config, parse_config_cli, require, run_cli
 
 
 def init_distributed(config: Config) -> torch.device:
     """Bring up the process group torchrun describes; returns this process's device."""
-    require(all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")),
-            "data_parallel_train.py must be launched by torchrun — run torchrun --standalone "
-            "--nproc_per_node=N data_parallel_train.py configs.yaml (or python train.py on one "
-            "device)")
+    require("LOCAL_RANK" in os.environ, "data_parallel_train.py must be launched by torchrun — "
+            "torchrun --standalone --nproc_per_node=N data_parallel_train.py configs.yaml")
     local_rank, wanted = int(os.environ["LOCAL_RANK"]), config.training.device
     require(wanted != "mps", "DDP does not run on MPS — use training.device=cpu, or python "
             "train.py on the Mac's GPU")
     if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
         init_process_group("gloo")
         return torch.device("cpu")
-    require(torch.cuda.is_available(), "training.device is 'cuda' but no CUDA GPU is visible — "
-            "use device=auto or cpu")
     gpus = torch.cuda.device_count()
-    if local_rank >= gpus:
-        raise UserError(f"local rank {local_rank} has no GPU: this node has {gpus} — launch at "
-                        f"most --nproc_per_node={gpus}")
+    require(local_rank < gpus, f"local rank {local_rank} has no GPU: this node has {gpus} — "
+            f"launch at most --nproc_per_node={gpus}, or use training.device=cpu")
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     init_process_group("nccl")

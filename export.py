@@ -17,17 +17,17 @@ from safetensors.torch import load_file, save
 
 from data import EOT, load_tokenizer
 from model import Transformer, load_weights
-from utils import (ModelConfig, UserError, atomic_write, config_from_dict, config_to_dict, load_checkpoint,
-                   run_cli)
+from utils import (ModelConfig, UserError, atomic_write, config_from_dict, config_to_dict,
+                   load_checkpoint, run_cli)
 
-HF_PREFIX = "model."          # LlamaForCausalLM keeps the decoder under .model; lm_head sits beside it
-TIED_HEAD = "lm_head.weight"  # the same tensor as embed_tokens.weight: stored once, as transformers does
+HF_PREFIX = "model."          # LlamaForCausalLM keeps the decoder under .model, lm_head beside it
+TIED_HEAD = "lm_head.weight"  # the tensor of embed_tokens.weight: stored once, as transformers does
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
 
 
 def hf_config(model: ModelConfig, eot_id: int, slm_config: dict) -> dict:
-    """config.json for LlamaForCausalLM; the full SLM config rides along so the way back is exact."""
+    """config.json for LlamaForCausalLM; the full SLM config rides along for an exact way back."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -42,7 +42,7 @@ def hf_config(model: ModelConfig, eot_id: int, slm_config: dict) -> dict:
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": model.norm_eps,
         "rope_theta": model.rope_theta,                                           # transformers 4.x
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},  # transformers 5.x
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},  # 5.x
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
@@ -57,19 +57,20 @@ def hf_config(model: ModelConfig, eot_id: int, slm_config: dict) -> dict:
     }
 
 
-def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None, force: bool = False) -> None:
+def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None,
+           force: bool = False) -> None:
     checkpoint = load_checkpoint(ckpt_path)
     config = config_from_dict(checkpoint["config"], ckpt_path)
     tokenizer_path = tokenizer_path or config.data.tokenizer_path
     tokenizer = load_tokenizer(tokenizer_path, config.model.vocab_size,
                                "pass --tokenizer with the one the checkpoint was trained on")
     if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not force):
-        raise UserError(f"{out_dir} already exists and is not empty — choose a new --out, or add --force to "
-                        "overwrite the exported files in it")
+        raise UserError(f"{out_dir} already exists and is not empty — choose a new --out, or add "
+                        "--force to overwrite the exported files in it")
     model = Transformer(config.model)
-    load_weights(model, checkpoint, ckpt_path)  # refuses damaged or mismatched weights before writing anything
+    load_weights(model, checkpoint, ckpt_path)  # refuses bad weights before writing anything
 
-    # safetensors refuses tensors that share memory, and transformers re-ties the head on load anyway.
+    # safetensors refuses tensors that share memory, and transformers re-ties the head on load.
     tensors = {HF_PREFIX + name: tensor.contiguous() for name, tensor in model.state_dict().items()
                if name != TIED_HEAD}
     eot_id = tokenizer.token_to_id(EOT)
@@ -82,13 +83,14 @@ def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None, forc
     for name, content in json_files.items():
         text = json.dumps(content, indent=2) + "\n"
         atomic_write(os.path.join(out_dir, name), lambda f, text=text: f.write(text.encode()))
-    atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tokenizer.to_str().encode()))
+    atomic_write(os.path.join(out_dir, "tokenizer.json"),
+                 lambda f: f.write(tokenizer.to_str().encode()))
     weights = save(tensors, metadata={"format": "pt"})
     atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(weights))
 
 
 def load_exported(directory: str) -> dict:
-    """An exported directory as a checkpoint dict ({"model", "config"}) that infer.py and load_weights take.
+    """An exported directory as a checkpoint dict ({"model", "config"}), as infer.py takes it.
 
     The tokenizer path points into the directory, so the export is self-contained.
     """
@@ -99,26 +101,32 @@ def load_exported(directory: str) -> dict:
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         hf = json.load(f)
     if "slm_config" not in hf:
-        raise UserError(f"{directory}/config.json has no slm_config — only directories written by export.py load")
+        raise UserError(f"{directory}/config.json has no slm_config — only directories written "
+                        "by export.py load")
     config = config_from_dict(hf["slm_config"], f"{directory}/config.json")
     config.data.tokenizer_path = os.path.join(directory, "tokenizer.json")
     try:
         tensors = load_file(os.path.join(directory, "model.safetensors"))
-    except Exception as err:  # safetensors raises its own error type for bad headers and short files
-        raise UserError(f"cannot read {directory}/model.safetensors ({str(err)[:120]}) — export it again") from None
-    state = {name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name: tensor for name, tensor in tensors.items()}
+    except Exception as err:  # safetensors has its own error type for bad headers and short files
+        raise UserError(f"cannot read {directory}/model.safetensors ({str(err)[:120]}) — export "
+                        "it again") from None
+    state = {name.removeprefix(HF_PREFIX): tensor for name, tensor in tensors.items()}
     if "embed_tokens.weight" in state:
         state[TIED_HEAD] = state["embed_tokens.weight"]
     return {"model": state, "config": config_to_dict(config)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Export an SLM checkpoint as a Hugging Face LlamaForCausalLM "
-                                                 "directory (config.json, model.safetensors, tokenizer).")
-    parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth", help="checkpoint written by train.py")
-    parser.add_argument("--out", required=True, help="output directory (created; must be empty unless --force)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the checkpoint config's)")
-    parser.add_argument("--force", action="store_true", help="overwrite the export files in a non-empty --out")
+    parser = argparse.ArgumentParser(description="Export an SLM checkpoint as a Hugging Face "
+                                     "LlamaForCausalLM directory (config, weights, tokenizer).")
+    parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth",
+                        help="checkpoint written by train.py")
+    parser.add_argument("--out", required=True,
+                        help="output directory (created; must be empty unless --force)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer JSON (default: the checkpoint config's)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite the export files in a non-empty --out")
     args = parser.parse_args()
     export(args.ckpt_path, args.out, args.tokenizer, args.force)
     print(f"exported {args.ckpt_path} to {args.out}/ ({', '.join(EXPORT_FILES)})", flush=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
@@ -25,25 +24,19 @@ WINDOW_RULE = ("The model sees at most the context it was trained on (data.conte
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Generate text from a trained SLM checkpoint.",
                                      epilog=WINDOW_RULE)
-    parser.add_argument("--config", help="YAML config for the tokenizer path and device "
-                        "(default: the config stored in the checkpoint)")
+    parser.add_argument("--config", help="YAML config for tokenizer and device (default: stored)")
     parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth",
                         help="checkpoint written by train.py, or a directory written by export.py")
-    parser.add_argument("--prompt", default="",
-                        help="text to continue; empty starts from <|endoftext|>")
+    parser.add_argument("--prompt", default="", help="text to continue; empty: <|endoftext|>")
     parser.add_argument("--max-length", type=int, default=200, help="number of new tokens")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="0 = greedy; higher = more random")
-    parser.add_argument("--top-k", type=int, default=None,
-                        help="sample only among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="nucleus sampling: the smallest set of tokens with this mass")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     parser.add_argument("--num-samples", type=int, default=1, help="independent samples to print")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"),
                         help="default: training.device of the config")
-    parser.add_argument("--no-cache", action="store_true",
-                        help="recompute the whole window every step instead of using the KV cache")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the window each step")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step: seconds to compile once, then more "
                         "tokens/s (README, Performance); pays off for long or many samples")
@@ -69,7 +62,6 @@ def main() -> None:
         config.data.tokenizer_path = stored.data.tokenizer_path
     device = pick_device(args.device or config.training.device)
     precision = setup_precision(config.training.precision, device)
-
     tokenizer = load_tokenizer(config.data.tokenizer_path, stored.model.vocab_size,
                                "pass --config with the tokenizer the checkpoint was trained on")
     model = Transformer(stored.model)  # the weights decide the shape, whatever --config says
@@ -91,7 +83,7 @@ def main() -> None:
     for sample in range(args.num_samples):
         if sample:
             print("\n" + "-" * 40)
-        sys.stdout.write(args.prompt)
+        print(args.prompt, end="")
         prompt = torch.tensor([prompt_ids], device=device)
         new_ids, printed = [], 0
         with autocast_context(device, precision):
@@ -105,11 +97,9 @@ def main() -> None:
                 text = decode(tokenizer, new_ids)
                 if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
                     continue
-                sys.stdout.write(text[printed:])
-                sys.stdout.flush()
+                print(text[printed:], end="", flush=True)
                 printed = len(text)
-        sys.stdout.write(decode(tokenizer, new_ids)[printed:] + "\n")
-        sys.stdout.flush()
+        print(decode(tokenizer, new_ids)[printed:], flush=True)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,6 @@ def train(config: Config, device: torch.device) -> None:
     state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
     if os.path.exists(t.snapshot_path):
         state = load_snapshot(t.snapshot_path, model, optimizer, scaler, device, world_size)
-        if is_main:
-            print(f"resuming from {t.snapshot_path}: step {state.step}, epoch {state.epoch}, "
-                  f"batch {state.batch_in_epoch} of that epoch", flush=True)
     ddp_model = DistributedDataParallel(model) if distributed else model  # on this rank's device
     train_model = torch.compile(ddp_model) if use_compile(t.compile, device) else ddp_model
 
@@ -86,13 +83,18 @@ def train(config: Config, device: torch.device) -> None:
     flops_per_token = model.flops_per_token(context)
     peak_flops = measure_peak_flops(device, precision) * world_size  # assumes equal devices
     if is_main:
-        print(describe_run(config, model, (len(train_set), len(val_set)), world_size, device,
-                           precision, total_steps, per_epoch, peak_flops), flush=True)
+        length = f"{t.time_budget_s:g} s budget" if total_steps is None else f"{total_steps} steps"
+        print(f"{world_size} process(es) on {device.type} ({precision}), {model.num_params():,} "
+              f"parameters, {len(train_set):,} train / {len(val_set):,} val windows; per step "
+              f"{config.data.batch_size} windows x {t.grad_accum_steps} accumulation x "
+              f"{world_size} process(es) = {tokens_per_step:,} tokens; {length} ({per_epoch} steps "
+              "per epoch); "
+              f"measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
     if run_is_over(state, t, total_steps):
         if is_main:
-            print(f"{t.snapshot_path} is already at step {state.step}, the end of this run: "
-                  "nothing to train — raise training.max_steps/epochs/time_budget_s to "
-                  "continue, or delete the snapshot to start over", flush=True)
+            print(f"{t.snapshot_path} is at the end of this run (step {state.step}): nothing to "
+                  "train — raise training.max_steps/epochs/time_budget_s to go on, or delete the "
+                  "snapshot to start over", flush=True)
         return
 
     val_batches = fixed_val_batches(val_set, config)[rank::world_size]  # each rank its share
@@ -185,17 +187,6 @@ def schedule_progress(state: RunState, t: TrainingConfig, total_steps: int | Non
     if total_steps is None:
         return state.train_seconds / t.time_budget_s
     return (state.step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
-
-
-def describe_run(config: Config, model: Transformer, windows: tuple[int, int], world_size: int,
-                 device: torch.device, precision: str, total_steps: int | None, per_epoch: int,
-                 peak_flops: float) -> str:
-    t, batch = config.training, config.data.batch_size
-    length = f"{t.time_budget_s:g} s budget" if total_steps is None else f"{total_steps} steps"
-    return (f"{device.type} ({precision}), {model.num_params():,} parameters, {windows[0]:,} "
-            f"train / {windows[1]:,} val windows; global batch {batch} x {t.grad_accum_steps} "
-            f"accumulation x {world_size} process(es) = {batch * t.grad_accum_steps * world_size} "
-            f"windows; {length} ({per_epoch} steps per epoch); peak {peak_flops / 1e9:.0f} GFLOP/s")
 
 
 def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
@@ -384,7 +375,11 @@ def load_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimize
     torch.set_rng_state(rng["torch"].cpu())
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"].cpu())
-    return RunState(**snapshot["progress"])
+    state = RunState(**snapshot["progress"])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"resuming from {path}: step {state.step}, epoch {state.epoch}, batch "
+              f"{state.batch_in_epoch} of that epoch", flush=True)
+    return state
 
 
 if __name__ == "__main__":

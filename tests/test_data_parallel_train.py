@@ -1,4 +1,5 @@
 """data_parallel_train.py under real torchrun with 2 CPU processes (gloo)."""
+
 import os
 import signal
 import subprocess
@@ -9,21 +10,43 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, assert_one_error_line, parent_pid, pause_at_snapshot, run_script, signal_tree,
-                      tiny_config, write_config)
+from conftest import (
+    REPO,
+    assert_one_error_line,
+    parent_pid,
+    pause_at_snapshot,
+    run_script,
+    signal_tree,
+    tiny_config,
+    write_config,
+)
 from utils import load_checkpoint
 
 DDP_STEPS = {"max_steps": 20, "eval_every": 10, "save_every": 10}
 
 
 def torchrun_command(config: Path, nproc: int = 2, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *flags,
-            str(REPO / "data_parallel_train.py"), str(config)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *flags,
+        str(REPO / "data_parallel_train.py"),
+        str(config),
+    ]
 
 
 def torchrun(config: Path, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(config, nproc), cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        torchrun_command(config, nproc),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -40,7 +63,9 @@ def final_weights(workdir: Path) -> dict:
 def stop_after_a_snapshot(command: list[str], workdir: Path) -> int:
     """Run `command` until a snapshot at step >= 4 is on disk, then kill -9 it and its children
     (torchrun's workers too); returns the snapshot's step."""
-    process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     progress = pause_at_snapshot(process, workdir / "ckpt" / "snapshot.pth", 4)
     signal_tree(process.pid, signal.SIGKILL)
     process.wait()
@@ -60,82 +85,156 @@ def test_two_process_run_writes_checkpoint_snapshot_and_logs(ddp_run):
     best = load_checkpoint(str(ddp_run / "ckpt" / "best.pth"))
     assert not any(name.startswith("module.") for name in best["model"])  # unwrapped weights
     snapshot = load_checkpoint(str(ddp_run / "ckpt" / "snapshot.pth"))
-    assert snapshot["progress"]["step"] == 20 and snapshot["world_size"] == 2 and len(snapshot["rng"]) == 2
+    assert (
+        snapshot["progress"]["step"] == 20
+        and snapshot["world_size"] == 2
+        and len(snapshot["rng"]) == 2
+    )
     assert len(list((ddp_run / "runs" / "test").iterdir())) >= 1  # rank 0 wrote TensorBoard
 
 
 def test_infer_loads_the_ddp_checkpoint(ddp_run):
-    result = run_script("infer.py", "--ckpt_path", "ckpt/best.pth", "--prompt", "MACBETH:", "--max-length", "10",
-                        "--seed", "0", cwd=ddp_run)
+    result = run_script(
+        "infer.py",
+        "--ckpt_path",
+        "ckpt/best.pth",
+        "--prompt",
+        "MACBETH:",
+        "--max-length",
+        "10",
+        "--seed",
+        "0",
+        cwd=ddp_run,
+    )
     assert result.returncode == 0 and result.stdout.startswith("MACBETH:"), result.stderr[-2000:]
 
 
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(ddp_run, tmp_path, corpus):
-    """Same global batches: 2 ranks x accum 1 (ddp_run) vs train.py with accum 2 -> the same parameters."""
-    config = write_config(tmp_path / "accum.yaml",
-                          tiny_config(tmp_path, corpus, training={**DDP_STEPS, "grad_accum_steps": 2}))
+    """Same global batches: 2 ranks x accum 1 (ddp_run) vs train.py with accum 2 -> same weights."""
+    config = write_config(
+        tmp_path / "accum.yaml",
+        tiny_config(tmp_path, corpus, training={**DDP_STEPS, "grad_accum_steps": 2}),
+    )
     result = run_script("train.py", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     single, distributed = final_weights(tmp_path), final_weights(ddp_run)
     for name in single:
         assert torch.allclose(single[name], distributed[name], atol=1e-5, rtol=0), name
-    assert not torch.equal(single["norm.weight"], torch.ones_like(single["norm.weight"]))  # it did train
+    assert not torch.equal(
+        single["norm.weight"], torch.ones_like(single["norm.weight"])
+    )  # it did train
 
 
 def test_resume_after_kill_9_matches_uninterrupted_run(ddp_run, tmp_path, corpus):
-    config = write_config(tmp_path / "tiny.yaml",
-                          tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 2}))
-    stopped_at = stop_after_a_snapshot(torchrun_command(config), tmp_path)  # torchrun and both workers
+    config = write_config(
+        tmp_path / "tiny.yaml",
+        tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 2}),
+    )
+    stopped_at = stop_after_a_snapshot(
+        torchrun_command(config), tmp_path
+    )  # torchrun and both workers
     assert 4 <= stopped_at < 20
     resumed = torchrun(config, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
+    assert (
+        f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
+    )
     reference = final_weights(ddp_run)
-    assert all(torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items())
+    assert all(
+        torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items()
+    )
 
 
 def test_sigterm_to_torchrun_saves_a_snapshot_that_resumes_exactly(ddp_run, tmp_path, corpus):
-    """What a cluster scheduler does at the end of a job: SIGTERM to the launcher, which passes it on."""
-    config = write_config(tmp_path / "tiny.yaml",
-                          tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 1000}))
-    launcher = subprocess.Popen(torchrun_command(config), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    """What a cluster scheduler does at the end of a job: SIGTERM to the launcher, passed on."""
+    config = write_config(
+        tmp_path / "tiny.yaml",
+        tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 1000}),
+    )
+    launcher = subprocess.Popen(
+        torchrun_command(config),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(tmp_path / "ckpt" / "best.pth", launcher)  # the first eval, at step 10
     launcher.send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=120)
     stopped_at = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"]
     assert 10 <= stopped_at < 20
-    assert stderr.count(f"stopped by SIGTERM after step {stopped_at}; snapshot saved to") == 1, stderr[-3000:]
+    assert (
+        stderr.count(f"stopped by SIGTERM after step {stopped_at}; snapshot saved to") == 1
+    ), stderr[-3000:]
     resumed = torchrun(config, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference = final_weights(ddp_run)
-    assert all(torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items())
+    assert all(
+        torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items()
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["training.lr=-1"], "error: training.lr must be > 0, got -1.0 — set a positive value"),
-    (["training.lr=1000", "training.min_lr=0", "training.grad_clip=0"], "error: training loss became nan/inf at step "),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["training.lr=-1"], "error: training.lr must be > 0, got -1.0 — set a positive value"),
+        (
+            ["training.lr=1000", "training.min_lr=0", "training.grad_clip=0"],
+            "error: training loss became nan/inf at step ",
+        ),
+    ],
+)
 def test_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, corpus, overrides, message):
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus, training=DDP_STEPS))
-    result = subprocess.run(torchrun_command(config) + overrides, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        torchrun_command(config) + overrides,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and ours[0].startswith(message), result.stderr[-3000:]
-    assert "data_parallel_train.py\", line" not in result.stderr  # torchrun's own report follows, ours is one line
+    assert (
+        'data_parallel_train.py", line' not in result.stderr
+    )  # torchrun's own report follows, ours is one line
     assert not (tmp_path / "ckpt" / "snapshot.pth").exists()
 
 
+def test_a_time_budget_ends_every_rank_on_the_same_step_inside_the_budget(tmp_path, corpus):
+    config = write_config(
+        tmp_path / "tiny.yaml",
+        tiny_config(
+            tmp_path, corpus, training={**DDP_STEPS, "time_budget_s": 3.0, "eval_every": 100000}
+        ),
+    )
+    result = torchrun(config, tmp_path)  # a rank stopping a step early would hang the other
+    assert result.returncode == 0, result.stderr[-3000:]
+    progress = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]
+    mean_step = progress["train_seconds"] / progress["step"]
+    assert progress["step"] > 20 and 3.0 - mean_step <= progress["train_seconds"] < 3.0 + mean_step
+
+
 def test_elastic_restart_after_rank_0_is_killed(tmp_path, corpus):
-    """Rank 0 is the hard case: its replacement must not read the dead group's addresses from the store."""
-    config = write_config(tmp_path / "tiny.yaml",
-                          tiny_config(tmp_path, corpus, training={**DDP_STEPS, "max_steps": 40, "save_every": 2}))
-    launcher = subprocess.Popen(torchrun_command(config, 2, "--max-restarts=1"), cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Rank 0 is the hard case: its replacement must not read the dead group's addresses."""
+    config = write_config(
+        tmp_path / "tiny.yaml",
+        tiny_config(tmp_path, corpus, training={**DDP_STEPS, "max_steps": 40, "save_every": 2}),
+    )
+    launcher = subprocess.Popen(
+        torchrun_command(config, 2, "--max-restarts=1"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for(tmp_path / "ckpt" / "snapshot.pth", launcher)
-    workers = {_rank(int(pid)): int(pid) for pid in os.listdir("/proc")
-               if pid.isdigit() and parent_pid(int(pid)) == launcher.pid}
+    workers = {
+        _rank(int(pid)): int(pid)
+        for pid in os.listdir("/proc")
+        if pid.isdigit() and parent_pid(int(pid)) == launcher.pid
+    }
     assert sorted(workers) == ["0", "1"]
     os.kill(workers["0"], signal.SIGKILL)
     output, _ = launcher.communicate(timeout=300)
@@ -153,37 +252,61 @@ def _rank(pid: int) -> str:
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, corpus) -> Path:
     workdir = tmp_path_factory.mktemp("one")
-    config = write_config(workdir / "tiny.yaml", tiny_config(workdir, corpus, training={**DDP_STEPS, "save_every": 2}))
+    config = write_config(
+        workdir / "tiny.yaml", tiny_config(workdir, corpus, training={**DDP_STEPS, "save_every": 2})
+    )
     result = run_script("train.py", str(config), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 
 @pytest.mark.parametrize("first, then", [("train.py", "torchrun"), ("torchrun", "train.py")])
-def test_one_snapshot_format_resumes_under_either_entry_point(one_process_run, tmp_path, corpus, first, then):
-    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 2}))
-    commands = {"train.py": [sys.executable, str(REPO / "train.py"), str(config)],
-                "torchrun": torchrun_command(config, 1)}
+def test_one_snapshot_format_resumes_under_either_entry_point(
+    one_process_run, tmp_path, corpus, first, then
+):
+    config = write_config(
+        tmp_path / "tiny.yaml",
+        tiny_config(tmp_path, corpus, training={**DDP_STEPS, "save_every": 2}),
+    )
+    commands = {
+        "train.py": [sys.executable, str(REPO / "train.py"), str(config)],
+        "torchrun": torchrun_command(config, 1),
+    }
     stopped_at = stop_after_a_snapshot(commands[first], tmp_path)
     assert 4 <= stopped_at < 20
-    resumed = subprocess.run(commands[then], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        commands[then], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
+    assert (
+        f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
+    )
     reference = final_weights(one_process_run)
-    assert all(torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items())
+    assert all(
+        torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items()
+    )
 
 
 def test_a_snapshot_of_another_number_of_processes_is_one_error_line(ddp_run, one_process_run):
     plain = run_script("train.py", "tiny.yaml", cwd=ddp_run)  # a 2-rank snapshot, one process
-    assert_one_error_line(plain.returncode, plain.stderr, "written by a run of 2 process.* this one has 1 "
-                                                          "— relaunch with the same total number of processes")
+    assert_one_error_line(
+        plain.returncode,
+        plain.stderr,
+        "written by a run of 2 process.* this one has 1 "
+        "— relaunch with the same total number of processes",
+    )
     for workdir, nproc in ((ddp_run, 1), (one_process_run, 2)):
         result = torchrun(workdir / "tiny.yaml", workdir, nproc=nproc)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
-        assert f"this one has {nproc} — relaunch with the same total number of processes" in errors[0]
+        expected = f"this one has {nproc} — relaunch with the same total number of processes"
+        assert expected in errors[0]
 
 
 def test_plain_python_is_refused(ddp_run):
     plain = run_script("data_parallel_train.py", "tiny.yaml", cwd=ddp_run)
-    assert_one_error_line(plain.returncode, plain.stderr, "^error: data_parallel_train.py must be launched by torchrun")
+    assert_one_error_line(
+        plain.returncode,
+        plain.stderr,
+        "^error: data_parallel_train.py must be launched by torchrun",
+    )

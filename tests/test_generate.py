@@ -1,4 +1,5 @@
 """generate.py: the window rule, KV cache against recomputation, the fused decode form, sampling."""
+
 import pytest
 import torch
 
@@ -9,8 +10,9 @@ CONTEXT = 16  # shorter than the test models' max_seq_len=48: the training conte
 
 
 def tokens(model, prompt, count, **options) -> torch.Tensor:
-    return torch.stack(list(generate(model, prompt, count, CONTEXT, temperature=0.0, **options)),
-                       dim=1)
+    return torch.stack(
+        list(generate(model, prompt, count, CONTEXT, temperature=0.0, **options)), dim=1
+    )
 
 
 def greedy_by_the_rule(model, prompt: torch.Tensor, count: int) -> torch.Tensor:
@@ -21,7 +23,7 @@ def greedy_by_the_rule(model, prompt: torch.Tensor, count: int) -> torch.Tensor:
         out.append(model(window)[0][:, -1].argmax(-1))
         window = torch.cat((window, out[-1][:, None]), dim=1)
         if window.shape[1] > CONTEXT:
-            window = window[:, -(CONTEXT // 2):]
+            window = window[:, -(CONTEXT // 2) :]
     return torch.stack(out, dim=1)
 
 
@@ -54,10 +56,13 @@ def test_fused_decode_form_gives_the_models_logits_and_cache(num_kv_heads):
     with torch.inference_mode():
         expected, expected_caches = prefill_then_decode(model, sequence, 12)
         fused, fused_caches = prefill_then_decode(
-            model, sequence, 12, lambda token, caches, pos: fused_decode(model, token, caches, pos))
+            model, sequence, 12, lambda token, caches, pos: fused_decode(model, token, caches, pos)
+        )
     assert torch.allclose(fused, expected, atol=1e-4)
-    assert all(torch.allclose(a.k, b.k, atol=1e-5) and torch.allclose(a.v, b.v, atol=1e-5)
-               for a, b in zip(expected_caches, fused_caches))
+    assert all(
+        torch.allclose(a.k, b.k, atol=1e-5) and torch.allclose(a.v, b.v, atol=1e-5)
+        for a, b in zip(expected_caches, fused_caches)
+    )
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])  # 1: the fused CPU form; 2: the model's forward

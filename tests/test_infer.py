@@ -8,39 +8,86 @@ from conftest import assert_one_error_line, run_main, run_script
 
 
 def test_infer_streams_samples_from_a_trained_checkpoint(trained_run):
-    result = run_script("infer.py", "--ckpt_path", "ckpt/best.pth", "--prompt", "ROMEO:", "--max-length", "20",
-                        "--seed", "1", "--num-samples", "2", "--top-k", "50", "--top-p", "0.95", cwd=trained_run)
+    result = run_script(
+        "infer.py",
+        "--ckpt_path",
+        "ckpt/best.pth",
+        "--prompt",
+        "ROMEO:",
+        "--max-length",
+        "20",
+        "--seed",
+        "1",
+        "--num-samples",
+        "2",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        cwd=trained_run,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     samples = result.stdout.split("\n" + "-" * 40 + "\n")
     assert len(samples) == 2
-    assert all(sample.startswith("ROMEO:") and len(sample) > len("ROMEO:") + 10 for sample in samples)
+    assert all(
+        sample.startswith("ROMEO:") and len(sample) > len("ROMEO:") + 10 for sample in samples
+    )
 
 
 def test_infer_greedy_is_the_same_with_and_without_cache_and_compiled(trained_run):
-    args = ["--ckpt_path", "ckpt/best.pth", "--config", "tiny.yaml", "--prompt", "JULIET:\nO Romeo",
-            "--max-length", "15", "--temperature", "0"]
+    args = [
+        "--ckpt_path",
+        "ckpt/best.pth",
+        "--config",
+        "tiny.yaml",
+        "--prompt",
+        "JULIET:\nO Romeo",
+        "--max-length",
+        "15",
+        "--temperature",
+        "0",
+    ]
     cached = run_script("infer.py", *args, cwd=trained_run)
     uncached = run_script("infer.py", *args, "--no-cache", cwd=trained_run)
     compiled = run_script("infer.py", *args, "--compile", cwd=trained_run)
     for result in (cached, uncached, compiled):
         assert result.returncode == 0, result.stderr[-2000:]
     assert cached.stdout == uncached.stdout == compiled.stdout
-    assert cached.stdout.startswith("JULIET:\nO Romeo") and len(cached.stdout) >= len("JULIET:\nO Romeo") + 10
+    assert (
+        cached.stdout.startswith("JULIET:\nO Romeo")
+        and len(cached.stdout) >= len("JULIET:\nO Romeo") + 10
+    )
 
 
 def test_infer_starts_from_endoftext_on_empty_prompt(trained_run):
-    result = run_script("infer.py", "--ckpt_path", "ckpt/best.pth", "--max-length", "10", "--seed", "0",
-                        cwd=trained_run)
+    result = run_script(
+        "infer.py",
+        "--ckpt_path",
+        "ckpt/best.pth",
+        "--max-length",
+        "10",
+        "--seed",
+        "0",
+        cwd=trained_run,
+    )
     assert result.returncode == 0 and len(result.stdout) > 1, result.stderr[-2000:]
 
 
 def test_infer_keeps_the_end_of_a_prompt_longer_than_the_context(trained_run, monkeypatch, capsys):
     prompt = "O Romeo, Romeo, wherefore art thou Romeo? " * 20  # far more than the 32 trained on
-    code, stdout, stderr = run_main(infer.main, ["--ckpt_path", "ckpt/best.pth", "--prompt", prompt,
-                                                 "--max-length", "5", "--seed", "0"], trained_run, monkeypatch, capsys)
+    code, stdout, stderr = run_main(
+        infer.main,
+        ["--ckpt_path", "ckpt/best.pth", "--prompt", prompt, "--max-length", "5", "--seed", "0"],
+        trained_run,
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, stderr
-    assert re.fullmatch(r"warning: prompt has \d+ tokens, more than the 32 the model was trained on; "
-                        r"it sees the last 32\n", stderr)
+    assert re.fullmatch(
+        r"warning: prompt has \d+ tokens, more than the 32 the model was trained on; "
+        r"it sees the last 32\n",
+        stderr,
+    )
     assert stdout.startswith(prompt) and len(stdout) > len(prompt)
 
 
@@ -48,21 +95,34 @@ def damaged_copy(trained_run, workdir):
     (workdir / "bad.pth").write_bytes((trained_run / "ckpt" / "best.pth").read_bytes()[:3000])
 
 
-@pytest.mark.parametrize("args, setup, message", [
-    (["--max-length", "0"], None, "--max-length must be > 0, got 0"),
-    (["--max-length", "-5"], None, "--max-length must be > 0, got -5"),
-    (["--top-k", "0"], None, "--top-k must be > 0, got 0"),
-    (["--top-p", "0"], None, r"--top-p must be in \(0, 1\], got 0.0"),
-    (["--top-p", "1.5"], None, r"--top-p must be in \(0, 1\], got 1.5"),
-    (["--temperature", "-0.1"], None, "--temperature must be >= 0, got -0.1"),
-    (["--num-samples", "0"], None, "--num-samples must be > 0"),
-    (["--ckpt_path", "nope.pth"], None, "checkpoint 'nope.pth' not found"),
-    (["--ckpt_path", "bad.pth"], damaged_copy, "cannot load checkpoint 'bad.pth'.* corrupt, truncated"),
-    (["--ckpt_path", "ckpt/best.pth", "--config", "other.yaml"],
-     lambda run, workdir: (workdir / "other.yaml").write_text("data:\n  tokenizer_path: nope.json\n"),
-     "tokenizer 'nope.json' not found"),
-])
-def test_infer_bad_input_is_one_line_exit_2(trained_run, tmp_path, monkeypatch, capsys, args, setup, message):
+@pytest.mark.parametrize(
+    "args, setup, message",
+    [
+        (["--max-length", "0"], None, "--max-length must be > 0, got 0"),
+        (["--max-length", "-5"], None, "--max-length must be > 0, got -5"),
+        (["--top-k", "0"], None, "--top-k must be > 0, got 0"),
+        (["--top-p", "0"], None, r"--top-p must be in \(0, 1\], got 0.0"),
+        (["--top-p", "1.5"], None, r"--top-p must be in \(0, 1\], got 1.5"),
+        (["--temperature", "-0.1"], None, "--temperature must be >= 0, got -0.1"),
+        (["--num-samples", "0"], None, "--num-samples must be > 0"),
+        (["--ckpt_path", "nope.pth"], None, "checkpoint 'nope.pth' not found"),
+        (
+            ["--ckpt_path", "bad.pth"],
+            damaged_copy,
+            "cannot load checkpoint 'bad.pth'.* corrupt, truncated",
+        ),
+        (
+            ["--ckpt_path", "ckpt/best.pth", "--config", "other.yaml"],
+            lambda run, workdir: (workdir / "other.yaml").write_text(
+                "data:\n  tokenizer_path: nope.json\n"
+            ),
+            "tokenizer 'nope.json' not found",
+        ),
+    ],
+)
+def test_infer_bad_input_is_one_line_exit_2(
+    trained_run, tmp_path, monkeypatch, capsys, args, setup, message
+):
     shutil.copytree(trained_run / "ckpt", tmp_path / "ckpt")
     if setup:
         setup(trained_run, tmp_path)
@@ -77,7 +137,19 @@ def test_infer_entry_point_error_has_no_traceback(trained_run):
 
 
 def test_infer_compile_without_a_cxx_compiler_is_one_line_exit_2(trained_run, tmp_path):
-    result = run_script("infer.py", "--ckpt_path", "ckpt/best.pth", "--max-length", "3", "--compile",
-                        cwd=trained_run, env={"CXX": str(tmp_path / "no-such-g++"),
-                                              "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
-    assert_one_error_line(result.returncode, result.stderr, "^error: torch.compile needs a working C\\+\\+ compiler")
+    result = run_script(
+        "infer.py",
+        "--ckpt_path",
+        "ckpt/best.pth",
+        "--max-length",
+        "3",
+        "--compile",
+        cwd=trained_run,
+        env={
+            "CXX": str(tmp_path / "no-such-g++"),
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        },
+    )
+    assert_one_error_line(
+        result.returncode, result.stderr, "^error: torch.compile needs a working C\\+\\+ compiler"
+    )

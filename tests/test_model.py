@@ -14,7 +14,9 @@ def test_shapes_and_loss():
     assert logits.shape == (2, 16, 97)
     assert loss.shape == () and abs(loss.item() - math.log(97)) < 0.5  # near-uniform at init
     assert model(idx)[1] is None
-    last = model(idx, last_only=True)[0]  # what generation asks for: only the last position's logits
+    last = model(idx, last_only=True)[
+        0
+    ]  # what generation asks for: only the last position's logits
     assert last.shape == (2, 1, 97) and torch.allclose(last, logits[:, -1:], atol=1e-6)
 
 
@@ -43,15 +45,17 @@ def test_rope_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, head_dim), torch.randn(1, 1, 1, head_dim)
 
     def score(q_pos, k_pos):
-        q_rot = apply_rope(q, cos[q_pos:q_pos + 1], sin[q_pos:q_pos + 1])
-        k_rot = apply_rope(k, cos[k_pos:k_pos + 1], sin[k_pos:k_pos + 1])
+        q_rot = apply_rope(q, cos[q_pos : q_pos + 1], sin[q_pos : q_pos + 1])
+        k_rot = apply_rope(k, cos[k_pos : k_pos + 1], sin[k_pos : k_pos + 1])
         return (q_rot * k_rot).sum()
 
     assert torch.allclose(score(5, 2), score(25, 22), atol=1e-5)
     assert torch.allclose(score(40, 0), score(47, 7), atol=1e-5)
     assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
     rotated = apply_rope(q.expand(1, 1, 10, head_dim), cos[:10], sin[:10])
-    assert torch.allclose(rotated.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 10), atol=1e-5)  # a pure rotation
+    assert torch.allclose(
+        rotated.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 10), atol=1e-5
+    )  # a pure rotation
 
 
 def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
@@ -60,8 +64,14 @@ def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
     state = gqa.state_dict()
     head_dim, groups = 16, 2
     for name, weight in list(state.items()):
-        if name.endswith(("k_proj.weight", "v_proj.weight")):  # kv head j serves query heads 2j and 2j+1
-            state[name] = weight.view(2, head_dim, -1).repeat_interleave(groups, dim=0).reshape(4 * head_dim, -1)
+        if name.endswith(
+            ("k_proj.weight", "v_proj.weight")
+        ):  # kv head j serves query heads 2j and 2j+1
+            state[name] = (
+                weight.view(2, head_dim, -1)
+                .repeat_interleave(groups, dim=0)
+                .reshape(4 * head_dim, -1)
+            )
     mha.load_state_dict(state)
     assert gqa.layers[0].self_attn.k_proj.weight.shape == (32, 64)
     idx = torch.randint(0, 97, (2, 20))
@@ -72,11 +82,15 @@ def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
 def test_kv_cache_prefill_and_decode_give_the_full_forward_logits(num_kv_heads):
     model = make_model(num_kv_heads=num_kv_heads)
     sequence = torch.randint(0, 97, (2, 30))
-    assert torch.allclose(prefill_then_decode(model, sequence, 10)[0], model(sequence)[0], atol=1e-5)
+    assert torch.allclose(
+        prefill_then_decode(model, sequence, 10)[0], model(sequence)[0], atol=1e-5
+    )
 
 
 def test_cache_under_autocast_is_kept_in_the_autocast_dtype():
-    model = make_model(num_kv_heads=2)  # infer.py and bench.py generate under autocast (bf16 on a GPU)
+    model = make_model(
+        num_kv_heads=2
+    )  # infer.py and bench.py generate under autocast (bf16 on a GPU)
     sequence = torch.randint(0, 97, (1, 20))
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
         cached, caches = prefill_then_decode(model, sequence, 12)

@@ -14,8 +14,16 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import (REPO, assert_one_error_line, file_tree, pause_at_snapshot, run_main, run_script,
-                      tiny_config, write_config)
+from conftest import (
+    REPO,
+    assert_one_error_line,
+    file_tree,
+    pause_at_snapshot,
+    run_main,
+    run_script,
+    tiny_config,
+    write_config,
+)
 from data import load_tokenizer, token_byte_lengths
 from model import Transformer
 from train import evaluate
@@ -26,34 +34,64 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
     events = EventAccumulator(str(trained_run / "runs" / "test"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "val/bpb", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= scalars
+    assert {
+        "train/loss",
+        "val/loss",
+        "val/bpb",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+        "mfu",
+    } <= scalars
     assert {"config", "sample"} <= {tag.split("/")[0] for tag in events.Tags()["tensors"]}
     train_loss = [e.value for e in events.Scalars("train/loss")]
-    assert len(train_loss) == 10 and train_loss[-1] < train_loss[0] - 1.5, train_loss  # from ~8.3 nats
+    assert (
+        len(train_loss) == 10 and train_loss[-1] < train_loss[0] - 1.5
+    ), train_loss  # from ~8.3 nats
     lrs = [e.value for e in events.Scalars("lr")]
     schedule = TrainingConfig(warmup_steps=5, lr=3e-3, min_lr=3e-4)
-    assert lrs == pytest.approx([lr_at(step - 1, (step - 6) / 45, schedule) for step in range(5, 51, 5)],
-                                rel=1e-6)
-    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] < 3.1e-4  # warmup done at step 5, decayed to ~min_lr
+    assert lrs == pytest.approx(
+        [lr_at(step - 1, (step - 6) / 45, schedule) for step in range(5, 51, 5)], rel=1e-6
+    )
+    assert (
+        lrs[0] == pytest.approx(3e-3) and lrs[-1] < 3.1e-4
+    )  # warmup done at step 5, decayed to ~min_lr
 
     val_loss = {e.step: e.value for e in events.Scalars("val/loss")}
     assert sorted(val_loss) == [25, 50]
     best = load_checkpoint(str(trained_run / "ckpt" / "best.pth"))
     assert best["val_loss"] == pytest.approx(min(val_loss.values()))
     assert best["step"] == min(val_loss, key=val_loss.get)
-    assert set(best) == {"model", "config", "step", "val_loss", "val_bpb"}  # weights only, no optimizer
+    assert set(best) == {
+        "model",
+        "config",
+        "step",
+        "val_loss",
+        "val_bpb",
+    }  # weights only, no optimizer
     snapshot = load_checkpoint(str(trained_run / "ckpt" / "snapshot.pth"))
-    assert {"model", "optimizer", "scaler", "config", "progress", "world_size", "rng"} == set(snapshot)
+    assert {"model", "optimizer", "scaler", "config", "progress", "world_size", "rng"} == set(
+        snapshot
+    )
     assert snapshot["progress"]["step"] == 50 and snapshot["progress"]["run_name"] == "test"
-    assert snapshot["world_size"] == 1 and len(snapshot["rng"]) == 1  # the format torchrun writes too
+    assert (
+        snapshot["world_size"] == 1 and len(snapshot["rng"]) == 1
+    )  # the format torchrun writes too
 
 
-# Exact resume is checked on a short corpus (22 steps per epoch, 3 epochs), with dropout and gradient
+# Exact resume is checked on a short corpus (22 steps per epoch, 3 epochs), with dropout and
 # accumulation on, so data order, RNG, optimizer and schedule all have to be restored.
-RESUME_SETTINGS = {"model": {"dropout": 0.1},
-                   "data": {"batch_size": 4},
-                   "training": {"epochs": 3, "max_steps": 0, "grad_accum_steps": 2, "eval_every": 22,
-                                "save_every": 5}}
+RESUME_SETTINGS = {
+    "model": {"dropout": 0.1},
+    "data": {"batch_size": 4},
+    "training": {
+        "epochs": 3,
+        "max_steps": 0,
+        "grad_accum_steps": 2,
+        "eval_every": 22,
+        "save_every": 5,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +109,7 @@ def resume_config(workdir: Path, short_corpus: Path, **training) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, short_corpus) -> tuple[dict, int]:
-    """(final weights, steps per epoch) of the run the interrupted ones must reproduce bit for bit."""
+    """(final weights, steps per epoch) of the run the interrupted ones must reproduce exactly."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     result = run_script("train.py", str(resume_config(workdir, short_corpus)), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -81,28 +119,44 @@ def uninterrupted(tmp_path_factory, short_corpus) -> tuple[dict, int]:
 
 
 def start_training(config: Path, workdir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), str(config)], cwd=workdir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), str(config)],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def assert_resumes_exactly(config: Path, workdir: Path, stopped_at: int, reference: dict) -> None:
     resumed = run_script("train.py", str(config), cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {workdir / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
+    assert (
+        f"resuming from {workdir / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
+    )
     final = load_checkpoint(str(workdir / "ckpt" / "snapshot.pth"))["model"]
     assert final.keys() == reference.keys()
-    assert all(torch.equal(final[name], reference[name]) for name in final), "resume diverged from the reference"
+    assert all(
+        torch.equal(final[name], reference[name]) for name in final
+    ), "resume diverged from the reference"
 
 
 @pytest.mark.parametrize("kill_point", ["early", "mid-epoch", "epoch boundary"])
-def test_sigkill_at_any_point_then_resume_is_bitwise_exact(tmp_path, short_corpus, uninterrupted, kill_point):
+def test_sigkill_at_any_point_then_resume_is_bitwise_exact(
+    tmp_path, short_corpus, uninterrupted, kill_point
+):
     reference, per_epoch = uninterrupted
-    save_every, min_step = {"early": (5, 5), "mid-epoch": (5, per_epoch + 6),
-                            "epoch boundary": (per_epoch, per_epoch)}[kill_point]
+    save_every, min_step = {
+        "early": (5, 5),
+        "mid-epoch": (5, per_epoch + 6),
+        "epoch boundary": (per_epoch, per_epoch),
+    }[kill_point]
     config = resume_config(tmp_path, short_corpus, save_every=save_every)
     process = start_training(config, tmp_path)
     snapshot = pause_at_snapshot(process, tmp_path / "ckpt" / "snapshot.pth", min_step)
-    os.kill(process.pid, signal.SIGKILL)  # the hard way: no handler runs, whatever it was doing is lost
+    os.kill(
+        process.pid, signal.SIGKILL
+    )  # the hard way: no handler runs, whatever it was doing is lost
     process.wait()
     micro_batches_per_epoch = 2 * per_epoch
     if kill_point == "early":
@@ -115,9 +169,13 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_exact(tmp_path, short_corpu
 
 
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_sigint_and_sigterm_finish_the_step_save_and_exit(tmp_path, short_corpus, uninterrupted, signum, exit_code):
+def test_sigint_and_sigterm_finish_the_step_save_and_exit(
+    tmp_path, short_corpus, uninterrupted, signum, exit_code
+):
     reference, per_epoch = uninterrupted
-    config = resume_config(tmp_path, short_corpus, save_every=1000)  # only the stop itself writes a snapshot
+    config = resume_config(
+        tmp_path, short_corpus, save_every=1000
+    )  # only the stop itself writes a snapshot
     process = start_training(config, tmp_path)
     pause_at_snapshot(process, tmp_path / "ckpt" / "best.pth", per_epoch)  # first eval: mid-run
     os.kill(process.pid, signum)
@@ -127,7 +185,10 @@ def test_sigint_and_sigterm_finish_the_step_save_and_exit(tmp_path, short_corpus
     stopped_at = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"]
     assert per_epoch <= stopped_at < 3 * per_epoch
     name = signal.Signals(signum).name
-    assert f"stopped by {name} after step {stopped_at}; snapshot saved to" in stderr and "Traceback" not in stderr
+    assert (
+        f"stopped by {name} after step {stopped_at}; snapshot saved to" in stderr
+        and "Traceback" not in stderr
+    )
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
     assert events.Scalars("train/loss"), "TensorBoard events were not flushed on the way out"
@@ -138,14 +199,19 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_saved_files(tmp_path, trained_
     shutil.copytree(trained_run / "ckpt", tmp_path / "ckpt")
     saved = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     config = tiny_config(tmp_path, trained_run / "missing.txt")
-    config["data"]["raw_text_path"] = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))["config"]["data"][
-        "raw_text_path"]
+    config["data"]["raw_text_path"] = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))[
+        "config"
+    ]["data"]["raw_text_path"]
     config["training"].update(max_steps=100, lr=1000.0, min_lr=0.0, grad_clip=0.0)
     result = run_script("train.py", str(write_config(tmp_path / "tiny.yaml", config)), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and re.match(r"error: training loss became nan/inf at step (\d+) \(lr .*, fp32\)", error[0])
-    assert int(re.search(r"at step (\d+)", error[0]).group(1)) > 50  # the run resumed at 50, then blew up
+    assert len(error) == 1 and re.match(
+        r"error: training loss became nan/inf at step (\d+) \(lr .*, fp32\)", error[0]
+    )
+    assert (
+        int(re.search(r"at step (\d+)", error[0]).group(1)) > 50
+    )  # the run resumed at 50, then blew up
     assert "lower training.lr" in error[0] and "Traceback" not in result.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == saved
 
@@ -161,45 +227,107 @@ def write_text(name: str, content: bytes) -> Callable[[Path, Path], None]:
 
 def resumable(damage: bool = False) -> Callable[[Path, Path], None]:
     """Put trained_run's checkpoints in place (optionally with the snapshot cut short)."""
+
     def setup(workdir: Path, trained_run: Path) -> None:
         shutil.copytree(trained_run / "ckpt", workdir / "ckpt")
         if damage:
             snapshot = workdir / "ckpt" / "snapshot.pth"
             snapshot.write_bytes(snapshot.read_bytes()[:4000])
+
     return setup
 
 
-@pytest.mark.parametrize("argv, setup, message", [
-    (["broken.yaml"], write_text("broken.yaml", b"model:\n  embed_dim: 64\n  num_heads: [4\n"),
-     r"malformed YAML in broken.yaml at line 4"),
-    (["modle.yaml"], write_text("modle.yaml", b"modle:\n  embed_dim: 64\n"), "did you mean 'model'"),
-    (["tiny.yaml", "training.max_step=30"], None,
-     "unknown config key 'training.max_step' — did you mean 'training.max_steps'"),
-    (["tiny.yaml", "model.num_layers=two"], None, "model.num_layers must be int, got 'two'"),
-    (["tiny.yaml", "training.lr=0"], None, "training.lr must be > 0"),
-    (["tiny.yaml", "training.lr=-3e-4"], None, "training.lr must be > 0"),
-    (["tiny.yaml", "data.val_split=1.5"], None, r"data.val_split must be in \(0, 1\)"),
-    (["tiny.yaml", "model.embed_dim=66"], None, r"embed_dim \(66\) is not divisible by model.num_heads \(4\)"),
-    (["tiny.yaml", "model.num_kv_heads=3"], None, r"num_heads \(4\) is not divisible by model.num_kv_heads \(3\)"),
-    (["tiny.yaml", "data.context_length=128"], None, r"context_length \(128\) > model.max_seq_len \(64\)"),
-    (["tiny.yaml", "data.batch_size=0"], None, "data.batch_size must be > 0"),
-    (["tiny.yaml", "max_steps=30"], None, "bad override 'max_steps=30' — write section.key=value"),
-    (["tiny.yaml", "training.max_steps"], None, "bad override 'training.max_steps'"),
-    (["missing.yaml"], None, "config file 'missing.yaml' not found"),
-    (["tiny.yaml", "data.raw_text_path=nope.txt"], None, "no text found at data.raw_text_path='nope.txt'"),
-    (["tiny.yaml", "data.tokenizer_path=nope.json"], None, "tokenizer 'nope.json' not found"),
-    (["tiny.yaml", "data.raw_text_path=empty.txt"], write_text("empty.txt", b""), "the corpus at 'empty.txt' is empty"),
-    (["tiny.yaml", "data.raw_text_path=short.txt"], write_text("short.txt", "To be.".encode()),
-     "too short for one train and one val window"),
-    (["tiny.yaml", "data.raw_text_path=latin1.txt"], write_text("latin1.txt", "O Romeo, café".encode("latin-1")),
-     r"latin1.txt is not valid UTF-8 \(byte offset 12\)"),
-    (["tiny.yaml", "model.vocab_size=100"], None, "tokenizer .* has 4096 tokens but model.vocab_size is 100"),
-    (["tiny.yaml", "model.num_layers=3"], resumable(), r"was trained with a different model \(num_layers=2 vs 3"),
-    (["tiny.yaml", "training.max_steps=80"], resumable(damage=True), "cannot load checkpoint .* corrupt, truncated"),
-    (["tiny.yaml", "training.checkpoint_path=/proc/self/ckpt/best.pth"], None, "cannot write to /proc/self"),
-])
-def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, trained_run, monkeypatch, capsys,
-                                                                argv, setup, message):
+@pytest.mark.parametrize(
+    "argv, setup, message",
+    [
+        (
+            ["broken.yaml"],
+            write_text("broken.yaml", b"model:\n  embed_dim: 64\n  num_heads: [4\n"),
+            r"malformed YAML in broken.yaml at line 4",
+        ),
+        (
+            ["modle.yaml"],
+            write_text("modle.yaml", b"modle:\n  embed_dim: 64\n"),
+            "did you mean 'model'",
+        ),
+        (
+            ["tiny.yaml", "training.max_step=30"],
+            None,
+            "unknown config key 'training.max_step' — did you mean 'training.max_steps'",
+        ),
+        (["tiny.yaml", "model.num_layers=two"], None, "model.num_layers must be int, got 'two'"),
+        (["tiny.yaml", "training.lr=0"], None, "training.lr must be > 0"),
+        (["tiny.yaml", "training.lr=-3e-4"], None, "training.lr must be > 0"),
+        (["tiny.yaml", "data.val_split=1.5"], None, r"data.val_split must be in \(0, 1\)"),
+        (
+            ["tiny.yaml", "model.embed_dim=66"],
+            None,
+            r"embed_dim \(66\) is not divisible by model.num_heads \(4\)",
+        ),
+        (
+            ["tiny.yaml", "model.num_kv_heads=3"],
+            None,
+            r"num_heads \(4\) is not divisible by model.num_kv_heads \(3\)",
+        ),
+        (
+            ["tiny.yaml", "data.context_length=128"],
+            None,
+            r"context_length \(128\) > model.max_seq_len \(64\)",
+        ),
+        (["tiny.yaml", "data.batch_size=0"], None, "data.batch_size must be > 0"),
+        (
+            ["tiny.yaml", "max_steps=30"],
+            None,
+            "bad override 'max_steps=30' — write section.key=value",
+        ),
+        (["tiny.yaml", "training.max_steps"], None, "bad override 'training.max_steps'"),
+        (["missing.yaml"], None, "config file 'missing.yaml' not found"),
+        (
+            ["tiny.yaml", "data.raw_text_path=nope.txt"],
+            None,
+            "no text found at data.raw_text_path='nope.txt'",
+        ),
+        (["tiny.yaml", "data.tokenizer_path=nope.json"], None, "tokenizer 'nope.json' not found"),
+        (
+            ["tiny.yaml", "data.raw_text_path=empty.txt"],
+            write_text("empty.txt", b""),
+            "the corpus at 'empty.txt' is empty",
+        ),
+        (
+            ["tiny.yaml", "data.raw_text_path=short.txt"],
+            write_text("short.txt", "To be.".encode()),
+            "too short for one train and one val window",
+        ),
+        (
+            ["tiny.yaml", "data.raw_text_path=latin1.txt"],
+            write_text("latin1.txt", "O Romeo, café".encode("latin-1")),
+            r"latin1.txt is not valid UTF-8 \(byte offset 12\)",
+        ),
+        (
+            ["tiny.yaml", "model.vocab_size=100"],
+            None,
+            "tokenizer .* has 4096 tokens but model.vocab_size is 100",
+        ),
+        (
+            ["tiny.yaml", "model.num_layers=3"],
+            resumable(),
+            r"was trained with a different model \(num_layers=2 vs 3",
+        ),
+        (
+            ["tiny.yaml", "training.max_steps=80"],
+            resumable(damage=True),
+            "cannot load checkpoint .* corrupt, truncated",
+        ),
+        (
+            ["tiny.yaml", "training.checkpoint_path=/proc/self/ckpt/best.pth"],
+            None,
+            "cannot write to /proc/self",
+        ),
+    ],
+)
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path, corpus, trained_run, monkeypatch, capsys, argv, setup, message
+):
     write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus))
     if setup:
         setup(tmp_path, trained_run)
@@ -211,13 +339,25 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus,
 
 def test_the_real_entry_point_prints_one_line_without_traceback(trained_run):
     result = run_script("train.py", "tiny.yaml", "model.num_heads=5", cwd=trained_run)
-    assert_one_error_line(result.returncode, result.stderr, r"embed_dim \(64\) is not divisible by model.num_heads")
+    assert_one_error_line(
+        result.returncode, result.stderr, r"embed_dim \(64\) is not divisible by model.num_heads"
+    )
 
 
 def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tmp_path, corpus):
-    config = write_config(tmp_path / "tiny.yaml", tiny_config(
-        tmp_path, corpus, training={"time_budget_s": 4.0, "max_steps": 20, "eval_every": 100000,
-                                    "save_every": 100000}))
+    config = write_config(
+        tmp_path / "tiny.yaml",
+        tiny_config(
+            tmp_path,
+            corpus,
+            training={
+                "time_budget_s": 4.0,
+                "max_steps": 20,
+                "eval_every": 100000,
+                "save_every": 100000,
+            },
+        ),
+    )
     result = run_script("train.py", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 s budget" in result.stdout
@@ -231,19 +371,24 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
     lrs = [e.value for e in events.Scalars("lr")]
-    assert lrs[-1] < 0.5 * max(lrs), "the cosine is laid out over the budget, so it has decayed by the end"
+    assert lrs[-1] < 0.5 * max(
+        lrs
+    ), "the cosine is laid out over the budget, so it has decayed by the end"
     assert lrs[-1] < lrs[-2] < lrs[-3], "and it decays all the way to the end"
     again = run_script("train.py", str(config), cwd=tmp_path)
     assert again.returncode == 0 and "nothing to train" in again.stdout
 
     longer = run_script("train.py", str(config), "training.time_budget_s=7", cwd=tmp_path)
     assert longer.returncode == 0, longer.stderr[-3000:]
-    assert f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {snapshot['step']}," in longer.stdout
+    assert (
+        f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {snapshot['step']},"
+        in longer.stdout
+    )
     resumed = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]
     assert resumed["step"] > snapshot["step"]
     assert 7.0 - 2 * mean_step <= resumed["train_seconds"] < 7.0 + mean_step
     events.Reload()
-    lrs_after = [e.value for e in events.Scalars("lr")][len(lrs):]
+    lrs_after = [e.value for e in events.Scalars("lr")][len(lrs) :]
     assert lrs_after[0] > lrs[-1], "a larger budget puts the resumed run back earlier on its cosine"
     assert lrs_after[-1] < 0.5 * max(lrs), "and the cosine ends at the new budget"
 
@@ -251,9 +396,14 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
 def test_evaluate_reports_bits_per_byte_consistent_with_loss():
     tokenizer = load_tokenizer(str(REPO / "tokenizer" / "bpe_4096.json"))
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(embed_dim=32, num_heads=2, num_kv_heads=2, ff_dim=64, num_layers=1,
-                                    max_seq_len=32))
-    ids = torch.tensor(tokenizer.encode("But, soft! what light through yonder window breaks? " * 3).ids[:33])
+    model = Transformer(
+        ModelConfig(
+            embed_dim=32, num_heads=2, num_kv_heads=2, ff_dim=64, num_layers=1, max_seq_len=32
+        )
+    )
+    ids = torch.tensor(
+        tokenizer.encode("But, soft! what light through yonder window breaks? " * 3).ids[:33]
+    )
     batches = [(ids[None, :-1], ids[None, 1:])]
     loss, bpb = evaluate(model, batches, token_byte_lengths(tokenizer), "fp32")
     num_bytes = token_byte_lengths(tokenizer)[ids[1:]].sum().item()

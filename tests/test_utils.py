@@ -11,9 +11,22 @@ import pytest
 import torch
 
 from conftest import REPO
-from utils import (Config, DataConfig, ModelConfig, Section, TrainingConfig, UserError, atomic_save,
-                   atomic_write, check_writable, config_from_dict, config_to_dict, load_checkpoint,
-                   load_config, lr_at)
+from utils import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    Section,
+    TrainingConfig,
+    UserError,
+    atomic_save,
+    atomic_write,
+    check_writable,
+    config_from_dict,
+    config_to_dict,
+    load_checkpoint,
+    load_config,
+    lr_at,
+)
 
 
 def test_shipped_config_loads_and_validates():
@@ -24,9 +37,16 @@ def test_shipped_config_loads_and_validates():
 
 
 def test_overrides_are_typed_like_yaml():
-    config = config_from_dict({}, overrides=["training.max_steps=30", "training.lr=1e-3",
-                                             "training.compile=true", "data.raw_text_path=my.txt",
-                                             "model.rope_theta=500000"])
+    config = config_from_dict(
+        {},
+        overrides=[
+            "training.max_steps=30",
+            "training.lr=1e-3",
+            "training.compile=true",
+            "data.raw_text_path=my.txt",
+            "model.rope_theta=500000",
+        ],
+    )
     assert config.training.max_steps == 30 and isinstance(config.training.max_steps, int)
     assert config.training.lr == 1e-3  # YAML reads 1e-3 as a string; float fields accept it
     assert config.training.compile is True  # compile is a plain auto | true | false
@@ -34,16 +54,19 @@ def test_overrides_are_typed_like_yaml():
     assert config.model.rope_theta == 500000.0 and isinstance(config.model.rope_theta, float)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("training.max_step=3", "did you mean 'training.max_steps'"),
-    ("model.num_layers=two", "model.num_layers must be int"),
-    ("model.num_layers=2.5", "model.num_layers must be int"),
-    ("training.compile=1", "training.compile must be one of auto, true, false, got 1"),
-    ("training.compile=yes please", "training.compile must be one of auto, true, false"),
-    ("max_steps=3", "bad override"),
-    ("training.max_steps", "bad override"),
-    ("trainng.max_steps=3", "no section 'trainng'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.max_step=3", "did you mean 'training.max_steps'"),
+        ("model.num_layers=two", "model.num_layers must be int"),
+        ("model.num_layers=2.5", "model.num_layers must be int"),
+        ("training.compile=1", "training.compile must be one of auto, true, false, got 1"),
+        ("training.compile=yes please", "training.compile must be one of auto, true, false"),
+        ("max_steps=3", "bad override"),
+        ("training.max_steps", "bad override"),
+        ("trainng.max_steps=3", "no section 'trainng'"),
+    ],
+)
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(UserError, match=message):
         config_from_dict({}, overrides=[override])
@@ -54,17 +77,25 @@ def test_later_overrides_are_checked_together_not_one_by_one():
     assert (config.training.min_lr, config.training.lr) == (1e-2, 1e-1)
 
 
-@pytest.mark.parametrize("section, key, value, message", [
-    ("training", "lr", 0.0, "training.lr must be > 0"),
-    ("data", "val_split", 1.0, r"val_split must be in \(0, 1\)"),
-    ("data", "val_split", 0.0, r"val_split must be in \(0, 1\)"),
-    ("model", "embed_dim", 250, "not divisible by model.num_heads"),
-    ("model", "num_kv_heads", 3, "not divisible by model.num_kv_heads"),
-    ("data", "context_length", 512, "context_length .* > model.max_seq_len"),
-    ("data", "batch_size", 0, "data.batch_size must be > 0"),
-    ("training", "device", "tpu", "training.device must be one of auto, cpu, cuda, mps, got 'tpu'"),
-    ("training", "min_lr", 1.0, "min_lr .* > training.lr"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("training", "lr", 0.0, "training.lr must be > 0"),
+        ("data", "val_split", 1.0, r"val_split must be in \(0, 1\)"),
+        ("data", "val_split", 0.0, r"val_split must be in \(0, 1\)"),
+        ("model", "embed_dim", 250, "not divisible by model.num_heads"),
+        ("model", "num_kv_heads", 3, "not divisible by model.num_kv_heads"),
+        ("data", "context_length", 512, "context_length .* > model.max_seq_len"),
+        ("data", "batch_size", 0, "data.batch_size must be > 0"),
+        (
+            "training",
+            "device",
+            "tpu",
+            "training.device must be one of auto, cpu, cuda, mps, got 'tpu'",
+        ),
+        ("training", "min_lr", 1.0, "min_lr .* > training.lr"),
+    ],
+)
 def test_validation_rejects_out_of_range_values(section, key, value, message):
     with pytest.raises(UserError, match=message):
         config_from_dict({section: {key: value}})
@@ -83,10 +114,12 @@ def test_a_new_field_of_any_declared_type_loads_without_touching_the_loader():
 
     assert Extra(widths=[1, 2], limit=None, mode="slow") == Extra([1, 2], None, "slow")
     assert Extra(limit=3).limit == 3 and Extra().widths == [64]
-    for kwargs, message in (({"widths": [1, "x"]}, r"extra.widths\[1\] must be int, got 'x'"),
-                            ({"widths": 5}, "extra.widths must be a list of int"),
-                            ({"limit": 2.5}, "extra.limit must be int or null, got 2.5"),
-                            ({"mode": "medium"}, "extra.mode must be one of fast, slow")):
+    for kwargs, message in (
+        ({"widths": [1, "x"]}, r"extra.widths\[1\] must be int, got 'x'"),
+        ({"widths": 5}, "extra.widths must be a list of int"),
+        ({"limit": 2.5}, "extra.limit must be int or null, got 2.5"),
+        ({"mode": "medium"}, "extra.mode must be one of fast, slow"),
+    ):
         with pytest.raises(UserError, match=message):
             Extra(**kwargs)
 
@@ -147,16 +180,23 @@ atomic_write({path!r}, write_half_then_hang)
 def test_a_kill_inside_a_save_keeps_the_previous_file(tmp_path):
     path = tmp_path / "snapshot.pth"
     atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
-    saver = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE.format(repo=str(REPO), path=str(path))],
-                             stdout=subprocess.PIPE, text=True)
-    assert saver.stdout.readline().strip() == "writing"  # the new bytes are on disk, in the temp file
+    saver = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_SAVE.format(repo=str(REPO), path=str(path))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert (
+        saver.stdout.readline().strip() == "writing"
+    )  # the new bytes are on disk, in the temp file
     os.kill(saver.pid, signal.SIGKILL)
     saver.wait()
     assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
     leftovers = [p for p in tmp_path.iterdir() if p.name != "snapshot.pth"]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".snapshot.pth.tmp-")
     atomic_save({"model": {"w": torch.full((3,), 2.0)}, "config": {}}, str(path))
-    assert [p.name for p in tmp_path.iterdir()] == ["snapshot.pth"]  # the next save clears the dead temp file
+    assert [p.name for p in tmp_path.iterdir()] == [
+        "snapshot.pth"
+    ]  # the next save clears the dead temp file
     assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.full((3,), 2.0))
 
 
@@ -178,7 +218,9 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_file(
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(UserError, match=r"could not write .*best.pth \(No space left on device\); the previous"):
+    with pytest.raises(
+        UserError, match=r"could not write .*best.pth \(No space left on device\); the previous"
+    ):
         atomic_write(str(path), disk_full)
     assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
