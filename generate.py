@@ -40,11 +40,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 def fused_decode(model: Transformer, token: torch.Tensor, caches: list[KVCache],
                  input_pos: torch.Tensor) -> torch.Tensor:
-    """Transformer.forward in eval mode for one new token of one sequence (token (1, 1)), with
-    projections as multiply-and-sum and attention as two reductions over the cache: compiled on
-    a CPU, the whole step fuses into one C++ kernel instead of a library call per weight (eager
-    or batched, the library kernels win). It restates model.py's math; tests/test_generate.py
-    checks the logits agree, so an edit to model.py not made here fails there, not silently."""
+    """Transformer.forward (eval) for one token of one sequence, as multiply-and-sums: compiled
+    on a CPU it fuses into one C++ kernel instead of a library call per weight (eager or batched,
+    the library wins). It restates model.py, and tests/test_generate.py checks they agree."""
     def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
         return (x.unsqueeze(-2) * layer.weight).sum(-1)
 

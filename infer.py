@@ -74,11 +74,8 @@ def main() -> None:
     if len(prompt_ids) > context:
         warn(f"prompt has {len(prompt_ids)} tokens, more than the {context} the model was "
              f"trained on; it sees the last {context}")
-    generator = torch.Generator(device=device)
-    if args.seed is not None:
-        generator.manual_seed(args.seed)
-    else:
-        generator.seed()
+    seed = args.seed if args.seed is not None else torch.seed()  # torch.seed(): a fresh one
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     for sample in range(args.num_samples):
         if sample:

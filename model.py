@@ -29,8 +29,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin, each (max_seq_len, head_dim), rotate-half layout: both halves repeat
-    the same frequencies, and sin's first half is negated so apply_rope needs no negation."""
+    """cos and signed sin (max_seq_len, head_dim), rotate-half layout: both halves repeat the
+    frequencies, and sin's first half is negated so apply_rope needs no negation."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     sin = angles.sin()
@@ -38,15 +38,14 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, head_dim); cos/sin: (T, head_dim). x * cos + (-x2, x1) * sin: roll
-    swaps the halves, and sin carries the sign."""
+    """x (B, heads, T, head_dim) * cos + (-x2, x1) * sin: roll swaps halves, sin has the sign."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
 
 
 @dataclass
 class KVCache:
-    """One layer's keys and values by position, (B, num_kv_heads, length, head_dim): fixed
-    shapes, so a compiled decode step never recompiles; unwritten positions are masked."""
+    """One layer's keys and values by position, (B, kv_heads, length, head_dim): fixed shapes,
+    so a compiled decode step never recompiles; unwritten positions are masked."""
     k: torch.Tensor
     v: torch.Tensor
 

@@ -174,16 +174,14 @@ def steps_per_epoch(windows_per_rank: int, config: Config) -> int:
 
 
 def run_is_over(state: RunState, t: TrainingConfig, total_steps: int | None) -> bool:
-    """The planned steps are done; or less of the time budget is left than a step takes on
-    average (evaluations and saves included), so a budgeted run ends inside its budget."""
+    """All planned steps done, or less budget left than a mean step: it ends inside the budget."""
     if total_steps is None:
         return t.time_budget_s - state.train_seconds < state.train_seconds / max(1, state.step)
     return state.step >= total_steps
 
 
 def schedule_progress(state: RunState, t: TrainingConfig, total_steps: int | None) -> float:
-    """How far the cosine has come, 0 to 1: the share of the time budget used, or of the steps
-    after warmup done."""
+    """How far the cosine has come: the share of the time budget used, or of post-warmup steps."""
     if total_steps is None:
         return state.train_seconds / t.time_budget_s
     return (state.step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
@@ -204,8 +202,8 @@ def training_batches(train_set: TokenWindows, config: Config, state: RunState, r
                      world_size: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
     """This rank's micro-batches from the position in `state` on, epoch after epoch. The state
     advances as batches are taken, so a snapshot always says where to resume."""
-    per_epoch = steps_per_epoch(len(train_set) // world_size, config)
-    micro_batches = per_epoch * config.training.grad_accum_steps
+    micro_batches = steps_per_epoch(len(train_set) // world_size, config)
+    micro_batches *= config.training.grad_accum_steps
     while True:
         order = epoch_order(len(train_set), config.training.seed, state.epoch, rank, world_size)
         loader = epoch_loader(train_set, config.data, order, state.batch_in_epoch,
@@ -224,9 +222,8 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> t
 
 
 def agree(step_loss: torch.Tensor, signum: int, clock: float) -> tuple[bool, int, float]:
-    """The step's one host sync, one small all-reduce: any rank's nan/inf loss or stop signal
-    stops every rank, and all take the latest clock, so under a time budget every rank has
-    the same schedule and last step. Returns (loss not finite, signal, training seconds)."""
+    """The step's one host sync and all-reduce: any rank's nan/inf loss or stop signal stops all,
+    and all take the latest clock (one schedule, one last step). -> (nonfinite, signal, clock)"""
     flags = torch.tensor([0.0, signum, clock], device=step_loss.device)
     flags[0] = (~torch.isfinite(step_loss)).float()
     nonfinite, signum, clock = all_reduce(flags, dist.ReduceOp.MAX).tolist()
@@ -308,9 +305,8 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]],
 def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: list,
                            config: Config, precision: str, state: RunState,
                            writer: SummaryWriter | None) -> str:
-    """Validation loss and bits/byte over every rank's batches; a new best goes into `state`
-    and, from rank 0, into the best checkpoint; rank 0 logs both and a text sample (drawn with
-    its own generator, so the training RNG stream is untouched). Returns the line to print."""
+    """Val loss and bits/byte; a new best goes into `state` and (rank 0) the best checkpoint.
+    Rank 0 logs them and a sample drawn with its own generator. Returns the line to print."""
     device, t = model.embed_tokens.weight.device, config.training
     token_bytes = token_byte_lengths(tokenizer).to(device)
     val_loss, val_bpb = evaluate(model, batches, token_bytes, precision)
@@ -339,9 +335,8 @@ def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimize
                   scaler: torch.amp.GradScaler, config: Config, state: RunState) -> None:
     """Everything needed to continue exactly: weights, optimizer, scaler, the run state and
     every rank's RNG state. Rank 0 writes; every rank returns once the file is in place."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
+    rng = {"torch": torch.get_rng_state(),
+           **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
     ranks_rng = [rng]
     if dist.is_initialized():
         ranks_rng = [None] * dist.get_world_size()
@@ -361,13 +356,11 @@ def load_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimize
     """Restore weights, optimizer, scaler and this rank's RNG; returns the stored run state."""
     snapshot = load_checkpoint(path, map_location=device)
     require("progress" in snapshot and "optimizer" in snapshot, f"{path} is not a training "
-            "snapshot (no optimizer state or progress: a best-model checkpoint, or a snapshot "
-            "of an older SLM) — point training.snapshot_path at a snapshot, or at a new path "
-            "to start over")
+            "snapshot (a best-model checkpoint, or from an older SLM) — point "
+            "training.snapshot_path at a snapshot, or at a new path to start over")
     require(snapshot["world_size"] == world_size, f"{path} was written by a run of "
-            f"{snapshot['world_size']} process(es) and this one has {world_size} — relaunch "
-            "with the same total number of processes (python train.py for one, torchrun for "
-            "more), or use another training.snapshot_path to start over")
+            f"{snapshot['world_size']} process(es) and this one has {world_size} — relaunch with "
+            "the same total number of processes, or use another training.snapshot_path")
     load_weights(model, snapshot, path)
     optimizer.load_state_dict(snapshot["optimizer"])
     scaler.load_state_dict(snapshot["scaler"])

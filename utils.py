@@ -39,11 +39,10 @@ def require(ok: bool, message: str) -> None:
 
 
 def run_cli(main: Callable[[], None], report: bool = True) -> None:
-    """Run a script's main(): a UserError becomes one stderr line (unless `report` is off),
-    exit code 2; Ctrl-C before training started exits 130, with nothing to save."""
+    """Run main(): a UserError becomes one stderr line (if `report`) and exit code 2."""
     try:
         main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before training started: nothing to save
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as err:  # Inductor raises InvalidCxxCompiler at the first compiled call
@@ -68,8 +67,7 @@ def _describe(kind: Any) -> str:
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:
-    """`value` as the declared field type `kind`, or a UserError naming the field. YAML reads
-    `3e-4` as a string, so float fields also take numeric strings."""
+    """`value` as the field type `kind`; floats take numeric strings (YAML reads 3e-4 as one)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         for option in args:
@@ -100,7 +98,7 @@ def require_positive(section: Section, *names: str, zero_ok: bool = False) -> No
 
 
 class Section:
-    """A config section: once built, each field is coerced to its declared type and the section
+    """A config section: once built, its fields are coerced to their declared types and it
     checks its own rules (`validate`), so no invalid section exists, from YAML or from code."""
     section: ClassVar[str]
 
@@ -155,8 +153,8 @@ class DataConfig(Section):
     def validate(self) -> None:
         require_positive(self, "context_length", "batch_size")
         require_positive(self, "num_workers", zero_ok=True)
-        require(0.0 < self.val_split < 1.0, f"data.val_split must be in (0, 1), got "
-                f"{self.val_split} — use e.g. 0.05")
+        require(0 < self.val_split < 1,
+                f"data.val_split must be in (0, 1), got {self.val_split} — use e.g. 0.05")
 
 
 @dataclass
@@ -218,8 +216,7 @@ def _refuse_unknown(names: Any, known: list[str], what: str, prefix: str = "") -
 
 
 def config_from_dict(raw: Any, source: str = "config", overrides: list[str] = ()) -> Config:
-    """A validated Config from parsed YAML or a checkpoint's stored dict, then `section.key=value`
-    overrides, each value parsed as YAML (`2`, `3.0e-4`, `true`, `my.txt`)."""
+    """A Config from parsed YAML (or a checkpoint's dict) and section.key=YAML-value overrides."""
     require(raw is None or isinstance(raw, dict),
             f"{source} must be a mapping of sections (model, data, training) — see configs.yaml")
     values: dict[str, dict] = {name: {} for name in SECTIONS}
@@ -291,9 +288,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def setup_precision(name: str, device: torch.device) -> str:
-    """The autocast precision `name` resolves to on `device`; on CUDA it also lets fp32 matmuls
-    use TF32 tensor cores. fp32 is the CPU/MPS default: CPUs without AVX512-BF16/AMX run bf16
-    matmuls many times slower, and with it bf16 gains too little (bench.py) for its rounding."""
+    """The autocast precision `name` means on `device` (and TF32 for fp32 matmuls on CUDA). fp32
+    on CPU/MPS by default: without AVX512-BF16/AMX bf16 matmuls run many times slower, and with
+    it bf16 gains too little (bench.py) for its rounding."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if name != "auto":
@@ -311,19 +308,15 @@ def use_compile(setting: Literal["auto", True, False], device: torch.device) -> 
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def lr_at(step: int, progress: float, t: TrainingConfig) -> float:
-    """Linear warmup over warmup_steps, then a cosine from lr down to min_lr as `progress` (the
-    share of the decay done, 0 to 1) grows."""
+    """Linear warmup for warmup_steps, then a cosine from lr to min_lr as `progress` goes 0 -> 1."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, progress)
-    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.min_lr)
 
 
 def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.5,
@@ -352,8 +345,7 @@ def sync(device: torch.device) -> None:
 
 
 def check_writable(*directories: str) -> None:
-    """Fail before training, not an hour later, when outputs cannot be written under one of
-    `directories`: probes each one's nearest existing ancestor, leaving nothing behind."""
+    """Fail now, not an hour into training, if a directory cannot be written; leaves nothing."""
     for directory in directories:
         existing = os.path.abspath(directory)
         while not os.path.exists(existing):
