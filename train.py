@@ -76,8 +76,8 @@ def train(config: Config, device: torch.device) -> None:
     train_model = torch.compile(ddp_model) if use_compile(t.compile, device) else ddp_model
 
     per_epoch = steps_per_epoch(len(train_set) // world_size, config)
-    total_steps = None if t.time_budget_s > 0 else per_epoch * t.epochs
-    total_steps = min(total_steps, t.max_steps or total_steps) if total_steps else None
+    total_steps = (None if t.time_budget_s > 0  # a time budget decides the run's length
+                   else min(per_epoch * t.epochs, t.max_steps or math.inf))
     context = config.data.context_length
     tokens_per_step = world_size * t.grad_accum_steps * config.data.batch_size * context
     flops_per_token = model.flops_per_token(context)
@@ -88,8 +88,7 @@ def train(config: Config, device: torch.device) -> None:
               f"parameters, {len(train_set):,} train / {len(val_set):,} val windows; per step "
               f"{config.data.batch_size} windows x {t.grad_accum_steps} accumulation x "
               f"{world_size} process(es) = {tokens_per_step:,} tokens; {length} ({per_epoch} steps "
-              "per epoch); "
-              f"measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
+              f"per epoch); measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
     if run_is_over(state, t, total_steps):
         if is_main:
             print(f"{t.snapshot_path} is at the end of this run (step {state.step}): nothing to "

@@ -60,6 +60,19 @@ def final_weights(workdir: Path) -> dict:
     return load_checkpoint(str(workdir / "ckpt" / "snapshot.pth"))["model"]
 
 
+def assert_resumed_exactly(
+    resumed: subprocess.CompletedProcess, workdir: Path, stopped_at: int, reference: Path
+) -> None:
+    """The run resumed from its snapshot at `stopped_at` and ended with `reference`'s weights."""
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    snapshot = workdir / "ckpt" / "snapshot.pth"
+    assert f"resuming from {snapshot}: step {stopped_at}," in resumed.stdout
+    expected = final_weights(reference)
+    assert all(
+        torch.equal(tensor, expected[name]) for name, tensor in final_weights(workdir).items()
+    )
+
+
 def stop_after_a_snapshot(command: list[str], workdir: Path) -> int:
     """Run `command` until a snapshot at step >= 4 is on disk, then kill -9 it and its children
     (torchrun's workers too); returns the snapshot's step."""
@@ -134,15 +147,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(ddp_run, tmp_path, corpus
         torchrun_command(config), tmp_path
     )  # torchrun and both workers
     assert 4 <= stopped_at < 20
-    resumed = torchrun(config, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (
-        f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
-    )
-    reference = final_weights(ddp_run)
-    assert all(
-        torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items()
-    )
+    assert_resumed_exactly(torchrun(config, tmp_path), tmp_path, stopped_at, ddp_run)
 
 
 def test_sigterm_to_torchrun_saves_a_snapshot_that_resumes_exactly(ddp_run, tmp_path, corpus):
@@ -166,12 +171,7 @@ def test_sigterm_to_torchrun_saves_a_snapshot_that_resumes_exactly(ddp_run, tmp_
     assert (
         stderr.count(f"stopped by SIGTERM after step {stopped_at}; snapshot saved to") == 1
     ), stderr[-3000:]
-    resumed = torchrun(config, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = final_weights(ddp_run)
-    assert all(
-        torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items()
-    )
+    assert_resumed_exactly(torchrun(config, tmp_path), tmp_path, stopped_at, ddp_run)
 
 
 @pytest.mark.parametrize(
@@ -277,14 +277,7 @@ def test_one_snapshot_format_resumes_under_either_entry_point(
     resumed = subprocess.run(
         commands[then], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (
-        f"resuming from {tmp_path / 'ckpt' / 'snapshot.pth'}: step {stopped_at}," in resumed.stdout
-    )
-    reference = final_weights(one_process_run)
-    assert all(
-        torch.equal(tensor, reference[name]) for name, tensor in final_weights(tmp_path).items()
-    )
+    assert_resumed_exactly(resumed, tmp_path, stopped_at, one_process_run)
 
 
 def test_a_snapshot_of_another_number_of_processes_is_one_error_line(ddp_run, one_process_run):
