@@ -1,8 +1,5 @@
-"""Tokenizer, corpus and dataset.
-
-text file(s) --byte-level BPE--> flat uint16 token file cached beside the text --np.memmap-->
-(x, y) windows of context_length. The last val_split of the stream is validation.
-"""
+"""Tokenizer, corpus and dataset: text file(s) --byte-level BPE--> a uint16 token file cached
+beside the text --np.memmap--> (x, y) windows; the last val_split of the stream is validation."""
 from __future__ import annotations
 
 import glob
@@ -159,8 +156,8 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
                    check_length: Callable[[int], None]) -> int:
-    """Write the token stream of `files`, an <|endoftext|> after each, to out_path; returns its
-    length. `check_length` refuses it before the rename, so a useless corpus leaves no cache."""
+    """Write the tokens of `files` (an <|endoftext|> after each) to out_path and return their
+    count; `check_length` may refuse it before the rename, so a useless corpus leaves no cache."""
     eot_id = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
     total_bytes = sum(map(os.path.getsize, files))
     num_tokens = 0
@@ -269,9 +266,8 @@ def epoch_order(num_windows: int, seed: int, epoch: int, rank: int = 0,
 
 def epoch_loader(dataset: TokenWindows, data: DataConfig, order: list[int], skip_batches: int,
                  pin_memory: bool) -> DataLoader:
-    """Batches over the windows `order`, after the first `skip_batches` (resume mid-epoch).
-    Its own generator: each iterator draws a worker seed, which drawn from the global RNG would
-    shift a resumed run's dropout stream against an uninterrupted one's."""
+    """Batches over the windows `order` after the first `skip_batches`. Its own generator: worker
+    seeds drawn from the global RNG would shift a resumed run's dropout against an unbroken one."""
     return DataLoader(dataset, batch_size=data.batch_size,
                       sampler=order[skip_batches * data.batch_size:],
                       num_workers=data.num_workers, pin_memory=pin_memory,

@@ -1,10 +1,8 @@
-"""The training loop, once, for one process or for each of N torchrun processes.
+"""The training loop, once, for one process or each of N torchrun processes (data_parallel_train.py
+starts the group and calls `train`). DDP shows where it acts: the wrapper, each rank's share of an
+epoch, gradient sync on the last micro-step, a few all-reduces, rank 0 writing.
 
     python train.py configs.yaml [section.key=value ...]
-
-data_parallel_train.py starts the process group and calls `train`; without one the same code
-runs as one process. What DDP changes shows where it happens: the model wrapper, each rank's
-share of an epoch, gradients synced on the last micro-step, a few all-reduces, rank 0 writing.
 """
 from __future__ import annotations
 
@@ -199,8 +197,8 @@ def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows,
 
 def training_batches(train_set: TokenWindows, config: Config, state: RunState, rank: int,
                      world_size: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
-    """This rank's micro-batches from the position in `state` on, epoch after epoch. The state
-    advances as batches are taken, so a snapshot always says where to resume."""
+    """This rank's micro-batches from `state`'s position on, epoch after epoch; the state moves as
+    they are taken, so a snapshot always says where to resume."""
     micro_batches = steps_per_epoch(len(train_set) // world_size, config)
     micro_batches *= config.training.grad_accum_steps
     while True:
@@ -230,9 +228,8 @@ def agree(step_loss: torch.Tensor, signum: int, clock: float) -> tuple[bool, int
 
 
 def catch_stop_signals() -> dict[str, int]:
-    """SIGINT/SIGTERM ask the loop to finish its step, save a snapshot and exit (130/143). A
-    repeat more than 2 s later quits at once (atomic saves keep the last snapshot intact);
-    the near-double of torchrun forwarding a terminal's Ctrl-C is ignored."""
+    """SIGINT/SIGTERM: finish the step, save a snapshot, exit 130/143. A repeat over 2 s later quits
+    at once (the last snapshot stays intact); torchrun's near-double of a Ctrl-C is ignored."""
     request = {"signum": 0, "at": 0.0}
 
     def handler(signum: int, frame: object) -> None:
@@ -332,8 +329,8 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
 
 def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler, config: Config, state: RunState) -> None:
-    """Everything needed to continue exactly: weights, optimizer, scaler, the run state and
-    every rank's RNG state. Rank 0 writes; every rank returns once the file is in place."""
+    """All that continuing exactly needs, every rank's RNG state included; rank 0 writes, and
+    every rank returns once the file is in place."""
     rng = {"torch": torch.get_rng_state(),
            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
     ranks_rng = [rng]

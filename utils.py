@@ -1,8 +1,5 @@
-"""Configuration (dataclasses <- YAML + dotted overrides) and small runtime helpers.
-
-Every user mistake surfaces as a `UserError`, which `run_cli` prints as one line
-`error: <what> — <how to fix>` and turns into exit code 2 — never a traceback.
-"""
+"""Configuration (dataclasses <- YAML + dotted overrides) and small runtime helpers. Every user
+mistake is a `UserError`: one line `error: <what> — <how to fix>`, exit code 2, no traceback."""
 from __future__ import annotations
 
 import argparse
@@ -288,9 +285,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def setup_precision(name: str, device: torch.device) -> str:
-    """The autocast precision `name` means on `device` (and TF32 for fp32 matmuls on CUDA). fp32
-    on CPU/MPS by default: without AVX512-BF16/AMX bf16 matmuls run many times slower, and with
-    it bf16 gains too little (bench.py) for its rounding."""
+    """The autocast precision `name` means on `device`, plus TF32 for fp32 matmuls on CUDA. fp32
+    on CPU/MPS: bf16 is far slower without AVX512-BF16/AMX, and gains little with it (bench.py)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if name != "auto":
@@ -321,9 +317,8 @@ def lr_at(step: int, progress: float, t: TrainingConfig) -> float:
 
 def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.5,
                        windows: int = 5) -> float:
-    """Matmul FLOP/s this device reaches: the denominator of MFU, never a datasheet constant.
-    The best of `windows` timings: a neighbour's burst on a shared machine lowers some windows,
-    never raises one, so the maximum is the stable estimate of what the hardware does."""
+    """Matmul FLOP/s this device reaches, the denominator of MFU: the best of `windows` timings,
+    since a neighbour's burst on a shared machine can lower a window but never raise one."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     n = 8192 if device.type == "cuda" else 1024  # big enough that a GPU's launch overhead is noise
     generator = torch.Generator(device=device).manual_seed(0)  # the training RNG stream stays
@@ -361,9 +356,8 @@ def check_writable(*directories: str) -> None:
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temp file beside `path`, fsync, then rename: a crash mid-write keeps the
-    previous file. A temp file left by a killed writer (`.<name>.tmp-*`) is removed by the next
-    write of the same path."""
+    """Write a temp file beside `path`, fsync, rename: a crash mid-write keeps the previous file.
+    A temp file a killed writer left (`.<name>.tmp-*`) goes at the next write of the path."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp-*")):
