@@ -70,9 +70,11 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         for option in args:
             with contextlib.suppress(UserError):
                 return _coerce(name, value, option)
-    elif origin is Literal:
-        if any(value == choice and type(value) is type(choice) for choice in args):
-            return value
+    elif origin is Literal:  # a true/false choice also takes the string older checkpoints hold
+        for choice in args:
+            if (type(value) is type(choice) and value == choice
+                    or isinstance(choice, bool) and value == str(choice).lower()):
+                return choice
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value)]

@@ -72,6 +72,11 @@ def test_bad_overrides_name_the_problem(override, message):
         config_from_dict({}, overrides=[override])
 
 
+def test_compile_stored_as_a_string_by_older_checkpoints_still_loads():
+    assert config_from_dict({"training": {"compile": "true"}}).training.compile is True
+    assert config_from_dict({"training": {"compile": "false"}}).training.compile is False
+
+
 def test_later_overrides_are_checked_together_not_one_by_one():
     config = config_from_dict({}, overrides=["training.min_lr=1e-2", "training.lr=1e-1"])
     assert (config.training.min_lr, config.training.lr) == (1e-2, 1e-1)
