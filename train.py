@@ -95,12 +95,13 @@ def train(config: Config, device: torch.device) -> None:
         return
 
     val_batches = fixed_val_batches(val_set, config)[rank::world_size]  # each rank its share
+    token_bytes = token_byte_lengths(tokenizer).to(device)
     writer = open_writer(config, state.run_name) if is_main else None
     bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                desc=f"rank {rank}" if distributed else "training", position=rank,
                disable=not is_main and not sys.stderr.isatty())
     stop = catch_stop_signals()
-    batches = training_batches(train_set, config, state, rank, world_size, device)
+    batches = training_batches(train_set, config, state, rank, world_size, per_epoch, device)
     step_loss, loss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     run_start, earlier_seconds = time.perf_counter(), state.train_seconds
     log_time, log_step, finished = run_start, state.step, False
@@ -141,8 +142,8 @@ def train(config: Config, device: torch.device) -> None:
             loss_sum.zero_()
             log_time, log_step = now, state.step
         if state.step % t.eval_every == 0 or finished:
-            bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, config, precision,
-                                             state, writer))
+            bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, token_bytes, config,
+                                             precision, state, writer))
         if state.step % t.save_every == 0 or finished or signum:
             save_snapshot(t.snapshot_path, model, optimizer, scaler, config, state)
         if signum:
@@ -196,11 +197,11 @@ def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows,
 
 
 def training_batches(train_set: TokenWindows, config: Config, state: RunState, rank: int,
-                     world_size: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
+                     world_size: int, per_epoch: int,
+                     device: torch.device) -> Iterator[list[torch.Tensor]]:
     """This rank's micro-batches from `state`'s position on, epoch after epoch; the state moves as
     they are taken, so a snapshot always says where to resume."""
-    micro_batches = steps_per_epoch(len(train_set) // world_size, config)
-    micro_batches *= config.training.grad_accum_steps
+    micro_batches = per_epoch * config.training.grad_accum_steps
     while True:
         order = epoch_order(len(train_set), config.training.seed, state.epoch, rank, world_size)
         loader = epoch_loader(train_set, config.data, order, state.batch_in_epoch,
@@ -299,12 +300,11 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]],
 
 
 def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: list,
-                           config: Config, precision: str, state: RunState,
-                           writer: SummaryWriter | None) -> str:
+                           token_bytes: torch.Tensor, config: Config, precision: str,
+                           state: RunState, writer: SummaryWriter | None) -> str:
     """Val loss and bits/byte; a new best goes into `state` and (rank 0) the best checkpoint.
     Rank 0 logs them and a sample drawn with its own generator. Returns the line to print."""
     device, t = model.embed_tokens.weight.device, config.training
-    token_bytes = token_byte_lengths(tokenizer).to(device)
     val_loss, val_bpb = evaluate(model, batches, token_bytes, precision)
     improved = val_loss < state.best_val_loss
     if improved:
