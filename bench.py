@@ -9,7 +9,6 @@ compare ratios taken in one run, since shared machines are noisy.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -25,8 +24,8 @@ from data import (TokenWindows, epoch_loader, epoch_order, prepare_data, resolve
                   tokenize_files)
 from generate import generate
 from model import Transformer, configure_optimizer, optimizer_step
-from utils import (Config, autocast_context, load_config, measure_peak_flops, pick_device, run_cli,
-                   setup_precision, sync)
+from utils import (ArgumentParser, Config, autocast_context, load_config, measure_peak_flops,
+                   pick_device, require_within, run_cli, setup_precision, sync)
 
 GENERATION_TOKENS = 256
 GENERATION_PROMPT = 32
@@ -157,7 +156,7 @@ def print_table(results: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Benchmark SLM on the device the config picks.")
+    parser = ArgumentParser(description="Benchmark SLM on the device the config picks.")
     parser.add_argument("config", help="YAML config, e.g. configs.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override one config value")
@@ -167,6 +166,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed training steps first")
     args = parser.parse_args()
+    require_within("--steps", args.steps, 1, 1 << 20)
+    require_within("--warmup-steps", args.warmup_steps, 0, 1 << 20)
     config = load_config(args.config, args.overrides)
     device = pick_device(config.training.device)
     precision = setup_precision(config.training.precision, device)

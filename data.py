@@ -18,7 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils import Config, DataConfig, UserError, atomic_write, require, warn
+from files import atomic_write, check_writable
+from utils import Config, DataConfig, UserError, require, warn
 
 EOT = "<|endoftext|>"
 DEFAULT_CORPUS = "data/shakespeare.txt"
@@ -114,21 +115,30 @@ def resolve_text_files(raw_text_path: str) -> list[str]:
         build_default_corpus(raw_text_path)
     if os.path.isfile(raw_text_path):
         return [raw_text_path]
-    if os.path.isdir(raw_text_path):
-        files = sorted(glob.glob(os.path.join(raw_text_path, "**", "*.txt"), recursive=True))
-    else:
-        files = sorted(p for p in glob.glob(raw_text_path, recursive=True) if os.path.isfile(p))
+    pattern = (os.path.join(raw_text_path, "**", "*.txt") if os.path.isdir(raw_text_path)
+               else raw_text_path)
+    matches = sorted(glob.glob(pattern, recursive=True))
+    files = [path for path in matches if os.path.isfile(path)]  # regular files, links resolved
+    broken = [path for path in matches if os.path.islink(path) and not os.path.exists(path)]
+    if broken:
+        warn(f"skipping {len(broken)} broken symlink(s) in the corpus, e.g. {broken[0]}")
     require(bool(files), f"no text found at data.raw_text_path='{raw_text_path}' — give a UTF-8 "
             "file, a directory of .txt files or a glob")
     return files
 
 
-def _cache_prefix(raw_text_path: str, files: list[str]) -> str:
-    if os.path.isfile(raw_text_path):
-        return raw_text_path
-    if os.path.isdir(raw_text_path):
-        return os.path.join(raw_text_path, "corpus")
-    pattern_id = hashlib.sha256(raw_text_path.encode()).hexdigest()[:10]
+def _cache_prefix(data: DataConfig, files: list[str]) -> str:
+    """Beside the text, or in data.cache_dir under a name that says which corpus it holds."""
+    path = data.raw_text_path
+    if data.cache_dir:
+        path_id = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:10]
+        name = os.path.basename(os.path.normpath(path)).replace("*", "") or "corpus"
+        return os.path.join(data.cache_dir, f"{name}-{path_id}")
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        return os.path.join(path, "corpus")
+    pattern_id = hashlib.sha256(path.encode()).hexdigest()[:10]
     return os.path.join(os.path.dirname(files[0]), f"glob-{pattern_id}")
 
 
@@ -166,7 +176,12 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
         nonlocal num_tokens
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
             for path in files:
-                with open(path, "rb") as f:
+                try:
+                    f = open(path, "rb")
+                except OSError as err:
+                    raise UserError(f"cannot read {path} ({err.strerror}) — make it readable or "
+                                    "take it out of data.raw_text_path") from None
+                with f:
                     offset = 0
                     while chunk := f.read(READ_CHUNK_BYTES) + f.readline():  # ends on a line
                         try:
@@ -194,21 +209,43 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
     require(sum(map(os.path.getsize, files)) > 0, f"the corpus at '{data.raw_text_path}' is "
             "empty — point data.raw_text_path at some text")
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32
-    prefix = _cache_prefix(data.raw_text_path, files)
+    prefix = _cache_prefix(data, files)
     bin_path, meta_path = prefix + ".tokens.bin", prefix + ".tokens.json"
     key = _cache_key(files, tokenizer)
-    meta = None
-    if os.path.isfile(meta_path) and os.path.isfile(bin_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    if (not meta or meta.get("key") != key
+    meta = _read_cache_meta(meta_path)
+    if (meta.get("key") != key or meta.get("dtype") != np.dtype(dtype).name
+            or not os.path.isfile(bin_path)
             or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(dtype).itemsize):
+        check_writable(os.path.dirname(bin_path), fix="set data.cache_dir to a writable directory "
+                       "for the token cache")
         num_tokens = tokenize_files(files, tokenizer, bin_path, dtype,
                                     lambda n: check_corpus_length(n, data))
         meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)
     return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+
+
+def _read_cache_meta(meta_path: str) -> dict:
+    """The cache's metadata, or {} (rebuild the cache) when it is missing or damaged."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):  # missing, unreadable, truncated, not UTF-8, not JSON
+        return {}
+    fields = {"key": str, "num_tokens": int, "dtype": str}
+    if not isinstance(meta, dict) or not all(
+            type(meta.get(name)) is kind for name, kind in fields.items()):
+        return {}
+    return meta if meta["num_tokens"] > 0 else {}
+
+
+def corpus_fingerprint(tokens: np.ndarray) -> str:
+    """A cheap identity of a token stream: its length and 4096 tokens spread over it. Any edit
+    that shifts the text after it changes it, and it costs the same for any corpus size."""
+    picks = np.linspace(0, len(tokens) - 1, num=min(len(tokens), 4096)).astype(np.int64)
+    sample = np.concatenate(([len(tokens)], tokens[picks].astype(np.int64)))
+    return hashlib.sha256(sample.tobytes()).hexdigest()[:16]
 
 
 class TokenWindows(Dataset):

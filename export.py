@@ -9,16 +9,18 @@ special_tokens_map.json); transformers loads it offline, and `infer.py --ckpt_pa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shutil
+import tempfile
 
 from safetensors.torch import load_file, save
 
 from data import EOT, load_tokenizer
 from model import Transformer, load_weights
-from utils import (ModelConfig, UserError, atomic_write, config_from_dict, config_to_dict,
-                   load_checkpoint, run_cli)
+from files import check_writable, load_checkpoint
+from utils import (ArgumentParser, ModelConfig, UserError, config_to_dict, run_cli,
+                   stored_config)
 
 HF_PREFIX = "model."          # LlamaForCausalLM keeps the decoder under .model, lm_head beside it
 TIED_HEAD = "lm_head.weight"  # the tensor of embed_tokens.weight: stored once, as transformers does
@@ -60,7 +62,7 @@ def hf_config(model: ModelConfig, eot_id: int, slm_config: dict) -> dict:
 def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None,
            force: bool = False) -> None:
     checkpoint = load_checkpoint(ckpt_path)
-    config = config_from_dict(checkpoint["config"], ckpt_path)
+    config = stored_config(checkpoint["config"], ckpt_path)
     tokenizer_path = tokenizer_path or config.data.tokenizer_path
     tokenizer = load_tokenizer(tokenizer_path, config.model.vocab_size,
                                "pass --tokenizer with the one the checkpoint was trained on")
@@ -80,13 +82,34 @@ def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None,
                         "add_eos_token": False, "clean_up_tokenization_spaces": False}
     json_files = {"config.json": hf_config(config.model, eot_id, config_to_dict(config)),
                   "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special}
-    for name, content in json_files.items():
-        text = json.dumps(content, indent=2) + "\n"
-        atomic_write(os.path.join(out_dir, name), lambda f, text=text: f.write(text.encode()))
-    atomic_write(os.path.join(out_dir, "tokenizer.json"),
-                 lambda f: f.write(tokenizer.to_str().encode()))
-    weights = save(tensors, metadata={"format": "pt"})
-    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(weights))
+    contents = {name: (json.dumps(content, indent=2) + "\n").encode()
+                for name, content in json_files.items()}
+    contents["tokenizer.json"] = tokenizer.to_str().encode()
+    contents["model.safetensors"] = save(tensors, metadata={"format": "pt"})
+    write_directory(out_dir, contents)
+
+
+def write_directory(out_dir: str, contents: dict[str, bytes]) -> None:
+    """Write the files into a staging directory beside `out_dir`, then move them in: a failure
+    half-way (a full disk) leaves `out_dir` as it was, so the same command can simply run again."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    check_writable(parent)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    try:
+        for name, data in contents.items():
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.makedirs(out_dir, exist_ok=True)
+        for name in contents:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    except OSError as err:
+        raise UserError(f"could not write {out_dir} ({err.strerror or err}); it was left as it "
+                        "was — free disk space, then run the same command again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_exported(directory: str) -> dict:
@@ -98,12 +121,16 @@ def load_exported(directory: str) -> dict:
     if missing:
         raise UserError(f"{directory} is not an SLM export (missing {', '.join(missing)}) — "
                         "create one with python export.py --ckpt_path ... --out DIR")
-    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-        hf = json.load(f)
-    if "slm_config" not in hf:
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            hf = json.load(f)
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise UserError(f"{directory}/config.json is damaged ({str(err)[:80]}) — export the "
+                        "checkpoint again") from None
+    if not isinstance(hf, dict) or "slm_config" not in hf:
         raise UserError(f"{directory}/config.json has no slm_config — only directories written "
                         "by export.py load")
-    config = config_from_dict(hf["slm_config"], f"{directory}/config.json")
+    config = stored_config(hf["slm_config"], f"{directory}/config.json")
     config.data.tokenizer_path = os.path.join(directory, "tokenizer.json")
     try:
         tensors = load_file(os.path.join(directory, "model.safetensors"))
@@ -117,7 +144,7 @@ def load_exported(directory: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Export an SLM checkpoint as a Hugging Face "
+    parser = ArgumentParser(description="Export an SLM checkpoint as a Hugging Face "
                                      "LlamaForCausalLM directory (config, weights, tokenizer).")
     parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth",
                         help="checkpoint written by train.py")

@@ -24,7 +24,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     """logits: (B, vocab) -> (B,) ids. top_k <= 0 and top_p >= 1 disable those filters."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Shifting by the max first keeps a tiny temperature from overflowing to inf (then nan).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if 0 < top_k < logits.size(-1):
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))

@@ -13,8 +13,9 @@ from data import EOT, decode, load_tokenizer
 from export import load_exported
 from generate import generate
 from model import Transformer, load_weights
-from utils import (autocast_context, config_from_dict, load_checkpoint, load_config, pick_device,
-                   require, run_cli, setup_precision, warn)
+from files import load_checkpoint
+from utils import (MAX_SEED, ArgumentParser, UserError, autocast_context, load_config,
+                   pick_device, require_within, run_cli, setup_precision, stored_config, warn)
 
 WINDOW_RULE = ("The model sees at most the context it was trained on (data.context_length in the "
                "checkpoint): a longer prompt keeps its newest tokens, and a full window drops to "
@@ -22,8 +23,8 @@ WINDOW_RULE = ("The model sees at most the context it was trained on (data.conte
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Generate text from a trained SLM checkpoint.",
-                                     epilog=WINDOW_RULE)
+    parser = ArgumentParser(description="Generate text from a trained SLM checkpoint.",
+                            epilog=WINDOW_RULE)
     parser.add_argument("--config", help="YAML config for tokenizer and device (default: stored)")
     parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth",
                         help="checkpoint written by train.py, or a directory written by export.py")
@@ -41,14 +42,17 @@ def parse_args() -> argparse.Namespace:
                         help="torch.compile the decode step: seconds to compile once, then more "
                         "tokens/s (README, Performance); pays off for long or many samples")
     args = parser.parse_args()
-    for ok, rule, value, fix in (
-            (args.max_length > 0, "--max-length must be > 0", args.max_length, "e.g. 100"),
-            (args.top_k is None or args.top_k > 0, "--top-k must be > 0", args.top_k,
-             "omit it to sample from the whole vocabulary"),
-            (0.0 < args.top_p <= 1.0, "--top-p must be in (0, 1]", args.top_p, "e.g. 0.9"),
-            (args.temperature >= 0, "--temperature must be >= 0", args.temperature, "0 = greedy"),
-            (args.num_samples > 0, "--num-samples must be > 0", args.num_samples, "e.g. 3")):
-        require(ok, f"{rule}, got {value} — {fix}")
+    for flag, low, high in (("max_length", 1, 1 << 20), ("top_k", 1, 1 << 24),
+                            ("temperature", 0, 100), ("seed", 0, MAX_SEED),
+                            ("num_samples", 1, 1 << 16)):
+        if getattr(args, flag) is not None:
+            require_within(f"--{flag.replace('_', '-')}", getattr(args, flag), low, high)
+    require_within("--top-p", args.top_p, 0, 1, open_low=True)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # the shell passed bytes that are not UTF-8
+        raise UserError(f"--prompt is not UTF-8 text (byte {ord(args.prompt[err.start]) & 0xFF:#x} "
+                        f"at character {err.start}) — pass the prompt as UTF-8") from None
     return args
 
 
@@ -56,7 +60,7 @@ def main() -> None:
     args = parse_args()
     exported = os.path.isdir(args.ckpt_path)
     checkpoint = load_exported(args.ckpt_path) if exported else load_checkpoint(args.ckpt_path)
-    stored = config_from_dict(checkpoint["config"], args.ckpt_path)
+    stored = stored_config(checkpoint["config"], args.ckpt_path)
     config = load_config(args.config) if args.config else stored
     if exported:  # the export carries its own tokenizer
         config.data.tokenizer_path = stored.data.tokenizer_path

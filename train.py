@@ -25,13 +25,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data import (EOT, TokenWindows, decode, epoch_loader, epoch_order, prepare_data,
-                  token_byte_lengths)
+from data import (EOT, TokenWindows, corpus_fingerprint, decode, epoch_loader, epoch_order,
+                  prepare_data, token_byte_lengths)
 from generate import generate
+from files import atomic_save, check_writable, claim, load_checkpoint
 from model import Transformer, configure_optimizer, load_weights, optimizer_step
-from utils import (Config, TrainingConfig, UserError, atomic_save, autocast_context, check_writable,
-                   config_to_dict, format_config, load_checkpoint, lr_at, measure_peak_flops,
-                   parse_config_cli, pick_device, require, run_cli, setup_precision, use_compile)
+from utils import (Config, TrainingConfig, UserError, autocast_context, config_to_dict,
+                   format_config, lr_at, measure_peak_flops, parse_config_cli, pick_device,
+                   require, run_cli, setup_precision, use_compile)
 
 
 @dataclass
@@ -68,8 +69,12 @@ def train(config: Config, device: torch.device) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
     state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    plan = batch_plan(config, train_set, world_size)
     if os.path.exists(t.snapshot_path):
-        state = load_snapshot(t.snapshot_path, model, optimizer, scaler, device, world_size)
+        state = load_snapshot(t.snapshot_path, model, optimizer, scaler, device, plan)
+    if is_main:  # from here until this process ends, no other run may write these two files
+        claim(t.snapshot_path, "training.snapshot_path")
+        claim(t.checkpoint_path, "training.checkpoint_path")
     ddp_model = DistributedDataParallel(model) if distributed else model  # on this rank's device
     train_model = torch.compile(ddp_model) if use_compile(t.compile, device) else ddp_model
 
@@ -145,7 +150,7 @@ def train(config: Config, device: torch.device) -> None:
             bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, token_bytes, config,
                                              precision, state, writer))
         if state.step % t.save_every == 0 or finished or signum:
-            save_snapshot(t.snapshot_path, model, optimizer, scaler, config, state)
+            save_snapshot(t.snapshot_path, model, optimizer, scaler, config, state, plan)
         if signum:
             bar.close()
             if writer:
@@ -160,6 +165,16 @@ def train(config: Config, device: torch.device) -> None:
         print(f"done: {state.step} steps in {state.train_seconds:.0f} s, best val loss "
               f"{state.best_val_loss:.4f} ({state.best_val_bpb:.4f} bits/byte) in "
               f"{t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
+
+
+def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict:
+    """What decides which batches come in which order: an exact resume needs all of it unchanged
+    (the run's length, learning rate, logging and outputs may change)."""
+    return {"processes": world_size, "data.batch_size": config.data.batch_size,
+            "data.context_length": config.data.context_length,
+            "data.val_split": config.data.val_split,
+            "training.grad_accum_steps": config.training.grad_accum_steps,
+            "training.seed": config.training.seed, "corpus": corpus_fingerprint(train_set.tokens)}
 
 
 def steps_per_epoch(windows_per_rank: int, config: Config) -> int:
@@ -328,7 +343,8 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
 
 
 def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler, config: Config, state: RunState) -> None:
+                  scaler: torch.amp.GradScaler, config: Config, state: RunState,
+                  plan: dict) -> None:
     """All that continuing exactly needs, every rank's RNG state included; rank 0 writes, and
     every rank returns once the file is in place."""
     rng = {"torch": torch.get_rng_state(),
@@ -340,23 +356,32 @@ def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimize
     if not dist.is_initialized() or dist.get_rank() == 0:
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "config": config_to_dict(config),
-                     "progress": dataclasses.asdict(state), "world_size": len(ranks_rng),
+                     "progress": dataclasses.asdict(state), "batch_plan": plan,
                      "rng": ranks_rng}, path)
     if dist.is_initialized():
         dist.barrier()
 
 
 def load_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler, device: torch.device,
-                  world_size: int) -> RunState:
-    """Restore weights, optimizer, scaler and this rank's RNG; returns the stored run state."""
+                  scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> RunState:
+    """Restore weights, optimizer, scaler and this rank's RNG; returns the stored run state.
+    A snapshot whose batches this run would not replay exactly is refused."""
     snapshot = load_checkpoint(path, map_location=device)
-    require("progress" in snapshot and "optimizer" in snapshot, f"{path} is not a training "
-            "snapshot (a best-model checkpoint, or from an older SLM) — point "
+    require(all(key in snapshot for key in ("progress", "optimizer", "batch_plan")), f"{path} is "
+            "not a training snapshot (a best-model checkpoint, or from an older SLM) — point "
             "training.snapshot_path at a snapshot, or at a new path to start over")
-    require(snapshot["world_size"] == world_size, f"{path} was written by a run of "
-            f"{snapshot['world_size']} process(es) and this one has {world_size} — relaunch with "
-            "the same total number of processes, or use another training.snapshot_path")
+    changed = [(key, snapshot["batch_plan"].get(key), now) for key, now in plan.items()
+               if snapshot["batch_plan"].get(key) != now]
+    if changed:
+        key, saved, now = changed[0]
+        what, fix = {
+            "processes": (f"was written by a run of {saved} process(es) and this one has {now}",
+                          "relaunch with the same total number of processes"),
+            "corpus": ("was saved while training on other text or with another tokenizer",
+                       "restore them")}.get(key, (f"was saved with {key}={saved} and this run has "
+                                                  f"{now}", f"set {key} back to {saved}"))
+        raise UserError(f"{path} {what}, so its batches cannot be replayed exactly — {fix}, or "
+                        "point training.snapshot_path at a new path to start over")
     load_weights(model, snapshot, path)
     optimizer.load_state_dict(snapshot["optimizer"])
     scaler.load_state_dict(snapshot["scaler"])

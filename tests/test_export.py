@@ -13,7 +13,8 @@ from data import EOT, load_tokenizer
 from export import export, load_exported
 from model import Transformer
 from generate import generate
-from utils import Config, DataConfig, ModelConfig, atomic_save, config_to_dict, load_checkpoint
+from files import atomic_save, load_checkpoint
+from utils import Config, DataConfig, ModelConfig, config_to_dict
 
 RANDOM_MODELS = {
     "mha": ModelConfig(

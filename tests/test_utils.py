@@ -1,14 +1,7 @@
-import math
-import os
-import pickle
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import pytest
-import torch
 
 from conftest import REPO
 from utils import (
@@ -18,12 +11,8 @@ from utils import (
     Section,
     TrainingConfig,
     UserError,
-    atomic_save,
-    atomic_write,
-    check_writable,
     config_from_dict,
     config_to_dict,
-    load_checkpoint,
     load_config,
     lr_at,
 )
@@ -85,13 +74,13 @@ def test_later_overrides_are_checked_together_not_one_by_one():
 @pytest.mark.parametrize(
     "section, key, value, message",
     [
-        ("training", "lr", 0.0, "training.lr must be > 0"),
+        ("training", "lr", 0.0, r"training.lr must be in \(0, 1000\], got 0.0"),
         ("data", "val_split", 1.0, r"val_split must be in \(0, 1\)"),
         ("data", "val_split", 0.0, r"val_split must be in \(0, 1\)"),
         ("model", "embed_dim", 250, "not divisible by model.num_heads"),
         ("model", "num_kv_heads", 3, "not divisible by model.num_kv_heads"),
         ("data", "context_length", 512, "context_length .* > model.max_seq_len"),
-        ("data", "batch_size", 0, "data.batch_size must be > 0"),
+        ("data", "batch_size", 0, r"data.batch_size must be in \[1, 65536\]"),
         (
             "training",
             "device",
@@ -158,102 +147,3 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert lr_at(120, 1.3, t) == pytest.approx(0.1)  # past the end it stays at min_lr
     decay = [lr_at(10 + i, i / 100, t) for i in range(101)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
-
-
-def test_atomic_save_keeps_previous_file_when_a_save_fails(tmp_path):
-    path = tmp_path / "ckpt.pth"
-    atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
-    with pytest.raises(Exception):
-        atomic_save({"model": {"w": torch.zeros(3)}, "config": {}, "bad": lambda: 0}, str(path))
-    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
-
-
-KILLED_MID_SAVE = """
-import sys, time, torch
-sys.path.insert(0, {repo!r})
-from utils import atomic_write
-def write_half_then_hang(f):
-    torch.save({{"model": {{"w": torch.zeros(100_000)}}, "config": {{}}}}, f)
-    f.flush()
-    print("writing", flush=True)
-    time.sleep(60)
-atomic_write({path!r}, write_half_then_hang)
-"""
-
-
-def test_a_kill_inside_a_save_keeps_the_previous_file(tmp_path):
-    path = tmp_path / "snapshot.pth"
-    atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
-    saver = subprocess.Popen(
-        [sys.executable, "-c", KILLED_MID_SAVE.format(repo=str(REPO), path=str(path))],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert (
-        saver.stdout.readline().strip() == "writing"
-    )  # the new bytes are on disk, in the temp file
-    os.kill(saver.pid, signal.SIGKILL)
-    saver.wait()
-    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
-    leftovers = [p for p in tmp_path.iterdir() if p.name != "snapshot.pth"]
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(".snapshot.pth.tmp-")
-    atomic_save({"model": {"w": torch.full((3,), 2.0)}, "config": {}}, str(path))
-    assert [p.name for p in tmp_path.iterdir()] == [
-        "snapshot.pth"
-    ]  # the next save clears the dead temp file
-    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.full((3,), 2.0))
-
-
-def test_output_check_refuses_unwritable_places_and_leaves_nothing_behind(tmp_path):
-    check_writable(str(tmp_path / "not" / "yet" / "there"))
-    assert list(tmp_path.iterdir()) == []  # probed, not created
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="is a file"):
-        check_writable(str(tmp_path / "file" / "ckpt"))
-    with pytest.raises(UserError, match="cannot write to /proc/self"):  # unwritable even for root
-        check_writable("/proc/self/checkpoints")
-
-
-def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_file(tmp_path):
-    path = tmp_path / "best.pth"
-    atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
-
-    def disk_full(f):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(
-        UserError, match=r"could not write .*best.pth \(No space left on device\); the previous"
-    ):
-        atomic_write(str(path), disk_full)
-    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
-
-
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def test_checkpoint_loading_refuses_code_and_damage(tmp_path):
-    marker = tmp_path / "pwned"
-    evil = tmp_path / "evil.pth"
-    with open(evil, "wb") as f:
-        pickle.dump({"model": _RunsCode(str(marker)), "config": {}}, f, protocol=2)
-    with pytest.raises(UserError, match="cannot load checkpoint"):
-        load_checkpoint(str(evil))
-    assert not marker.exists()
-
-    good = tmp_path / "good.pth"
-    atomic_save({"model": {"w": torch.randn(1000)}, "config": {}}, str(good))
-    truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(good.read_bytes()[:1500])
-    with pytest.raises(UserError, match="corrupt, truncated"):
-        load_checkpoint(str(truncated))
-    with pytest.raises(UserError, match="not found"):
-        load_checkpoint(str(tmp_path / "nope.pth"))
-    assert math.isfinite(load_checkpoint(str(good))["model"]["w"].sum().item())

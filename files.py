@@ -1,0 +1,145 @@
+"""Files that survive crashes and neighbours: outputs probed before work starts, written by
+temp file + fsync + rename, locked to one run at a time, and checkpoints loaded without code."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import os
+import tempfile
+import typing
+from typing import Any, BinaryIO, Callable
+
+import torch
+
+from utils import UserError, require
+
+
+def check_writable(*directories: str,
+                   fix: str = "choose a writable output path or free some space") -> None:
+    """Fail now, not an hour into training, if a directory cannot be written; leaves nothing."""
+    for directory in directories:
+        existing = os.path.abspath(directory)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        require(os.path.isdir(existing), f"cannot create {directory}: {existing} is a file — {fix}")
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+                pass
+        except OSError as err:
+            raise UserError(f"cannot write to {existing} ({err.strerror}) — {fix}") from None
+
+
+class _KeepsWriteError:
+    """A file that remembers its first failed write: torch.save reports a full disk as a
+    RuntimeError about zip positions, and the OSError behind it is the one to report."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def _writer_is_gone(temp_name: str) -> bool:
+    """Whether the process that made temp file `.<name>.tmp-<pid>-…` has ended."""
+    pid = temp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+    if not pid.isdigit():  # written by an older SLM, which named no writer
+        return True
+    try:
+        os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return True
+    except OSError:  # alive, and another user's
+        pass
+    return False
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write a temp file beside `path`, fsync, rename: a crash mid-write keeps the previous file.
+    A temp file is named after its writer's pid; one whose writer has died goes at the next
+    write of the path, while another live run's temp file is left alone."""
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp-*")):
+        if _writer_is_gone(os.path.basename(stale)):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-{os.getpid()}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            file = _KeepsWriteError(f)
+            try:
+                write(file)
+            except Exception as err:
+                raise file.error or err
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs should read like any other file
+        os.replace(tmp_path, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        if isinstance(err, OSError):  # disk full, quota, permissions changed mid-run
+            raise UserError(f"could not write {path} ({err.strerror or err}); the previous "
+                            "version is intact — free disk space or fix the permissions, then "
+                            "run the same command again") from None
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself survive a power cut (POSIX)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+_claimed: dict[str, typing.TextIO] = {}
+
+
+def claim(path: str, setting: str) -> None:
+    """Hold a lock on output `path` for the rest of this process, so no second run writes it
+    meanwhile. The OS drops the lock when the process ends, however it ends (kill -9 too)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    lock_path = os.path.join(directory, f".{name}.lock")
+    if lock_path in _claimed:
+        return
+    os.makedirs(directory, exist_ok=True)
+    lock = open(lock_path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise UserError(f"another run (pid {holder}) is writing {path} — wait for it to end, or "
+                        f"give this run another {setting}") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _claimed[lock_path] = lock
+
+
+def atomic_save(obj: dict, path: str) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """weights_only=True: a checkpoint may hold tensors and plain containers, never code."""
+    require(os.path.isfile(path), f"checkpoint '{path}' not found — train first "
+            "(python train.py configs.yaml) or fix the path")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError or EOFError, by the kind of damage
+        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise UserError(f"cannot load checkpoint '{path}': {first_line[:160]} — the file is "
+                        "corrupt, truncated or not an SLM checkpoint; use another one") from None
+    require(isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint,
+            f"'{path}' is not an SLM checkpoint (no weights and config) — pass one from train.py")
+    return checkpoint
