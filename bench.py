@@ -23,7 +23,7 @@ import torch
 from data import (TokenWindows, epoch_loader, epoch_order, prepare_data, resolve_text_files,
                   tokenize_files)
 from generate import generate
-from model import Transformer, configure_optimizer, optimizer_step
+from model import FUSED_ADAMW, Transformer, configure_optimizer, optimizer_step
 from utils import (ArgumentParser, Config, autocast_context, load_config, measure_peak_flops,
                    pick_device, require_within, run_cli, setup_precision, sync)
 
@@ -96,6 +96,25 @@ def bench_training(config: Config, train_set: TokenWindows, device: torch.device
             "data_wait_share": data_seconds / seconds, "peak_memory_mb": peak_memory_mb}
 
 
+def bench_optimizer(model: Transformer, device: torch.device, steps: int) -> dict:
+    """Milliseconds per AdamW step over the model's parameters, with torch's fused kernels and
+    with its default (foreach) ones: configure_optimizer uses the faster kind on each device."""
+    for param in model.parameters():
+        param.grad = torch.randn_like(param) * 1e-3
+    step_ms = {}
+    for fused in (False, True):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        for step in range(3 + steps):  # the first steps allocate the moments
+            if step == 3:
+                sync(device)
+                start = time.perf_counter()
+            optimizer.step()
+        sync(device)
+        step_ms["fused" if fused else "foreach"] = 1000 * (time.perf_counter() - start) / steps
+    model.zero_grad(set_to_none=True)
+    return step_ms
+
+
 @torch.no_grad()
 def bench_generation(model: Transformer, context_length: int, device: torch.device, precision: str,
                      batch_size: int, use_cache: bool, compile_model: bool) -> dict:
@@ -142,6 +161,10 @@ def print_table(results: dict) -> None:
         print(f"{name:<22}{row['params']:>11,}{row['step_ms']:>10.1f}"
               f"{row['tokens_per_sec']:>11,.0f}{row['model_flops'] / 1e9:>10.1f}{row['mfu']:>7.1%}"
               f"{row['data_wait_share']:>11.1%}{row['peak_memory_mb']:>9,.0f}")
+    adamw = results["adamw_step_ms"]
+    print(f"AdamW step alone: foreach {adamw['foreach']:.2f} ms, fused {adamw['fused']:.2f} ms "
+          f"({adamw['foreach'] / adamw['fused']:.2f}x); training uses "
+          f"{'fused' if results['fused_adamw'] else 'foreach'} on this device")
     print(f"\n{f'generation, {GENERATION_TOKENS} new tokens':<34}{'warm-up s':>10}"
           f"{'prefill ms':>11}{'decode tok/s':>14}")
     for name, row in results["generation"].items():
@@ -177,6 +200,7 @@ def main() -> None:
     peak_flops = bench_peak(device, precision)  # first: the tokenizer's threads may spin on after
     tokenizer, train_set, _ = prepare_data(config)
     results = {"device": str(device), "precision": precision,
+               "fused_adamw": device.type in FUSED_ADAMW,
                "model": dataclasses.asdict(config.model), "peak_flops": peak_flops,
                "data": bench_data(config, tokenizer), "training": {}}
     peak = results["peak_flops"][precision]  # MFU against the peak of the matmuls' precision
@@ -185,7 +209,9 @@ def main() -> None:
                              args.warmup_steps)
         row["mfu"] = row["model_flops"] / peak
         results["training"][f"{precision}{', compiled' if compiled else ''}"] = row
-    model = Transformer(config.model).to(device).eval()
+    model = Transformer(config.model).to(device)
+    results["adamw_step_ms"] = bench_optimizer(model, device, args.steps)
+    model.eval()
     results["generation"] = {
         f"batch {batch}{', compiled' if compiled else ''}, {'KV cache' if cached else 'no cache'}":
         bench_generation(model, config.data.context_length, device, precision, batch, cached,

@@ -27,6 +27,12 @@ from utils import ModelConfig, run_cli  # noqa: E402
 TOKENIZER = str(REPO / "tokenizer" / "bpe_4096.json")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA device (python -m pytest -q -rs tests -m gpu on a GPU box)"
+    )
+
+
 def make_model(**overrides) -> Transformer:
     """A small random model in eval mode, the same for the same overrides."""
     torch.manual_seed(0)

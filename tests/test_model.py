@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import make_model, prefill_then_decode
-from model import apply_rope, rope_tables
+from model import apply_rope, configure_optimizer, optimizer_step, rope_tables
+from utils import TrainingConfig
 
 
 def test_shapes_and_loss():
@@ -119,3 +120,25 @@ def test_init_scales_residual_projections_and_counts_flops():
     n = 97 * 256 + 8 * (4 * 256 * 256 + 3 * 256 * 512 + 2 * 256) + 256
     assert model.num_params() == n
     assert model.flops_per_token(32) == 6 * n + 12 * 8 * 256 * 32
+
+
+def test_an_inf_gradient_under_fp16_skips_the_step_and_halves_the_scale():
+    model = make_model().train()
+    optimizer = configure_optimizer(model, TrainingConfig(), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(idx, idx)[1]
+    scaler.scale(loss).backward()
+    model.layers[0].self_attn.q_proj.weight.grad[0, 0] = math.inf
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    optimizer_step(optimizer, scaler, lr=1e-2, grad_clip=1.0)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert scaler.get_scale() == 512.0
+    assert all(state["step"] == 0 for state in optimizer.state.values())  # Adam saw no step
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(idx, idx)[1]
+    scaler.scale(loss).backward()
+    optimizer_step(optimizer, scaler, lr=1e-2, grad_clip=1.0)
+    assert not torch.equal(model.embed_tokens.weight, before["embed_tokens.weight"])
+    assert scaler.get_scale() == 512.0  # a finite step keeps the scale (growth comes later)

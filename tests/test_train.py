@@ -1,3 +1,4 @@
+import math
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from data import load_tokenizer, token_byte_lengths
 from model import Transformer
 from train import evaluate
 from files import load_checkpoint
-from utils import ModelConfig, TrainingConfig, lr_at
+from utils import ModelConfig, TrainingConfig, config_from_dict, lr_at
 
 
 def test_tiny_run_learns_and_logs_everything(trained_run):
@@ -409,3 +410,50 @@ def test_evaluate_reports_bits_per_byte_consistent_with_loss():
     loss, bpb = evaluate(model, batches, token_byte_lengths(tokenizer), "fp32")
     num_bytes = token_byte_lengths(tokenizer)[ids[1:]].sum().item()
     assert bpb == pytest.approx(loss * 32 / (num_bytes * 0.6931471805599453), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "precision, compile_model",
+    [("fp32", False), ("bf16", False), ("fp16", False), ("fp32", True)],
+    ids=["fp32", "bf16", "fp16 with GradScaler", "fp32 compiled"],
+)
+def test_each_precision_and_compile_learns_and_resumes_bitwise(
+    tmp_path, short_corpus, monkeypatch, precision, compile_model
+):
+    """Every training path the CPU can run: autocast in the step, eval and TensorBoard sample,
+    the GradScaler's state in the snapshot, the compiled step."""
+    settings = {"max_steps": 12, "save_every": 6, "eval_every": 6, "log_every": 2}
+    settings.update(precision=precision, compile=compile_model)
+
+    def run_config(workdir: Path):
+        return config_from_dict(tiny_config(workdir, short_corpus, training=settings))
+
+    save_snapshot, halfway = train.save_snapshot, tmp_path / "halfway.pth"
+
+    def save_and_keep_step_6(path, model, *args):
+        save_snapshot(path, model, *args)
+        if args[-2].step == 6:  # the run state
+            shutil.copy(path, halfway)
+
+    monkeypatch.setattr(train, "save_snapshot", save_and_keep_step_6)
+    train.train(run_config(tmp_path / "straight"), torch.device("cpu"))
+    events = EventAccumulator(str(tmp_path / "straight" / "runs" / "test"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0] - 0.5, losses
+    assert [e.step for e in events.Scalars("val/loss")] == [6, 12]
+    assert len(events.Tensors("sample/text_summary")) == 2
+
+    (tmp_path / "resumed" / "ckpt").mkdir(parents=True)
+    shutil.copy(halfway, tmp_path / "resumed" / "ckpt" / "snapshot.pth")
+    train.train(run_config(tmp_path / "resumed"), torch.device("cpu"))
+    final, reference = (
+        load_checkpoint(str(tmp_path / run / "ckpt" / "snapshot.pth"))
+        for run in ("resumed", "straight")
+    )
+    assert final["progress"]["step"] == 12 and final["scaler"] == reference["scaler"]
+    for name, weights in final["model"].items():
+        if compile_model:  # Inductor's CPU kernels are not bitwise reproducible run to run
+            assert torch.allclose(weights, reference["model"][name], rtol=0, atol=1e-5), name
+        else:
+            assert torch.equal(weights, reference["model"][name]), name

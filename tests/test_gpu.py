@@ -1,0 +1,126 @@
+"""The CUDA paths, to run first on any new GPU machine: python -m pytest -q -rs tests -m gpu
+
+Where there is no CUDA device each test is reported as skipped with the reason "no CUDA device",
+never as passed. README (Multi-GPU and the GPU check) says what each one should show."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from conftest import REPO, tiny_config, write_config
+from data import TokenWindows, epoch_loader
+from model import Transformer
+from utils import DataConfig, ModelConfig, config_from_dict
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+]
+CUDA = torch.device("cuda")
+
+
+def train_losses(workdir: Path, corpus: Path, **training) -> list[float]:
+    """The logged training losses of a short in-process run on the GPU."""
+    settings = {"max_steps": 30, "log_every": 5, "device": "cuda", **training}
+    train.train(config_from_dict(tiny_config(workdir, corpus, training=settings)), CUDA)
+    events = EventAccumulator(str(workdir / "runs" / "test"))
+    events.Reload()
+    return [event.value for event in events.Scalars("train/loss")]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
+def test_training_on_cuda_learns_in_each_precision(tmp_path, corpus, precision, compile_model):
+    losses = train_losses(tmp_path, corpus, precision=precision, compile=compile_model)
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0] - 1.0, losses
+
+
+def test_flash_attention_serves_the_training_step():
+    config = ModelConfig(
+        vocab_size=4096,
+        embed_dim=256,
+        num_heads=4,
+        num_kv_heads=2,
+        ff_dim=704,
+        num_layers=2,
+        max_seq_len=512,
+    )
+    model = Transformer(config).to(CUDA)
+    idx = torch.randint(0, 4096, (4, 512), device=CUDA)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = model(idx, idx)  # raises if the flash kernel cannot take these inputs
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_pinned_non_blocking_copies_arrive_intact():
+    tokens = torch.arange(10_000, dtype=torch.int32).numpy().astype("uint16")
+    data = DataConfig(context_length=32, batch_size=8)
+    windows = TokenWindows(tokens, data.context_length)
+    x, y = next(iter(epoch_loader(windows, data, list(range(len(windows))), 0, pin_memory=True)))
+    assert x.is_pinned() and y.is_pinned()
+    on_gpu = x.to(CUDA, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), x)
+
+
+def test_torchrun_one_process_with_nccl(tmp_path, corpus):
+    config = tiny_config(tmp_path, corpus, training={"max_steps": 20, "device": "cuda"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        str(REPO / "data_parallel_train.py"),
+        str(write_config(tmp_path / "tiny.yaml", config)),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 process(es) on cuda" in result.stdout and "done: 20 steps" in result.stdout
+
+
+def test_bench_gpu_table_reports_mfu_against_the_measured_bf16_peak():
+    gpt2_small = [
+        "model.embed_dim=768",
+        "model.num_heads=12",
+        "model.num_kv_heads=12",
+        "model.ff_dim=2048",
+        "model.num_layers=12",
+        "model.max_seq_len=1024",
+        "data.context_length=1024",
+        "data.batch_size=16",
+    ]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench.py"),
+            "configs.yaml",
+            *gpt2_small,
+            "--compile",
+            "--steps",
+            "10",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)  # the table, for README: pytest -s shows it
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results["peak_flops"]["bf16"] > results["peak_flops"]["fp32"] > 0
+    for row in results["training"].values():
+        assert 0 < row["mfu"] < 1, row
