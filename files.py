@@ -22,7 +22,8 @@ def check_writable(*directories: str,
         existing = os.path.abspath(directory)
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
-        require(os.path.isdir(existing), f"cannot create {directory}: {existing} is a file — {fix}")
+        require(os.path.isdir(existing),
+                f"cannot create {directory}: {existing} is a file — {fix}")
         try:
             with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
                 pass
