@@ -51,7 +51,7 @@ def bench_data(config: Config, tokenizer) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         num_tokens = tokenize_files(files, tokenizer, os.path.join(scratch, "tokens.bin"),
-                                    np.uint16, lambda n: None)
+                                    np.uint16, lambda n: None, config.data.text_field)
         seconds = time.perf_counter() - start
     return {"corpus_mb": num_bytes / 1e6, "tokens": num_tokens,
             "tokenize_mb_per_sec": num_bytes / 1e6 / seconds, "peak_rss_mb": peak_rss_mb(),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import re
 import signal
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from files import atomic_write, check_writable
-from utils import Config, DataConfig, UserError, require, warn
+from utils import (ArgumentParser, Config, DataConfig, UserError, require, require_within,
+                   run_cli, warn)
 
 EOT = "<|endoftext|>"
 DEFAULT_CORPUS = "data/shakespeare.txt"
@@ -27,31 +29,42 @@ READ_CHUNK_BYTES = 1 << 22   # tokenise 4 MiB at a time: memory stays flat howev
 PIECE_BYTES = 1 << 16        # pieces handed to the Rust tokenizer's thread pool
 
 
-def train_tokenizer(files: list[str], out_path: str, vocab_size: int) -> Tokenizer:
-    """Byte-level BPE: every byte is in the base alphabet, so any UTF-8 text round-trips."""
+def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
+                    text_field: str = "text") -> Tokenizer:
+    """Byte-level BPE on text and JSONL files: every byte is in the base alphabet, so any UTF-8
+    text round-trips. Reads in chunks with a progress bar, writes `out_path` atomically."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=True)
-    tokenizer.train(files, trainer)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tokenizer.save(out_path)
+    total_bytes = sum(map(os.path.getsize, files))
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="reading") as bar:
+        def texts() -> Iterator[str]:
+            for path in files:
+                for chunk, _, size in corpus_documents(path, text_field):
+                    yield from chunk
+                    bar.update(size)
+
+        tokenizer.train_from_iterator(texts(), trainer)
+    atomic_write(out_path, lambda f: f.write(tokenizer.to_str().encode()))
     return tokenizer
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "") -> Tokenizer:
     """The tokenizer at `path`; with `vocab_size`, one of another size is refused with `fix`."""
     require(os.path.isfile(path), f"tokenizer '{path}' not found — set data.tokenizer_path to a "
-            "tokenizer JSON (e.g. tokenizer/bpe_4096.json) or train one (data.train_tokenizer)")
+            "tokenizer JSON (e.g. tokenizer/bpe_4096.json) or train one (python data.py "
+            "train-tokenizer FILES --vocab-size N --out PATH)")
     try:
         tokenizer = Tokenizer.from_file(path)
     except Exception:  # the Rust side raises a bare Exception for any parse failure
         raise UserError(f"'{path}' is not a tokenizer JSON — point data.tokenizer_path at one"
                         ) from None
     require(tokenizer.token_to_id(EOT) is not None,
-            f"tokenizer '{path}' has no {EOT} token — train it with data.train_tokenizer")
+            f"tokenizer '{path}' has no {EOT} token — train one with python data.py "
+            "train-tokenizer")
     require(vocab_size is None or tokenizer.get_vocab_size() == vocab_size,
             f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but model.vocab_size is "
             f"{vocab_size} — {fix or 'use the tokenizer the model was trained with'}")
@@ -64,12 +77,27 @@ def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for (0 for specials): turns nats/token into bits/byte."""
+    """UTF-8 bytes of text each token id stands for: turns nats/token into bits/byte. Special
+    tokens (document separators, not text) count 0 and are left out of bits/byte; an added
+    token that is text counts the bytes of its content."""
+    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    kinds = {decoder.get("type")} | {step.get("type") for step in decoder.get("decoders", [])}
+    byte_level = "ByteLevel" in kinds
+    require(byte_level or bool(kinds & {"Metaspace", "ByteFallback"}), f"the tokenizer's "
+            f"decoder ({decoder.get('type')}) is neither byte-level nor SentencePiece-style, so "
+            "the bytes its tokens stand for are unknown and bits/byte would be wrong — use a "
+            "byte-level BPE tokenizer (python data.py train-tokenizer ...)")
+    added = tokenizer.get_added_tokens_decoder()
     lengths = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.int64)
-    specials = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
-    for token, token_id in tokenizer.get_vocab().items():
-        # ByteLevel maps each byte to exactly one printable character, so characters == bytes.
-        lengths[token_id] = 0 if token in specials else len(token)
+    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token_id in added:
+            lengths[token_id] = 0 if added[token_id].special else len(token.encode("utf-8"))
+        elif byte_level:  # ByteLevel maps each byte to exactly one printable character
+            lengths[token_id] = len(token)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):  # SentencePiece's byte fallback
+            lengths[token_id] = 1
+        else:  # SentencePiece marks a space with "▁"
+            lengths[token_id] = len(token.replace("\u2581", " ").encode("utf-8"))
     return lengths
 
 
@@ -110,20 +138,21 @@ def build_default_corpus(out_path: str) -> None:
 
 
 def resolve_text_files(raw_text_path: str) -> list[str]:
-    """A file, a directory (its *.txt, recursively) or a glob; the default is built on first use."""
+    """A file, a directory (its *.txt and *.jsonl, recursively) or a glob; the default corpus is
+    built on first use."""
     if raw_text_path == DEFAULT_CORPUS and not os.path.exists(raw_text_path):
         build_default_corpus(raw_text_path)
     if os.path.isfile(raw_text_path):
         return [raw_text_path]
-    pattern = (os.path.join(raw_text_path, "**", "*.txt") if os.path.isdir(raw_text_path)
-               else raw_text_path)
-    matches = sorted(glob.glob(pattern, recursive=True))
+    patterns = ([os.path.join(raw_text_path, "**", f"*.{kind}") for kind in ("txt", "jsonl")]
+                if os.path.isdir(raw_text_path) else [raw_text_path])
+    matches = sorted(path for pattern in patterns for path in glob.glob(pattern, recursive=True))
     files = [path for path in matches if os.path.isfile(path)]  # regular files, links resolved
     broken = [path for path in matches if os.path.islink(path) and not os.path.exists(path)]
     if broken:
         warn(f"skipping {len(broken)} broken symlink(s) in the corpus, e.g. {broken[0]}")
     require(bool(files), f"no text found at data.raw_text_path='{raw_text_path}' — give a UTF-8 "
-            "file, a directory of .txt files or a glob")
+            "file, a directory of .txt/.jsonl files or a glob")
     return files
 
 
@@ -142,9 +171,10 @@ def _cache_prefix(data: DataConfig, files: list[str]) -> str:
     return os.path.join(os.path.dirname(files[0]), f"glob-{pattern_id}")
 
 
-def _cache_key(files: list[str], tokenizer: Tokenizer) -> str:
-    """Changes whenever the tokenizer or any text file (path, size, modification time) changes."""
-    digest = hashlib.sha256(tokenizer.to_str().encode())
+def _cache_key(files: list[str], tokenizer: Tokenizer, text_field: str) -> str:
+    """Changes whenever the tokenizer, the JSONL text field or any text file (path, size,
+    modification time) changes."""
+    digest = hashlib.sha256(f"{text_field}\0{tokenizer.to_str()}".encode())
     for path in files:
         stat = os.stat(path)
         digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
@@ -164,39 +194,85 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
+def _open_corpus_file(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror}) — make it readable or take it out "
+                        "of data.raw_text_path") from None
+
+
+def _text_chunks(f: BinaryIO, path: str) -> Iterator[tuple[str, int]]:
+    """(text, bytes read) of a text file, 4 MiB at a time, each chunk ending on a line."""
+    offset = 0
+    while chunk := f.read(READ_CHUNK_BYTES) + f.readline():
+        try:
+            yield chunk.decode("utf-8"), len(chunk)
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path} is not valid UTF-8 (byte offset {offset + err.start}) — "
+                            "re-encode it as UTF-8, e.g. iconv -t UTF-8") from None
+        offset += len(chunk)
+
+
+def _jsonl_documents(f: BinaryIO, path: str, text_field: str) -> Iterator[tuple[list[str], int]]:
+    """(documents, bytes read) of a JSONL file, about 4 MiB of lines at a time: each line's
+    `text_field` is one document; blank lines are skipped."""
+    documents, size = [], 0
+    for line_number, line in enumerate(itertools.chain(f, [b""]), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError as err:  # bad JSON or not UTF-8
+                problem = getattr(err, "msg", "not UTF-8")
+                raise UserError(f"{path}, line {line_number}: not a JSON line ({problem}) — fix "
+                                "or remove that line") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            require(isinstance(text, str), f"{path}, line {line_number}: no string field "
+                    f"'{text_field}' — fix that line, or set data.text_field to the field that "
+                    "holds the text")
+            documents.append(text)
+        size += len(line)
+        if documents and (size >= READ_CHUNK_BYTES or not line):
+            yield documents, size
+            documents, size = [], 0
+
+
+def corpus_documents(path: str, text_field: str) -> Iterator[tuple[list[str], bool, int]]:
+    """(texts, whether each ends a document, bytes read) of one corpus file: a JSONL file's
+    lines are documents; a text file is one document, read in chunks, then ended by ""."""
+    with _open_corpus_file(path) as f:
+        if path.endswith(".jsonl"):
+            for documents, size in _jsonl_documents(f, path, text_field):
+                yield documents, True, size
+        else:
+            for text, size in _text_chunks(f, path):
+                yield [text], False, size
+            yield [""], True, 0
+
+
 def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
-                   check_length: Callable[[int], None]) -> int:
-    """Write the tokens of `files` (an <|endoftext|> after each) to out_path and return their
-    count; `check_length` may refuse it before the rename, so a useless corpus leaves no cache."""
-    eot_id = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
-    total_bytes = sum(map(os.path.getsize, files))
+                   check_length: Callable[[int], None], text_field: str = "text") -> int:
+    """Write the tokens of `files` to out_path, an end-of-text token after each document (a text
+    file, or a JSONL line), and return their count; `check_length` may refuse it before the
+    rename, so a useless corpus leaves no cache."""
+    eot = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # skips offsets
     num_tokens = 0
 
     def write(out: BinaryIO) -> None:
         nonlocal num_tokens
+        total_bytes = sum(map(os.path.getsize, files))
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
             for path in files:
-                try:
-                    f = open(path, "rb")
-                except OSError as err:
-                    raise UserError(f"cannot read {path} ({err.strerror}) — make it readable or "
-                                    "take it out of data.raw_text_path") from None
-                with f:
-                    offset = 0
-                    while chunk := f.read(READ_CHUNK_BYTES) + f.readline():  # ends on a line
-                        try:
-                            text = chunk.decode("utf-8")
-                        except UnicodeDecodeError as err:
-                            raise UserError(f"{path} is not valid UTF-8 (byte offset "
-                                            f"{offset + err.start}) — re-encode it as UTF-8, "
-                                            "e.g. iconv -t UTF-8") from None
-                        ids = _encode_pieces(tokenizer, text)
-                        out.write(ids.astype(dtype).tobytes())
-                        num_tokens += len(ids)
-                        offset += len(chunk)
-                        bar.update(len(chunk))
-                out.write(eot_id.tobytes())  # document boundary between files
-                num_tokens += 1
+                for texts, ends_documents, size in corpus_documents(path, text_field):
+                    if ends_documents:
+                        ids = [np.append(np.asarray(encoding.ids, dtype=dtype), eot)
+                               for encoding in encode(texts, add_special_tokens=False)]
+                    else:  # a text file's chunk: split further for the tokenizer's threads
+                        ids = [_encode_pieces(tokenizer, text).astype(dtype) for text in texts]
+                    out.write(b"".join(part.tobytes() for part in ids))
+                    num_tokens += sum(map(len, ids))
+                    bar.update(size)
         check_length(num_tokens)
 
     atomic_write(out_path, write)
@@ -211,7 +287,7 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32
     prefix = _cache_prefix(data, files)
     bin_path, meta_path = prefix + ".tokens.bin", prefix + ".tokens.json"
-    key = _cache_key(files, tokenizer)
+    key = _cache_key(files, tokenizer, data.text_field)
     meta = _read_cache_meta(meta_path)
     if (meta.get("key") != key or meta.get("dtype") != np.dtype(dtype).name
             or not os.path.isfile(bin_path)
@@ -219,7 +295,7 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
         check_writable(os.path.dirname(bin_path), fix="set data.cache_dir to a writable directory "
                        "for the token cache")
         num_tokens = tokenize_files(files, tokenizer, bin_path, dtype,
-                                    lambda n: check_corpus_length(n, data))
+                                    lambda n: check_corpus_length(n, data), data.text_field)
         meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)
@@ -315,3 +391,31 @@ def epoch_loader(dataset: TokenWindows, data: DataConfig, order: list[int], skip
 def _ignore_sigint(worker_id: int) -> None:
     """Ctrl-C reaches the workers too; the trainer finishes its step first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def main() -> None:
+    parser = ArgumentParser(description="Data tools for SLM.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer",
+                                  description="Train a byte-level BPE tokenizer (with the "
+                                  f"{EOT} token) on text and JSONL files.")
+    command.add_argument("files", nargs="+", metavar="FILES",
+                         help=".txt/.jsonl files, directories of them, or globs")
+    command.add_argument("--vocab-size", type=int, required=True, help="e.g. 4096")
+    command.add_argument("--out", required=True, help="tokenizer JSON to write")
+    command.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    args = parser.parse_args()
+    require_within("--vocab-size", args.vocab_size, 257, 1 << 20)  # 256 bytes + end-of-text
+    files = [path for pattern in args.files for path in resolve_text_files(pattern)]
+    check_writable(os.path.dirname(os.path.abspath(args.out)))
+    tokenizer = train_tokenizer(files, args.out, args.vocab_size, args.text_field)
+    if tokenizer.get_vocab_size() < args.vocab_size:
+        warn(f"the text held merges for only {tokenizer.get_vocab_size()} tokens, fewer than "
+             f"--vocab-size {args.vocab_size}: give it more text, or use this smaller vocabulary")
+    print(f"wrote {args.out} ({tokenizer.get_vocab_size()} tokens from {len(files)} file(s)); "
+          f"train with data.tokenizer_path={args.out} "
+          f"model.vocab_size={tokenizer.get_vocab_size()}", flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)

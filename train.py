@@ -142,8 +142,9 @@ def train(config: Config, device: torch.device) -> None:
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
                             tok_s=f"{tokens_per_sec:,.0f}")
             mfu = flops_per_token * tokens_per_sec / peak_flops
-            log_scalars(writer, state.step, {"train/loss": train_loss, "lr": lr, "mfu": mfu,
-                        "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec})
+            log_scalars(writer, state.step, {
+                "train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                "perf/tokens_per_sec": tokens_per_sec, "perf/mfu": mfu})
             loss_sum.zero_()
             log_time, log_step = now, state.step
         if state.step % t.eval_every == 0 or finished:

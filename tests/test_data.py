@@ -1,3 +1,4 @@
+import json
 import os
 import re
 from pathlib import Path
@@ -5,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models
 
-from conftest import TOKENIZER
+import data
+from conftest import TOKENIZER, assert_one_error_line, run_main
 from data import (
     EOT,
     DEFAULT_CORPUS,
@@ -67,6 +70,29 @@ def test_token_byte_lengths_count_utf8_bytes(tokenizer):
     assert lengths[tokenizer.token_to_id(EOT)] == 0
 
 
+def test_added_tokens_that_are_text_count_their_bytes_and_specials_none(tokenizer):
+    extended = Tokenizer.from_str(tokenizer.to_str())
+    extended.add_tokens(["<|user|>", "naïve café"])  # text, as chat templates add
+    extended.add_special_tokens(["<|pad|>"])
+    lengths = token_byte_lengths(extended)
+    text = "<|user|> said naïve café, then <|user|> left\n"
+    ids = extended.encode(text).ids
+    assert extended.token_to_id("<|user|>") in ids and extended.token_to_id("naïve café") in ids
+    assert lengths[ids].sum().item() == len(text.encode("utf-8"))
+    assert lengths[extended.token_to_id("<|pad|>")] == 0
+
+
+def test_sentencepiece_style_pieces_count_their_bytes_and_others_are_refused():
+    pieces = {"<|endoftext|>": 0, "<0xC3>": 1, "<0xA9>": 2, "\u2581caf": 3, "\u2581the": 4, "s": 5}
+    spm = Tokenizer(models.BPE(pieces, [], byte_fallback=True))
+    spm.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback()])
+    lengths = token_byte_lengths(spm)
+    assert lengths.tolist() == [len(EOT), 1, 1, 4, 4, 1]  # EOT is a plain token here, not added
+    spm.decoder = decoders.WordPiece()
+    with pytest.raises(UserError, match=r"decoder \(WordPiece\) is neither byte-level nor"):
+        token_byte_lengths(spm)
+
+
 def test_default_corpus_has_every_play_and_no_markdown(tmp_path):
     out = tmp_path / "shakespeare.txt"
     build_default_corpus(str(out))
@@ -85,6 +111,67 @@ def test_default_corpus_has_every_play_and_no_markdown(tmp_path):
     assert "Two households, both alike in dignity," in text
     assert "[Aside]" in text and "Enter SAMPSON and GREGORY" in text  # stage directions kept
     assert len(text) > 4_500_000
+
+
+DOCUMENTS = ["First document.\nTwo lines.", "Ünïcode, second one", "third"]
+
+
+def write_jsonl(path: Path, records: list, blank_lines: bool = False) -> Path:
+    lines = [json.dumps(record, ensure_ascii=False) for record in records]
+    path.write_text(("\n\n" if blank_lines else "\n").join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_jsonl_lines_are_documents_each_ended_by_end_of_text(tmp_path, tokenizer):
+    corpus = write_jsonl(
+        tmp_path / "docs.jsonl", [{"text": doc, "id": i} for i, doc in enumerate(DOCUMENTS)], True
+    )
+    tokens = prepare_tokens(
+        DataConfig(raw_text_path=str(corpus), context_length=2, val_split=0.5), tokenizer
+    )
+    eot = tokenizer.token_to_id(EOT)
+    expected = [i for doc in DOCUMENTS for i in tokenizer.encode(doc).ids + [eot]]
+    assert tokens.tolist() == expected
+
+
+def test_text_field_names_where_the_document_is(tmp_path, tokenizer):
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"body": doc} for doc in DOCUMENTS])
+    data = DataConfig(raw_text_path=str(corpus), context_length=2, val_split=0.5, text_field="body")
+    eot = tokenizer.token_to_id(EOT)
+    assert prepare_tokens(data, tokenizer).tolist() == [
+        i for doc in DOCUMENTS for i in tokenizer.encode(doc).ids + [eot]
+    ]
+
+
+def test_a_directory_mixes_text_and_jsonl_files(tmp_path, tokenizer):
+    (tmp_path / "mixed" / "sub").mkdir(parents=True)
+    write_jsonl(tmp_path / "mixed" / "sub" / "a.jsonl", [{"text": doc} for doc in DOCUMENTS])
+    (tmp_path / "mixed" / "b.txt").write_text("A plain text file.\n", encoding="utf-8")
+    (tmp_path / "mixed" / "notes.md").write_text("not part of the corpus", encoding="utf-8")
+    tokens = prepare_tokens(
+        DataConfig(raw_text_path=str(tmp_path / "mixed"), context_length=2, val_split=0.5),
+        tokenizer,
+    )
+    assert int((tokens == tokenizer.token_to_id(EOT)).sum()) == len(DOCUMENTS) + 1
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"text": "unterminated', "line 2: not a JSON line"),
+        ('["a", "list"]', "line 2: no string field 'text'"),
+        ('{"title": "no text field"}', "line 2: no string field 'text'"),
+        ('{"text": 42}', "line 2: no string field 'text' — fix that line, or set data.text_field"),
+    ],
+)
+def test_a_malformed_jsonl_line_is_one_error_with_its_file_and_line(
+    tmp_path, tokenizer, bad_line, message
+):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"text": "fine"}\n' + bad_line + '\n{"text": "fine"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(f"{corpus}, ") + message):
+        prepare_tokens(DataConfig(raw_text_path=str(corpus), context_length=4), tokenizer)
+    assert not list(tmp_path.glob("*.tokens.*"))
 
 
 def test_default_corpus_path_is_built_on_first_use(tmp_path, tokenizer, monkeypatch):
@@ -207,3 +294,46 @@ def test_each_rank_walks_its_share_of_the_epoch_like_distributed_sampler():
     two_ranks = [epoch_order(100, seed=5, epoch=3, rank=rank, world_size=2) for rank in (0, 1)]
     one_process = epoch_order(100, seed=5, epoch=3)
     assert one_process == [i for pair in zip(*two_ranks) for i in pair]  # the same global order
+
+
+def test_train_tokenizer_command_reads_text_and_jsonl(tmp_path, monkeypatch, capsys):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": doc * 20} for doc in DOCUMENTS])
+    (tmp_path / "b.txt").write_text("Plain text, plain words.\n" * 40, encoding="utf-8")
+    out = tmp_path / "tok" / "bpe.json"
+    argv = ["train-tokenizer", "a.jsonl", "b.txt", "--vocab-size", "300", "--out", str(out)]
+    code, stdout, stderr = run_main(data.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert f"wrote {out} (300 tokens from 2 file(s)); train with data.tokenizer_path=" in stdout
+    trained = load_tokenizer(str(out), vocab_size=300)
+    for text in [*DOCUMENTS, *SAMPLES]:
+        assert decode(trained, trained.encode(text).ids) == text
+    # merges were learned from both files: words that only one of them holds are compressed
+    assert len(trained.encode("First document").ids) <= len("First document") // 2
+    assert len(trained.encode("plain words").ids) <= len("plain words") // 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train-tokenizer", "a.jsonl", "--vocab-size", "100", "--out", "t.json"],
+            r"--vocab-size must be in \[257, ",
+        ),
+        (
+            ["train-tokenizer", "nope.txt", "--vocab-size", "300", "--out", "t.json"],
+            "no text found at data.raw_text_path='nope.txt'",
+        ),
+        (
+            ["train-tokenizer", "a.jsonl", "--vocab-size", "300"],
+            "the following arguments are required: --out",
+        ),
+        (["tokenise"], "argument COMMAND: invalid choice: 'tokenise'"),
+    ],
+)
+def test_train_tokenizer_command_mistakes_are_one_line(
+    tmp_path, monkeypatch, capsys, argv, message
+):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": doc} for doc in DOCUMENTS])
+    code, stdout, stderr = run_main(data.main, argv, tmp_path, monkeypatch, capsys)
+    assert_one_error_line(code, stderr, message)
+    assert not (tmp_path / "t.json").exists()

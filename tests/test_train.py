@@ -38,17 +38,17 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
         "train/loss",
         "val/loss",
         "val/bpb",
-        "lr",
-        "grad_norm",
-        "tokens_per_sec",
-        "mfu",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_sec",
+        "perf/mfu",
     } <= scalars
     assert {"config", "sample"} <= {tag.split("/")[0] for tag in events.Tags()["tensors"]}
     train_loss = [e.value for e in events.Scalars("train/loss")]
     assert (
         len(train_loss) == 10 and train_loss[-1] < train_loss[0] - 1.5
     ), train_loss  # from ~8.3 nats
-    lrs = [e.value for e in events.Scalars("lr")]
+    lrs = [e.value for e in events.Scalars("train/lr")]
     schedule = TrainingConfig(warmup_steps=5, lr=3e-3, min_lr=3e-4)
     assert lrs == pytest.approx(
         [lr_at(step - 1, (step - 6) / 45, schedule) for step in range(5, 51, 5)], rel=1e-6
@@ -372,7 +372,7 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
     assert 4.0 - mean_step <= snapshot["train_seconds"] < 4.0 + mean_step
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
-    lrs = [e.value for e in events.Scalars("lr")]
+    lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[-1] < 0.5 * max(
         lrs
     ), "the cosine is laid out over the budget, so it has decayed by the end"
@@ -390,7 +390,7 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
     assert resumed["step"] > snapshot["step"]
     assert 7.0 - 2 * mean_step <= resumed["train_seconds"] < 7.0 + mean_step
     events.Reload()
-    lrs_after = [e.value for e in events.Scalars("lr")][len(lrs) :]
+    lrs_after = [e.value for e in events.Scalars("train/lr")][len(lrs) :]
     assert lrs_after[0] > lrs[-1], "a larger budget puts the resumed run back earlier on its cosine"
     assert lrs_after[-1] < 0.5 * max(lrs), "and the cosine ends at the new budget"
 
