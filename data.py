@@ -52,8 +52,22 @@ def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
     return tokenizer
 
 
+def end_of_text(tokenizer_path: str) -> str:
+    """The token that ends a document: the eos_token of a tokenizer_config.json beside the
+    tokenizer (a Hugging Face directory names its own, e.g. </s>), else <|endoftext|>."""
+    try:
+        with open(os.path.join(os.path.dirname(tokenizer_path), "tokenizer_config.json"),
+                  encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token")
+    except (OSError, ValueError, AttributeError):  # none there, or not a JSON object
+        return EOT
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return eos if isinstance(eos, str) and eos else EOT
+
+
 def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "") -> Tokenizer:
-    """The tokenizer at `path`; with `vocab_size`, one of another size is refused with `fix`."""
+    """The tokenizer at `path`; with `vocab_size`, one larger than it is refused with `fix` (a
+    model's embedding may be padded beyond its tokenizer)."""
     require(os.path.isfile(path), f"tokenizer '{path}' not found — set data.tokenizer_path to a "
             "tokenizer JSON (e.g. tokenizer/bpe_4096.json) or train one (python data.py "
             "train-tokenizer FILES --vocab-size N --out PATH)")
@@ -62,10 +76,10 @@ def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "") -> T
     except Exception:  # the Rust side raises a bare Exception for any parse failure
         raise UserError(f"'{path}' is not a tokenizer JSON — point data.tokenizer_path at one"
                         ) from None
-    require(tokenizer.token_to_id(EOT) is not None,
-            f"tokenizer '{path}' has no {EOT} token — train one with python data.py "
-            "train-tokenizer")
-    require(vocab_size is None or tokenizer.get_vocab_size() == vocab_size,
+    eot = end_of_text(path)
+    require(tokenizer.token_to_id(eot) is not None, f"tokenizer '{path}' has no {eot} token to "
+            "end documents with — train one with python data.py train-tokenizer")
+    require(vocab_size is None or tokenizer.get_vocab_size() <= vocab_size,
             f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but model.vocab_size is "
             f"{vocab_size} — {fix or 'use the tokenizer the model was trained with'}")
     return tokenizer
@@ -171,10 +185,10 @@ def _cache_prefix(data: DataConfig, files: list[str]) -> str:
     return os.path.join(os.path.dirname(files[0]), f"glob-{pattern_id}")
 
 
-def _cache_key(files: list[str], tokenizer: Tokenizer, text_field: str) -> str:
-    """Changes whenever the tokenizer, the JSONL text field or any text file (path, size,
-    modification time) changes."""
-    digest = hashlib.sha256(f"{text_field}\0{tokenizer.to_str()}".encode())
+def _cache_key(files: list[str], tokenizer: Tokenizer, reading: str) -> str:
+    """Changes whenever the tokenizer, how the files are read (JSONL text field, end-of-text
+    token) or any text file (path, size, modification time) changes."""
+    digest = hashlib.sha256(f"{reading}\0{tokenizer.to_str()}".encode())
     for path in files:
         stat = os.stat(path)
         digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
@@ -251,11 +265,12 @@ def corpus_documents(path: str, text_field: str) -> Iterator[tuple[list[str], bo
 
 
 def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
-                   check_length: Callable[[int], None], text_field: str = "text") -> int:
+                   check_length: Callable[[int], None], text_field: str = "text",
+                   eot: str = EOT) -> int:
     """Write the tokens of `files` to out_path, an end-of-text token after each document (a text
     file, or a JSONL line), and return their count; `check_length` may refuse it before the
     rename, so a useless corpus leaves no cache."""
-    eot = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
+    eot_ids = np.array([tokenizer.token_to_id(eot)], dtype=dtype)
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # skips offsets
     num_tokens = 0
 
@@ -266,7 +281,7 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
             for path in files:
                 for texts, ends_documents, size in corpus_documents(path, text_field):
                     if ends_documents:
-                        ids = [np.append(np.asarray(encoding.ids, dtype=dtype), eot)
+                        ids = [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)
                                for encoding in encode(texts, add_special_tokens=False)]
                     else:  # a text file's chunk: split further for the tokenizer's threads
                         ids = [_encode_pieces(tokenizer, text).astype(dtype) for text in texts]
@@ -287,7 +302,8 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32
     prefix = _cache_prefix(data, files)
     bin_path, meta_path = prefix + ".tokens.bin", prefix + ".tokens.json"
-    key = _cache_key(files, tokenizer, data.text_field)
+    eot = end_of_text(data.tokenizer_path)
+    key = _cache_key(files, tokenizer, f"{data.text_field}\0{eot}")
     meta = _read_cache_meta(meta_path)
     if (meta.get("key") != key or meta.get("dtype") != np.dtype(dtype).name
             or not os.path.isfile(bin_path)
@@ -295,7 +311,7 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
         check_writable(os.path.dirname(bin_path), fix="set data.cache_dir to a writable directory "
                        "for the token cache")
         num_tokens = tokenize_files(files, tokenizer, bin_path, dtype,
-                                    lambda n: check_corpus_length(n, data), data.text_field)
+                                    lambda n: check_corpus_length(n, data), data.text_field, eot)
         meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)

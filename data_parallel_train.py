@@ -59,10 +59,11 @@ def init_process_group(backend: str) -> None:
 def main() -> None:
     # torchrun stops the group with SIGTERM: exit through `finally` to tear the group down.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    config = parse_config_cli("Distributed data-parallel SLM training; launch with torchrun.")
+    config, cli_keys = parse_config_cli("Distributed data-parallel SLM training; launch with "
+                                        "torchrun.")
     device = init_distributed(config)
     try:
-        train(config, device)
+        train(config, device, cli_keys)
     finally:
         dist.destroy_process_group()
 

@@ -9,9 +9,9 @@ import os
 
 import torch
 
-from data import EOT, decode, load_tokenizer
-from export import load_exported
+from data import decode, end_of_text, load_tokenizer
 from generate import generate
+from hf import load_hf_directory
 from model import Transformer, load_weights
 from files import load_checkpoint
 from utils import (MAX_SEED, ArgumentParser, UserError, autocast_context, load_config,
@@ -27,8 +27,10 @@ def parse_args() -> argparse.Namespace:
                             epilog=WINDOW_RULE)
     parser.add_argument("--config", help="YAML config for tokenizer and device (default: stored)")
     parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth",
-                        help="checkpoint written by train.py, or a directory written by export.py")
-    parser.add_argument("--prompt", default="", help="text to continue; empty: <|endoftext|>")
+                        help="checkpoint written by train.py, or a Hugging Face Llama directory "
+                        "(export.py's, or a downloaded one such as SmolLM2)")
+    parser.add_argument("--prompt", default="",
+                        help="text to continue; empty: the end-of-text token")
     parser.add_argument("--max-length", type=int, default=200, help="number of new tokens")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
@@ -59,7 +61,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     exported = os.path.isdir(args.ckpt_path)
-    checkpoint = load_exported(args.ckpt_path) if exported else load_checkpoint(args.ckpt_path)
+    checkpoint = load_hf_directory(args.ckpt_path) if exported else load_checkpoint(args.ckpt_path)
     stored = stored_config(checkpoint["config"], args.ckpt_path)
     config = load_config(args.config) if args.config else stored
     if exported:  # the export carries its own tokenizer
@@ -72,7 +74,7 @@ def main() -> None:
     load_weights(model, checkpoint, args.ckpt_path)
     model.to(device).eval()
 
-    eot_id = tokenizer.token_to_id(EOT)
+    eot_id = tokenizer.token_to_id(end_of_text(config.data.tokenizer_path))
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids or [eot_id]
     context = stored.data.context_length
     if len(prompt_ids) > context:

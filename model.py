@@ -1,8 +1,9 @@
 """Decoder-only Transformer, numerically Llama's: the file to edit to try an idea.
 
 Pre-norm blocks: RMSNorm -> causal self-attention (rotate-half RoPE, optional GQA) -> residual ->
-RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; head tied to the token embedding. Module names
-(q_proj, gate_proj, ...) and math match Hugging Face's LlamaForCausalLM.
+RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; head tied to the token embedding (unless
+model.tie_embeddings is false). Module names (q_proj, gate_proj, ...) and math match Hugging
+Face's LlamaForCausalLM.
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.embed_dim, config.norm_eps)
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
-        self.lm_head.weight = self.embed_tokens.weight  # tied: one matrix reads and writes tokens
+        if config.tie_embeddings:  # one matrix reads and writes tokens
+            self.lm_head.weight = self.embed_tokens.weight
         head_dim = config.embed_dim // config.num_heads
         cos, sin = rope_tables(head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -211,9 +213,10 @@ def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
     """Load checkpoint["model"], refusing another architecture with the differences named."""
     stored = checkpoint["config"] if isinstance(checkpoint.get("config"), dict) else {}
     saved = stored.get("model", {}) if isinstance(stored.get("model"), dict) else {}
-    differences = [f"{key}={saved.get(key)!r} vs {value!r}"
+    defaults = dataclasses.asdict(ModelConfig())  # what a key older checkpoints lack meant
+    differences = [f"{key}={saved.get(key, defaults[key])!r} vs {value!r}"
                    for key, value in dataclasses.asdict(model.config).items()
-                   if key != "dropout" and saved.get(key) != value]
+                   if key != "dropout" and saved.get(key, defaults[key]) != value]
     if differences:
         raise UserError(f"{source} was trained with a different model ({', '.join(differences)},"
                         " checkpoint vs config) — use the config it was trained with or start a "

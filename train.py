@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,14 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data import (EOT, TokenWindows, corpus_fingerprint, decode, epoch_loader, epoch_order,
-                  prepare_data, token_byte_lengths)
+from data import (TokenWindows, corpus_fingerprint, decode, end_of_text, epoch_loader,
+                  epoch_order, prepare_data, token_byte_lengths)
 from generate import generate
+from hf import load_hf_config, load_hf_directory
 from files import atomic_save, check_writable, claim, load_checkpoint
 from model import Transformer, configure_optimizer, load_weights, optimizer_step
 from utils import (Config, TrainingConfig, UserError, autocast_context, config_to_dict,
                    format_config, lr_at, measure_peak_flops, parse_config_cli, pick_device,
-                   require, run_cli, setup_precision, use_compile)
+                   require, run_cli, setup_precision, stored_config, use_compile)
 
 
 @dataclass
@@ -48,15 +49,21 @@ class RunState:
 
 
 def main() -> None:
-    config = parse_config_cli("Train the SLM decoder on one device (CPU, CUDA GPU or Apple MPS).")
-    train(config, pick_device(config.training.device))
+    config, cli_keys = parse_config_cli("Train the SLM decoder on one device (CPU, CUDA GPU or "
+                                        "Apple MPS).")
+    train(config, pick_device(config.training.device), cli_keys)
 
 
-def train(config: Config, device: torch.device) -> None:
-    """Train as `config` says, resuming from its snapshot; under torchrun, as one DDP rank."""
-    t, distributed = config.training, dist.is_initialized()
+def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) -> None:
+    """Train as `config` says, resuming from its snapshot, else starting from its init_from
+    if it has one; under torchrun, as one DDP rank. `cli_keys`: the keys (section.key) the
+    command line set, which a pretrained model's must not contradict."""
+    distributed = dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     is_main = rank == 0
+    if config.training.init_from:
+        config = adopt_pretrained(config, cli_keys, is_main)
+    t = config.training
     if is_main:
         print(format_config(config), flush=True)
         check_writable(os.path.dirname(os.path.abspath(t.checkpoint_path)),
@@ -70,8 +77,11 @@ def train(config: Config, device: torch.device) -> None:
     torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
     state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
     plan = batch_plan(config, train_set, world_size)
-    if os.path.exists(t.snapshot_path):
+    if os.path.exists(t.snapshot_path):  # a resume: the snapshot wins over init_from
         state = load_snapshot(t.snapshot_path, model, optimizer, scaler, device, plan)
+    elif t.init_from:
+        load_weights(model, load_hf_directory(t.init_from) if os.path.isdir(t.init_from)
+                     else load_checkpoint(t.init_from), t.init_from)
     if is_main:  # from here until this process ends, no other run may write these two files
         claim(t.snapshot_path, "training.snapshot_path")
         claim(t.checkpoint_path, "training.checkpoint_path")
@@ -166,6 +176,30 @@ def train(config: Config, device: torch.device) -> None:
         print(f"done: {state.step} steps in {state.train_seconds:.0f} s, best val loss "
               f"{state.best_val_loss:.4f} ({state.best_val_bpb:.4f} bits/byte) in "
               f"{t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
+
+
+def adopt_pretrained(config: Config, cli_keys: Collection[str], is_main: bool) -> Config:
+    """The config of a run from training.init_from: the pretrained model section and tokenizer
+    replace the config file's (dropout stays a training choice); a command-line setting that
+    contradicts them is refused."""
+    source = config.training.init_from
+    stored = (load_hf_config(source) if os.path.isdir(source)
+              else stored_config(load_checkpoint(source)["config"], source))
+    model = dataclasses.replace(stored.model, dropout=config.model.dropout)
+    adopted = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()}
+    adopted["data.tokenizer_path"] = stored.data.tokenizer_path
+    for key, value in adopted.items():
+        section, name = key.split(".")
+        mine = getattr(getattr(config, section), name)
+        require(key not in cli_keys or mine == value, f"{key}={mine!r} on the command line "
+                f"contradicts {source}, whose value is {value!r} — drop that override: "
+                "training.init_from sets the model and the tokenizer")
+    if is_main:
+        print(f"training.init_from: model ({model.num_layers} layers x {model.embed_dim}, vocab "
+              f"{model.vocab_size}) and tokenizer {stored.data.tokenizer_path} come from "
+              f"{source}, replacing the config's", flush=True)
+    data = dataclasses.replace(config.data, tokenizer_path=stored.data.tokenizer_path)
+    return Config(model=model, data=data, training=config.training)
 
 
 def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict:
@@ -330,7 +364,8 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
                      "step": state.step, "val_loss": val_loss, "val_bpb": val_bpb},
                     t.checkpoint_path)
     if writer and t.sample_tokens:
-        prompt = torch.tensor([[tokenizer.token_to_id(EOT)]], device=device)
+        eot = end_of_text(config.data.tokenizer_path)
+        prompt = torch.tensor([[tokenizer.token_to_id(eot)]], device=device)
         model.eval()
         with autocast_context(device, precision):
             ids = [int(token) for token in generate(

@@ -144,6 +144,7 @@ class ModelConfig(Section):
     rope_theta: float = within(10000.0, 0, 1e12, open_low=True)
     norm_eps: float = within(1e-5, 0, 1, open_low=True)
     dropout: float = within(0.0, 0, 1, open_high=True)
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
 
     def validate(self) -> None:
         require(self.embed_dim % self.num_heads == 0, f"model.embed_dim ({self.embed_dim}) is not "
@@ -154,7 +155,8 @@ class ModelConfig(Section):
                 f"not divisible by model.num_kv_heads ({self.num_kv_heads}) — use one that is")
         kv_dim = self.num_kv_heads * self.embed_dim // self.num_heads
         block = 2 * self.embed_dim * (self.embed_dim + kv_dim) + 3 * self.embed_dim * self.ff_dim
-        weight_bytes = 4 * (self.vocab_size * self.embed_dim + self.num_layers * block)
+        embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * self.embed_dim
+        weight_bytes = 4 * (embeddings + self.num_layers * block)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         require(weight_bytes <= memory, f"this model's fp32 weights alone take "
                 f"{weight_bytes / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:.0f} "
@@ -193,6 +195,7 @@ class TrainingConfig(Section):
     checkpoint_path: str = "checkpoints/best_model.pth"
     snapshot_path: str = "checkpoints/snapshot.pth"
     logdir: str = "runs"
+    init_from: str = ""          # a Hugging Face Llama directory or SLM checkpoint to fine-tune
     run_name: str = ""           # TensorBoard sub-directory; "" = a timestamp
     sample_tokens: int = within(64, 0, 1 << 20)  # sample logged at each eval; 0 = none
     seed: int = within(1337, 0, MAX_SEED)
@@ -310,15 +313,17 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} — see {self.prog} --help")
 
 
-def parse_config_cli(description: str) -> Config:
-    """The command line of the training scripts: a YAML path, then section.key=value overrides."""
+def parse_config_cli(description: str) -> tuple[Config, set[str]]:
+    """The command line of the training scripts: a YAML path, then section.key=value overrides.
+    -> the config, and the keys the command line set (section.key)."""
     parser = ArgumentParser(description=description, epilog="Overrides are typed like "
                                      "YAML, e.g. training.max_steps=30 data.raw_text_path=my.txt")
     parser.add_argument("config", help="YAML config, e.g. configs.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override one config value")
     args = parser.parse_args()
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides), {item.partition("=")[0]
+                                                      for item in args.overrides}
 
 
 def format_config(config: Config) -> str:

@@ -10,7 +10,8 @@ import export as export_script
 import infer
 from conftest import TOKENIZER, assert_one_error_line, file_tree, run_main, run_script
 from data import EOT, load_tokenizer
-from export import export, load_exported
+from export import export
+from hf import load_hf_directory
 from model import Transformer
 from generate import generate
 from files import atomic_save, load_checkpoint
@@ -30,6 +31,15 @@ RANDOM_MODELS = {
         rope_theta=500000.0,
         norm_eps=1e-6,
     ),
+    "untied": ModelConfig(
+        embed_dim=64,
+        num_heads=4,
+        num_kv_heads=2,
+        ff_dim=160,
+        num_layers=2,
+        max_seq_len=96,
+        tie_embeddings=False,
+    ),
 }
 
 
@@ -48,7 +58,7 @@ def random_checkpoint(tmp_path: Path, model_config: ModelConfig) -> Path:
     return path
 
 
-@pytest.fixture(params=["mha", "gqa", "trained"])
+@pytest.fixture(params=["mha", "gqa", "untied", "trained"])
 def exported(request, tmp_path, trained_run) -> tuple[Path, Path]:
     """(SLM checkpoint, its export) for random MHA and GQA models and a briefly trained one."""
     if request.param == "trained":
@@ -108,7 +118,7 @@ def test_autotokenizer_encodes_and_decodes_like_data_py(tmp_path, trained_run):
 def test_round_trip_slm_hf_slm_is_bitwise(exported):
     ckpt, out = exported
     original = load_checkpoint(str(ckpt))
-    back = load_exported(str(out))
+    back = load_hf_directory(str(out))
     assert back["config"]["model"] == original["config"]["model"]
     assert back["model"].keys() == original["model"].keys()
     assert all(

@@ -1,0 +1,195 @@
+"""Hugging Face Llama directories, both ways: SLM weights written as a `LlamaForCausalLM`
+directory (export.py), and any supported Llama directory read back as SLM's config and weights
+(infer.py, and train.py's `training.init_from`).
+
+model.py is Llama module for module (rotate-half RoPE, RMSNorm in fp32, SwiGLU, repeat_kv-order
+GQA), so the weights only change names: LlamaForCausalLM keeps the decoder under `model.` and the
+head beside it, and a tied head is stored once, as transformers does. A Llama feature SLM cannot
+represent is refused by name rather than loaded wrongly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from files import check_writable
+from utils import Config, DataConfig, ModelConfig, UserError, config_to_dict, stored_config
+
+HF_PREFIX = "model."
+HEAD = "lm_head.weight"
+WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def hf_config(model: ModelConfig, eot_id: int, slm_config: dict) -> dict:
+    """config.json for LlamaForCausalLM; the full SLM config rides along for an exact way back."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.embed_dim,
+        "intermediate_size": model.ff_dim,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.num_kv_heads,
+        "head_dim": model.embed_dim // model.num_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_seq_len,
+        "rms_norm_eps": model.norm_eps,
+        "rope_theta": model.rope_theta,                                           # transformers 4.x
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},  # 5.x
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": model.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "pad_token_id": eot_id,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "slm_config": slm_config,
+    }
+
+
+def directory_contents(state: dict[str, torch.Tensor], config: Config, tokenizer_json: str,
+                       eot: str, eot_id: int) -> dict[str, bytes]:
+    """The files of an export: config, weights (safetensors) and the tokenizer."""
+    # safetensors refuses tensors that share memory, and transformers re-ties the head on load.
+    tensors = {(name if name == HEAD else HF_PREFIX + name): tensor.contiguous()
+               for name, tensor in state.items()
+               if not (name == HEAD and config.model.tie_embeddings)}
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+                        "model_max_length": config.model.max_seq_len, "add_bos_token": False,
+                        "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    json_files = {"config.json": hf_config(config.model, eot_id, config_to_dict(config)),
+                  "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special}
+    contents = {name: (json.dumps(content, indent=2) + "\n").encode()
+                for name, content in json_files.items()}
+    contents["tokenizer.json"] = tokenizer_json.encode()
+    contents[WEIGHTS] = save(tensors, metadata={"format": "pt"})
+    return contents
+
+
+def write_directory(out_dir: str, contents: dict[str, bytes]) -> None:
+    """Write the files into a staging directory beside `out_dir`, then move them in: a failure
+    half-way (a full disk) leaves `out_dir` as it was, so the same command can simply run again."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    check_writable(parent)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    try:
+        for name, data in contents.items():
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.makedirs(out_dir, exist_ok=True)
+        for name in contents:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    except OSError as err:
+        raise UserError(f"could not write {out_dir} ({err.strerror or err}); it was left as it "
+                        "was — free disk space, then run the same command again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise UserError(f"{path} is damaged ({str(err)[:80]}) — fetch or export it again"
+                        ) from None
+
+
+def model_config_from_hf(hf: Any, source: str) -> ModelConfig:
+    """SLM's model section for a Llama config.json; a feature it cannot represent is refused."""
+    if not (isinstance(hf, dict) and "hidden_size" in hf):
+        raise UserError(f"{source} has no slm_config and is not a Llama config.json — only "
+                        "export.py's directories and Hugging Face Llama directories load")
+    rope = hf.get("rope_parameters") or {}
+    heads = hf.get("num_attention_heads", 0)
+    unsupported = {
+        "model_type": (hf.get("model_type"), "llama"),
+        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (hf.get("attention_bias", False), False),
+        "mlp_bias": (hf.get("mlp_bias", False), False),
+        "rope_scaling": (hf.get("rope_scaling") or rope.get("rope_type", "default"), "default"),
+        "head_dim": (hf.get("head_dim") or hf["hidden_size"] // max(1, heads),
+                     hf["hidden_size"] // max(1, heads)),
+    }
+    for name, (value, supported) in unsupported.items():
+        if value != supported:
+            raise UserError(f"{source}: {name}={value!r} is a Llama feature SLM's model cannot "
+                            f"represent (it needs {supported!r}) — use a plain Llama checkpoint")
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"], num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads, ff_dim=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"], max_seq_len=hf["max_position_embeddings"],
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=hf.get("tie_word_embeddings", False))  # LlamaConfig's own default
+    except KeyError as err:
+        raise UserError(f"{source} lacks {err} — it is not a complete Llama config.json"
+                        ) from None
+
+
+def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+    """The safetensors weights of a directory, one file or shards listed in their index."""
+    index_path = os.path.join(directory, WEIGHTS_INDEX)
+    if os.path.isfile(index_path):
+        weight_map = _read_json(index_path).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [WEIGHTS]
+    tensors = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        try:
+            tensors.update(load_file(path))
+        except Exception as err:  # safetensors has its own error type for bad headers, short files
+            raise UserError(f"cannot read {path} ({str(err)[:120]}) — fetch or export it again"
+                            ) from None
+    return tensors
+
+
+def load_hf_config(directory: str) -> Config:
+    """The config of a Hugging Face Llama directory (one export.py wrote: exactly its SLM config;
+    any other supported one: its model, and a context as long as its positions); the tokenizer
+    is the directory's tokenizer.json."""
+    missing = [name for name in ("config.json", *TOKENIZER_FILES)
+               if not os.path.isfile(os.path.join(directory, name))]
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in (WEIGHTS, WEIGHTS_INDEX)):
+        missing.append(WEIGHTS)
+    if missing:
+        raise UserError(f"{directory} is not a Hugging Face Llama directory (missing "
+                        f"{', '.join(missing)}) — export one with python export.py, or point at "
+                        "a downloaded model's directory")
+    source = os.path.join(directory, "config.json")
+    hf = _read_json(source)
+    if isinstance(hf, dict) and "slm_config" in hf:
+        config = stored_config(hf["slm_config"], source)
+    else:
+        model = model_config_from_hf(hf, source)
+        config = Config(model=model, data=DataConfig(context_length=model.max_seq_len))
+    config.data.tokenizer_path = os.path.join(directory, "tokenizer.json")
+    return config
+
+
+def load_hf_directory(directory: str) -> dict:
+    """A Hugging Face Llama directory as a checkpoint dict {"model", "config"}, in fp32."""
+    config = load_hf_config(directory)
+    state = {name.removeprefix(HF_PREFIX): tensor.float()
+             for name, tensor in _read_weights(directory).items()}
+    if config.model.tie_embeddings and "embed_tokens.weight" in state:
+        state[HEAD] = state["embed_tokens.weight"]
+    return {"model": state, "config": config_to_dict(config)}

@@ -1,0 +1,226 @@
+"""hf.py against transformers, offline: random LlamaForCausalLM models in several shapes, saved
+with save_pretrained, read by infer.py and fine-tuned from with training.init_from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tokenizers import Tokenizer
+
+import infer
+import train
+from conftest import TOKENIZER, assert_one_error_line, run_main, tiny_config, write_config
+from data import epoch_order, load_tokenizer, prepare_tokens, split_tokens
+from files import load_checkpoint
+from hf import load_hf_directory
+from model import Transformer, load_weights
+from utils import DataConfig, config_from_dict, stored_config
+
+transformers = pytest.importorskip("transformers")
+
+SHAPES = {
+    "tied, MHA": dict(tied=True, kv_heads=4, rope_theta=10000.0, eos=None, vocab=4096, shard=None),
+    "untied, GQA, </s>, padded vocab": dict(
+        tied=False, kv_heads=2, rope_theta=500000.0, eos="</s>", vocab=4160, shard=None
+    ),
+    "sharded safetensors": dict(
+        tied=True, kv_heads=2, rope_theta=10000.0, eos=None, vocab=4096, shard="200KB"
+    ),
+}
+
+
+def save_llama(directory: Path, tied: bool, kv_heads: int, rope_theta: float, eos, vocab, shard):
+    """A random LlamaForCausalLM and a tokenizer (with `eos` as its end-of-text token) in
+    `directory`, as a downloaded model would be."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        rope_theta=rope_theta,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger than the 0.02 init, so a wrong weight changes greedy tokens
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.1)
+    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+    tokenizer = Tokenizer.from_file(TOKENIZER)
+    if eos:
+        tokenizer.add_special_tokens([eos])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    eos = eos or "<|endoftext|>"
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    return model
+
+
+@pytest.fixture(params=list(SHAPES), scope="module")
+def llama(request, tmp_path_factory) -> tuple[Path, object, dict]:
+    directory = tmp_path_factory.mktemp("llama")
+    shape = SHAPES[request.param]
+    return directory, save_llama(directory, **shape), shape
+
+
+def test_an_hf_llama_directory_gives_transformers_logits(llama):
+    directory, hf_model, shape = llama
+    if shape["shard"]:
+        assert len(list(directory.glob("model-*.safetensors"))) > 1
+    checkpoint = load_hf_directory(str(directory))
+    config = stored_config(checkpoint["config"], str(directory))
+    assert config.model.tie_embeddings == shape["tied"]
+    assert config.model.rope_theta == shape["rope_theta"]
+    model = Transformer(config.model).eval()
+    load_weights(model, checkpoint, str(directory))
+    idx = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, expected = model(idx)[0], hf_model(idx).logits
+    assert (ours - expected).abs().max().item() <= 1e-4
+
+
+def test_infer_reads_any_hf_llama_directory_and_decodes_greedily_as_transformers(
+    llama, monkeypatch, capsys
+):
+    directory, hf_model, shape = llama
+    tokenizer = load_tokenizer(str(directory / "tokenizer.json"))
+    prompt = "ROMEO: But soft"
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    eos = tokenizer.token_to_id(shape["eos"] or "<|endoftext|>")
+    with torch.no_grad():
+        for _ in range(12):  # transformers' greedy choice, one token at a time
+            next_id = hf_model(ids).logits[0, -1].argmax()
+            if next_id == eos:
+                break
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    expected = tokenizer.decode(ids[0].tolist(), skip_special_tokens=False)
+    argv = ["--ckpt_path", str(directory), "--prompt", prompt, "--temperature", "0"]
+    code, stdout, stderr = run_main(
+        infer.main, argv + ["--max-length", "12"], directory, monkeypatch, capsys
+    )
+    assert code == 0, stderr
+    assert stdout.rstrip("\n") == expected
+
+
+def first_batch_window(config_dict: dict, directory: Path) -> torch.Tensor:
+    """The token windows (context + 1) of the first training batch, rebuilt from the data."""
+    data = DataConfig(
+        **{**config_dict["data"], "tokenizer_path": str(directory / "tokenizer.json")}
+    )
+    tokens = prepare_tokens(data, load_tokenizer(data.tokenizer_path))
+    train_set, _ = split_tokens(tokens, data)
+    order = epoch_order(len(train_set), config_dict["training"]["seed"], 0)
+    windows = [train_set[i] for i in order[: data.batch_size]]
+    return torch.stack([torch.cat([x, y[-1:]]) for x, y in windows])
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights(llama, tmp_path, corpus):
+    directory, hf_model, shape = llama
+    settings = {
+        "init_from": str(directory),
+        "max_steps": 1,
+        "log_every": 1,
+        "warmup_steps": 1,
+        "eval_every": 1,
+        "sample_tokens": 0,
+    }
+    config = tiny_config(tmp_path, corpus, training=settings)
+    train.train(config_from_dict(config), torch.device("cpu"))
+    events = EventAccumulator(str(tmp_path / "runs" / "test"))
+    events.Reload()
+    (first_loss,) = [event.value for event in events.Scalars("train/loss")]
+    window = first_batch_window(config, directory)
+    with torch.no_grad():
+        expected = hf_model(input_ids=window, labels=window).loss.item()
+    assert abs(first_loss - expected) <= 1e-4, (first_loss, expected)
+
+    best = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))
+    assert best["config"]["model"]["tie_embeddings"] == shape["tied"]
+    assert best["config"]["data"]["tokenizer_path"] == str(directory / "tokenizer.json")
+
+
+def test_a_snapshot_wins_over_init_from(tmp_path, corpus, capsys):
+    directory = tmp_path / "llama"
+    save_llama(directory, **SHAPES["tied, MHA"])
+    settings = {"init_from": str(directory), "max_steps": 2, "save_every": 2, "eval_every": 2}
+    train.train(
+        config_from_dict(tiny_config(tmp_path, corpus, training=settings)), torch.device("cpu")
+    )
+    (directory / "model.safetensors").write_bytes(b"damaged")  # a resume must not read it
+    resumed = {**settings, "max_steps": 4}
+    train.train(
+        config_from_dict(tiny_config(tmp_path, corpus, training=resumed)), torch.device("cpu")
+    )
+    assert "resuming from" in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"] == 4
+
+
+def test_the_config_files_model_is_replaced_but_a_contradicting_override_is_refused(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    directory = tmp_path / "llama"
+    save_llama(directory, **SHAPES["untied, GQA, </s>, padded vocab"])
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus))  # 4096 vocab
+    argv = [str(config), f"training.init_from={directory}", "model.embed_dim=128"]
+    code, stdout, stderr = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert_one_error_line(
+        code,
+        stderr,
+        f"model.embed_dim=128 on the command line contradicts {directory}, whose "
+        "value is 64 — drop that override",
+    )
+    argv = [
+        str(config),
+        f"training.init_from={directory}",
+        "training.max_steps=1",
+        "model.num_kv_heads=2",
+    ]  # agrees with the directory: fine
+    code, stdout, stderr = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert (
+        f"model (2 layers x 64, vocab 4160) and tokenizer {directory / 'tokenizer.json'} come "
+        f"from {directory}, replacing the config's" in stdout
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"attention_bias": True}, "attention_bias=True is a Llama feature SLM's model cannot"),
+        ({"mlp_bias": True}, "mlp_bias=True is a Llama feature"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is a Llama feature"),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+            "rope_scaling='linear' is a Llama feature",
+        ),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling=.* is a Llama"),
+        (
+            {"head_dim": 32},
+            "head_dim=32 is a Llama feature SLM's model cannot represent " r"\(it needs 16\)",
+        ),
+        ({"model_type": "mistral"}, "model_type='mistral' is a Llama feature"),
+        ({"hidden_size": None}, "is not a Llama config.json"),
+    ],
+)
+def test_a_llama_feature_slm_cannot_represent_is_refused_by_name(
+    tmp_path, monkeypatch, capsys, change, message
+):
+    directory = tmp_path / "llama"
+    save_llama(directory, **SHAPES["tied, MHA"])
+    hf = json.loads((directory / "config.json").read_text())
+    hf.update(change)
+    hf = {key: value for key, value in hf.items() if value is not None}
+    (directory / "config.json").write_text(json.dumps(hf))
+    code, stdout, stderr = run_main(
+        infer.main, ["--ckpt_path", str(directory)], tmp_path, monkeypatch, capsys
+    )
+    assert_one_error_line(code, stderr, message)
+    assert stdout == ""
