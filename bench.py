@@ -16,15 +16,18 @@ import os
 import resource
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from data import (TokenWindows, epoch_loader, epoch_order, prepare_data, resolve_text_files,
                   tokenize_files)
 from generate import generate
-from model import FUSED_ADAMW, Transformer, configure_optimizer, optimizer_step
-from utils import (ArgumentParser, Config, autocast_context, load_config, measure_peak_flops,
+from model import FUSED_ADAMW, Transformer, configure_optimizers, optimizer_step
+from utils import (ArgumentParser, Config, ModelConfig, autocast_context, load_config, measure_peak_flops,
                    pick_device, require_within, run_cli, setup_precision, sync)
 
 GENERATION_TOKENS = 256
@@ -58,12 +61,52 @@ def bench_data(config: Config, tokenizer) -> dict:
             "rss_growth_mb": peak_rss_mb() - rss_before}
 
 
+class ReferenceGPT(nn.Module):
+    """`--reference`: a plain GPT-2-style decoder with the work per token of SLM's (same width,
+    depth, heads, vocabulary and tied head; a GELU MLP of 4x width costs what SwiGLU's three
+    8/3x projections do), but LayerNorm and learned positions instead of RMSNorm and RoPE."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config, self.num_heads = c, c.num_heads
+        self.wte, self.wpe = nn.Embedding(c.vocab_size, c.embed_dim), nn.Embedding(
+            c.max_seq_len, c.embed_dim)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "ln_1": nn.LayerNorm(c.embed_dim), "qkv": nn.Linear(c.embed_dim, 3 * c.embed_dim),
+            "proj": nn.Linear(c.embed_dim, c.embed_dim), "ln_2": nn.LayerNorm(c.embed_dim),
+            "fc": nn.Linear(c.embed_dim, 4 * c.embed_dim),
+            "fc_proj": nn.Linear(4 * c.embed_dim, c.embed_dim)}) for _ in range(c.num_layers))
+        self.ln_f = nn.LayerNorm(c.embed_dim)
+        self.lm_head = nn.Linear(c.embed_dim, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for block in self.layers:
+            q, k, v = block["qkv"](block["ln_1"](x)).view(B, T, 3, self.num_heads, -1).unbind(2)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), is_causal=True)
+            x = x + block["proj"](y.transpose(1, 2).reshape(B, T, -1))
+            x = x + block["fc_proj"](F.gelu(block["fc"](block["ln_2"](x))))
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        c = self.config
+        return 6 * self.num_params() + 12 * c.num_layers * c.embed_dim * seq_len
+
+
 def bench_training(config: Config, train_set: TokenWindows, device: torch.device, precision: str,
-                   compile_model: bool, steps: int, warmup_steps: int) -> dict:
+                   compile_model: bool, steps: int, warmup_steps: int,
+                   make_model: Callable[[ModelConfig], nn.Module] = Transformer) -> dict:
     """Steady-state optimizer steps on the real data pipeline, after untimed warmup_steps."""
     torch.manual_seed(config.training.seed)
-    model = Transformer(config.model).to(device)
-    optimizer = configure_optimizer(model, config.training, device)
+    model = make_model(config.model).to(device)
+    optimizers = configure_optimizers(model, config.training, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train_model = torch.compile(model) if compile_model else model
     accum = config.training.grad_accum_steps
@@ -84,7 +127,7 @@ def bench_training(config: Config, train_set: TokenWindows, device: torch.device
                 _, loss = train_model(x.to(device, non_blocking=True),
                                       y.to(device, non_blocking=True))
             scaler.scale(loss / accum).backward()
-        optimizer_step(optimizer, scaler, config.training.lr, config.training.grad_clip)
+        optimizer_step(optimizers, scaler, config.training.lr, config.training.grad_clip)
     sync(device)
     seconds = time.perf_counter() - start
     tokens_per_sec = steps * accum * config.data.batch_size * config.data.context_length / seconds
@@ -96,21 +139,28 @@ def bench_training(config: Config, train_set: TokenWindows, device: torch.device
             "data_wait_share": data_seconds / seconds, "peak_memory_mb": peak_memory_mb}
 
 
-def bench_optimizer(model: Transformer, device: torch.device, steps: int) -> dict:
-    """Milliseconds per AdamW step over the model's parameters, with torch's fused kernels and
-    with its default (foreach) ones: configure_optimizer uses the faster kind on each device."""
+def bench_optimizer(model: Transformer, config: Config, device: torch.device,
+                    steps: int) -> dict:
+    """Milliseconds per optimizer step over the model's parameters: AdamW with torch's fused
+    kernels and with its default (foreach) ones (configure_optimizers uses the faster kind on
+    each device), and Muon on the block matrices beside AdamW on the rest."""
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
+    muon = dataclasses.replace(config.training, optimizer="muon")
+    kinds = {"foreach": lambda: [torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False)],
+             "fused": lambda: [torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)],
+             "muon": lambda: configure_optimizers(model, muon, device)}
     step_ms = {}
-    for fused in (False, True):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    for kind, make in kinds.items():
+        optimizers = make()
         for step in range(3 + steps):  # the first steps allocate the moments
             if step == 3:
                 sync(device)
                 start = time.perf_counter()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
         sync(device)
-        step_ms["fused" if fused else "foreach"] = 1000 * (time.perf_counter() - start) / steps
+        step_ms[kind] = 1000 * (time.perf_counter() - start) / steps
     model.zero_grad(set_to_none=True)
     return step_ms
 
@@ -155,16 +205,22 @@ def print_table(results: dict) -> None:
     print(f"data: {data['corpus_mb']:.1f} MB -> {data['tokens']:,} tokens at "
           f"{data['tokenize_mb_per_sec']:.1f} MB/s; peak RSS {data['peak_rss_mb']:,.0f} MB "
           f"(+{data['rss_growth_mb']:,.0f} MB while tokenizing)")
-    print(f"\n{'training':<22}{'params':>11}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>10}"
+    print(f"\n{'training':<34}{'params':>11}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>10}"
           f"{'MFU':>7}{'data wait':>11}{'peak MB':>9}")
     for name, row in results["training"].items():
-        print(f"{name:<22}{row['params']:>11,}{row['step_ms']:>10.1f}"
+        print(f"{name:<34}{row['params']:>11,}{row['step_ms']:>10.1f}"
               f"{row['tokens_per_sec']:>11,.0f}{row['model_flops'] / 1e9:>10.1f}{row['mfu']:>7.1%}"
               f"{row['data_wait_share']:>11.1%}{row['peak_memory_mb']:>9,.0f}")
-    adamw = results["adamw_step_ms"]
-    print(f"AdamW step alone: foreach {adamw['foreach']:.2f} ms, fused {adamw['fused']:.2f} ms "
-          f"({adamw['foreach'] / adamw['fused']:.2f}x); training uses "
-          f"{'fused' if results['fused_adamw'] else 'foreach'} on this device")
+    for name, row in results["training"].items():
+        reference = results["training"].get(f"reference GPT-2, {name}")
+        if reference:
+            print(f"SLM / reference GPT-2 tokens/s, {name}: "
+                  f"{row['tokens_per_sec'] / reference['tokens_per_sec']:.2f}x")
+    step_ms = results["optimizer_step_ms"]
+    print(f"optimizer step alone: AdamW foreach {step_ms['foreach']:.2f} ms, fused "
+          f"{step_ms['fused']:.2f} ms ({step_ms['foreach'] / step_ms['fused']:.2f}x; training "
+          f"uses {'fused' if results['fused_adamw'] else 'foreach'} here); Muon on the blocks "
+          f"+ AdamW {step_ms['muon']:.2f} ms")
     print(f"\n{f'generation, {GENERATION_TOKENS} new tokens':<34}{'warm-up s':>10}"
           f"{'prefill ms':>11}{'decode tok/s':>14}")
     for name, row in results["generation"].items():
@@ -186,6 +242,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--compile", action="store_true",
                         help="measure training and generation with torch.compile as well")
+    parser.add_argument("--reference", action="store_true",
+                        help="also train a plain GPT-2-style model of equal work per token and "
+                        "print SLM's tokens/s as a ratio to it")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed training steps first")
     args = parser.parse_args()
@@ -204,13 +263,15 @@ def main() -> None:
                "model": dataclasses.asdict(config.model), "peak_flops": peak_flops,
                "data": bench_data(config, tokenizer), "training": {}}
     peak = results["peak_flops"][precision]  # MFU against the peak of the matmuls' precision
-    for compiled in (False, True) if args.compile else (False,):
+    models = {"": Transformer, **({"reference GPT-2, ": ReferenceGPT} if args.reference else {})}
+    for (name, make_model), compiled in itertools.product(
+            models.items(), (False, True) if args.compile else (False,)):
         row = bench_training(config, train_set, device, precision, compiled, args.steps,
-                             args.warmup_steps)
+                             args.warmup_steps, make_model)
         row["mfu"] = row["model_flops"] / peak
-        results["training"][f"{precision}{', compiled' if compiled else ''}"] = row
+        results["training"][f"{name}{precision}{', compiled' if compiled else ''}"] = row
     model = Transformer(config.model).to(device)
-    results["adamw_step_ms"] = bench_optimizer(model, device, args.steps)
+    results["optimizer_step_ms"] = bench_optimizer(model, config, device, args.steps)
     model.eval()
     results["generation"] = {
         f"batch {batch}{', compiled' if compiled else ''}, {'KV cache' if cached else 'no cache'}":

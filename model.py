@@ -185,27 +185,40 @@ class Transformer(nn.Module):
 FUSED_ADAMW = ("cuda", "cpu")  # device types where fused AdamW beats foreach, as bench.py measures
 
 
-def configure_optimizer(model: Transformer, t: TrainingConfig,
-                        device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on the 2-D weight matrices (not norms); fused where faster."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95),
-                             fused=device.type in FUSED_ADAMW)
+def configure_optimizers(model: Transformer, t: TrainingConfig,
+                         device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW on every parameter; or, with training.optimizer=muon, Muon on the blocks' weight
+    matrices (q/k/v/o, gate/up/down) and AdamW on the rest (embedding, head, norms). Weight
+    decay applies to matrices only. Muon's update is scaled to AdamW's RMS (match_rms_adamw),
+    so one learning rate and one schedule serve both."""
+    muon = ([p for layer in model.layers for p in layer.parameters() if p.dim() == 2]
+            if t.optimizer == "muon" else [])
+    rest = [p for p in model.parameters() if id(p) not in {id(q) for q in muon}]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    optimizers = [torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95),
+                                    fused=device.type in FUSED_ADAMW)]
+    if muon:
+        optimizers.append(torch.optim.Muon(muon, lr=t.lr, weight_decay=t.weight_decay,
+                                           adjust_lr_fn="match_rms_adamw"))
+    return optimizers
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr: float,
-                   grad_clip: float) -> torch.Tensor:
+def optimizer_step(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
+                   lr: float, grad_clip: float) -> torch.Tensor:
     """Set lr, unscale, clip (0 = off), step, clear grads; returns the pre-clip grad norm."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.unscale_(optimizer)
+    params = [p for optimizer in optimizers for group in optimizer.param_groups
+              for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    scaler.step(optimizer)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 

@@ -30,7 +30,7 @@ from data import (TokenWindows, corpus_fingerprint, decode, end_of_text, epoch_l
 from generate import generate
 from hf import load_hf_config, load_hf_directory
 from files import atomic_save, check_writable, claim, load_checkpoint
-from model import Transformer, configure_optimizer, load_weights, optimizer_step
+from model import Transformer, configure_optimizers, load_weights, optimizer_step
 from utils import (Config, TrainingConfig, UserError, autocast_context, config_to_dict,
                    format_config, lr_at, measure_peak_flops, parse_config_cli, pick_device,
                    require, run_cli, setup_precision, stored_config, use_compile)
@@ -72,13 +72,13 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = Transformer(config.model).to(device)
-    optimizer = configure_optimizer(model, t, device)
+    optimizers = configure_optimizers(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
     state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
     plan = batch_plan(config, train_set, world_size)
     if os.path.exists(t.snapshot_path):  # a resume: the snapshot wins over init_from
-        state = load_snapshot(t.snapshot_path, model, optimizer, scaler, device, plan)
+        state = load_snapshot(t.snapshot_path, model, optimizers, scaler, device, plan)
     elif t.init_from:
         load_weights(model, load_hf_directory(t.init_from) if os.path.isdir(t.init_from)
                      else load_checkpoint(t.init_from), t.init_from)
@@ -132,7 +132,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
                 scaler.scale(loss / t.grad_accum_steps).backward()  # sums to the mean gradient
             step_loss += loss.detach()
         lr = lr_at(state.step, schedule_progress(state, t, total_steps), t)
-        grad_norm = optimizer_step(optimizer, scaler, lr, t.grad_clip)
+        grad_norm = optimizer_step(optimizers, scaler, lr, t.grad_clip)
         state.step += 1
         clock = earlier_seconds + time.perf_counter() - run_start
         nonfinite, signum, state.train_seconds = agree(step_loss, stop["signum"], clock)
@@ -161,7 +161,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
             bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, token_bytes, config,
                                              precision, state, writer))
         if state.step % t.save_every == 0 or finished or signum:
-            save_snapshot(t.snapshot_path, model, optimizer, scaler, config, state, plan)
+            save_snapshot(t.snapshot_path, model, optimizers, scaler, config, state, plan)
         if signum:
             bar.close()
             if writer:
@@ -203,13 +203,16 @@ def adopt_pretrained(config: Config, cli_keys: Collection[str], is_main: bool) -
 
 
 def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict:
-    """What decides which batches come in which order: an exact resume needs all of it unchanged
-    (the run's length, learning rate, logging and outputs may change)."""
+    """What decides which batches come in which order, and the optimizer whose state the
+    snapshot holds: an exact resume needs all of it unchanged (the run's length, learning rate,
+    logging and outputs may change)."""
     return {"processes": world_size, "data.batch_size": config.data.batch_size,
             "data.context_length": config.data.context_length,
             "data.val_split": config.data.val_split,
             "training.grad_accum_steps": config.training.grad_accum_steps,
-            "training.seed": config.training.seed, "corpus": corpus_fingerprint(train_set.tokens)}
+            "training.seed": config.training.seed,
+            "training.optimizer": config.training.optimizer,
+            "corpus": corpus_fingerprint(train_set.tokens)}
 
 
 def steps_per_epoch(windows_per_rank: int, config: Config) -> int:
@@ -378,7 +381,7 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
             + (f" -> saved {t.checkpoint_path}" if improved else ""))
 
 
-def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer,
+def save_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
                   scaler: torch.amp.GradScaler, config: Config, state: RunState,
                   plan: dict) -> None:
     """All that continuing exactly needs, every rank's RNG state included; rank 0 writes, and
@@ -390,7 +393,8 @@ def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimize
         ranks_rng = [None] * dist.get_world_size()
         dist.all_gather_object(ranks_rng, rng)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_save({"model": model.state_dict(),
+                     "optimizer": [optimizer.state_dict() for optimizer in optimizers],
                      "scaler": scaler.state_dict(), "config": config_to_dict(config),
                      "progress": dataclasses.asdict(state), "batch_plan": plan,
                      "rng": ranks_rng}, path)
@@ -398,7 +402,7 @@ def save_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimize
         dist.barrier()
 
 
-def load_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimizer,
+def load_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
                   scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> RunState:
     """Restore weights, optimizer, scaler and this rank's RNG; returns the stored run state.
     A snapshot whose batches this run would not replay exactly is refused."""
@@ -419,7 +423,8 @@ def load_snapshot(path: str, model: Transformer, optimizer: torch.optim.Optimize
         raise UserError(f"{path} {what}, so its batches cannot be replayed exactly — {fix}, or "
                         "point training.snapshot_path at a new path to start over")
     load_weights(model, snapshot, path)
-    optimizer.load_state_dict(snapshot["optimizer"])
+    for optimizer, saved in zip(optimizers, snapshot["optimizer"]):
+        optimizer.load_state_dict(saved)
     scaler.load_state_dict(snapshot["scaler"])
     rng = snapshot["rng"][dist.get_rank() if dist.is_initialized() else 0]
     torch.set_rng_state(rng["torch"].cpu())

@@ -186,6 +186,7 @@ class TrainingConfig(Section):
     lr: float = within(3e-3, 0, 1000, open_low=True)
     min_lr: float = within(3e-4, 0, 1000)
     weight_decay: float = within(0.1, 0, 100)
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' weight matrices
     grad_clip: float = within(1.0, 0, 1e9)       # max global grad norm; 0 = off
     grad_accum_steps: int = within(1, 1, 1 << 16)
     log_every: int = within(10, 1, MAX_COUNT)

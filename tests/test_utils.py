@@ -50,6 +50,7 @@ def test_overrides_are_typed_like_yaml():
         ("model.num_layers=two", "model.num_layers must be int"),
         ("model.num_layers=2.5", "model.num_layers must be int"),
         ("training.compile=1", "training.compile must be one of auto, true, false, got 1"),
+        ("training.optimizer=adam", "training.optimizer must be one of adamw, muon, got 'adam'"),
         ("training.compile=yes please", "training.compile must be one of auto, true, false"),
         ("max_steps=3", "bad override"),
         ("training.max_steps", "bad override"),
