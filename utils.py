@@ -183,10 +183,10 @@ class TrainingConfig(Section):
     max_steps: int = within(1350, 0, MAX_COUNT)  # optimizer steps; 0 = no cap (run all epochs)
     time_budget_s: float = within(0.0, 0, 1e8)   # > 0: train this long instead of max_steps
     warmup_steps: int = within(30, 0, MAX_COUNT)
-    lr: float = within(3e-3, 0, 1000, open_low=True)
+    lr: float = within(1e-2, 0, 1000, open_low=True)  # tuned for Muon; AdamW's was 3e-3
     min_lr: float = within(3e-4, 0, 1000)
     weight_decay: float = within(0.1, 0, 100)
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' weight matrices
+    optimizer: Literal["adamw", "muon"] = "muon"  # Muon on the blocks' matrices, AdamW elsewhere
     grad_clip: float = within(1.0, 0, 1e9)       # max global grad norm; 0 = off
     grad_accum_steps: int = within(1, 1, 1 << 16)
     log_every: int = within(10, 1, MAX_COUNT)

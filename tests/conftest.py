@@ -101,6 +101,7 @@ def tiny_config(workdir: Path, corpus: Path, **sections: dict) -> dict:
             "max_steps": 50,
             "warmup_steps": 5,
             "lr": 3e-3,
+            "optimizer": "adamw",  # the loop's tests; Muon has tests of its own
             "min_lr": 3e-4,
             "log_every": 5,
             "eval_every": 25,

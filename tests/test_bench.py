@@ -8,7 +8,15 @@ from conftest import run_script, tiny_config, write_config
 def test_bench_reports_every_section(tmp_path, corpus):
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus))
     result = run_script(
-        "bench.py", str(config), "--steps", "2", "--warmup-steps", "1", "--json", cwd=tmp_path
+        "bench.py",
+        str(config),
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--reference",
+        "--json",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "KV cache speed-up at batch 1:" in result.stdout and "MFU" in result.stdout
@@ -22,6 +30,12 @@ def test_bench_reports_every_section(tmp_path, corpus):
         and 0 <= training["data_wait_share"] < 1
     )
     assert training["params"] > 0 and training["peak_memory_mb"] > 0
+    reference = report["training"]["reference GPT-2, fp32"]
+    ratio = training["tokens_per_sec"] / reference["tokens_per_sec"]
+    assert f"SLM / reference GPT-2 tokens/s, fp32: {ratio:.2f}x" in result.stdout
+    assert abs(reference["params"] - training["params"]) < 0.1 * training["params"]  # equal work
+    assert set(report["optimizer_step_ms"]) == {"foreach", "fused", "muon"}
+    assert all(ms > 0 for ms in report["optimizer_step_ms"].values())
     assert set(report["generation"]) == {
         f"batch {b}, {kind}" for b in (1, 8) for kind in ("KV cache", "no cache")
     }

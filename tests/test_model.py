@@ -138,12 +138,13 @@ def test_muon_takes_exactly_the_block_matrices_and_adamw_the_rest():
     assert {names[id(p)] for p in decayed["params"]} == {"embed_tokens.weight"}  # tied head
     assert all(p.dim() == 1 for p in plain["params"]) and decayed["weight_decay"] == 0.1
     assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["weight_decay"] == 0.1
-    assert len(configure_optimizers(model, TrainingConfig(), torch.device("cpu"))) == 1
+    adamw_only = TrainingConfig(optimizer="adamw")
+    assert len(configure_optimizers(model, adamw_only, torch.device("cpu"))) == 1
 
 
 def test_an_inf_gradient_under_fp16_skips_the_step_and_halves_the_scale():
     model = make_model().train()
-    optimizers = configure_optimizers(model, TrainingConfig(), torch.device("cpu"))
+    optimizers = configure_optimizers(model, TrainingConfig(optimizer="adamw"), torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     idx = torch.randint(0, 97, (2, 16))
     with torch.autocast("cpu", dtype=torch.float16):
