@@ -27,8 +27,9 @@ from data import (TokenWindows, epoch_loader, epoch_order, prepare_data, resolve
                   tokenize_files)
 from generate import generate
 from model import FUSED_ADAMW, Transformer, configure_optimizers, optimizer_step
-from utils import (ArgumentParser, Config, ModelConfig, autocast_context, load_config, measure_peak_flops,
-                   pick_device, require_within, run_cli, setup_precision, sync)
+from utils import (ArgumentParser, Config, ModelConfig, autocast_context, load_config,
+                   measure_peak_flops, pick_device, require_within, run_cli, setup_precision,
+                   sync)
 
 GENERATION_TOKENS = 256
 GENERATION_PROMPT = 32
