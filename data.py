@@ -195,6 +195,12 @@ def _cache_key(files: list[str], tokenizer: Tokenizer, reading: str) -> str:
     return digest.hexdigest()
 
 
+def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list:
+    """Encodings of `texts` in parallel, without offsets where this tokenizers version can."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    return encode(texts, add_special_tokens=False)
+
+
 def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
     pieces, start = [], 0
     while start < len(text):  # cut after a newline so no word is split between two pieces
@@ -202,9 +208,8 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
         end = len(text) if end < 0 else end + 1
         pieces.append(text[start:end])
         start = end
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # skips offsets
     ids = [np.asarray(encoding.ids, dtype=np.int64)
-           for encoding in encode(pieces, add_special_tokens=False)]
+           for encoding in _encode_batch(tokenizer, pieces)]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
@@ -271,7 +276,6 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
     file, or a JSONL line), and return their count; `check_length` may refuse it before the
     rename, so a useless corpus leaves no cache."""
     eot_ids = np.array([tokenizer.token_to_id(eot)], dtype=dtype)
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # skips offsets
     num_tokens = 0
 
     def write(out: BinaryIO) -> None:
@@ -282,7 +286,7 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
                 for texts, ends_documents, size in corpus_documents(path, text_field):
                     if ends_documents:
                         ids = [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)
-                               for encoding in encode(texts, add_special_tokens=False)]
+                               for encoding in _encode_batch(tokenizer, texts)]
                     else:  # a text file's chunk: split further for the tokenizer's threads
                         ids = [_encode_pieces(tokenizer, text).astype(dtype) for text in texts]
                     out.write(b"".join(part.tobytes() for part in ids))

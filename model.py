@@ -193,7 +193,8 @@ def configure_optimizers(model: Transformer, t: TrainingConfig,
     so one learning rate and one schedule serve both."""
     muon = ([p for layer in model.layers for p in layer.parameters() if p.dim() == 2]
             if t.optimizer == "muon" else [])
-    rest = [p for p in model.parameters() if id(p) not in {id(q) for q in muon}]
+    muon_ids = {id(p) for p in muon}
+    rest = [p for p in model.parameters() if id(p) not in muon_ids]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     optimizers = [torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95),
