@@ -27,9 +27,9 @@ from data import (TokenWindows, epoch_loader, epoch_order, prepare_data, resolve
                   tokenize_files)
 from generate import generate
 from model import FUSED_ADAMW, Transformer, configure_optimizers, optimizer_step
-from utils import (ArgumentParser, Config, ModelConfig, autocast_context, load_config,
-                   measure_peak_flops, pick_device, require_within, run_cli, setup_precision,
-                   sync)
+from utils import (ArgumentParser, Config, ModelConfig, autocast_context, keep_freed_memory,
+                   load_config, measure_peak_flops, pick_device, require_within, run_cli,
+                   setup_precision, sync)
 
 GENERATION_TOKENS = 256
 GENERATION_PROMPT = 32
@@ -254,6 +254,7 @@ def main() -> None:
     config = load_config(args.config, args.overrides)
     device = pick_device(config.training.device)
     precision = setup_precision(config.training.precision, device)
+    keep_freed_memory()
     print(f"device {device} ({precision}), {torch.get_num_threads()} CPU threads, "
           f"torch {torch.__version__}", flush=True)
 

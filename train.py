@@ -32,8 +32,8 @@ from hf import load_hf_config, load_hf_directory
 from files import atomic_save, check_writable, claim, load_checkpoint
 from model import Transformer, configure_optimizers, load_weights, optimizer_step
 from utils import (Config, TrainingConfig, UserError, autocast_context, config_to_dict,
-                   format_config, lr_at, measure_peak_flops, parse_config_cli, pick_device,
-                   require, run_cli, setup_precision, stored_config, use_compile)
+                   format_config, keep_freed_memory, lr_at, measure_peak_flops, parse_config_cli,
+                   pick_device, require, run_cli, setup_precision, stored_config, use_compile)
 
 
 @dataclass
@@ -69,6 +69,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
         check_writable(os.path.dirname(os.path.abspath(t.checkpoint_path)),
                        os.path.dirname(os.path.abspath(t.snapshot_path)), t.logdir)
     precision = setup_precision(t.precision, device)
+    keep_freed_memory()
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = Transformer(config.model).to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import difflib
 import math
@@ -185,6 +186,7 @@ class TrainingConfig(Section):
     warmup_steps: int = within(30, 0, MAX_COUNT)
     lr: float = within(1e-2, 0, 1000, open_low=True)  # tuned for Muon; AdamW's was 3e-3
     min_lr: float = within(3e-4, 0, 1000)
+    warmdown_frac: float = within(0.0, 0, 1)  # last share of the decay: linear to min_lr; 0 = off
     weight_decay: float = within(0.1, 0, 100)
     optimizer: Literal["adamw", "muon"] = "muon"  # Muon on the blocks' matrices, AdamW elsewhere
     grad_clip: float = within(1.0, 0, 1e9)       # max global grad norm; 0 = off
@@ -356,6 +358,16 @@ def setup_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def keep_freed_memory() -> None:
+    """Keep freed blocks of up to 32 MiB in the process (glibc malloc): by default it returns
+    them to the OS at once, so each CPU training step page-faults its activations back in,
+    zero-filled by the kernel. Elsewhere a no-op."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:
+        mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks this small come from the heap
+        mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: free heap top kept up to this size
+
+
 def use_compile(setting: Literal["auto", True, False], device: torch.device) -> bool:
     """torch.compile by default on CUDA only: on a CPU its compile time eats a short run's gain."""
     return setting is True or (setting == "auto" and device.type == "cuda")
@@ -367,10 +379,19 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def lr_at(step: int, progress: float, t: TrainingConfig) -> float:
-    """Linear warmup for warmup_steps, then a cosine from lr to min_lr as `progress` goes 0 -> 1."""
+    """Linear warmup for warmup_steps, then a cosine from lr to min_lr as `progress` goes 0 -> 1;
+    over the last warmdown_frac of it, a straight line from where the cosine is to min_lr."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.min_lr)
+
+    def cosine(p: float) -> float:
+        return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (t.lr - t.min_lr)
+
+    progress, warmdown_start = min(1.0, progress), 1.0 - t.warmdown_frac
+    if progress <= warmdown_start:
+        return cosine(progress)
+    share_done = (progress - warmdown_start) / t.warmdown_frac
+    return cosine(warmdown_start) + share_done * (t.min_lr - cosine(warmdown_start))
 
 
 def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.5,

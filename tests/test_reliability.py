@@ -137,6 +137,7 @@ def test_an_export_that_fills_the_disk_can_simply_be_run_again(trained_run, tmp_
         ("training.lr=.nan", r"training.lr must be in \(0, 1000\], got nan"),
         ("training.lr=.inf", r"training.lr must be in \(0, 1000\], got inf"),
         ("training.min_lr=-.inf", r"training.min_lr must be in \[0, 1000\]"),
+        ("training.warmdown_frac=1.5", r"training.warmdown_frac must be in \[0, 1\], got 1.5"),
         ("training.time_budget_s=.inf", r"training.time_budget_s must be in \[0, 1e\+08\]"),
         ("training.grad_clip=.nan", r"training.grad_clip must be in"),
         ("training.seed=18446744073709551616", "training.seed must be in"),
