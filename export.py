@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 
+from checkpoints import check_tokenizer, load_checkpoint, load_weights
 from data import end_of_text, load_tokenizer
-from files import load_checkpoint
 from hf import directory_contents, write_directory
-from model import Transformer, load_weights
+from model import Transformer
 from utils import ArgumentParser, UserError, run_cli, stored_config
 
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -25,8 +25,9 @@ def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None,
     checkpoint = load_checkpoint(ckpt_path)
     config = stored_config(checkpoint["config"], ckpt_path)
     tokenizer_path = tokenizer_path or config.data.tokenizer_path
-    tokenizer = load_tokenizer(tokenizer_path, config.model.vocab_size,
-                               "pass --tokenizer with the one the checkpoint was trained on")
+    fix = "pass --tokenizer with the one the checkpoint was trained on"
+    tokenizer = load_tokenizer(tokenizer_path, config.model.vocab_size, fix)
+    check_tokenizer(checkpoint, tokenizer, tokenizer_path, ckpt_path, fix)
     if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not force):
         raise UserError(f"{out_dir} already exists and is not empty — choose a new --out, or add "
                         "--force to overwrite the exported files in it")

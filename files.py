@@ -1,5 +1,5 @@
 """Files that survive crashes and neighbours: outputs probed before work starts, written by
-temp file + fsync + rename, locked to one run at a time, and checkpoints loaded without code."""
+temp file + fsync + rename, and locked to one run at a time."""
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +9,6 @@ import os
 import tempfile
 import typing
 from typing import Any, BinaryIO, Callable
-
-import torch
 
 from utils import UserError, require
 
@@ -125,22 +123,3 @@ def claim(path: str, setting: str) -> None:
     lock.write(str(os.getpid()))
     lock.flush()
     _claimed[lock_path] = lock
-
-
-def atomic_save(obj: dict, path: str) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """weights_only=True: a checkpoint may hold tensors and plain containers, never code."""
-    require(os.path.isfile(path), f"checkpoint '{path}' not found — train first "
-            "(python train.py configs.yaml) or fix the path")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError or EOFError, by the kind of damage
-        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
-        raise UserError(f"cannot load checkpoint '{path}': {first_line[:160]} — the file is "
-                        "corrupt, truncated or not an SLM checkpoint; use another one") from None
-    require(isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint,
-            f"'{path}' is not an SLM checkpoint (no weights and config) — pass one from train.py")
-    return checkpoint

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
-from model import KVCache, Transformer, apply_rope
+from model import Transformer
 
 # A CPU decode step is little compute, so per-call costs count: the C++ wrapper launches kernels
 # without Python, and memory planning takes the step's intermediates from one allocation.
@@ -39,35 +38,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def fused_decode(model: Transformer, token: torch.Tensor, caches: list[KVCache],
-                 input_pos: torch.Tensor) -> torch.Tensor:
-    """Transformer.forward (eval) for one token of one sequence, as multiply-and-sums: compiled
-    on a CPU it fuses into one C++ kernel instead of a library call per weight (eager or batched,
-    the library wins). It restates model.py, and tests/test_generate.py checks they agree."""
-    def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-        return (x.unsqueeze(-2) * layer.weight).sum(-1)
-
-    cos, sin = model.rope_cos[input_pos], model.rope_sin[input_pos]
-    x = model.embed_tokens(token)
-    for layer, cache in zip(model.layers, caches):
-        attn, mlp = layer.self_attn, layer.mlp
-        h = layer.input_layernorm(x)
-        q = linear(h, attn.q_proj).view(1, attn.num_heads, 1, attn.head_dim)
-        k = linear(h, attn.k_proj).view(1, attn.num_kv_heads, 1, attn.head_dim)
-        v = linear(h, attn.v_proj).view(1, attn.num_kv_heads, 1, attn.head_dim)
-        k, v = cache.update(input_pos, apply_rope(k, cos, sin), v)
-        groups = attn.num_heads // attn.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (apply_rope(q, cos, sin) * k).sum(-1) * attn.head_dim ** -0.5  # (1, heads, L)
-        visible = torch.arange(k.shape[2], device=token.device) <= input_pos
-        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        y = (weights.unsqueeze(-1) * v).sum(-2)  # (1, heads, head_dim)
-        x = x + linear(y.reshape(1, 1, -1), attn.o_proj)
-        h = layer.post_attention_layernorm(x)
-        x = x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj)
-    return linear(model.norm(x), model.lm_head)
-
-
 @torch.inference_mode()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, context_length: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -84,11 +54,6 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
     caches = model.new_caches(batch_size, context_length) if use_cache else None
     options = CPU_COMPILE_OPTIONS if device.type == "cpu" else None
     forward = torch.compile(model, options=options) if compile else model
-    if compile and device.type == "cpu" and batch_size == 1:
-        decode = torch.compile(lambda token, caches, pos: fused_decode(model, token, caches, pos),
-                               options=options)
-    else:
-        decode = lambda token, caches, pos: forward(token, caches=caches, input_pos=pos)[0]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     refill = True  # the cache holds none of the window yet
     for _ in range(max_new_tokens):
@@ -99,7 +64,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
             logits = model(window, caches=caches, input_pos=positions[:length], last_only=True)[0]
             refill = False
         else:  # one new position: the token sampled last
-            logits = decode(next_token[:, None], caches, positions[length - 1:length])
+            logits = forward(next_token[:, None], caches=caches,
+                             input_pos=positions[length - 1:length])[0]
         next_token = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
         if eos_id is not None:
             next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)

@@ -18,13 +18,21 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from tokenizers import Tokenizer
+
+from data import tokenizer_fingerprint
 from files import check_writable
-from utils import Config, DataConfig, ModelConfig, UserError, config_to_dict, stored_config
+from utils import (Config, DataConfig, ModelConfig, UserError, config_to_dict, require,
+                   stored_config)
 
 HF_PREFIX = "model."
 HEAD = "lm_head.weight"
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+HF_NUMBERS = {**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "head_dim",
+                               "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                               "max_position_embeddings"), int),
+              "rms_norm_eps": (int, float), "rope_theta": (int, float)}
 
 
 def hf_config(model: ModelConfig, eot_id: int, slm_config: dict) -> dict:
@@ -115,6 +123,11 @@ def model_config_from_hf(hf: Any, source: str) -> ModelConfig:
     if not (isinstance(hf, dict) and "hidden_size" in hf):
         raise UserError(f"{source} has no slm_config and is not a Llama config.json — only "
                         "export.py's directories and Hugging Face Llama directories load")
+    for key, kinds in HF_NUMBERS.items():
+        value = hf.get(key)
+        require(value is None or isinstance(value, kinds) and not isinstance(value, bool),
+                f"{source}: {key} is {value!r}, not {'an integer' if kinds is int else 'a number'}"
+                " — the file is damaged or edited; fetch or export the directory again")
     rope = hf.get("rope_parameters") or {}
     heads = hf.get("num_attention_heads", 0)
     unsupported = {
@@ -185,11 +198,19 @@ def load_hf_config(directory: str) -> Config:
     return config
 
 
-def load_hf_directory(directory: str) -> dict:
-    """A Hugging Face Llama directory as a checkpoint dict {"model", "config"}, in fp32."""
+def load_hf_directory(directory: str, weights: bool = True) -> dict:
+    """A Hugging Face Llama directory as a checkpoint dict {"model" (in fp32; left out unless
+    `weights`), "config", "tokenizer" (the fingerprint of its tokenizer.json)}, plus the
+    "directory" it came from."""
     config = load_hf_config(directory)
     state = {name.removeprefix(HF_PREFIX): tensor.float()
-             for name, tensor in _read_weights(directory).items()}
+             for name, tensor in _read_weights(directory).items()} if weights else {}
     if config.model.tie_embeddings and "embed_tokens.weight" in state:
         state[HEAD] = state["embed_tokens.weight"]
-    return {"model": state, "config": config_to_dict(config)}
+    try:
+        tokenizer = Tokenizer.from_file(config.data.tokenizer_path)
+    except Exception:  # the Rust side raises a bare Exception for any parse failure
+        raise UserError(f"{config.data.tokenizer_path} is not a tokenizer JSON — fetch or export "
+                        "the directory again") from None
+    return {**({"model": state} if weights else {}), "config": config_to_dict(config),
+            "tokenizer": tokenizer_fingerprint(tokenizer), "directory": directory}

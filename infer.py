@@ -5,15 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
+from checkpoints import check_tokenizer, load_checkpoint, load_weights
 from data import decode, end_of_text, load_tokenizer
 from generate import generate
-from hf import load_hf_directory
-from model import Transformer, load_weights
-from files import load_checkpoint
+from model import Transformer
 from utils import (MAX_SEED, ArgumentParser, UserError, autocast_context, load_config,
                    pick_device, require_within, run_cli, setup_precision, stored_config, warn)
 
@@ -60,16 +58,16 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    exported = os.path.isdir(args.ckpt_path)
-    checkpoint = load_hf_directory(args.ckpt_path) if exported else load_checkpoint(args.ckpt_path)
+    checkpoint = load_checkpoint(args.ckpt_path)
     stored = stored_config(checkpoint["config"], args.ckpt_path)
     config = load_config(args.config) if args.config else stored
-    if exported:  # the export carries its own tokenizer
+    if "directory" in checkpoint:  # a Hugging Face directory carries its own tokenizer
         config.data.tokenizer_path = stored.data.tokenizer_path
     device = pick_device(args.device or config.training.device)
     precision = setup_precision(config.training.precision, device)
-    tokenizer = load_tokenizer(config.data.tokenizer_path, stored.model.vocab_size,
-                               "pass --config with the tokenizer the checkpoint was trained on")
+    fix = "pass --config with the tokenizer the checkpoint was trained on"
+    tokenizer = load_tokenizer(config.data.tokenizer_path, stored.model.vocab_size, fix)
+    check_tokenizer(checkpoint, tokenizer, config.data.tokenizer_path, args.ckpt_path, fix)
     model = Transformer(stored.model)  # the weights decide the shape, whatever --config says
     load_weights(model, checkpoint, args.ckpt_path)
     model.to(device).eval()

@@ -7,15 +7,15 @@ Face's LlamaForCausalLM.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import ModelConfig, TrainingConfig, UserError
+from utils import ModelConfig, require
 
 
 class RMSNorm(nn.Module):
@@ -118,6 +118,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if torch.get_default_device().type != "meta":
+            check_fits_in_memory(config)
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
@@ -182,61 +184,12 @@ class Transformer(nn.Module):
                 for _ in range(c.num_layers)]
 
 
-FUSED_ADAMW = ("cuda", "cpu")  # device types where fused AdamW beats foreach, as bench.py measures
-
-
-def configure_optimizers(model: Transformer, t: TrainingConfig,
-                         device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW on every parameter; or, with training.optimizer=muon, Muon on the blocks' weight
-    matrices (q/k/v/o, gate/up/down) and AdamW on the rest (embedding, head, norms). Weight
-    decay applies to matrices only. Muon's update is scaled to AdamW's RMS (match_rms_adamw),
-    so one learning rate and one schedule serve both."""
-    muon = ([p for layer in model.layers for p in layer.parameters() if p.dim() == 2]
-            if t.optimizer == "muon" else [])
-    muon_ids = {id(p) for p in muon}
-    rest = [p for p in model.parameters() if id(p) not in muon_ids]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    optimizers = [torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95),
-                                    fused=device.type in FUSED_ADAMW)]
-    if muon:
-        optimizers.append(torch.optim.Muon(muon, lr=t.lr, weight_decay=t.weight_decay,
-                                           adjust_lr_fn="match_rms_adamw"))
-    return optimizers
-
-
-def optimizer_step(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
-                   lr: float, grad_clip: float) -> torch.Tensor:
-    """Set lr, unscale, clip (0 = off), step, clear grads; returns the pre-clip grad norm."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(optimizer)
-    params = [p for optimizer in optimizers for group in optimizer.param_groups
-              for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
-    """Load checkpoint["model"], refusing another architecture with the differences named."""
-    stored = checkpoint["config"] if isinstance(checkpoint.get("config"), dict) else {}
-    saved = stored.get("model", {}) if isinstance(stored.get("model"), dict) else {}
-    defaults = dataclasses.asdict(ModelConfig())  # what a key older checkpoints lack meant
-    differences = [f"{key}={saved.get(key, defaults[key])!r} vs {value!r}"
-                   for key, value in dataclasses.asdict(model.config).items()
-                   if key != "dropout" and saved.get(key, defaults[key]) != value]
-    if differences:
-        raise UserError(f"{source} was trained with a different model ({', '.join(differences)},"
-                        " checkpoint vs config) — use the config it was trained with or start a "
-                        "new run elsewhere")
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError, TypeError) as err:
-        raise UserError(f"{source} does not fit the model ({str(err).splitlines()[0][:160]}) — "
-                        "the checkpoint is damaged or from another program") from None
+def check_fits_in_memory(config: ModelConfig) -> None:
+    """Refuse a model whose fp32 weights alone exceed this machine's memory before allocating
+    any: its parameters are counted on the meta device, so the count is the model's own."""
+    with torch.device("meta"):
+        weight_bytes = 4 * Transformer(config).num_params()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    require(weight_bytes <= memory, f"this model's fp32 weights alone take "
+            f"{weight_bytes / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB "
+            "of memory — lower embed_dim, ff_dim, num_layers or vocab_size")

@@ -25,15 +25,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data import (TokenWindows, corpus_fingerprint, decode, end_of_text, epoch_loader,
-                  epoch_order, prepare_data, token_byte_lengths)
+from checkpoints import (adopt_pretrained, batch_plan, check_outputs, check_tokenizer,
+                         load_checkpoint, load_snapshot, load_weights, save_checkpoint,
+                         save_snapshot)
+from data import (TokenWindows, decode, end_of_text, epoch_loader, epoch_order, prepare_data,
+                  token_byte_lengths, tokenizer_fingerprint)
+from files import claim
 from generate import generate
-from hf import load_hf_config, load_hf_directory
-from files import atomic_save, check_writable, claim, load_checkpoint
-from model import Transformer, configure_optimizers, load_weights, optimizer_step
+from model import Transformer
+from optim import configure_optimizers, forward_backward, lr_at, optimizer_step
 from utils import (Config, TrainingConfig, UserError, autocast_context, config_to_dict,
-                   format_config, keep_freed_memory, lr_at, measure_peak_flops, parse_config_cli,
-                   pick_device, require, run_cli, setup_precision, stored_config, use_compile)
+                   format_config, keep_freed_memory, measure_peak_flops, parse_config_cli,
+                   pick_device, require, run_cli, setup_precision, use_compile)
 
 
 @dataclass
@@ -61,40 +64,32 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     distributed = dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     is_main = rank == 0
-    if config.training.init_from:
-        config = adopt_pretrained(config, cli_keys, is_main)
+    init_from = config.training.init_from
+    source = load_checkpoint(init_from, weights=False) if init_from else None
+    if source:
+        config = adopt_pretrained(config, source, cli_keys, is_main)
     t = config.training
     if is_main:
         print(format_config(config), flush=True)
-        check_writable(os.path.dirname(os.path.abspath(t.checkpoint_path)),
-                       os.path.dirname(os.path.abspath(t.snapshot_path)), t.logdir)
+        check_outputs(t)
     precision = setup_precision(t.precision, device)
     keep_freed_memory()
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = Transformer(config.model).to(device)
-    optimizers = configure_optimizers(model, t, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
-    state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    plan = batch_plan(config, train_set, world_size)
-    if os.path.exists(t.snapshot_path):  # a resume: the snapshot wins over init_from
-        state = load_snapshot(t.snapshot_path, model, optimizers, scaler, device, plan)
-    elif t.init_from:
-        load_weights(model, load_hf_directory(t.init_from) if os.path.isdir(t.init_from)
-                     else load_checkpoint(t.init_from), t.init_from)
-    if is_main:  # from here until this process ends, no other run may write these two files
-        claim(t.snapshot_path, "training.snapshot_path")
-        claim(t.checkpoint_path, "training.checkpoint_path")
+    model, optimizers, scaler = build_model(config, device, precision, rank)
+    plan = batch_plan(config, train_set.tokens, world_size)
+    state = start_or_resume(config, model, optimizers, scaler, device, plan, tokenizer, source)
     ddp_model = DistributedDataParallel(model) if distributed else model  # on this rank's device
     train_model = torch.compile(ddp_model) if use_compile(t.compile, device) else ddp_model
-
-    per_epoch = steps_per_epoch(len(train_set) // world_size, config)
-    total_steps = (None if t.time_budget_s > 0  # a time budget decides the run's length
-                   else min(per_epoch * t.epochs, t.max_steps or math.inf))
-    context = config.data.context_length
-    tokens_per_step = world_size * t.grad_accum_steps * config.data.batch_size * context
-    flops_per_token = model.flops_per_token(context)
+    per_epoch, total_steps = run_length(config, len(train_set) // world_size)
+    if run_is_over(state, t, total_steps):
+        if is_main:
+            print(f"{t.snapshot_path} is at the end of this run (step {state.step}): nothing to "
+                  "train — raise training.max_steps/epochs/time_budget_s to go on, or delete the "
+                  "snapshot to start over", flush=True)
+        return
+    tokens_per_step = world_size * t.grad_accum_steps * config.data.batch_size * (
+        config.data.context_length)
+    flops_per_token = model.flops_per_token(config.data.context_length)
     peak_flops = measure_peak_flops(device, precision) * world_size  # assumes equal devices
     if is_main:
         length = f"{t.time_budget_s:g} s budget" if total_steps is None else f"{total_steps} steps"
@@ -103,12 +98,6 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
               f"{config.data.batch_size} windows x {t.grad_accum_steps} accumulation x "
               f"{world_size} process(es) = {tokens_per_step:,} tokens; {length} ({per_epoch} steps "
               f"per epoch); measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
-    if run_is_over(state, t, total_steps):
-        if is_main:
-            print(f"{t.snapshot_path} is at the end of this run (step {state.step}): nothing to "
-                  "train — raise training.max_steps/epochs/time_budget_s to go on, or delete the "
-                  "snapshot to start over", flush=True)
-        return
 
     val_batches = fixed_val_batches(val_set, config)[rank::world_size]  # each rank its share
     token_bytes = token_byte_lengths(tokenizer).to(device)
@@ -127,11 +116,8 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
             # DDP all-reduces gradients once per optimizer step: on its last micro-step.
             sync = micro_step == t.grad_accum_steps - 1 or not distributed
             with contextlib.nullcontext() if sync else ddp_model.no_sync():
-                with autocast_context(device, precision):
-                    _, loss = train_model(x.to(device, non_blocking=True),
-                                          y.to(device, non_blocking=True))
-                scaler.scale(loss / t.grad_accum_steps).backward()  # sums to the mean gradient
-            step_loss += loss.detach()
+                step_loss += forward_backward(train_model, x, y, device, precision, scaler,
+                                              t.grad_accum_steps)
         lr = lr_at(state.step, schedule_progress(state, t, total_steps), t)
         grad_norm = optimizer_step(optimizers, scaler, lr, t.grad_clip)
         state.step += 1
@@ -162,7 +148,8 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
             bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, token_bytes, config,
                                              precision, state, writer))
         if state.step % t.save_every == 0 or finished or signum:
-            save_snapshot(t.snapshot_path, model, optimizers, scaler, config, state, plan)
+            save_snapshot(t.snapshot_path, model, optimizers, scaler, config, tokenizer,
+                          dataclasses.asdict(state), plan)
         if signum:
             bar.close()
             if writer:
@@ -179,41 +166,48 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
               f"{t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
 
 
-def adopt_pretrained(config: Config, cli_keys: Collection[str], is_main: bool) -> Config:
-    """The config of a run from training.init_from: the pretrained model section and tokenizer
-    replace the config file's (dropout stays a training choice); a command-line setting that
-    contradicts them is refused."""
-    source = config.training.init_from
-    stored = (load_hf_config(source) if os.path.isdir(source)
-              else stored_config(load_checkpoint(source)["config"], source))
-    model = dataclasses.replace(stored.model, dropout=config.model.dropout)
-    adopted = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()}
-    adopted["data.tokenizer_path"] = stored.data.tokenizer_path
-    for key, value in adopted.items():
-        section, name = key.split(".")
-        mine = getattr(getattr(config, section), name)
-        require(key not in cli_keys or mine == value, f"{key}={mine!r} on the command line "
-                f"contradicts {source}, whose value is {value!r} — drop that override: "
-                "training.init_from sets the model and the tokenizer")
+def build_model(config: Config, device: torch.device, precision: str,
+                rank: int) -> tuple[Transformer, list[torch.optim.Optimizer], torch.amp.GradScaler]:
+    """The model (the same initial weights on every rank), its optimizers and the fp16 scaler;
+    then the RNG is seeded per rank, so dropout masks differ between ranks."""
+    torch.manual_seed(config.training.seed)
+    model = Transformer(config.model).to(device)
+    optimizers = configure_optimizers(model, config.training, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    torch.manual_seed(config.training.seed + rank)
+    return model, optimizers, scaler
+
+
+def start_or_resume(config: Config, model: Transformer, optimizers: list[torch.optim.Optimizer],
+                    scaler: torch.amp.GradScaler, device: torch.device, plan: dict,
+                    tokenizer: Tokenizer, source: dict | None) -> RunState:
+    """Resume from the snapshot if there is one (it wins over init_from, whose weights are then
+    never read), else start from the pretrained `source` or the fresh weights. Then hold the
+    run's two output files (rank 0): until this process ends, no other run may write them."""
+    t, is_main = config.training, not dist.is_initialized() or dist.get_rank() == 0
+    state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(t.snapshot_path):
+        state = RunState(**load_snapshot(t.snapshot_path, model, optimizers, scaler, device,
+                                         plan))
+        if is_main:
+            print(f"resuming from {t.snapshot_path}: step {state.step}, epoch {state.epoch}, "
+                  f"batch {state.batch_in_epoch} of that epoch", flush=True)
+    elif source:
+        check_tokenizer(source, tokenizer, config.data.tokenizer_path, t.init_from,
+                        "restore the tokenizer it was trained with")
+        load_weights(model, load_checkpoint(t.init_from), t.init_from)
     if is_main:
-        print(f"training.init_from: model ({model.num_layers} layers x {model.embed_dim}, vocab "
-              f"{model.vocab_size}) and tokenizer {stored.data.tokenizer_path} come from "
-              f"{source}, replacing the config's", flush=True)
-    data = dataclasses.replace(config.data, tokenizer_path=stored.data.tokenizer_path)
-    return Config(model=model, data=data, training=config.training)
+        claim(t.snapshot_path, "training.snapshot_path")
+        claim(t.checkpoint_path, "training.checkpoint_path")
+    return state
 
 
-def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict:
-    """What decides which batches come in which order, and the optimizer whose state the
-    snapshot holds: an exact resume needs all of it unchanged (the run's length, learning rate,
-    logging and outputs may change)."""
-    return {"processes": world_size, "data.batch_size": config.data.batch_size,
-            "data.context_length": config.data.context_length,
-            "data.val_split": config.data.val_split,
-            "training.grad_accum_steps": config.training.grad_accum_steps,
-            "training.seed": config.training.seed,
-            "training.optimizer": config.training.optimizer,
-            "corpus": corpus_fingerprint(train_set.tokens)}
+def run_length(config: Config, windows_per_rank: int) -> tuple[int, int | None]:
+    """(optimizer steps per epoch, steps in the run); a time budget leaves the latter None."""
+    per_epoch = steps_per_epoch(windows_per_rank, config)
+    t = config.training
+    return per_epoch, (None if t.time_budget_s > 0
+                       else min(per_epoch * t.epochs, t.max_steps or math.inf))
 
 
 def steps_per_epoch(windows_per_rank: int, config: Config) -> int:
@@ -364,9 +358,9 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
     if improved:
         state.best_val_loss, state.best_val_bpb = val_loss, val_bpb
     if writer and improved:
-        atomic_save({"model": model.state_dict(), "config": config_to_dict(config),
-                     "step": state.step, "val_loss": val_loss, "val_bpb": val_bpb},
-                    t.checkpoint_path)
+        save_checkpoint({"model": model.state_dict(), "config": config_to_dict(config),
+                         "tokenizer": tokenizer_fingerprint(tokenizer), "step": state.step,
+                         "val_loss": val_loss, "val_bpb": val_bpb}, t.checkpoint_path)
     if writer and t.sample_tokens:
         eot = end_of_text(config.data.tokenizer_path)
         prompt = torch.tensor([[tokenizer.token_to_id(eot)]], device=device)
@@ -380,62 +374,6 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
     log_scalars(writer, state.step, {"val/loss": val_loss, "val/bpb": val_bpb})
     return (f"step {state.step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
             + (f" -> saved {t.checkpoint_path}" if improved else ""))
-
-
-def save_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
-                  scaler: torch.amp.GradScaler, config: Config, state: RunState,
-                  plan: dict) -> None:
-    """All that continuing exactly needs, every rank's RNG state included; rank 0 writes, and
-    every rank returns once the file is in place."""
-    rng = {"torch": torch.get_rng_state(),
-           **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    ranks_rng = [rng]
-    if dist.is_initialized():
-        ranks_rng = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks_rng, rng)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        atomic_save({"model": model.state_dict(),
-                     "optimizer": [optimizer.state_dict() for optimizer in optimizers],
-                     "scaler": scaler.state_dict(), "config": config_to_dict(config),
-                     "progress": dataclasses.asdict(state), "batch_plan": plan,
-                     "rng": ranks_rng}, path)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
-                  scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> RunState:
-    """Restore weights, optimizer, scaler and this rank's RNG; returns the stored run state.
-    A snapshot whose batches this run would not replay exactly is refused."""
-    snapshot = load_checkpoint(path, map_location=device)
-    require(all(key in snapshot for key in ("progress", "optimizer", "batch_plan")), f"{path} is "
-            "not a training snapshot (a best-model checkpoint, or from an older SLM) — point "
-            "training.snapshot_path at a snapshot, or at a new path to start over")
-    changed = [(key, snapshot["batch_plan"].get(key), now) for key, now in plan.items()
-               if snapshot["batch_plan"].get(key) != now]
-    if changed:
-        key, saved, now = changed[0]
-        what, fix = {
-            "processes": (f"was written by a run of {saved} process(es) and this one has {now}",
-                          "relaunch with the same total number of processes"),
-            "corpus": ("was saved while training on other text or with another tokenizer",
-                       "restore them")}.get(key, (f"was saved with {key}={saved} and this run has "
-                                                  f"{now}", f"set {key} back to {saved}"))
-        raise UserError(f"{path} {what}, so its batches cannot be replayed exactly — {fix}, or "
-                        "point training.snapshot_path at a new path to start over")
-    load_weights(model, snapshot, path)
-    for optimizer, saved in zip(optimizers, snapshot["optimizer"]):
-        optimizer.load_state_dict(saved)
-    scaler.load_state_dict(snapshot["scaler"])
-    rng = snapshot["rng"][dist.get_rank() if dist.is_initialized() else 0]
-    torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"].cpu())
-    state = RunState(**snapshot["progress"])
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"resuming from {path}: step {state.step}, epoch {state.epoch}, batch "
-              f"{state.batch_in_epoch} of that epoch", flush=True)
-    return state
 
 
 if __name__ == "__main__":

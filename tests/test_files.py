@@ -12,15 +12,16 @@ import pytest
 import torch
 
 from conftest import REPO
-from files import atomic_save, atomic_write, check_writable, load_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from files import atomic_write, check_writable
 from utils import UserError
 
 
 def test_atomic_save_keeps_previous_file_when_a_save_fails(tmp_path):
     path = tmp_path / "ckpt.pth"
-    atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
     with pytest.raises(Exception):
-        atomic_save({"model": {"w": torch.zeros(3)}, "config": {}, "bad": lambda: 0}, str(path))
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}, "bad": lambda: 0}, str(path))
     assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
 
@@ -40,7 +41,7 @@ atomic_write({path!r}, write_half_then_hang)
 
 def test_a_kill_inside_a_save_keeps_the_previous_file(tmp_path):
     path = tmp_path / "snapshot.pth"
-    atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
     saver = subprocess.Popen(
         [sys.executable, "-c", KILLED_MID_SAVE.format(repo=str(REPO), path=str(path))],
         stdout=subprocess.PIPE,
@@ -54,7 +55,7 @@ def test_a_kill_inside_a_save_keeps_the_previous_file(tmp_path):
     assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
     leftovers = [p for p in tmp_path.iterdir() if p.name != "snapshot.pth"]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".snapshot.pth.tmp-")
-    atomic_save({"model": {"w": torch.full((3,), 2.0)}, "config": {}}, str(path))
+    save_checkpoint({"model": {"w": torch.full((3,), 2.0)}, "config": {}}, str(path))
     assert [p.name for p in tmp_path.iterdir()] == [
         "snapshot.pth"
     ]  # the next save clears the dead temp file
@@ -73,7 +74,7 @@ def test_output_check_refuses_unwritable_places_and_leaves_nothing_behind(tmp_pa
 
 def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_file(tmp_path):
     path = tmp_path / "best.pth"
-    atomic_save({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
 
     def disk_full(f):
         f.write(b"partial")
@@ -105,7 +106,7 @@ def test_checkpoint_loading_refuses_code_and_damage(tmp_path):
     assert not marker.exists()
 
     good = tmp_path / "good.pth"
-    atomic_save({"model": {"w": torch.randn(1000)}, "config": {}}, str(good))
+    save_checkpoint({"model": {"w": torch.randn(1000)}, "config": {}}, str(good))
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:1500])
     with pytest.raises(UserError, match="corrupt, truncated"):

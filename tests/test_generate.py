@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import make_decisive_model, make_model, prefill_then_decode
-from generate import fused_decode, generate, sample_next
+from conftest import make_decisive_model, make_model
+from generate import generate, sample_next
 
 CONTEXT = 16  # shorter than the test models' max_seq_len=48: the training context rules, not RoPE
 
@@ -47,25 +47,7 @@ def test_generation_stops_on_eos_and_finished_rows_repeat_it():
     assert out.shape[1] == 2 and (out[:, 0] == first).all()
 
 
-@pytest.mark.parametrize("num_kv_heads", [4, 2])
-def test_fused_decode_form_gives_the_models_logits_and_cache(num_kv_heads):
-    """fused_decode restates model.py's math; a change to attention, norms or RoPE in model.py
-    that is not made there too fails here."""
-    model = make_decisive_model(num_kv_heads=num_kv_heads)
-    sequence = torch.randint(0, 97, (1, 20))
-    with torch.inference_mode():
-        expected, expected_caches = prefill_then_decode(model, sequence, 12)
-        fused, fused_caches = prefill_then_decode(
-            model, sequence, 12, lambda token, caches, pos: fused_decode(model, token, caches, pos)
-        )
-    assert torch.allclose(fused, expected, atol=1e-4)
-    assert all(
-        torch.allclose(a.k, b.k, atol=1e-5) and torch.allclose(a.v, b.v, atol=1e-5)
-        for a, b in zip(expected_caches, fused_caches)
-    )
-
-
-@pytest.mark.parametrize("batch_size", [1, 2])  # 1: the fused CPU form; 2: the model's forward
+@pytest.mark.parametrize("batch_size", [1, 2])
 def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once(batch_size):
     model = make_decisive_model(num_kv_heads=2)
     prompt = torch.randint(0, 97, (batch_size, 7))

@@ -15,9 +15,10 @@ import infer
 import train
 from conftest import TOKENIZER, assert_one_error_line, run_main, tiny_config, write_config
 from data import epoch_order, load_tokenizer, prepare_tokens, split_tokens
-from files import load_checkpoint
+from checkpoints import load_checkpoint
 from hf import load_hf_directory
-from model import Transformer, load_weights
+from checkpoints import load_weights
+from model import Transformer
 from utils import DataConfig, config_from_dict, stored_config
 
 transformers = pytest.importorskip("transformers")
@@ -163,6 +164,19 @@ def test_a_snapshot_wins_over_init_from(tmp_path, corpus, capsys):
     assert load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"] == 4
 
 
+def test_a_damaged_config_json_is_one_line_for_init_from_too(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    directory = tmp_path / "llama"
+    save_llama(directory, **SHAPES["tied, MHA"])
+    hf = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**hf, "hidden_size": "wide"}))
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus))
+    argv = [str(config), f"training.init_from={directory}"]
+    code, _, stderr = run_main(train.main, argv, tmp_path, monkeypatch, capsys)
+    assert_one_error_line(code, stderr, "hidden_size is 'wide', not an integer")
+
+
 def test_the_config_files_model_is_replaced_but_a_contradicting_override_is_refused(
     tmp_path, corpus, monkeypatch, capsys
 ):
@@ -208,6 +222,8 @@ def test_the_config_files_model_is_replaced_but_a_contradicting_override_is_refu
         ),
         ({"model_type": "mistral"}, "model_type='mistral' is a Llama feature"),
         ({"hidden_size": None}, "is not a Llama config.json"),
+        ({"hidden_size": "wide"}, "config.json: hidden_size is 'wide', not an integer"),
+        ({"rms_norm_eps": "small"}, "config.json: rms_norm_eps is 'small', not a number"),
     ],
 )
 def test_a_llama_feature_slm_cannot_represent_is_refused_by_name(

@@ -34,7 +34,9 @@ from conftest import (
 )
 from data import load_tokenizer, prepare_tokens
 from generate import sample_next
-from files import atomic_save, atomic_write
+from model import Transformer
+from checkpoints import save_checkpoint
+from files import atomic_write
 from utils import DataConfig, UserError, config_from_dict, load_config
 
 
@@ -83,10 +85,10 @@ def copy_run(trained_run: Path, workdir: Path, corpus: Path, **sections) -> Path
 
 def test_a_full_disk_inside_torch_save_is_one_error_and_keeps_the_old_file(tmp_path):
     with tmpfs(tmp_path / "disk", 512) as disk:
-        atomic_save({"weights": torch.zeros(10)}, str(disk / "snapshot.pth"))
+        save_checkpoint({"weights": torch.zeros(10)}, str(disk / "snapshot.pth"))
         before = snapshot_bytes(disk / "snapshot.pth")
         with pytest.raises(UserError, match="No space left on device.*previous version is intact"):
-            atomic_save({"weights": torch.zeros(1_000_000)}, str(disk / "snapshot.pth"))
+            save_checkpoint({"weights": torch.zeros(1_000_000)}, str(disk / "snapshot.pth"))
         assert snapshot_bytes(disk / "snapshot.pth") == before
         assert sorted(p.name for p in disk.iterdir()) == ["snapshot.pth"]  # no temp file left
 
@@ -161,7 +163,7 @@ def test_every_config_number_is_finite_and_in_its_range(override, message):
 def test_a_model_too_big_for_this_machines_memory_is_refused_before_allocating():
     sizes = ["model.vocab_size=16000000", "model.embed_dim=65536", "model.num_heads=64"]
     with pytest.raises(UserError, match="fp32 weights alone take .* GiB, more than this machine"):
-        config_from_dict({}, overrides=sizes)
+        Transformer(config_from_dict({}, overrides=sizes).model)
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,9 @@ from conftest import (
 from data import load_tokenizer, token_byte_lengths
 from model import Transformer
 from train import evaluate
-from files import load_checkpoint
-from utils import ModelConfig, TrainingConfig, config_from_dict, lr_at
+from checkpoints import load_checkpoint
+from optim import lr_at
+from utils import ModelConfig, TrainingConfig, config_from_dict
 
 
 def test_tiny_run_learns_and_logs_everything(trained_run):
@@ -65,14 +66,15 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
     assert set(best) == {
         "model",
         "config",
+        "tokenizer",
         "step",
         "val_loss",
         "val_bpb",
     }  # weights only, no optimizer
     snapshot = load_checkpoint(str(trained_run / "ckpt" / "snapshot.pth"))
-    assert {"model", "optimizer", "scaler", "config", "progress", "batch_plan", "rng"} == set(
-        snapshot
-    )
+    assert set(snapshot) == {
+        *("model", "optimizer", "scaler", "config", "tokenizer", "progress", "batch_plan", "rng")
+    }
     assert snapshot["progress"]["step"] == 50 and snapshot["progress"]["run_name"] == "test"
     assert (
         snapshot["batch_plan"]["processes"] == 1 and len(snapshot["rng"]) == 1
@@ -241,7 +243,15 @@ def test_finished_run_is_not_trained_again(trained_run):
 
 
 def write_text(name: str, content: bytes) -> Callable[[Path, Path], None]:
-    return lambda workdir, trained_run: (workdir / name).write_bytes(content)
+    def setup(workdir: Path, trained_run: Path) -> None:
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / name).write_bytes(content)
+
+    return setup
+
+
+def make_directory(name: str) -> Callable[[Path, Path], None]:
+    return lambda workdir, trained_run: (workdir / name).mkdir(parents=True)
 
 
 def resumable(damage: bool = False) -> Callable[[Path, Path], None]:
@@ -268,6 +278,27 @@ def resumable(damage: bool = False) -> Callable[[Path, Path], None]:
             ["modle.yaml"],
             write_text("modle.yaml", b"modle:\n  embed_dim: 64\n"),
             "did you mean 'model'",
+        ),
+        (
+            ["empty.yaml"],
+            write_text("empty.yaml", b"# nothing but a comment\n"),
+            "config file 'empty.yaml' is empty",
+        ),
+        (
+            ["tiny.yaml"],
+            write_text("ckpt/best.pth", b"my notes, not a checkpoint\n"),
+            "training.checkpoint_path .*best.pth' exists and is not an SLM checkpoint",
+        ),
+        (
+            ["tiny.yaml"],
+            make_directory("ckpt/snapshot.pth"),
+            r"training.snapshot_path .*snapshot.pth' is a directory — give a file path",
+        ),
+        (
+            ["tiny.yaml", "training.init_from=ckpt/best.pth",
+             "training.checkpoint_path=ckpt/best.pth"],
+            resumable(),
+            "training.init_from and training.checkpoint_path are both",
         ),
         (
             ["tiny.yaml", "training.max_step=30"],
@@ -455,7 +486,7 @@ def test_each_precision_and_compile_learns_and_resumes_bitwise(
 
     def save_and_keep_step_6(path, model, *args):
         save_snapshot(path, model, *args)
-        if args[-2].step == 6:  # the run state
+        if args[-2]["step"] == 6:  # the run state
             shutil.copy(path, halfway)
 
     monkeypatch.setattr(train, "save_snapshot", save_and_keep_step_6)

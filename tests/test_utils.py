@@ -1,3 +1,5 @@
+import dataclasses
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -10,13 +12,13 @@ from utils import (
     Config,
     DataConfig,
     ModelConfig,
+    SECTIONS,
     Section,
     TrainingConfig,
     UserError,
     config_from_dict,
     config_to_dict,
     load_config,
-    lr_at,
 )
 
 
@@ -25,6 +27,40 @@ def test_shipped_config_loads_and_validates():
     assert config.model.vocab_size == 4096
     assert config.data.raw_text_path == "data/shakespeare.txt"
     assert config.training.max_steps > 0
+
+
+def test_configs_yaml_documents_every_field_of_every_section():
+    lines = (REPO / "configs.yaml").read_text().splitlines()
+    for section, kind in SECTIONS.items():
+        start = lines.index(f"{section}:")
+        block = [line for line in lines[start + 1 :] if line.startswith("  ")]
+        for f in dataclasses.fields(kind):
+            line = next((line for line in block if line.startswith(f"  {f.name}:")), None)
+            assert line is not None, f"configs.yaml has no {section}.{f.name}"
+            assert re.search(r"\s#\s\S", line), f"configs.yaml: {section}.{f.name} has no comment"
+
+
+def test_one_learning_rate_override_is_enough_the_floor_follows_the_peak():
+    config = load_config(str(REPO / "configs.yaml"), ["training.lr=1e-4"])
+    assert config.training.floor_lr == pytest.approx(1e-4 * config.training.min_lr_ratio)
+    assert Config().training.floor_lr == 3e-4  # the shipped default, exactly
+    stored = config_from_dict({"training": {"lr": 1e-2, "min_lr": 3e-4}})  # an older checkpoint
+    assert stored.training.floor_lr == 3e-4
+
+
+def test_a_string_setting_takes_digits_as_text_and_says_to_quote_them_in_yaml(tmp_path):
+    config = config_from_dict({}, overrides=["training.run_name=2024", "training.init_from="])
+    assert config.training.run_name == "2024" and config.training.init_from == ""
+    numbered = tmp_path / "numbered.yaml"
+    numbered.write_text("training:\n  run_name: 2024\n")
+    with pytest.raises(UserError, match="run_name must be a string, got 2024 — quote it"):
+        load_config(str(numbered))
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# truncated\n")
+    with pytest.raises(UserError, match="is empty — write the model, data and training sections"):
+        load_config(str(tmp_path / "empty.yaml"))
 
 
 def test_overrides_are_typed_like_yaml():
@@ -138,31 +174,6 @@ def test_config_dict_round_trip():
     config = Config()
     config.model.num_layers = 3
     assert config_from_dict(config_to_dict(config)) == config
-
-
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    t = TrainingConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
-    assert lr_at(0, 0.0, t) == pytest.approx(0.1)
-    assert lr_at(9, 0.0, t) == pytest.approx(1.0)
-    assert lr_at(10, 0.0, t) == pytest.approx(1.0)
-    assert lr_at(60, 0.5, t) == pytest.approx(0.55)  # halfway through the cosine
-    assert lr_at(110, 1.0, t) == pytest.approx(0.1)
-    assert lr_at(120, 1.3, t) == pytest.approx(0.1)  # past the end it stays at min_lr
-    decay = [lr_at(10 + i, i / 100, t) for i in range(101)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
-
-
-def test_warmdown_follows_the_cosine_then_falls_linearly_to_min_lr():
-    cosine = TrainingConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
-    warmdown = TrainingConfig(lr=1.0, min_lr=0.1, warmup_steps=10, warmdown_frac=0.4)
-    for progress in (0.0, 0.3, 0.6):  # before the warm-down the two schedules agree
-        assert lr_at(50, progress, warmdown) == pytest.approx(lr_at(50, progress, cosine))
-    at_start = lr_at(50, 0.6, cosine)
-    assert lr_at(50, 0.8, warmdown) == pytest.approx((at_start + 0.1) / 2)  # halfway down the line
-    assert lr_at(50, 1.0, warmdown) == pytest.approx(0.1)
-    assert lr_at(50, 1.5, warmdown) == pytest.approx(0.1)
-    linear = TrainingConfig(lr=1.0, min_lr=0.1, warmup_steps=10, warmdown_frac=1.0)
-    assert lr_at(50, 0.25, linear) == pytest.approx(0.775)  # all of the decay is the line
 
 
 FAULTS_PER_STEP = """

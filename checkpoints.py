@@ -1,0 +1,196 @@
+"""Checkpoints: what a path holds (an SLM checkpoint or snapshot, or a Hugging Face Llama
+directory), weights loaded into the model, the best checkpoint, snapshots and exact resume, and
+a fine-tuning run's adoption of its pretrained source. Files are written crash-safely by files.py.
+
+A best checkpoint is {"model", "config", "tokenizer", "step", "val_loss", "val_bpb"}; a snapshot
+adds "optimizer", "scaler", "progress", "batch_plan" and every rank's "rng". "tokenizer" is the
+fingerprint of the tokenizer the weights were trained with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Collection
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+
+from data import corpus_fingerprint, tokenizer_fingerprint
+from files import atomic_write, check_writable
+from hf import load_hf_directory
+from model import Transformer
+from utils import (Config, ModelConfig, TrainingConfig, UserError, config_to_dict, require,
+                   stored_config)
+
+SNAPSHOT_KEYS = ("progress", "optimizer", "batch_plan")
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
+                    weights: bool = True) -> dict:
+    """What `path` holds, as a checkpoint dict with "config" and, if `weights`, "model": a
+    Hugging Face Llama directory (read by hf.py, in fp32), else an SLM checkpoint or snapshot
+    file, read with weights_only=True (tensors and plain containers, never code). Without
+    `weights`, no weight is read into memory."""
+    if os.path.isdir(path):
+        return load_hf_directory(path, weights)
+    require(os.path.isfile(path), f"checkpoint '{path}' not found — train first "
+            "(python train.py configs.yaml) or fix the path")
+    try:  # mmap leaves the tensors on disk until they are used
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True,
+                                mmap=not weights)
+    except Exception as err:  # UnpicklingError, RuntimeError or EOFError, by the kind of damage
+        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise UserError(f"cannot load checkpoint '{path}': {first_line[:160]} — the file is "
+                        "corrupt, truncated or not an SLM checkpoint; use another one") from None
+    require(isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint,
+            f"'{path}' is not an SLM checkpoint (no weights and config) — pass one from train.py")
+    return checkpoint
+
+
+def save_checkpoint(contents: dict, path: str) -> None:
+    atomic_write(path, lambda f: torch.save(contents, f))
+
+
+def check_outputs(t: TrainingConfig) -> None:
+    """Before any work: the output directories can be written, the best checkpoint and
+    snapshot paths name files, and an existing one is SLM's own: training overwrites them, so
+    anything else there is refused rather than lost."""
+    check_writable(os.path.dirname(os.path.abspath(t.checkpoint_path)),
+                   os.path.dirname(os.path.abspath(t.snapshot_path)), t.logdir)
+    for setting, path in (("checkpoint_path", t.checkpoint_path),
+                          ("snapshot_path", t.snapshot_path)):
+        example = os.path.join(path, os.path.basename(getattr(TrainingConfig, setting)))
+        require(not os.path.isdir(path), f"training.{setting} '{path}' is a directory — give a "
+                f"file path, e.g. {example}")
+    if os.path.isfile(t.checkpoint_path):  # an existing snapshot is checked as it is resumed
+        try:  # mmap: the tensors stay on disk, so a large checkpoint costs no time here
+            contents = torch.load(t.checkpoint_path, weights_only=True, mmap=True)
+        except Exception:  # not a torch file at all: text, an image, a damaged file
+            contents = None
+        require(isinstance(contents, dict) and "model" in contents and "config" in contents,
+                f"training.checkpoint_path '{t.checkpoint_path}' exists and is not an SLM "
+                "checkpoint (or is damaged) — move it away or choose another path; training "
+                "would overwrite it")
+
+
+def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
+    """Load checkpoint["model"], refusing another architecture with the differences named."""
+    stored = checkpoint["config"] if isinstance(checkpoint.get("config"), dict) else {}
+    saved = stored.get("model", {}) if isinstance(stored.get("model"), dict) else {}
+    defaults = dataclasses.asdict(ModelConfig())  # what a key older checkpoints lack meant
+    differences = [f"{key}={saved.get(key, defaults[key])!r} vs {value!r}"
+                   for key, value in dataclasses.asdict(model.config).items()
+                   if key != "dropout" and saved.get(key, defaults[key]) != value]
+    if differences:
+        raise UserError(f"{source} was trained with a different model ({', '.join(differences)},"
+                        " checkpoint vs config) — use the config it was trained with or start a "
+                        "new run elsewhere")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"{source} does not fit the model ({str(err).splitlines()[0][:160]}) — "
+                        "the checkpoint is damaged or from another program") from None
+
+
+def check_tokenizer(checkpoint: dict, tokenizer: Tokenizer, tokenizer_path: str, source: str,
+                    fix: str) -> None:
+    """`tokenizer` is the one `source`'s weights were trained with: its fingerprint matches, or,
+    for a checkpoint that records none, its vocabulary is the model's size."""
+    vocab_size = checkpoint["config"]["model"]["vocab_size"]
+    saved = checkpoint.get("tokenizer")
+    same = (saved == tokenizer_fingerprint(tokenizer) if saved is not None
+            else tokenizer.get_vocab_size() == vocab_size)
+    require(same, f"{tokenizer_path} is not the tokenizer {source} was trained with (its ids "
+            f"would decode to other text) — {fix}")
+
+
+def adopt_pretrained(config: Config, source: dict, cli_keys: Collection[str],
+                     is_main: bool) -> Config:
+    """The config of a run from training.init_from, whose checkpoint (weights or not) is
+    `source`: its model
+    section and tokenizer replace the config file's (dropout stays a training choice); a
+    command-line setting that contradicts them is refused."""
+    path = config.training.init_from
+    stored = stored_config(source["config"], path)
+    model = dataclasses.replace(stored.model, dropout=config.model.dropout)
+    adopted = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()}
+    adopted["data.tokenizer_path"] = stored.data.tokenizer_path
+    for key, value in adopted.items():
+        section, name = key.split(".")
+        mine = getattr(getattr(config, section), name)
+        require(key not in cli_keys or mine == value, f"{key}={mine!r} on the command line "
+                f"contradicts {path}, whose value is {value!r} — drop that override: "
+                "training.init_from sets the model and the tokenizer")
+    if is_main:
+        print(f"training.init_from: model ({model.num_layers} layers x {model.embed_dim}, vocab "
+              f"{model.vocab_size}) and tokenizer {stored.data.tokenizer_path} come from "
+              f"{path}, replacing the config's", flush=True)
+    data = dataclasses.replace(config.data, tokenizer_path=stored.data.tokenizer_path)
+    return Config(model=model, data=data, training=config.training)
+
+
+def batch_plan(config: Config, train_tokens: np.ndarray, world_size: int) -> dict:
+    """What decides which batches come in which order, and the optimizer whose state the
+    snapshot holds: an exact resume needs all of it unchanged (the run's length, learning rate,
+    logging and outputs may change)."""
+    return {"processes": world_size, "data.batch_size": config.data.batch_size,
+            "data.context_length": config.data.context_length,
+            "data.val_split": config.data.val_split,
+            "training.grad_accum_steps": config.training.grad_accum_steps,
+            "training.seed": config.training.seed,
+            "training.optimizer": config.training.optimizer,
+            "corpus": corpus_fingerprint(train_tokens)}
+
+
+def save_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
+                  scaler: torch.amp.GradScaler, config: Config, tokenizer: Tokenizer,
+                  progress: dict, plan: dict) -> None:
+    """All that continuing exactly needs, every rank's RNG state included; rank 0 writes, and
+    every rank returns once the file is in place."""
+    rng = {"torch": torch.get_rng_state(),
+           **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    ranks_rng = [rng]
+    if dist.is_initialized():
+        ranks_rng = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks_rng, rng)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint({"model": model.state_dict(),
+                         "optimizer": [optimizer.state_dict() for optimizer in optimizers],
+                         "scaler": scaler.state_dict(), "config": config_to_dict(config),
+                         "tokenizer": tokenizer_fingerprint(tokenizer), "progress": progress,
+                         "batch_plan": plan, "rng": ranks_rng}, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
+                  scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> dict:
+    """Restore weights, optimizer, scaler and this rank's RNG; returns the stored progress.
+    A snapshot whose batches this run would not replay exactly is refused."""
+    snapshot = load_checkpoint(path, map_location=device)
+    require(all(key in snapshot for key in SNAPSHOT_KEYS), f"{path} is not a training snapshot "
+            "(a best-model checkpoint, or from an older SLM) — point training.snapshot_path at "
+            "a snapshot, or at a new path to start over")
+    changed = [(key, snapshot["batch_plan"].get(key), now) for key, now in plan.items()
+               if snapshot["batch_plan"].get(key) != now]
+    if changed:
+        key, saved, now = changed[0]
+        what, fix = {
+            "processes": (f"was written by a run of {saved} process(es) and this one has {now}",
+                          "relaunch with the same total number of processes"),
+            "corpus": ("was saved while training on other text or with another tokenizer",
+                       "restore them")}.get(key, (f"was saved with {key}={saved} and this run has "
+                                                  f"{now}", f"set {key} back to {saved}"))
+        raise UserError(f"{path} {what}, so its batches cannot be replayed exactly — {fix}, or "
+                        "point training.snapshot_path at a new path to start over")
+    load_weights(model, snapshot, path)
+    for optimizer, saved in zip(optimizers, snapshot["optimizer"]):
+        optimizer.load_state_dict(saved)
+    scaler.load_state_dict(snapshot["scaler"])
+    rng = snapshot["rng"][dist.get_rank() if dist.is_initialized() else 0]
+    torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+    return snapshot["progress"]

@@ -1,0 +1,85 @@
+"""optim.py: which parameters each optimizer takes, the fp16 step, and the LR schedule."""
+import math
+
+import pytest
+import torch
+
+from conftest import make_model
+from optim import configure_optimizers, lr_at, optimizer_step
+from utils import TrainingConfig
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    t = TrainingConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, 0.0, t) == pytest.approx(0.1)
+    assert lr_at(9, 0.0, t) == pytest.approx(1.0)
+    assert lr_at(10, 0.0, t) == pytest.approx(1.0)
+    assert lr_at(60, 0.5, t) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(110, 1.0, t) == pytest.approx(0.1)
+    assert lr_at(120, 1.3, t) == pytest.approx(0.1)  # past the end it stays at min_lr
+    decay = [lr_at(10 + i, i / 100, t) for i in range(101)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_warmdown_follows_the_cosine_then_falls_linearly_to_min_lr():
+    cosine = TrainingConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    warmdown = TrainingConfig(lr=1.0, min_lr=0.1, warmup_steps=10, warmdown_frac=0.4)
+    for progress in (0.0, 0.3, 0.6):  # before the warm-down the two schedules agree
+        assert lr_at(50, progress, warmdown) == pytest.approx(lr_at(50, progress, cosine))
+    at_start = lr_at(50, 0.6, cosine)
+    assert lr_at(50, 0.8, warmdown) == pytest.approx((at_start + 0.1) / 2)  # halfway down the line
+    assert lr_at(50, 1.0, warmdown) == pytest.approx(0.1)
+    assert lr_at(50, 1.5, warmdown) == pytest.approx(0.1)
+    linear = TrainingConfig(lr=1.0, min_lr=0.1, warmup_steps=10, warmdown_frac=1.0)
+    assert lr_at(50, 0.25, linear) == pytest.approx(0.775)  # all of the decay is the line
+
+
+def test_muon_takes_exactly_the_block_matrices_and_adamw_the_rest():
+    model = make_model(num_kv_heads=2)
+    adamw, muon = configure_optimizers(model, TrainingConfig(optimizer="muon"), torch.device("cpu"))
+    names = {id(param): name for name, param in model.named_parameters()}
+    muon_names = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert muon_names == {
+        f"layers.{i}.{part}.{proj}.weight"
+        for i in range(3)
+        for part, proj in [("self_attn", p) for p in projections[:4]]
+        + [("mlp", p) for p in projections[4:]]
+    }
+    decayed, plain = adamw.param_groups
+    assert {names[id(p)] for p in decayed["params"]} == {"embed_tokens.weight"}  # tied head
+    assert all(p.dim() == 1 for p in plain["params"]) and decayed["weight_decay"] == 0.1
+    assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["weight_decay"] == 0.1
+    adamw_only = TrainingConfig(optimizer="adamw")
+    assert len(configure_optimizers(model, adamw_only, torch.device("cpu"))) == 1
+
+
+def test_an_inf_gradient_under_fp16_skips_the_step_and_halves_the_scale():
+    model = make_model().train()
+    optimizers = configure_optimizers(model, TrainingConfig(optimizer="adamw"), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(idx, idx)[1]
+    scaler.scale(loss).backward()
+    model.layers[0].self_attn.q_proj.weight.grad[0, 0] = math.inf
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    optimizer_step(optimizers, scaler, lr=1e-2, grad_clip=1.0)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert scaler.get_scale() == 512.0
+    assert all(state["step"] == 0 for state in optimizers[0].state.values())  # Adam saw no step
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(idx, idx)[1]
+    scaler.scale(loss).backward()
+    optimizer_step(optimizers, scaler, lr=1e-2, grad_clip=1.0)
+    assert not torch.equal(model.embed_tokens.weight, before["embed_tokens.weight"])
+    assert scaler.get_scale() == 512.0  # a finite step keeps the scale (growth comes later)
+
+
+def test_the_schedules_floor_is_a_share_of_the_peak_unless_min_lr_is_set():
+    ratio = TrainingConfig(lr=2.0, min_lr_ratio=0.25, warmup_steps=0)
+    assert lr_at(100, 1.0, ratio) == pytest.approx(0.5)
+    absolute = TrainingConfig(lr=2.0, min_lr=0.1, min_lr_ratio=0.25, warmup_steps=0)
+    assert lr_at(100, 1.0, absolute) == pytest.approx(0.1)
+    fine_tune = TrainingConfig(lr=1e-4)  # one override is enough: the floor follows the peak
+    assert lr_at(10_000, 1.0, fine_tune) == pytest.approx(1e-4 * fine_tune.min_lr_ratio)
