@@ -28,9 +28,9 @@ from data import TokenWindows, epoch_loader, epoch_order, prepare_data, tokenize
 from generate import generate
 from model import Transformer
 from optim import FUSED_ADAMW, configure_optimizers, forward_backward, optimizer_step
-from utils import (ArgumentParser, Config, ModelConfig, autocast_context, keep_freed_memory,
-                   load_config, measure_peak_flops, pick_device, require_within, run_cli,
-                   setup_precision, sync)
+from runtime import (autocast_context, keep_freed_memory, measure_peak_flops, pick_device,
+                     setup_precision, sync)
+from utils import ArgumentParser, Config, ModelConfig, load_config, require_within, run_cli
 
 GENERATION_TOKENS = 256
 GENERATION_PROMPT = 32

@@ -12,8 +12,9 @@ from checkpoints import check_tokenizer, load_checkpoint, load_weights
 from data import decode, end_of_text, load_tokenizer
 from generate import generate
 from model import Transformer
-from utils import (MAX_SEED, ArgumentParser, UserError, autocast_context, load_config,
-                   pick_device, require_within, run_cli, setup_precision, stored_config, warn)
+from runtime import autocast_context, pick_device, setup_precision
+from utils import (MAX_SEED, ArgumentParser, UserError, load_config, require_within, run_cli,
+                   stored_config, warn)
 
 WINDOW_RULE = ("The model sees at most the context it was trained on (data.context_length in the "
                "checkpoint): a longer prompt keeps its newest tokens, and a full window drops to "

@@ -8,7 +8,8 @@ import math
 import torch
 
 from model import Transformer
-from utils import TrainingConfig, autocast_context
+from runtime import autocast_context
+from utils import TrainingConfig
 
 FUSED_ADAMW = ("cuda", "cpu")  # device types where fused AdamW beats foreach, as bench.py measures
 

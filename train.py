@@ -34,9 +34,10 @@ from files import claim
 from generate import generate
 from model import Transformer
 from optim import configure_optimizers, forward_backward, lr_at, optimizer_step
-from utils import (Config, TrainingConfig, UserError, autocast_context, config_to_dict,
-                   format_config, keep_freed_memory, measure_peak_flops, parse_config_cli,
-                   pick_device, require, run_cli, setup_precision, use_compile)
+from runtime import (autocast_context, keep_freed_memory, measure_peak_flops, pick_device,
+                     setup_precision, use_compile)
+from utils import (Config, TrainingConfig, UserError, config_to_dict, format_config,
+                   parse_config_cli, require, run_cli)
 
 
 @dataclass

@@ -1,7 +1,5 @@
 import dataclasses
 import re
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -174,31 +172,3 @@ def test_config_dict_round_trip():
     config = Config()
     config.model.num_layers = 3
     assert config_from_dict(config_to_dict(config)) == config
-
-
-FAULTS_PER_STEP = """
-import resource, torch
-from utils import keep_freed_memory
-keep_freed_memory()
-faults = []
-for _ in range(5):  # a step's activations: 4 x 16 MiB, all freed at its end
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    activations = [torch.ones(1 << 22) for _ in range(4)]
-    del activations
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(faults[-1])
-"""
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings")
-def test_cpu_training_steps_reuse_freed_activation_memory():
-    # Without keep_freed_memory glibc unmaps the blocks and every step faults all 16,384 pages
-    # back in; with it the later steps reuse the heap.
-    result = subprocess.run(
-        [sys.executable, "-c", FAULTS_PER_STEP],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    assert int(result.stdout) < 1000
