@@ -106,13 +106,16 @@ def check_tokenizer(checkpoint: dict, tokenizer: Tokenizer, tokenizer_path: str,
             f"would decode to other text) — {fix}")
 
 
-def adopt_pretrained(config: Config, source: dict, cli_keys: Collection[str],
-                     is_main: bool) -> Config:
-    """The config of a run from training.init_from, whose checkpoint (weights or not) is
-    `source`: its model
-    section and tokenizer replace the config file's (dropout stays a training choice); a
-    command-line setting that contradicts them is refused."""
+def adopt_pretrained(config: Config, cli_keys: Collection[str],
+                     is_main: bool) -> tuple[Config, dict | None]:
+    """The config of a run from training.init_from, and that source's checkpoint without its
+    weights (None without init_from): the source's model section and tokenizer replace the
+    config file's (dropout stays a training choice); a command-line setting that contradicts
+    them is refused."""
     path = config.training.init_from
+    if not path:
+        return config, None
+    source = load_checkpoint(path, weights=False)
     stored = stored_config(source["config"], path)
     model = dataclasses.replace(stored.model, dropout=config.model.dropout)
     adopted = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()}
@@ -128,7 +131,7 @@ def adopt_pretrained(config: Config, source: dict, cli_keys: Collection[str],
               f"{model.vocab_size}) and tokenizer {stored.data.tokenizer_path} come from "
               f"{path}, replacing the config's", flush=True)
     data = dataclasses.replace(config.data, tokenizer_path=stored.data.tokenizer_path)
-    return Config(model=model, data=data, training=config.training)
+    return Config(model=model, data=data, training=config.training), source
 
 
 def batch_plan(config: Config, train_tokens: np.ndarray, world_size: int) -> dict:

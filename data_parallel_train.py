@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from train import train
-from utils import Config, parse_config_cli, require, run_cli
+from utils import Config, UserError, parse_config_cli, require, run_cli
+
+REPORT_GRACE_S = 5.0  # how long a failing rank > 0 waits for rank 0 to print the error line
 
 
 def init_distributed(config: Config) -> torch.device:
@@ -64,6 +67,10 @@ def main() -> None:
     device = init_distributed(config)
     try:
         train(config, device, cli_keys)
+    except UserError:
+        if dist.get_rank() != 0:  # rank 0 reports a mistake; torchrun would stop it on our exit
+            time.sleep(REPORT_GRACE_S)
+        raise
     finally:
         dist.destroy_process_group()
 

@@ -65,10 +65,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     distributed = dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     is_main = rank == 0
-    init_from = config.training.init_from
-    source = load_checkpoint(init_from, weights=False) if init_from else None
-    if source:
-        config = adopt_pretrained(config, source, cli_keys, is_main)
+    config, source = adopt_pretrained(config, cli_keys, is_main)
     t = config.training
     if is_main:
         print(format_config(config), flush=True)
@@ -81,19 +78,17 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     state = start_or_resume(config, model, optimizers, scaler, device, plan, tokenizer, source)
     ddp_model = DistributedDataParallel(model) if distributed else model  # on this rank's device
     train_model = torch.compile(ddp_model) if use_compile(t.compile, device) else ddp_model
-    per_epoch, total_steps = run_length(config, len(train_set) // world_size)
+    per_epoch, total_steps, length = run_length(config, len(train_set) // world_size)
     if run_is_over(state, t, total_steps):
         if is_main:
             print(f"{t.snapshot_path} is at the end of this run (step {state.step}): nothing to "
                   "train — raise training.max_steps/epochs/time_budget_s to go on, or delete the "
                   "snapshot to start over", flush=True)
         return
-    tokens_per_step = world_size * t.grad_accum_steps * config.data.batch_size * (
-        config.data.context_length)
-    flops_per_token = model.flops_per_token(config.data.context_length)
+    context = config.data.context_length
+    tokens_per_step = world_size * t.grad_accum_steps * config.data.batch_size * context
     peak_flops = measure_peak_flops(device, precision) * world_size  # assumes equal devices
     if is_main:
-        length = f"{t.time_budget_s:g} s budget" if total_steps is None else f"{total_steps} steps"
         print(f"{world_size} process(es) on {device.type} ({precision}), {model.num_params():,} "
               f"parameters, {len(train_set):,} train / {len(val_set):,} val windows; per step "
               f"{config.data.batch_size} windows x {t.grad_accum_steps} accumulation x "
@@ -139,7 +134,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
             tokens_per_sec = steps * tokens_per_step / (now - log_time)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
                             tok_s=f"{tokens_per_sec:,.0f}")
-            mfu = flops_per_token * tokens_per_sec / peak_flops
+            mfu = model.flops_per_token(context) * tokens_per_sec / peak_flops
             log_scalars(writer, state.step, {
                 "train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
                 "perf/tokens_per_sec": tokens_per_sec, "perf/mfu": mfu})
@@ -203,12 +198,14 @@ def start_or_resume(config: Config, model: Transformer, optimizers: list[torch.o
     return state
 
 
-def run_length(config: Config, windows_per_rank: int) -> tuple[int, int | None]:
-    """(optimizer steps per epoch, steps in the run); a time budget leaves the latter None."""
-    per_epoch = steps_per_epoch(windows_per_rank, config)
-    t = config.training
-    return per_epoch, (None if t.time_budget_s > 0
-                       else min(per_epoch * t.epochs, t.max_steps or math.inf))
+def run_length(config: Config, windows_per_rank: int) -> tuple[int, int | None, str]:
+    """(optimizer steps per epoch, steps in the run, the run's length in words); a time budget
+    leaves the steps None."""
+    per_epoch, t = steps_per_epoch(windows_per_rank, config), config.training
+    if t.time_budget_s > 0:
+        return per_epoch, None, f"{t.time_budget_s:g} s budget"
+    total_steps = min(per_epoch * t.epochs, t.max_steps or math.inf)
+    return per_epoch, total_steps, f"{total_steps} steps"
 
 
 def steps_per_epoch(windows_per_rank: int, config: Config) -> int:
