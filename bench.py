@@ -28,8 +28,8 @@ from data import TokenWindows, epoch_loader, epoch_order, prepare_data, tokenize
 from generate import generate
 from model import Transformer
 from optim import FUSED_ADAMW, configure_optimizers, forward_backward, optimizer_step
-from runtime import (autocast_context, keep_freed_memory, measure_peak_flops, pick_device,
-                     setup_precision, sync)
+from runtime import (BF16_PEAK_GATE, autocast_context, keep_freed_memory, measure_peak_flops,
+                     pick_device, setup_precision, sync)
 from utils import ArgumentParser, Config, ModelConfig, load_config, require_within, run_cli
 
 GENERATION_TOKENS = 256
@@ -43,9 +43,17 @@ def peak_rss_mb() -> float:
 
 
 def bench_peak(device: torch.device, precision: str) -> dict:
-    """Matmul FLOP/s of this device in fp32, bf16 on CUDA, and the run's precision."""
-    names = dict.fromkeys(["fp32", *(["bf16"] if device.type == "cuda" else []), precision])
+    """Matmul FLOP/s of this device in fp32, bf16 (on CUDA and CPU), and the run's precision."""
+    names = dict.fromkeys(["fp32", *(["bf16"] if device.type != "mps" else []), precision])
     return {name: measure_peak_flops(device, name, seconds=1.0) for name in names}
+
+
+def training_precisions(device: torch.device, precision: str, peak_flops: dict) -> list[str]:
+    """The run's precision, and beside fp32 on a CPU bf16 too where its matmul peak passes the
+    gate `precision: auto` applies before it times both."""
+    bf16_too = (device.type == "cpu" and precision == "fp32"
+                and peak_flops["bf16"] >= BF16_PEAK_GATE * peak_flops["fp32"])
+    return [precision, *(["bf16"] if bf16_too else [])]
 
 
 def bench_data(config: Config, tokenizer) -> dict:
@@ -258,14 +266,14 @@ def main() -> None:
                "fused_adamw": device.type in FUSED_ADAMW,
                "model": dataclasses.asdict(config.model), "peak_flops": peak_flops,
                "data": bench_data(config, tokenizer), "training": {}}
-    peak = results["peak_flops"][precision]  # MFU against the peak of the matmuls' precision
     models = {"": Transformer, **({"reference GPT-2, ": ReferenceGPT} if args.reference else {})}
-    for (name, make_model), compiled in itertools.product(
-            models.items(), (False, True) if args.compile else (False,)):
-        row = bench_training(config, train_set, device, precision, compiled, args.steps,
+    for (name, make_model), row_precision, compiled in itertools.product(
+            models.items(), training_precisions(device, precision, peak_flops),
+            (False, True) if args.compile else (False,)):
+        row = bench_training(config, train_set, device, row_precision, compiled, args.steps,
                              args.warmup_steps, make_model)
-        row["mfu"] = row["model_flops"] / peak
-        results["training"][f"{name}{precision}{', compiled' if compiled else ''}"] = row
+        row["mfu"] = row["model_flops"] / peak_flops[row_precision]  # against its matmuls' peak
+        results["training"][f"{name}{row_precision}{', compiled' if compiled else ''}"] = row
     model = Transformer(config.model).to(device)
     results["optimizer_step_ms"] = bench_optimizer(model, config, device, args.steps)
     model.eval()

@@ -3,8 +3,8 @@ directory), weights loaded into the model, the best checkpoint, snapshots and ex
 a fine-tuning run's adoption of its pretrained source. Files are written crash-safely by files.py.
 
 A best checkpoint is {"model", "config", "tokenizer", "step", "val_loss", "val_bpb"}; a snapshot
-adds "optimizer", "scaler", "progress", "batch_plan" and every rank's "rng". "tokenizer" is the
-fingerprint of the tokenizer the weights were trained with.
+adds "optimizer", "scaler", "precision", "progress", "batch_plan" and every rank's "rng".
+"tokenizer" is the fingerprint of the tokenizer the weights were trained with.
 """
 from __future__ import annotations
 
@@ -149,9 +149,9 @@ def batch_plan(config: Config, train_tokens: np.ndarray, world_size: int) -> dic
 
 def save_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
                   scaler: torch.amp.GradScaler, config: Config, tokenizer: Tokenizer,
-                  progress: dict, plan: dict) -> None:
-    """All that continuing exactly needs, every rank's RNG state included; rank 0 writes, and
-    every rank returns once the file is in place."""
+                  precision: str, progress: dict, plan: dict) -> None:
+    """All that continuing exactly needs, every rank's RNG state and the precision the run
+    chose included; rank 0 writes, and every rank returns once the file is in place."""
     rng = {"torch": torch.get_rng_state(),
            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
     ranks_rng = [rng]
@@ -162,8 +162,8 @@ def save_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Op
         save_checkpoint({"model": model.state_dict(),
                          "optimizer": [optimizer.state_dict() for optimizer in optimizers],
                          "scaler": scaler.state_dict(), "config": config_to_dict(config),
-                         "tokenizer": tokenizer_fingerprint(tokenizer), "progress": progress,
-                         "batch_plan": plan, "rng": ranks_rng}, path)
+                         "tokenizer": tokenizer_fingerprint(tokenizer), "precision": precision,
+                         "progress": progress, "batch_plan": plan, "rng": ranks_rng}, path)
     if dist.is_initialized():
         dist.barrier()
 

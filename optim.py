@@ -3,13 +3,15 @@ blocks' matrices beside AdamW), one micro-step's forward and backward, the optim
 the learning-rate schedule. The file to edit to try an optimizer or a schedule."""
 from __future__ import annotations
 
+import copy
 import math
+import time
 
 import torch
 
 from model import Transformer
-from runtime import autocast_context
-from utils import TrainingConfig
+from runtime import autocast_context, sync
+from utils import Config, TrainingConfig
 
 FUSED_ADAMW = ("cuda", "cpu")  # device types where fused AdamW beats foreach, as bench.py measures
 
@@ -62,6 +64,28 @@ def optimizer_step(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.Gr
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def seconds_per_step(model: Transformer, config: Config, device: torch.device,
+                     precision: str, steps: int = 2) -> float:
+    """Seconds per optimizer step of a copy of `model` in `precision`, eager, on random tokens of
+    the run's micro-batch shape: the model, the data order and the RNG streams stay untouched,
+    so a run trains exactly as it would without the measurement."""
+    trial = copy.deepcopy(model)
+    optimizers = configure_optimizers(trial, config.training, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    generator = torch.Generator().manual_seed(0)
+    shape = (config.data.batch_size, config.data.context_length)
+    x, y = (torch.randint(model.config.vocab_size, shape, generator=generator) for _ in "xy")
+    seconds = []
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the global stream
+        for _ in range(1 + steps):  # the first step allocates the optimizer state
+            start = time.perf_counter()
+            forward_backward(trial, x, y, device, precision, scaler, 1)
+            optimizer_step(optimizers, scaler, config.training.lr, config.training.grad_clip)
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+    return min(seconds[1:])
 
 
 def lr_at(step: int, progress: float, t: TrainingConfig) -> float:

@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import sys
 import time
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -24,8 +24,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def setup_precision(name: str, device: torch.device) -> str:
-    """The autocast precision `name` means on `device`, plus TF32 for fp32 matmuls on CUDA. fp32
-    on CPU/MPS: bf16 is far slower without AVX512-BF16/AMX, and gains little with it (bench.py)."""
+    """The autocast precision `name` means on `device`, plus TF32 for fp32 matmuls on CUDA. Auto
+    is fp32 on CPU/MPS here: inference and benchmarks keep it, while a CPU training run measures
+    (choose_cpu_precision)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if name == "fp16" and device.type == "cpu":  # asked for explicitly: CI runs GradScaler this way
@@ -74,9 +75,34 @@ def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.
             calls += 1
             sync(device)
         rates.append(2 * n ** 3 * calls / (time.perf_counter() - start))
+        if calls == 1 and time.perf_counter() - start > seconds:  # one call outlasts the budget:
+            return rates[-1]  # so slow that warm-up and launch costs are noise (bf16 on AVX2)
     return max(rates[1:])
 
 
 def sync(device: torch.device) -> None:
     if device.type in ("cuda", "mps"):
         getattr(torch, device.type).synchronize()
+
+
+BF16_PEAK_GATE = 1.5    # bf16 matmul peak / fp32's below which bf16 is never tried on a CPU
+BF16_MIN_SPEEDUP = 1.15  # how much faster bf16 must train this model to be chosen
+
+
+def choose_cpu_precision(peak_flops: dict[str, float],
+                         step_seconds: Callable[[str], float]) -> tuple[str, str]:
+    """`precision: auto` on a CPU, by measurement: fp32 unless bf16's matmul peak is at least
+    BF16_PEAK_GATE x fp32's and a training step of this model, timed in each precision by
+    `step_seconds`, runs at least BF16_MIN_SPEEDUP x faster in bf16. -> (precision, the line
+    that says what was measured)."""
+    fp32_peak, bf16_peak = peak_flops["fp32"], peak_flops["bf16"]
+    peaks = f"matmul peak bf16 {bf16_peak / 1e9:,.0f} / fp32 {fp32_peak / 1e9:,.0f} GFLOP/s"
+    if bf16_peak < BF16_PEAK_GATE * fp32_peak:
+        return "fp32", (f"precision auto: fp32 ({peaks} = {bf16_peak / fp32_peak:.2f}x, below "
+                        f"{BF16_PEAK_GATE}x: bf16 not timed)")
+    fp32_seconds, bf16_seconds = step_seconds("fp32"), step_seconds("bf16")
+    speedup = fp32_seconds / bf16_seconds
+    choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    return choice, (f"precision auto: {choice} (this model's training step: fp32 "
+                    f"{1000 * fp32_seconds:,.0f} ms, bf16 {1000 * bf16_seconds:,.0f} ms = "
+                    f"{speedup:.2f}x, bf16 needs {BF16_MIN_SPEEDUP}x; {peaks})")

@@ -33,9 +33,10 @@ from data import (TokenWindows, decode, end_of_text, epoch_loader, epoch_order, 
 from files import claim
 from generate import generate
 from model import Transformer
-from optim import configure_optimizers, forward_backward, lr_at, optimizer_step
-from runtime import (autocast_context, keep_freed_memory, measure_peak_flops, pick_device,
-                     setup_precision, use_compile)
+from optim import (configure_optimizers, forward_backward, lr_at, optimizer_step,
+                   seconds_per_step)
+from runtime import (autocast_context, choose_cpu_precision, keep_freed_memory,
+                     measure_peak_flops, pick_device, setup_precision, use_compile)
 from utils import (Config, TrainingConfig, UserError, config_to_dict, format_config,
                    parse_config_cli, require, run_cli)
 
@@ -70,10 +71,11 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     if is_main:
         print(format_config(config), flush=True)
         check_outputs(t)
-    precision = setup_precision(t.precision, device)
     keep_freed_memory()
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
-    model, optimizers, scaler = build_model(config, device, precision, rank)
+    model, optimizers = build_model(config, device, rank)
+    precision = choose_precision(config, device, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     plan = batch_plan(config, train_set.tokens, world_size)
     state = start_or_resume(config, model, optimizers, scaler, device, plan, tokenizer, source)
     ddp_model = DistributedDataParallel(model) if distributed else model  # on this rank's device
@@ -145,7 +147,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
                                              precision, state, writer))
         if state.step % t.save_every == 0 or finished or signum:
             save_snapshot(t.snapshot_path, model, optimizers, scaler, config, tokenizer,
-                          dataclasses.asdict(state), plan)
+                          precision, dataclasses.asdict(state), plan)
         if signum:
             bar.close()
             if writer:
@@ -162,16 +164,47 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
               f"{t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
 
 
-def build_model(config: Config, device: torch.device, precision: str,
-                rank: int) -> tuple[Transformer, list[torch.optim.Optimizer], torch.amp.GradScaler]:
-    """The model (the same initial weights on every rank), its optimizers and the fp16 scaler;
-    then the RNG is seeded per rank, so dropout masks differ between ranks."""
+def build_model(config: Config, device: torch.device,
+                rank: int) -> tuple[Transformer, list[torch.optim.Optimizer]]:
+    """The model (the same initial weights on every rank) and its optimizers; then the RNG is
+    seeded per rank, so dropout masks differ between ranks."""
     torch.manual_seed(config.training.seed)
     model = Transformer(config.model).to(device)
     optimizers = configure_optimizers(model, config.training, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     torch.manual_seed(config.training.seed + rank)
-    return model, optimizers, scaler
+    return model, optimizers
+
+
+def choose_precision(config: Config, device: torch.device, model: Transformer) -> str:
+    """The run's precision. A resume keeps its snapshot's (an explicit other one is refused:
+    the run would not continue exactly). A fresh CPU run with `auto` measures, on rank 0, which
+    of fp32 and bf16 trains this model faster (runtime.choose_cpu_precision), and every rank
+    takes rank 0's choice. Otherwise runtime.setup_precision's rule."""
+    t = config.training
+    stored = (load_checkpoint(t.snapshot_path, weights=False).get("precision")
+              if os.path.exists(t.snapshot_path) else None)
+    require(stored is None or t.precision in ("auto", stored), f"training.precision="
+            f"{t.precision} but {t.snapshot_path} was trained in {stored} — set "
+            f"training.precision={stored} (or auto) to resume exactly, or point "
+            "training.snapshot_path at a new path")
+    if stored or t.precision != "auto" or device.type != "cpu":
+        return setup_precision(stored or t.precision, device)
+    choice = ""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        peaks = {name: measure_peak_flops(device, name) for name in ("fp32", "bf16")}
+        choice, line = choose_cpu_precision(
+            peaks, lambda name: seconds_per_step(model, config, device, name))
+        print(line, flush=True)
+    return rank_0s(choice)
+
+
+def rank_0s(value: str) -> str:
+    """Rank 0's `value` on every rank (one process: `value`)."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def start_or_resume(config: Config, model: Transformer, optimizers: list[torch.optim.Optimizer],

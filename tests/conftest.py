@@ -113,6 +113,7 @@ def tiny_config(workdir: Path, corpus: Path, **sections: dict) -> dict:
             "run_name": "test",
             "seed": 7,
             "device": "cpu",
+            "precision": "fp32",  # auto would measure bf16 against fp32 first
         },
     }
     for section, values in sections.items():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from runtime import autocast_context, pick_device, setup_precision
+from runtime import autocast_context, choose_cpu_precision, pick_device, setup_precision
 from utils import UserError
 
 
@@ -52,3 +52,28 @@ def test_cpu_training_steps_reuse_freed_activation_memory():
         text=True,
     )
     assert int(result.stdout) < 1000
+
+
+PEAKS = {"fp32": 100e9, "bf16": 400e9}
+
+
+def test_auto_on_a_cpu_is_fp32_without_timing_when_bf16_matmuls_are_not_much_faster():
+    def never(name):
+        raise AssertionError("timed a step although the peak gate failed")
+
+    choice, line = choose_cpu_precision({"fp32": 100e9, "bf16": 140e9}, never)
+    assert choice == "fp32"
+    assert "bf16 140 / fp32 100 GFLOP/s = 1.40x, below 1.5x: bf16 not timed" in line
+
+
+@pytest.mark.parametrize(
+    "bf16_seconds, choice", [(0.8, "bf16"), (0.86, "bf16"), (0.88, "fp32"), (1.2, "fp32")]
+)
+def test_auto_on_a_cpu_takes_bf16_only_when_it_trains_at_least_15_percent_faster(
+    bf16_seconds, choice
+):
+    seconds = {"fp32": 1.0, "bf16": bf16_seconds}
+    chosen, line = choose_cpu_precision(PEAKS, seconds.__getitem__)
+    assert chosen == choice
+    assert line.startswith(f"precision auto: {choice} (this model's training step: fp32 1,000 ms")
+    assert f"bf16 {1000 * bf16_seconds:,.0f} ms = {1 / bf16_seconds:.2f}x" in line

@@ -28,7 +28,7 @@ from model import Transformer
 from train import evaluate
 from checkpoints import load_checkpoint
 from optim import lr_at
-from utils import ModelConfig, TrainingConfig, config_from_dict
+from utils import ModelConfig, TrainingConfig, UserError, config_from_dict
 
 
 def test_tiny_run_learns_and_logs_everything(trained_run):
@@ -511,3 +511,81 @@ def test_each_precision_and_compile_learns_and_resumes_bitwise(
             assert torch.allclose(weights, reference["model"][name], rtol=0, atol=1e-5), name
         else:
             assert torch.equal(weights, reference["model"][name]), name
+
+
+def measured(monkeypatch, bf16_seconds: float, measure: bool = False) -> list[str]:
+    """Inject what `precision: auto` measures on a CPU (bf16's matmul peak passes the gate); with
+    `measure`, the real step timing runs too. Returns the precisions timed."""
+    timed, real_seconds_per_step = [], train.seconds_per_step
+
+    def seconds_per_step(model, config, device, precision):
+        timed.append(precision)
+        if measure:
+            real_seconds_per_step(model, config, device, precision)
+        return {"fp32": 1.0, "bf16": bf16_seconds}[precision]
+
+    peaks = {"fp32": 1e11, "bf16": 4e11}
+    monkeypatch.setattr(train, "measure_peak_flops", lambda device, name: peaks[name])
+    monkeypatch.setattr(train, "seconds_per_step", seconds_per_step)
+    return timed
+
+
+@pytest.mark.parametrize("bf16_seconds, choice", [(0.5, "bf16"), (0.95, "fp32")])
+def test_auto_precision_on_a_cpu_is_measured_once_stored_and_kept_on_resume(
+    tmp_path, short_corpus, monkeypatch, capsys, bf16_seconds, choice
+):
+    settings = {"max_steps": 6, "save_every": 6, "eval_every": 6, "precision": "auto"}
+    config = tiny_config(tmp_path, short_corpus, training=settings)
+    timed = measured(monkeypatch, bf16_seconds)
+    train.train(config_from_dict(config), torch.device("cpu"))
+    assert timed == ["fp32", "bf16"]
+    assert f"precision auto: {choice} (this model's training step: fp32 1,000 ms" in (
+        capsys.readouterr().out
+    )
+    snapshot = load_checkpoint(config["training"]["snapshot_path"])
+    assert snapshot["precision"] == choice
+    config["training"]["max_steps"] = 8  # the resume: no new measurement, the stored choice
+    train.train(config_from_dict(config), torch.device("cpu"))
+    assert timed == ["fp32", "bf16"] and "precision auto" not in capsys.readouterr().out
+    assert load_checkpoint(config["training"]["snapshot_path"])["precision"] == choice
+    other = "fp32" if choice == "bf16" else "bf16"
+    config["training"].update(precision=other, max_steps=10)
+    with pytest.raises(UserError, match=f"training.precision={other} but .* was trained in "
+                       f"{choice} — set training.precision={choice} \\(or auto\\)"):
+        train.train(config_from_dict(config), torch.device("cpu"))
+
+
+def test_an_auto_run_that_measures_fp32_trains_bitwise_as_an_fp32_run(
+    tmp_path, short_corpus, monkeypatch
+):
+    """The measurement works on a copy and draws no random number: the run is untouched."""
+    ends = []
+    for precision in ("auto", "fp32"):
+        settings = {"max_steps": 6, "save_every": 6, "eval_every": 6, "precision": precision}
+        settings["optimizer"] = "muon"
+        config = tiny_config(tmp_path / precision, short_corpus, training=settings)
+        config["model"]["dropout"] = 0.1  # dropout would show any draw from the RNG
+        measured(monkeypatch, 0.95, measure=True)
+        train.train(config_from_dict(config), torch.device("cpu"))
+        ends.append(load_checkpoint(config["training"]["snapshot_path"])["model"])
+    assert all(torch.equal(ends[0][name], ends[1][name]) for name in ends[0])
+
+
+RANK_0S = """
+import sys, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import train
+dist.init_process_group("gloo")
+print(f"rank {dist.get_rank()} runs in", train.rank_0s("bf16" if dist.get_rank() == 0 else ""))
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_every_rank_takes_rank_0s_precision(tmp_path):
+    script = tmp_path / "rank_0s.py"
+    script.write_text(RANK_0S)
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [sys.executable, *launch, str(script), str(REPO)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rank 0 runs in bf16" in result.stdout and "rank 1 runs in bf16" in result.stdout
