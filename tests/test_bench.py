@@ -2,6 +2,9 @@
 
 import json
 
+import torch
+
+import bench
 from conftest import run_script, tiny_config, write_config
 
 
@@ -45,3 +48,10 @@ def test_bench_reports_every_section(tmp_path, corpus):
     )
     assert report["data"]["tokenize_mb_per_sec"] > 0 and report["data"]["tokens"] > 10_000
     assert not list(tmp_path.glob("ckpt/*")), "a benchmark writes no checkpoints"
+
+
+def test_a_bf16_training_row_joins_fp32_on_a_cpu_only_where_the_peak_gate_passes():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench.training_precisions(cpu, "fp32", {"fp32": 1e11, "bf16": 4e11}) == ["fp32", "bf16"]
+    assert bench.training_precisions(cpu, "fp32", {"fp32": 1e11, "bf16": 1e9}) == ["fp32"]
+    assert bench.training_precisions(cuda, "bf16", {"fp32": 1e11, "bf16": 4e11}) == ["bf16"]

@@ -73,8 +73,10 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
     }  # weights only, no optimizer
     snapshot = load_checkpoint(str(trained_run / "ckpt" / "snapshot.pth"))
     assert set(snapshot) == {
-        *("model", "optimizer", "scaler", "config", "tokenizer", "progress", "batch_plan", "rng")
+        *("model", "optimizer", "scaler", "config", "tokenizer", "precision", "progress"),
+        *("batch_plan", "rng"),
     }
+    assert snapshot["precision"] == "fp32"
     assert snapshot["progress"]["step"] == 50 and snapshot["progress"]["run_name"] == "test"
     assert (
         snapshot["batch_plan"]["processes"] == 1 and len(snapshot["rng"]) == 1
