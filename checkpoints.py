@@ -65,14 +65,12 @@ def check_outputs(t: TrainingConfig) -> None:
         require(not os.path.isdir(path), f"training.{setting} '{path}' is a directory — give a "
                 f"file path, e.g. {example}")
     if os.path.isfile(t.checkpoint_path):  # an existing snapshot is checked as it is resumed
-        try:  # mmap: the tensors stay on disk, so a large checkpoint costs no time here
-            contents = torch.load(t.checkpoint_path, weights_only=True, mmap=True)
-        except Exception:  # not a torch file at all: text, an image, a damaged file
-            contents = None
-        require(isinstance(contents, dict) and "model" in contents and "config" in contents,
-                f"training.checkpoint_path '{t.checkpoint_path}' exists and is not an SLM "
-                "checkpoint (or is damaged) — move it away or choose another path; training "
-                "would overwrite it")
+        try:
+            load_checkpoint(t.checkpoint_path, weights=False)
+        except UserError:
+            raise UserError(f"training.checkpoint_path '{t.checkpoint_path}' exists and is not "
+                            "an SLM checkpoint (or is damaged) — move it away or choose another "
+                            "path; training would overwrite it") from None
 
 
 def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
