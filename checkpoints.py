@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from typing import Collection
 
 import numpy as np
@@ -17,12 +18,13 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-from data import corpus_fingerprint, tokenizer_fingerprint
+from data import corpus_fingerprint, load_tokenizer, tokenizer_fingerprint
 from files import atomic_write, check_writable
 from hf import load_hf_directory
 from model import Transformer
-from utils import (Config, ModelConfig, TrainingConfig, UserError, config_to_dict, require,
-                   stored_config)
+from runtime import pick_device, setup_precision
+from utils import (Config, ModelConfig, TrainingConfig, UserError, config_to_dict, load_config,
+                   require, stored_config)
 
 SNAPSHOT_KEYS = ("progress", "optimizer", "batch_plan")
 
@@ -102,6 +104,38 @@ def check_tokenizer(checkpoint: dict, tokenizer: Tokenizer, tokenizer_path: str,
             else tokenizer.get_vocab_size() == vocab_size)
     require(same, f"{tokenizer_path} is not the tokenizer {source} was trained with (its ids "
             f"would decode to other text) — {fix}")
+
+
+@dataclass
+class TrainedModel:
+    """A model ready to use (eval mode, on its device) with what reading it takes."""
+    model: Transformer
+    tokenizer: Tokenizer
+    tokenizer_path: str
+    context_length: int  # the window it was trained on: the most it ever sees
+    device: torch.device
+    precision: str
+
+
+def load_trained(path: str, config_path: str | None = None,
+                 device_name: str | None = None) -> TrainedModel:
+    """The model at `path` (an SLM checkpoint or a Hugging Face Llama directory) for infer.py
+    and eval.py. `config_path` replaces the stored config's tokenizer, device and precision
+    (the weights decide the model's shape); `device_name` overrides the device."""
+    checkpoint = load_checkpoint(path)
+    stored = stored_config(checkpoint["config"], path)
+    config = load_config(config_path) if config_path else stored
+    if "directory" in checkpoint:  # a Hugging Face directory carries its own tokenizer
+        config.data.tokenizer_path = stored.data.tokenizer_path
+    device = pick_device(device_name or config.training.device)
+    precision = setup_precision(config.training.precision, device)
+    fix = "pass --config with the tokenizer the checkpoint was trained on"
+    tokenizer = load_tokenizer(config.data.tokenizer_path, stored.model.vocab_size, fix)
+    check_tokenizer(checkpoint, tokenizer, config.data.tokenizer_path, path, fix)
+    model = Transformer(stored.model)
+    load_weights(model, checkpoint, path)
+    return TrainedModel(model.to(device).eval(), tokenizer, config.data.tokenizer_path,
+                        stored.data.context_length, device, precision)
 
 
 def adopt_pretrained(config: Config, cli_keys: Collection[str],

@@ -58,17 +58,23 @@ def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
     return tokenizer
 
 
-def end_of_text(tokenizer_path: str) -> str:
-    """The token that ends a document: the eos_token of a tokenizer_config.json beside the
-    tokenizer (a Hugging Face directory names its own, e.g. </s>), else <|endoftext|>."""
+def named_token(tokenizer_path: str, key: str) -> str | None:
+    """The token a tokenizer_config.json beside the tokenizer names as `key` (eos_token,
+    bos_token), or None: no such file (SLM's own tokenizers), or it names none."""
     try:
         with open(os.path.join(os.path.dirname(tokenizer_path), "tokenizer_config.json"),
                   encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token")
+            token = json.load(f).get(key)
     except (OSError, ValueError, AttributeError):  # none there, or not a JSON object
-        return EOT
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    return eos if isinstance(eos, str) and eos else EOT
+        return None
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) and token else None
+
+
+def end_of_text(tokenizer_path: str) -> str:
+    """The token that ends a document: the eos_token of a Hugging Face directory's tokenizer
+    (e.g. </s>), else <|endoftext|>."""
+    return named_token(tokenizer_path, "eos_token") or EOT
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "") -> Tokenizer:

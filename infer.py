@@ -8,13 +8,11 @@ import argparse
 
 import torch
 
-from checkpoints import check_tokenizer, load_checkpoint, load_weights
-from data import decode, end_of_text, load_tokenizer
+from checkpoints import load_trained
+from data import decode, end_of_text
 from generate import generate
-from model import Transformer
-from runtime import autocast_context, pick_device, setup_precision
-from utils import (MAX_SEED, ArgumentParser, UserError, load_config, require_within, run_cli,
-                   stored_config, warn)
+from runtime import autocast_context
+from utils import MAX_SEED, ArgumentParser, UserError, require_within, run_cli, warn
 
 WINDOW_RULE = ("The model sees at most the context it was trained on (data.context_length in the "
                "checkpoint): a longer prompt keeps its newest tokens, and a full window drops to "
@@ -59,23 +57,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    checkpoint = load_checkpoint(args.ckpt_path)
-    stored = stored_config(checkpoint["config"], args.ckpt_path)
-    config = load_config(args.config) if args.config else stored
-    if "directory" in checkpoint:  # a Hugging Face directory carries its own tokenizer
-        config.data.tokenizer_path = stored.data.tokenizer_path
-    device = pick_device(args.device or config.training.device)
-    precision = setup_precision(config.training.precision, device)
-    fix = "pass --config with the tokenizer the checkpoint was trained on"
-    tokenizer = load_tokenizer(config.data.tokenizer_path, stored.model.vocab_size, fix)
-    check_tokenizer(checkpoint, tokenizer, config.data.tokenizer_path, args.ckpt_path, fix)
-    model = Transformer(stored.model)  # the weights decide the shape, whatever --config says
-    load_weights(model, checkpoint, args.ckpt_path)
-    model.to(device).eval()
-
-    eot_id = tokenizer.token_to_id(end_of_text(config.data.tokenizer_path))
+    trained = load_trained(args.ckpt_path, args.config, args.device)
+    model, tokenizer, device = trained.model, trained.tokenizer, trained.device
+    eot_id = tokenizer.token_to_id(end_of_text(trained.tokenizer_path))
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids or [eot_id]
-    context = stored.data.context_length
+    context = trained.context_length
     if len(prompt_ids) > context:
         warn(f"prompt has {len(prompt_ids)} tokens, more than the {context} the model was "
              f"trained on; it sees the last {context}")
@@ -88,7 +74,7 @@ def main() -> None:
         print(args.prompt, end="")
         prompt = torch.tensor([prompt_ids], device=device)
         new_ids, printed = [], 0
-        with autocast_context(device, precision):
+        with autocast_context(device, trained.precision):
             for token in generate(model, prompt, args.max_length, context,
                                   temperature=args.temperature, top_k=args.top_k or 0,
                                   top_p=args.top_p, eos_id=eot_id, use_cache=not args.no_cache,

@@ -37,6 +37,8 @@ from optim import (configure_optimizers, forward_backward, lr_at, optimizer_step
                    seconds_per_step)
 from runtime import (autocast_context, choose_cpu_precision, keep_freed_memory,
                      measure_peak_flops, pick_device, setup_precision, use_compile)
+from scoring import Encoder, Task, score_task
+from tasks import load_tasks
 from utils import (Config, TrainingConfig, UserError, config_to_dict, format_config,
                    parse_config_cli, require, run_cli)
 
@@ -71,6 +73,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     if is_main:
         print(format_config(config), flush=True)
         check_outputs(t)
+    tasks = load_tasks(t.eval_tasks)
     keep_freed_memory()
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
     model, optimizers = build_model(config, device, rank)
@@ -143,8 +146,8 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
             loss_sum.zero_()
             log_time, log_step = now, state.step
         if state.step % t.eval_every == 0 or finished:
-            bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, token_bytes, config,
-                                             precision, state, writer))
+            bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, token_bytes, tasks,
+                                             config, precision, state, writer))
         if state.step % t.save_every == 0 or finished or signum:
             save_snapshot(t.snapshot_path, model, optimizers, scaler, config, tokenizer,
                           precision, dataclasses.asdict(state), plan)
@@ -339,7 +342,8 @@ def log_scalars(writer: SummaryWriter | None, step: int, values: dict[str, float
 
 def log_hparams_and_close(writer: SummaryWriter, config: Config, state: RunState) -> None:
     """The config beside the run's best results, for TensorBoard's HPARAMS tab."""
-    hparams = {f"{section}.{key}": value for section, values in config_to_dict(config).items()
+    hparams = {f"{section}.{key}": ",".join(value) if isinstance(value, list) else value
+               for section, values in config_to_dict(config).items()
                for key, value in values.items()}
     writer.add_hparams(hparams, {"hparam/best_val_loss": state.best_val_loss,
                                  "hparam/best_val_bpb": state.best_val_bpb}, run_name=".")
@@ -379,12 +383,14 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]],
 
 
 def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: list,
-                           token_bytes: torch.Tensor, config: Config, precision: str,
-                           state: RunState, writer: SummaryWriter | None) -> str:
+                           token_bytes: torch.Tensor, tasks: list[Task], config: Config,
+                           precision: str, state: RunState, writer: SummaryWriter | None) -> str:
     """Val loss and bits/byte; a new best goes into `state` and (rank 0) the best checkpoint.
-    Rank 0 logs them and a sample drawn with its own generator. Returns the line to print."""
+    The eval tasks are scored (each rank its share of the examples). Rank 0 logs them and a
+    sample drawn with its own generator. Returns the lines to print."""
     device, t = model.embed_tokens.weight.device, config.training
     val_loss, val_bpb = evaluate(model, batches, token_bytes, precision)
+    scores = score_tasks(model, tokenizer, tasks, config, precision)
     improved = val_loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.best_val_bpb = val_loss, val_bpb
@@ -402,9 +408,27 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
                 top_k=50, generator=torch.Generator(device=device).manual_seed(0))]
         model.train()
         writer.add_text("sample", decode(tokenizer, ids), state.step)
-    log_scalars(writer, state.step, {"val/loss": val_loss, "val/bpb": val_bpb})
+    log_scalars(writer, state.step, {"val/loss": val_loss, "val/bpb": val_bpb, **{
+        f"eval/{name}/{metric}": result[metric] for name, result in scores.items()
+        for metric in ("acc", "acc_norm")}})
     return (f"step {state.step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
-            + (f" -> saved {t.checkpoint_path}" if improved else ""))
+            + (f" -> saved {t.checkpoint_path}" if improved else "")
+            + "".join(f"\n  {name}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
+                      f"({result['n']} examples)" for name, result in scores.items()))
+
+
+def score_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[Task], config: Config,
+                precision: str) -> dict[str, dict[str, float]]:
+    """Each eval task's scores (scoring.py), the model in eval mode meanwhile."""
+    if not tasks:
+        return {}
+    encoder = Encoder(tokenizer, config.data.tokenizer_path)
+    model.eval()
+    scores = {task.name: score_task(model, encoder, task, config.data.context_length,
+                                    model.embed_tokens.weight.device, precision)
+              for task in tasks}
+    model.train()
+    return scores
 
 
 if __name__ == "__main__":

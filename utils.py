@@ -187,6 +187,7 @@ class TrainingConfig(Section):
     log_every: int = within(10, 1, MAX_COUNT)
     eval_every: int = within(100, 1, MAX_COUNT)
     eval_batches: int = within(20, 1, 1 << 20)
+    eval_tasks: list[str] = field(default_factory=list)  # scored at each eval: names or JSONL
     save_every: int = within(100, 1, MAX_COUNT)
     checkpoint_path: str = "checkpoints/best_model.pth"
     snapshot_path: str = "checkpoints/snapshot.pth"

@@ -1,5 +1,6 @@
 """data_parallel_train.py under real torchrun with 2 CPU processes (gloo)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -85,12 +86,28 @@ def stop_after_a_snapshot(command: list[str], workdir: Path) -> int:
     return progress["step"]
 
 
+def with_eval_task(workdir: Path) -> dict:
+    """DDP_STEPS plus an eval task of 9 examples: 2 ranks score 5 and 4 of them."""
+    task = workdir / "romeo.jsonl"
+    task.write_text("".join(json.dumps({
+        "context": f"ROMEO:\nBut soft, what light {i}", "gold": i % 3,
+        "choices": [" through yonder window breaks", " is that", f" {i} and more"]}) + "\n"
+        for i in range(9)))
+    return {**DDP_STEPS, "eval_tasks": [str(task)]}
+
+
+def task_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("  romeo: acc")]
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, corpus) -> Path:
     workdir = tmp_path_factory.mktemp("ddp")
-    config = write_config(workdir / "tiny.yaml", tiny_config(workdir, corpus, training=DDP_STEPS))
+    config = write_config(workdir / "tiny.yaml",
+                          tiny_config(workdir, corpus, training=with_eval_task(workdir)))
     result = torchrun(config, workdir)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (workdir / "output.txt").write_text(result.stdout + result.stderr)
     return workdir
 
 
@@ -123,13 +140,18 @@ def test_infer_loads_the_ddp_checkpoint(ddp_run):
 
 
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(ddp_run, tmp_path, corpus):
-    """Same global batches: 2 ranks x accum 1 (ddp_run) vs train.py with accum 2 -> same weights."""
+    """Same global batches: 2 ranks x accum 1 (ddp_run) vs train.py with accum 2 -> same weights,
+    and the same eval task scores (the ranks split the examples)."""
     config = write_config(
         tmp_path / "accum.yaml",
-        tiny_config(tmp_path, corpus, training={**DDP_STEPS, "grad_accum_steps": 2}),
+        tiny_config(tmp_path, corpus, training={**with_eval_task(tmp_path), "grad_accum_steps": 2}),
     )
     result = run_script("train.py", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    single_lines = task_lines(result.stdout + result.stderr)
+    assert len(single_lines) == 2 and "(9 examples)" in single_lines[0]
+    # Each rank prints its evaluation lines: both hold the whole task's scores.
+    assert sorted(task_lines((ddp_run / "output.txt").read_text())) == sorted(single_lines * 2)
     single, distributed = final_weights(tmp_path), final_weights(ddp_run)
     for name in single:
         assert torch.allclose(single[name], distributed[name], atol=1e-5, rtol=0), name

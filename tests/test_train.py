@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import re
@@ -375,6 +376,12 @@ def resumable(damage: bool = False) -> Callable[[Path, Path], None]:
             None,
             "cannot write to /proc/self",
         ),
+        (["tiny.yaml", "training.eval_tasks=[hellaswag]"], None, "unknown task 'hellaswag'"),
+        (
+            ["tiny.yaml", "training.eval_tasks=[missing.jsonl]"],
+            None,
+            "task file 'missing.jsonl' not found",
+        ),
     ],
 )
 def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(
@@ -591,3 +598,29 @@ def test_under_torchrun_every_rank_takes_rank_0s_precision(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rank 0 runs in bf16" in result.stdout and "rank 1 runs in bf16" in result.stdout
+
+
+def test_eval_tasks_are_scored_printed_and_logged_at_each_eval(tmp_path, corpus):
+    """training.eval_tasks: each eval prints and logs acc and acc_norm per task; the best
+    checkpoint is still the one with the lowest validation loss."""
+    task = tmp_path / "lines.jsonl"
+    task.write_text("".join(
+        json.dumps({"context": "ROMEO:\nBut soft, what light", "choices": [
+            " through yonder window breaks", " the cat", f" number {i}"], "gold": 0}) + "\n"
+        for i in range(6)))
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus, training={
+        "max_steps": 10, "eval_every": 5, "eval_tasks": [str(task)]}))
+    result = run_script("train.py", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = re.findall(r"  lines: acc ([\d.]+), acc_norm ([\d.]+) \(6 examples\)",
+                         result.stdout + result.stderr)
+    assert len(printed) == 2
+    events = EventAccumulator(str(tmp_path / "runs" / "test"))
+    events.Reload()
+    for metric, column in (("acc", 0), ("acc_norm", 1)):
+        values = events.Scalars(f"eval/lines/{metric}")
+        assert [e.step for e in values] == [5, 10]
+        assert [f"{e.value:.4f}" for e in values] == [line[column] for line in printed]
+    val_loss = {e.step: e.value for e in events.Scalars("val/loss")}
+    best = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))
+    assert best["step"] == min(val_loss, key=val_loss.get)
