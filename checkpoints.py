@@ -1,6 +1,7 @@
 """Checkpoints: what a path holds (an SLM checkpoint or snapshot, or a Hugging Face Llama
-directory), weights loaded into the model, the best checkpoint, snapshots and exact resume, and
-a fine-tuning run's adoption of its pretrained source. Files are written crash-safely by files.py.
+directory), weights loaded into the model, a trained model loaded for use (infer.py, eval.py),
+the best checkpoint, snapshots and exact resume, and a fine-tuning run's adoption of its
+pretrained source. Files are written crash-safely by files.py.
 
 A best checkpoint is {"model", "config", "tokenizer", "step", "val_loss", "val_bpb"}; a snapshot
 adds "optimizer", "scaler", "precision", "progress", "batch_plan" and every rank's "rng".

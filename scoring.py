@@ -216,8 +216,11 @@ def score_task(model: Transformer, encoder: Encoder, task: Task, window: int,
     world_size-th example, and every rank gets the whole task's result."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = Task(task.name, task.examples[rank::world_size])
+    training = model.training
+    model.eval()  # no dropout while scoring; a training run's model goes back to training
     scores = choice_scores(model, encoder, mine, window, device, precision,
                            task.name if show_progress and rank == 0 else None)
+    model.train(training)
     if world_size > 1:
         gathered: list = [None] * world_size
         dist.all_gather_object(gathered, scores)

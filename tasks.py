@@ -14,6 +14,7 @@ import random
 import re
 from typing import Callable
 
+from corpus import build_default_corpus
 from data import EOT, decode, load_tokenizer, prepare_tokens
 from scoring import Example, Task, read_task_file
 from utils import DataConfig, UserError
@@ -31,6 +32,8 @@ def validation_text() -> str:
     defaults = DataConfig()
     data = DataConfig(tokenizer_path=os.path.join(REPO, defaults.tokenizer_path),
                       raw_text_path=os.path.join(REPO, defaults.raw_text_path))
+    if not os.path.exists(data.raw_text_path):  # built on first use, as a default run builds it
+        build_default_corpus(data.raw_text_path)
     tokenizer = load_tokenizer(data.tokenizer_path)
     tokens = prepare_tokens(data, tokenizer)
     num_val = int(len(tokens) * data.val_split)

@@ -390,7 +390,9 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
     sample drawn with its own generator. Returns the lines to print."""
     device, t = model.embed_tokens.weight.device, config.training
     val_loss, val_bpb = evaluate(model, batches, token_bytes, precision)
-    scores = score_tasks(model, tokenizer, tasks, config, precision)
+    encoder = Encoder(tokenizer, config.data.tokenizer_path)
+    scores = {task.name: score_task(model, encoder, task, config.data.context_length, device,
+                                    precision) for task in tasks}
     improved = val_loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.best_val_bpb = val_loss, val_bpb
@@ -415,20 +417,6 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
             + (f" -> saved {t.checkpoint_path}" if improved else "")
             + "".join(f"\n  {name}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
                       f"({result['n']} examples)" for name, result in scores.items()))
-
-
-def score_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[Task], config: Config,
-                precision: str) -> dict[str, dict[str, float]]:
-    """Each eval task's scores (scoring.py), the model in eval mode meanwhile."""
-    if not tasks:
-        return {}
-    encoder = Encoder(tokenizer, config.data.tokenizer_path)
-    model.eval()
-    scores = {task.name: score_task(model, encoder, task, config.data.context_length,
-                                    model.embed_tokens.weight.device, precision)
-              for task in tasks}
-    model.train()
-    return scores
 
 
 if __name__ == "__main__":
