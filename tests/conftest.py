@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import contextlib
+import json
+import os
 import re
 import signal
 import subprocess
@@ -119,6 +120,15 @@ def tiny_config(workdir: Path, corpus: Path, **sections: dict) -> dict:
     for section, values in sections.items():
         config[section].update(values)
     return config
+
+
+def write_task(path: Path, count: int) -> Path:
+    """A multiple-choice task file of `count` examples, choices of unequal lengths."""
+    path.write_text("".join(json.dumps({
+        "context": f"ROMEO:\nBut soft, what light {i}", "gold": i % 3,
+        "choices": [" through yonder window breaks", " is that", f" {i}"]}) + "\n"
+        for i in range(count)))
+    return path
 
 
 def write_config(path: Path, config: dict) -> Path:

@@ -139,7 +139,10 @@ def test_a_directory_mixes_text_and_jsonl_files(tmp_path, tokenizer):
         ('{"text": "unterminated', "line 2: not a JSON line"),
         ('["a", "list"]', "line 2: no string field 'text'"),
         ('{"title": "no text field"}', "line 2: no string field 'text'"),
-        ('{"text": 42}', "line 2: no string field 'text' — fix that line, or set data.text_field"),
+        (
+            '{"text": 42}',
+            "line 2: no string field 'text' — fix that line, or set data.text_field",
+        ),
     ],
 )
 def test_a_malformed_jsonl_line_is_one_error_with_its_file_and_line(

@@ -1,6 +1,5 @@
 """data_parallel_train.py under real torchrun with 2 CPU processes (gloo)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from conftest import (
     signal_tree,
     tiny_config,
     write_config,
+    write_task,
 )
 from checkpoints import load_checkpoint
 
@@ -88,11 +88,7 @@ def stop_after_a_snapshot(command: list[str], workdir: Path) -> int:
 
 def with_eval_task(workdir: Path) -> dict:
     """DDP_STEPS plus an eval task of 9 examples: 2 ranks score 5 and 4 of them."""
-    task = workdir / "romeo.jsonl"
-    task.write_text("".join(json.dumps({
-        "context": f"ROMEO:\nBut soft, what light {i}", "gold": i % 3,
-        "choices": [" through yonder window breaks", " is that", f" {i} and more"]}) + "\n"
-        for i in range(9)))
+    task = write_task(workdir / "romeo.jsonl", 9)
     return {**DDP_STEPS, "eval_tasks": [str(task)]}
 
 

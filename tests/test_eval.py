@@ -5,19 +5,11 @@ import json
 import pytest
 
 import eval as eval_script
-from conftest import assert_one_error_line, run_main, run_script
-
-
-def write_task(path, count: int = 12):
-    path.write_text("".join(json.dumps({
-        "context": f"ROMEO:\nBut soft, what light {i}", "choices": [
-            " through yonder window breaks", " is that", f" {i}"], "gold": i % 3}) + "\n"
-        for i in range(count)))
-    return path
+from conftest import assert_one_error_line, run_main, run_script, write_task
 
 
 def test_eval_prints_a_table_for_a_checkpoint_and_a_builtin_task(trained_run):
-    task = write_task(trained_run / "romeo.jsonl")
+    task = write_task(trained_run / "romeo.jsonl", 12)
     result = run_script("eval.py", "--ckpt_path", "ckpt/best.pth", "--tasks", str(task),
                         "shakespeare-line", "--limit", "40", cwd=trained_run)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -28,7 +20,7 @@ def test_eval_prints_a_table_for_a_checkpoint_and_a_builtin_task(trained_run):
 
 def test_json_prints_one_line_of_results_and_limit_and_fewshot_apply(
         trained_run, monkeypatch, capsys):
-    task = write_task(trained_run / "romeo.jsonl")
+    task = write_task(trained_run / "romeo.jsonl", 12)
     code, out, err = run_main(eval_script.main, [
         "--ckpt_path", "ckpt/best.pth", "--tasks", str(task), "--json", "--limit", "5",
         "--fewshot", "2"], trained_run, monkeypatch, capsys)
@@ -48,7 +40,7 @@ def test_json_prints_one_line_of_results_and_limit_and_fewshot_apply(
 ])
 def test_bad_input_is_one_line_exit_2(trained_run, tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "bad.jsonl").write_text("{nope\n")
-    write_task(tmp_path / "romeo.jsonl")
+    write_task(tmp_path / "romeo.jsonl", 12)
     (tmp_path / "ckpt").symlink_to(trained_run / "ckpt")
     code, _, err = run_main(eval_script.main, ["--ckpt_path", "ckpt/best.pth", *args], tmp_path,
                             monkeypatch, capsys)

@@ -14,13 +14,12 @@ from tokenizers import Tokenizer, processors
 
 import eval as eval_script
 from checkpoints import load_trained, save_checkpoint
-from conftest import REPO, TOKENIZER, run_main
+from conftest import REPO, TOKENIZER, make_decisive_model, run_main
 from data import tokenizer_fingerprint
 from export import export
-from model import Transformer
 from scoring import (Encoder, Example, Task, choice_scores, continuation_logprobs,
                      read_task_file, task_metrics, task_requests, with_fewshot)
-from utils import Config, DataConfig, ModelConfig, UserError, config_to_dict
+from utils import Config, DataConfig, UserError, config_to_dict
 
 WINDOW = 64  # the parity model's context: long contexts overflow it
 
@@ -28,15 +27,10 @@ WINDOW = 64  # the parity model's context: long contexts overflow it
 def decisive_export(out_dir: Path) -> Path:
     """An exported SLM model whose random weights are large enough that choices' scores differ
     by whole nats, so a wrong token or position changes the chosen answer."""
-    config = Config(model=ModelConfig(vocab_size=4096, embed_dim=64, num_heads=4, num_kv_heads=2,
-                                      ff_dim=128, num_layers=2, max_seq_len=WINDOW),
+    model = make_decisive_model(vocab_size=4096, embed_dim=64, num_heads=4, num_kv_heads=2,
+                                ff_dim=128, num_layers=2, max_seq_len=WINDOW)
+    config = Config(model=model.config,
                     data=DataConfig(tokenizer_path=TOKENIZER, context_length=WINDOW))
-    torch.manual_seed(0)
-    model = Transformer(config.model)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.15)
     checkpoint = out_dir / "decisive.pth"
     save_checkpoint({"model": model.state_dict(), "config": config_to_dict(config),
                      "tokenizer": tokenizer_fingerprint(Tokenizer.from_file(TOKENIZER))},

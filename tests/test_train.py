@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ from conftest import (
     run_script,
     tiny_config,
     write_config,
+    write_task,
 )
 from data import load_tokenizer, token_byte_lengths
 from model import Transformer
@@ -603,11 +603,7 @@ def test_under_torchrun_every_rank_takes_rank_0s_precision(tmp_path):
 def test_eval_tasks_are_scored_printed_and_logged_at_each_eval(tmp_path, corpus):
     """training.eval_tasks: each eval prints and logs acc and acc_norm per task; the best
     checkpoint is still the one with the lowest validation loss."""
-    task = tmp_path / "lines.jsonl"
-    task.write_text("".join(
-        json.dumps({"context": "ROMEO:\nBut soft, what light", "choices": [
-            " through yonder window breaks", " the cat", f" number {i}"], "gold": 0}) + "\n"
-        for i in range(6)))
+    task = write_task(tmp_path / "lines.jsonl", 6)
     config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus, training={
         "max_steps": 10, "eval_every": 5, "eval_tasks": [str(task)]}))
     result = run_script("train.py", str(config), cwd=tmp_path)
