@@ -3,9 +3,10 @@ directory), weights loaded into the model, a trained model loaded for use (infer
 the best checkpoint, snapshots and exact resume, and a fine-tuning run's adoption of its
 pretrained source. Files are written crash-safely by files.py.
 
-A best checkpoint is {"model", "config", "tokenizer", "step", "val_loss", "val_bpb"}; a snapshot
-adds "optimizer", "scaler", "precision", "progress", "batch_plan" and every rank's "rng".
-"tokenizer" is the fingerprint of the tokenizer the weights were trained with.
+A best checkpoint is {"model", "config", "tokenizer", "chat", "step", "val_loss", "val_bpb"}; a
+snapshot adds "optimizer", "scaler", "precision", "progress", "batch_plan" and every rank's "rng".
+"tokenizer" is the fingerprint of the tokenizer the weights were trained with, "chat" the chat
+template and special tokens (chat.ChatFormat).
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import os
 from dataclasses import dataclass
 from typing import Collection
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-from data import corpus_fingerprint, load_tokenizer, tokenizer_fingerprint
+from chat import ChatFormat, chat_format, stored_chat_format
+from data import TokenWindows, corpus_fingerprint, load_tokenizer, tokenizer_fingerprint
 from files import atomic_write, check_writable
 from hf import load_hf_directory
 from model import Transformer
@@ -50,6 +51,14 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
     require(isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint,
             f"'{path}' is not an SLM checkpoint (no weights and config) — pass one from train.py")
     return checkpoint
+
+
+def model_record(model: Transformer, config: Config, tokenizer: Tokenizer) -> dict:
+    """What every checkpoint holds: the weights, the config, the tokenizer's fingerprint and
+    the chat format (template and special tokens) conversations are rendered with."""
+    return {"model": model.state_dict(), "config": config_to_dict(config),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "chat": dataclasses.asdict(chat_format(config.data.tokenizer_path))}
 
 
 def save_checkpoint(contents: dict, path: str) -> None:
@@ -116,6 +125,7 @@ class TrainedModel:
     context_length: int  # the window it was trained on: the most it ever sees
     device: torch.device
     precision: str
+    chat: ChatFormat  # how its conversations are rendered
 
 
 def load_trained(path: str, config_path: str | None = None,
@@ -135,8 +145,9 @@ def load_trained(path: str, config_path: str | None = None,
     check_tokenizer(checkpoint, tokenizer, config.data.tokenizer_path, path, fix)
     model = Transformer(stored.model)
     load_weights(model, checkpoint, path)
+    chat = stored_chat_format(checkpoint.get("chat"), config.data.tokenizer_path)
     return TrainedModel(model.to(device).eval(), tokenizer, config.data.tokenizer_path,
-                        stored.data.context_length, device, precision)
+                        stored.data.context_length, device, precision, chat)
 
 
 def adopt_pretrained(config: Config, cli_keys: Collection[str],
@@ -167,7 +178,7 @@ def adopt_pretrained(config: Config, cli_keys: Collection[str],
     return Config(model=model, data=data, training=config.training), source
 
 
-def batch_plan(config: Config, train_tokens: np.ndarray, world_size: int) -> dict:
+def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict:
     """What decides which batches come in which order, and the optimizer whose state the
     snapshot holds: an exact resume needs all of it unchanged (the run's length, learning rate,
     logging and outputs may change)."""
@@ -177,7 +188,7 @@ def batch_plan(config: Config, train_tokens: np.ndarray, world_size: int) -> dic
             "training.grad_accum_steps": config.training.grad_accum_steps,
             "training.seed": config.training.seed,
             "training.optimizer": config.training.optimizer,
-            "corpus": corpus_fingerprint(train_tokens)}
+            "corpus": corpus_fingerprint(train_set.tokens, train_set.mask)}
 
 
 def save_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
@@ -192,10 +203,9 @@ def save_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Op
         ranks_rng = [None] * dist.get_world_size()
         dist.all_gather_object(ranks_rng, rng)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        save_checkpoint({"model": model.state_dict(),
+        save_checkpoint({**model_record(model, config, tokenizer),
                          "optimizer": [optimizer.state_dict() for optimizer in optimizers],
-                         "scaler": scaler.state_dict(), "config": config_to_dict(config),
-                         "tokenizer": tokenizer_fingerprint(tokenizer), "precision": precision,
+                         "scaler": scaler.state_dict(), "precision": precision,
                          "progress": progress, "batch_plan": plan, "rng": ranks_rng}, path)
     if dist.is_initialized():
         dist.barrier()

@@ -13,16 +13,20 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from tqdm import tqdm
 
+from chat import EOT, conversation_problem
 from files import atomic_write
 from utils import DataConfig, UserError, require, warn
 
 DEFAULT_CORPUS = "data/shakespeare.txt"
+SPEAKER = re.compile(r"[A-Z][A-Za-z .,'&-]{0,40}:")  # "ROMEO:", "First Citizen:"
+REPLY_LINES = 2              # a play conversation's reply: the next speech's first lines
+Speech = tuple[str, list[str]]  # (speaker, lines)
 READ_CHUNK_BYTES = 1 << 22   # read 4 MiB at a time: memory stays flat however large the corpus
 
 
@@ -30,10 +34,12 @@ READ_CHUNK_BYTES = 1 << 22   # read 4 MiB at a time: memory stays flat however l
 class Chunk:
     """Part of a corpus file. With `whole_documents`, each text is one document, which the
     token stream ends with the end-of-text token; without, the single text continues a document
-    that a chunk with an empty text ends. `num_bytes`: the file bytes it was read from."""
+    that a chunk with an empty text ends. `num_bytes`: the file bytes it was read from. A chunk
+    of conversations (chat.py's messages lists) holds them instead of texts."""
     texts: list[str]
     whole_documents: bool
     num_bytes: int
+    conversations: list[list[dict]] = field(default_factory=list)
 
 
 def read_text(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
@@ -50,9 +56,10 @@ def read_text(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
 
 
 def read_jsonl(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
-    """Each line of a JSONL file is a JSON object whose `data.text_field` is one document;
-    blank lines are skipped. Documents come in chunks of about 4 MiB of lines."""
-    documents, size = [], 0
+    """Each line of a JSONL file is a JSON object: a document in its `data.text_field`, or a
+    conversation in its `messages` list; one file holds one kind. Blank lines are skipped.
+    Lines come in chunks of about 4 MiB."""
+    records, size, first = [], 0, None  # first: (is a conversation, line number)
     for line_number, line in enumerate(itertools.chain(f, [b""]), 1):
         if line.strip():
             try:
@@ -61,15 +68,28 @@ def read_jsonl(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
                 problem = getattr(err, "msg", "not UTF-8")
                 raise UserError(f"{path}, line {line_number}: not a JSON line ({problem}) — fix "
                                 "or remove that line") from None
-            text = record.get(data.text_field) if isinstance(record, dict) else None
-            require(isinstance(text, str), f"{path}, line {line_number}: no string field "
-                    f"'{data.text_field}' — fix that line, or set data.text_field to the field "
-                    "that holds the text")
-            documents.append(text)
+            conversation = isinstance(record, dict) and "messages" in record
+            first = first or (conversation, line_number)
+            require(conversation == first[0], f"{path}, line {line_number}: "
+                    f"{'a conversation' if conversation else 'a text document'} after the "
+                    f"{'conversation' if first[0] else 'text document'} of line {first[1]} — a "
+                    "run trains on text or on conversations, never a mix: split the file")
+            if conversation:
+                problem = conversation_problem(record)
+                require(not problem, f"{path}, line {line_number}: {problem} — fix that line "
+                        "(messages: [{\"role\": \"user\"|\"assistant\"|\"system\", "
+                        "\"content\": \"...\"}, ...])")
+                records.append(record["messages"])
+            else:
+                text = record.get(data.text_field) if isinstance(record, dict) else None
+                require(isinstance(text, str), f"{path}, line {line_number}: no string field "
+                        f"'{data.text_field}' — fix that line, or set data.text_field to the "
+                        "field that holds the text")
+                records.append(text)
         size += len(line)
-        if documents and (size >= READ_CHUNK_BYTES or not line):
-            yield Chunk(documents, True, size)
-            documents, size = [], 0
+        if records and (size >= READ_CHUNK_BYTES or not line):
+            yield (Chunk([], True, size, records) if first[0] else Chunk(records, True, size))
+            records, size = [], 0
 
 
 @dataclass(frozen=True)
@@ -164,3 +184,41 @@ def build_default_corpus(out_path: str) -> None:
              for path in tqdm(plays, desc="assembling Shakespeare corpus", unit="play")]
     atomic_write(out_path, lambda f: f.write("\n\n".join(texts).encode("utf-8")))
     print(f"wrote {len(plays)} plays to {out_path}", flush=True)
+
+
+def speeches(text: str) -> list[list[Speech]]:
+    """Each play's speeches in order: a paragraph whose first line is `NAME:`."""
+    plays = []
+    for document in text.split(EOT):
+        found = []
+        for paragraph in re.split(r"\n\s*\n", document):
+            lines = paragraph.strip("\n").split("\n")
+            if len(lines) >= 2 and SPEAKER.fullmatch(lines[0]):
+                found.append((lines[0][:-1], lines[1:]))
+        plays.append(found)
+    return plays
+
+
+def play_conversations(text: str) -> list[dict]:
+    """Conversations from plays in the default corpus's text: the last line of a speech as the
+    user's turn, and the first REPLY_LINES lines of the next speaker's answer as the reply."""
+    conversations = []
+    for play in speeches(text):
+        for (speaker, lines), (replier, reply) in zip(play, play[1:]):
+            reply = [line for line in reply if not line.startswith("[")][:REPLY_LINES]
+            if replier != speaker and reply and not lines[-1].startswith("["):
+                conversations.append({"messages": [
+                    {"role": "user", "content": lines[-1]},
+                    {"role": "assistant", "content": "\n".join(reply)}]})
+    return conversations
+
+
+def write_play_conversations(out_path: str) -> int:
+    """The default corpus's plays as a conversation JSONL file (built first if missing);
+    returns the number of conversations."""
+    if not os.path.exists(DEFAULT_CORPUS):
+        build_default_corpus(DEFAULT_CORPUS)
+    conversations = play_conversations(Path(DEFAULT_CORPUS).read_text(encoding="utf-8"))
+    atomic_write(out_path, lambda f: f.write("".join(
+        json.dumps(conversation) + "\n" for conversation in conversations).encode()))
+    return len(conversations)

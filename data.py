@@ -1,8 +1,10 @@
 """Tokenizer and dataset: corpus files (corpus.py reads them) --byte-level BPE--> a uint16 token
 file cached beside the text --np.memmap--> (x, y) windows; the last val_split of the stream is
-validation. Also the `train-tokenizer` command:
+validation. Conversations are rendered by their chat template (chat.py), and a mask file beside
+the tokens marks the assistant's: the others are IGNORE_INDEX targets. Also two commands:
 
     python data.py train-tokenizer FILES --vocab-size 4096 --out tokenizer/my_bpe.json
+    python data.py play-conversations --out data/play_chat.jsonl
 """
 from __future__ import annotations
 
@@ -19,14 +21,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from corpus import read_corpus_file, reading_key, resolve_corpus_files, suffixes
+from chat import (EOT, ChatFormat, assistant_spans, chat_format, special_tokens,
+                  trained_mask)
+from corpus import (Chunk, read_corpus_file, reading_key, resolve_corpus_files, suffixes,
+                    write_play_conversations)
 from files import atomic_write, check_writable
 from utils import (ArgumentParser, Config, DataConfig, UserError, require, require_within,
                    run_cli, warn)
 
-EOT = "<|endoftext|>"
 BASE_VOCAB = 257             # byte-level BPE before any merge: 256 bytes + end-of-text
 PIECE_BYTES = 1 << 16        # pieces handed to the Rust tokenizer's thread pool
+IGNORE_INDEX = -100          # a target no loss counts (cross_entropy's default ignore_index)
 
 
 def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
@@ -48,6 +53,8 @@ def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
             for path in files:
                 for chunk in read_corpus_file(path, data):
                     yield from chunk.texts
+                    yield from (message["content"] for conversation in chunk.conversations
+                                for message in conversation)
                     bar.update(chunk.num_bytes)
 
         tokenizer.train_from_iterator(texts(), trainer)
@@ -58,23 +65,10 @@ def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
     return tokenizer
 
 
-def named_token(tokenizer_path: str, key: str) -> str | None:
-    """The token a tokenizer_config.json beside the tokenizer names as `key` (eos_token,
-    bos_token), or None: no such file (SLM's own tokenizers), or it names none."""
-    try:
-        with open(os.path.join(os.path.dirname(tokenizer_path), "tokenizer_config.json"),
-                  encoding="utf-8") as f:
-            token = json.load(f).get(key)
-    except (OSError, ValueError, AttributeError):  # none there, or not a JSON object
-        return None
-    token = token.get("content") if isinstance(token, dict) else token
-    return token if isinstance(token, str) and token else None
-
-
 def end_of_text(tokenizer_path: str) -> str:
-    """The token that ends a document: the eos_token of a Hugging Face directory's tokenizer
-    (e.g. </s>), else <|endoftext|>."""
-    return named_token(tokenizer_path, "eos_token") or EOT
+    """The token that ends a document and a chat turn: the eos_token of a Hugging Face
+    directory's tokenizer (e.g. </s>), else <|endoftext|>."""
+    return special_tokens(tokenizer_path).get("eos_token", EOT)
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "") -> Tokenizer:
@@ -177,14 +171,27 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
+def _encode_conversations(tokenizer: Tokenizer, chat: ChatFormat, chunk: Chunk,
+                          dtype: type) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The ids of a chunk's rendered conversations, and per id whether it is the assistant's."""
+    rendered = [assistant_spans(chat, messages) for messages in chunk.conversations]
+    encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    ids = [np.asarray(encoding.ids, dtype=dtype) for encoding in encodings]
+    masks = [np.asarray(trained_mask(encoding.offsets, spans), dtype=np.uint8)
+             for encoding, (_, spans) in zip(encodings, rendered)]
+    return ids, masks
+
+
 def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
-                   check_length: Callable[[int], None], data: DataConfig,
-                   eot: str = EOT) -> int:
-    """Write the tokens of `files` (read as `data` says) to out_path, an end-of-text token after
-    each document (a text file, or a JSONL line), and return their count; `check_length` may
-    refuse it before the rename, so a useless corpus leaves no cache."""
+                   check_length: Callable[[int], None], data: DataConfig, eot: str = EOT,
+                   chat: ChatFormat | None = None, mask_path: str = "") -> tuple[int, bool]:
+    """Write the tokens of `files` (read as `data` says) to out_path; return their count and
+    whether they are conversations. A
+    text document (a text file, a JSONL line) ends with the end-of-text token; conversations
+    are rendered by `chat`, and the mask of their assistant tokens goes to mask_path.
+    `check_length` may refuse the count before the rename, so a useless corpus leaves no cache."""
     eot_ids = np.array([tokenizer.token_to_id(eot)], dtype=dtype)
-    num_tokens = 0
+    num_tokens, masks, kinds = 0, [], {}  # kinds: is a conversation -> the first file of it
 
     def write(out: BinaryIO) -> None:
         nonlocal num_tokens
@@ -192,7 +199,16 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
             for path in files:
                 for chunk in read_corpus_file(path, data):
-                    if chunk.whole_documents:
+                    kinds.setdefault(bool(chunk.conversations), path)
+                    if len(kinds) > 1:
+                        raise UserError(f"{kinds[True]} holds conversations and {kinds[False]} "
+                                        "text — a run trains on text or on conversations, never "
+                                        "a mix: give data.raw_text_path one kind")
+                    if chunk.conversations:  # the mask is one byte per token, held until the end
+                        ids, chunk_masks = _encode_conversations(tokenizer, chat or chat_format(
+                            data.tokenizer_path), chunk, dtype)
+                        masks.extend(chunk_masks)
+                    elif chunk.whole_documents:
                         ids = [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)
                                for encoding in _encode_batch(tokenizer, chunk.texts)]
                     else:  # part of a long document: split further for the tokenizer's threads
@@ -202,33 +218,48 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
                     num_tokens += sum(map(len, ids))
                     bar.update(chunk.num_bytes)
         check_length(num_tokens)
+        if masks:
+            atomic_write(mask_path, lambda f: f.write(b"".join(m.tobytes() for m in masks)))
 
     atomic_write(out_path, write)
-    return num_tokens
+    return num_tokens, bool(masks)
 
 
-def prepare_tokens(data: DataConfig, tokenizer: Tokenizer) -> np.ndarray:
-    """Token stream of the whole corpus as a read-only memmap; tokenised once, then cached."""
+def _cached_size_is(path: str, num_bytes: int) -> bool:
+    return os.path.isfile(path) and os.path.getsize(path) == num_bytes
+
+
+def prepare_tokens(data: DataConfig,
+                   tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray | None]:
+    """The token stream of the whole corpus as a read-only memmap, and for conversations the
+    mask of the assistant's tokens beside it (else None); tokenised once, then cached."""
     files = resolve_corpus_files(data.raw_text_path)
     require(sum(map(os.path.getsize, files)) > 0, f"the corpus at '{data.raw_text_path}' is "
             "empty — point data.raw_text_path at some text")
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32
     prefix = _cache_prefix(data, files)
-    bin_path, meta_path = prefix + ".tokens.bin", prefix + ".tokens.json"
-    eot = end_of_text(data.tokenizer_path)
-    key = _cache_key(files, tokenizer, f"{reading_key(files, data)}\0{eot}")
+    bin_path, mask_path = prefix + ".tokens.bin", prefix + ".mask.bin"
+    meta_path = prefix + ".tokens.json"
+    eot, chat = end_of_text(data.tokenizer_path), chat_format(data.tokenizer_path)
+    reading = f"{reading_key(files, data)}\0{eot}\0{chat.template}\0{chat.special_tokens}"
+    key = _cache_key(files, tokenizer, reading)
     meta = _read_cache_meta(meta_path)
     if (meta.get("key") != key or meta.get("dtype") != np.dtype(dtype).name
-            or not os.path.isfile(bin_path)
-            or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(dtype).itemsize):
+            or not _cached_size_is(bin_path, meta["num_tokens"] * np.dtype(dtype).itemsize)
+            or meta["mask"] and not _cached_size_is(mask_path, meta["num_tokens"])):
         check_writable(os.path.dirname(bin_path), fix="set data.cache_dir to a writable directory "
                        "for the token cache")
-        num_tokens = tokenize_files(files, tokenizer, bin_path, dtype,
-                                    lambda n: check_corpus_length(n, data), data, eot)
-        meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name}
+        num_tokens, has_mask = tokenize_files(files, tokenizer, bin_path, dtype,
+                                              lambda n: check_corpus_length(n, data), data, eot,
+                                              chat, mask_path)
+        meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name,
+                "mask": has_mask}
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)
-    return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+    tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+    mask = (np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(meta["num_tokens"],))
+            if meta["mask"] else None)
+    return tokens, mask
 
 
 def _read_cache_meta(meta_path: str) -> dict:
@@ -238,26 +269,30 @@ def _read_cache_meta(meta_path: str) -> dict:
             meta = json.load(f)
     except (OSError, ValueError):  # missing, unreadable, truncated, not UTF-8, not JSON
         return {}
-    fields = {"key": str, "num_tokens": int, "dtype": str}
+    fields = {"key": str, "num_tokens": int, "dtype": str, "mask": bool}
     if not isinstance(meta, dict) or not all(
             type(meta.get(name)) is kind for name, kind in fields.items()):
         return {}
     return meta if meta["num_tokens"] > 0 else {}
 
 
-def corpus_fingerprint(tokens: np.ndarray) -> str:
-    """A cheap identity of a token stream: its length and 4096 tokens spread over it. Any edit
-    that shifts the text after it changes it, and it costs the same for any corpus size."""
+def corpus_fingerprint(tokens: np.ndarray, mask: np.ndarray | None = None) -> str:
+    """A cheap identity of a token stream (and its mask): its length and 4096 tokens spread
+    over it. Any edit that shifts the text after it changes it, and it costs the same for any
+    corpus size."""
     picks = np.linspace(0, len(tokens) - 1, num=min(len(tokens), 4096)).astype(np.int64)
     sample = np.concatenate(([len(tokens)], tokens[picks].astype(np.int64)))
+    if mask is not None:  # a token's mask as its sign: a text stream's identity is unchanged
+        sample[1:] = np.where(mask[picks] > 0, -1 - sample[1:], sample[1:])
     return hashlib.sha256(sample.tobytes()).hexdigest()[:16]
 
 
 class TokenWindows(Dataset):
-    """Non-overlapping windows: item i is x = tokens[i*T : i*T+T], y = the same shifted by one."""
+    """Non-overlapping windows: item i is x = tokens[i*T : i*T+T], y = the same shifted by one;
+    with a mask, a target it does not mark (not the assistant's) is IGNORE_INDEX."""
 
-    def __init__(self, tokens: np.ndarray, context_length: int):
-        self.tokens, self.context_length = tokens, context_length
+    def __init__(self, tokens: np.ndarray, context_length: int, mask: np.ndarray | None = None):
+        self.tokens, self.context_length, self.mask = tokens, context_length, mask
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.context_length)
@@ -265,7 +300,11 @@ class TokenWindows(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = index * self.context_length
         window = self.tokens[start:start + self.context_length + 1].astype(np.int64)
-        return torch.from_numpy(window[:-1]), torch.from_numpy(window[1:])
+        targets = window[1:]
+        if self.mask is not None:
+            trained = self.mask[start + 1:start + self.context_length + 1] > 0
+            targets = np.where(trained, targets, IGNORE_INDEX)
+        return torch.from_numpy(window[:-1]), torch.from_numpy(targets)
 
 
 def check_corpus_length(num_tokens: int, data: DataConfig) -> None:
@@ -277,11 +316,14 @@ def check_corpus_length(num_tokens: int, data: DataConfig) -> None:
                         "or a smaller data.context_length")
 
 
-def split_tokens(tokens: np.ndarray, data: DataConfig) -> tuple[TokenWindows, TokenWindows]:
+def split_tokens(tokens: np.ndarray, data: DataConfig,
+                 mask: np.ndarray | None = None) -> tuple[TokenWindows, TokenWindows]:
     check_corpus_length(len(tokens), data)
-    num_val = int(len(tokens) * data.val_split)
-    train = TokenWindows(tokens[:len(tokens) - num_val], data.context_length)
-    val = TokenWindows(tokens[len(tokens) - num_val:], data.context_length)
+    num_train = len(tokens) - int(len(tokens) * data.val_split)
+    train = TokenWindows(tokens[:num_train], data.context_length,
+                         None if mask is None else mask[:num_train])
+    val = TokenWindows(tokens[num_train:], data.context_length,
+                       None if mask is None else mask[num_train:])
     if len(train) < data.batch_size:
         warn(f"only {len(train)} training windows, fewer than data.batch_size={data.batch_size}; "
              "batches will be smaller — add text or lower the batch size")
@@ -292,7 +334,8 @@ def prepare_data(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]
     """The tokenizer (checked against model.vocab_size) and the train and validation windows."""
     tokenizer = load_tokenizer(config.data.tokenizer_path, config.model.vocab_size,
                                "set model.vocab_size to its size or use the matching tokenizer")
-    train_set, val_set = split_tokens(prepare_tokens(config.data, tokenizer), config.data)
+    tokens, mask = prepare_tokens(config.data, tokenizer)
+    train_set, val_set = split_tokens(tokens, config.data, mask)
     return tokenizer, train_set, val_set
 
 
@@ -333,7 +376,17 @@ def main() -> None:
     command.add_argument("--vocab-size", type=int, required=True, help="e.g. 4096")
     command.add_argument("--out", required=True, help="tokenizer JSON to write")
     command.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    plays = commands.add_parser("play-conversations", help="conversations from the default "
+                                "corpus's plays", description="Write a conversation JSONL: the "
+                                "last line of a speech as the user's turn, the next speaker's "
+                                "first lines as the reply (a chat fine-tuning example set).")
+    plays.add_argument("--out", required=True, help="JSONL file to write")
     args = parser.parse_args()
+    if args.command == "play-conversations":
+        check_writable(os.path.dirname(os.path.abspath(args.out)))
+        count = write_play_conversations(args.out)
+        print(f"wrote {count:,} conversations to {args.out}", flush=True)
+        return
     require_within("--vocab-size", args.vocab_size, BASE_VOCAB + 1, 1 << 20)
     files = [path for pattern in args.files for path in resolve_corpus_files(pattern)]
     check_writable(os.path.dirname(os.path.abspath(args.out)))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 
 from checkpoints import check_tokenizer, load_checkpoint, load_weights
-from data import end_of_text, load_tokenizer
+from chat import stored_chat_format
+from data import load_tokenizer
 from hf import directory_contents, write_directory
 from model import Transformer
 from utils import ArgumentParser, UserError, run_cli, stored_config
@@ -33,10 +34,8 @@ def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None,
                         "--force to overwrite the exported files in it")
     model = Transformer(config.model)
     load_weights(model, checkpoint, ckpt_path)  # refuses bad weights before writing anything
-
-    eot = end_of_text(tokenizer_path)
-    write_directory(out_dir, directory_contents(model.state_dict(), config, tokenizer.to_str(),
-                                                eot, tokenizer.token_to_id(eot)))
+    chat = stored_chat_format(checkpoint.get("chat"), tokenizer_path)
+    write_directory(out_dir, directory_contents(model.state_dict(), config, tokenizer, chat))
 
 
 def main() -> None:

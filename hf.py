@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 
 from tokenizers import Tokenizer
 
+from chat import ChatFormat
 from data import tokenizer_fingerprint
 from files import check_writable
 from utils import (Config, DataConfig, ModelConfig, UserError, config_to_dict, require,
@@ -35,7 +36,7 @@ HF_NUMBERS = {**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size",
               "rms_norm_eps": (int, float), "rope_theta": (int, float)}
 
 
-def hf_config(model: ModelConfig, eot_id: int, slm_config: dict) -> dict:
+def hf_config(model: ModelConfig, token_ids: dict[str, int], slm_config: dict) -> dict:
     """config.json for LlamaForCausalLM; the full SLM config rides along for an exact way back."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -56,9 +57,9 @@ def hf_config(model: ModelConfig, eot_id: int, slm_config: dict) -> dict:
         "mlp_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": model.tie_embeddings,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "pad_token_id": eot_id,
+        "bos_token_id": token_ids["bos_token"],
+        "eos_token_id": token_ids["eos_token"],
+        "pad_token_id": token_ids["pad_token"],
         "initializer_range": 0.02,
         "torch_dtype": "float32",
         "use_cache": True,
@@ -66,22 +67,26 @@ def hf_config(model: ModelConfig, eot_id: int, slm_config: dict) -> dict:
     }
 
 
-def directory_contents(state: dict[str, torch.Tensor], config: Config, tokenizer_json: str,
-                       eot: str, eot_id: int) -> dict[str, bytes]:
-    """The files of an export: config, weights (safetensors) and the tokenizer."""
+def directory_contents(state: dict[str, torch.Tensor], config: Config, tokenizer: Tokenizer,
+                       chat: ChatFormat) -> dict[str, bytes]:
+    """The files of an export: config, weights (safetensors) and the tokenizer with its chat
+    template and special tokens (a bos or pad the source names none of is its eos)."""
     # safetensors refuses tensors that share memory, and transformers re-ties the head on load.
     tensors = {(name if name == HEAD else HF_PREFIX + name): tensor.contiguous()
                for name, tensor in state.items()
                if not (name == HEAD and config.model.tie_embeddings)}
-    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
+    eos = chat.end_of_turn
+    special = {"bos_token": eos, "pad_token": eos, **chat.special_tokens}
+    token_ids = {key: tokenizer.token_to_id(token) for key, token in special.items()}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
                         "model_max_length": config.model.max_seq_len, "add_bos_token": False,
-                        "add_eos_token": False, "clean_up_tokenization_spaces": False}
-    json_files = {"config.json": hf_config(config.model, eot_id, config_to_dict(config)),
+                        "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                        "chat_template": chat.template}
+    json_files = {"config.json": hf_config(config.model, token_ids, config_to_dict(config)),
                   "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special}
     contents = {name: (json.dumps(content, indent=2) + "\n").encode()
                 for name, content in json_files.items()}
-    contents["tokenizer.json"] = tokenizer_json.encode()
+    contents["tokenizer.json"] = tokenizer.to_str().encode()
     contents[WEIGHTS] = save(tensors, metadata={"format": "pt"})
     return contents
 

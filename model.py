@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -31,9 +32,11 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin (max_seq_len, head_dim), rotate-half layout: both halves repeat the
-    frequencies, and sin's first half is negated so apply_rope needs no negation."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    frequencies, and sin's first half is negated so apply_rope needs no negation. Computed on
+    the CPU (the model moves them with itself), also for a model built on the meta device."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+                                .float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device="cpu"), inv_freq)
     sin = angles.sin()
     return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
 
@@ -186,8 +189,11 @@ class Transformer(nn.Module):
 
 def check_fits_in_memory(config: ModelConfig) -> None:
     """Refuse a model whose fp32 weights alone exceed this machine's memory before allocating
-    any: its parameters are counted on the meta device, so the count is the model's own."""
-    with torch.device("meta"):
+    any: its parameters are counted on the meta device, so the count is the model's own. Meta
+    tensors hold no values, so normal_ is skipped: its first call there would import seconds of
+    torch's decompositions into every process."""
+    with torch.device("meta"), mock.patch.object(nn.init, "normal_", lambda tensor, *_, **__:
+                                                 tensor):
         weight_bytes = 4 * Transformer(config).num_params()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     require(weight_bytes <= memory, f"this model's fp32 weights alone take "

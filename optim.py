@@ -8,7 +8,9 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 
+from data import IGNORE_INDEX
 from model import Transformer
 from runtime import autocast_context, sync
 from utils import Config, TrainingConfig
@@ -38,13 +40,17 @@ def configure_optimizers(model: Transformer, t: TrainingConfig,
 
 def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                      device: torch.device, precision: str, scaler: torch.amp.GradScaler,
-                     accum_steps: int) -> torch.Tensor:
-    """One micro-step on `device`: the loss of batch (x, y) under autocast, and the backward of
-    its share of the optimizer step's mean (loss / accum_steps, scaled for fp16); the
-    accumulated gradients sum to the mean gradient. Returns the loss, detached."""
+                     loss_scale: float | torch.Tensor) -> torch.Tensor:
+    """One micro-step on `device`: the summed loss (nats) of batch (x, y) over its trained
+    targets (IGNORE_INDEX ones count nothing) under autocast, and the backward of that sum times
+    `loss_scale` (scaled again for fp16). With loss_scale = 1 / the trained targets of the whole
+    optimizer step, the accumulated gradients are the step's mean gradient, however the targets
+    fall between micro-steps; a batch with none adds zero. Returns the sum, detached."""
     with autocast_context(device, precision):
-        _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-    scaler.scale(loss / accum_steps).backward()
+        logits, _ = model(x.to(device, non_blocking=True))
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device, non_blocking=True).view(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    scaler.scale(loss * loss_scale).backward()
     return loss.detach()
 
 
@@ -81,7 +87,7 @@ def seconds_per_step(model: Transformer, config: Config, device: torch.device,
     with torch.random.fork_rng(devices=[]):  # dropout draws from the global stream
         for _ in range(1 + steps):  # the first step allocates the optimizer state
             start = time.perf_counter()
-            forward_backward(trial, x, y, device, precision, scaler, 1)
+            forward_backward(trial, x, y, device, precision, scaler, 1 / y.numel())
             optimizer_step(optimizers, scaler, config.training.lr, config.training.grad_clip)
             sync(device)
             seconds.append(time.perf_counter() - start)

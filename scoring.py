@@ -21,7 +21,8 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data import decode, end_of_text, named_token
+from chat import special_tokens
+from data import decode, end_of_text
 from model import Transformer
 from runtime import autocast_context
 from utils import UserError, require
@@ -115,7 +116,7 @@ class Encoder:
 
     def __init__(self, tokenizer: Tokenizer, tokenizer_path: str):
         self.tokenizer = tokenizer
-        prefix = named_token(tokenizer_path, "bos_token") or end_of_text(tokenizer_path)
+        prefix = special_tokens(tokenizer_path).get("bos_token") or end_of_text(tokenizer_path)
         self.prefix_id = tokenizer.token_to_id(prefix)
         require(self.prefix_id is not None, f"{tokenizer_path} has no {prefix} token to start "
                 "an empty context with — use the tokenizer the model was trained with")

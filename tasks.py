@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from typing import Callable
 
-from corpus import build_default_corpus
-from data import EOT, decode, load_tokenizer, prepare_tokens
+from corpus import Speech, build_default_corpus, speeches
+from data import decode, load_tokenizer, prepare_tokens
 from scoring import Example, Task, read_task_file
 from utils import DataConfig, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 MAX_EXAMPLES = 500        # per built-in task
 NUM_CHOICES = 4
-SPEAKER = re.compile(r"[A-Z][A-Za-z .,'&-]{0,40}:")  # "ROMEO:", "First Citizen:"
-Speech = tuple[str, list[str]]  # (speaker, lines)
 
 
 def validation_text() -> str:
@@ -35,22 +32,9 @@ def validation_text() -> str:
     if not os.path.exists(data.raw_text_path):  # built on first use, as a default run builds it
         build_default_corpus(data.raw_text_path)
     tokenizer = load_tokenizer(data.tokenizer_path)
-    tokens = prepare_tokens(data, tokenizer)
+    tokens, _ = prepare_tokens(data, tokenizer)
     num_val = int(len(tokens) * data.val_split)
     return decode(tokenizer, tokens[len(tokens) - num_val:].tolist())
-
-
-def speeches(text: str) -> list[list[Speech]]:
-    """Each play's speeches in order: a paragraph whose first line is `NAME:`."""
-    plays = []
-    for document in text.split(EOT):
-        found = []
-        for paragraph in re.split(r"\n\s*\n", document):
-            lines = paragraph.strip("\n").split("\n")
-            if len(lines) >= 2 and SPEAKER.fullmatch(lines[0]):
-                found.append((lines[0][:-1], lines[1:]))
-        plays.append(found)
-    return plays
 
 
 def multiple_choice(pairs: list[tuple[str, str]], name: str) -> list[Example]:

@@ -26,10 +26,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from checkpoints import (adopt_pretrained, batch_plan, check_outputs, check_tokenizer,
-                         load_checkpoint, load_snapshot, load_weights, save_checkpoint,
-                         save_snapshot)
-from data import (TokenWindows, decode, end_of_text, epoch_loader, epoch_order, prepare_data,
-                  token_byte_lengths, tokenizer_fingerprint)
+                         load_checkpoint, load_snapshot, load_weights, model_record,
+                         save_checkpoint, save_snapshot)
+from chat import chat_format, encode, render
+from data import (IGNORE_INDEX, TokenWindows, decode, epoch_loader, epoch_order, prepare_data,
+                  token_byte_lengths)
 from files import claim
 from generate import generate
 from model import Transformer
@@ -41,6 +42,9 @@ from scoring import Encoder, Task, score_task
 from tasks import load_tasks
 from utils import (Config, TrainingConfig, UserError, config_to_dict, format_config,
                    parse_config_cli, require, run_cli)
+
+
+SAMPLE_TURN = "Hello! Who are you?"  # the user turn a conversation run's sample answers
 
 
 @dataclass
@@ -79,7 +83,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     model, optimizers = build_model(config, device, rank)
     precision = choose_precision(config, device, model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    plan = batch_plan(config, train_set.tokens, world_size)
+    plan = batch_plan(config, train_set, world_size)
     state = start_or_resume(config, model, optimizers, scaler, device, plan, tokenizer, source)
     ddp_model = DistributedDataParallel(model) if distributed else model  # on this rank's device
     train_model = torch.compile(ddp_model) if use_compile(t.compile, device) else ddp_model
@@ -109,16 +113,24 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     stop = catch_stop_signals()
     batches = training_batches(train_set, config, state, rank, world_size, per_epoch, device)
     step_loss, loss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    targets_sum = torch.zeros((), device=device)
     run_start, earlier_seconds = time.perf_counter(), state.train_seconds
     log_time, log_step, finished = run_start, state.step, False
     while not finished:
-        for micro_step in range(t.grad_accum_steps):
-            x, y = next(batches)
+        step_batches = [next(batches) for _ in range(t.grad_accum_steps)]
+        # Every rank's trained targets of this step, counted on the host; torch.full fills the
+        # device tensor by a kernel, where a copy from host memory would wait for the device.
+        step_targets = all_reduce(torch.full((), float(sum(
+            int((y != IGNORE_INDEX).sum()) for _, y in step_batches)), device=device))
+        targets_sum += step_targets
+        # DDP averages the ranks' gradients: world_size / step_targets makes theirs a sum.
+        loss_scale = world_size / step_targets.clamp(min=1)
+        for micro_step, (x, y) in enumerate(step_batches):
             # DDP all-reduces gradients once per optimizer step: on its last micro-step.
             sync = micro_step == t.grad_accum_steps - 1 or not distributed
             with contextlib.nullcontext() if sync else ddp_model.no_sync():
                 step_loss += forward_backward(train_model, x, y, device, precision, scaler,
-                                              t.grad_accum_steps)
+                                              loss_scale)
         lr = lr_at(state.step, schedule_progress(state, t, total_steps), t)
         grad_norm = optimizer_step(optimizers, scaler, lr, t.grad_clip)
         state.step += 1
@@ -135,7 +147,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
         bar.update(1)
         if state.step % t.log_every == 0 or finished:
             now, steps = time.perf_counter(), state.step - log_step
-            train_loss = all_reduce(loss_sum).item() / (steps * t.grad_accum_steps * world_size)
+            train_loss = all_reduce(loss_sum).item() / max(1.0, targets_sum.item())
             tokens_per_sec = steps * tokens_per_step / (now - log_time)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
                             tok_s=f"{tokens_per_sec:,.0f}")
@@ -144,10 +156,12 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
                 "train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
                 "perf/tokens_per_sec": tokens_per_sec, "perf/mfu": mfu})
             loss_sum.zero_()
+            targets_sum.zero_()
             log_time, log_step = now, state.step
         if state.step % t.eval_every == 0 or finished:
             bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, token_bytes, tasks,
-                                             config, precision, state, writer))
+                                             config, precision, state, writer,
+                                             train_set.mask is not None))
         if state.step % t.save_every == 0 or finished or signum:
             save_snapshot(t.snapshot_path, model, optimizers, scaler, config, tokenizer,
                           precision, dataclasses.asdict(state), plan)
@@ -363,8 +377,9 @@ def fixed_val_batches(val_set: TokenWindows, config: Config) -> list[tuple[torch
 @torch.no_grad()
 def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]],
              token_bytes: torch.Tensor, precision: str) -> tuple[float, float]:
-    """(mean loss in nats/token, bits per UTF-8 byte) over every rank's batches; special tokens
-    (0 bytes) are left out of the bits-per-byte sum."""
+    """(mean loss in nats/token, bits per UTF-8 byte) over every rank's batches' trained targets
+    (a conversation's: the assistant's); special tokens (0 bytes) are left out of the
+    bits-per-byte sum."""
     device = token_bytes.device
     sums = torch.zeros(4, device=device,  # MPS has no float64
                        dtype=torch.float32 if device.type == "mps" else torch.float64)
@@ -373,21 +388,24 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]],
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).view(-1)
         with autocast_context(device, precision):
             logits, _ = model(x)
-        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y, reduction="none")
-        target_bytes = token_bytes[y]
+        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y, reduction="none",
+                                 ignore_index=IGNORE_INDEX)  # 0 where not trained
+        trained = y != IGNORE_INDEX
+        target_bytes = token_bytes[y.clamp(min=0)] * trained
         sums += torch.stack((losses.sum(), (losses * (target_bytes > 0)).sum(),
-                             target_bytes.sum(), torch.tensor(y.numel(), device=device)))
+                             target_bytes.sum(), trained.sum()))
     model.train()
     nats, nats_on_bytes, num_bytes, tokens = all_reduce(sums).tolist()
-    return nats / tokens, nats_on_bytes / (math.log(2) * max(1.0, num_bytes))
+    return nats / max(1.0, tokens), nats_on_bytes / (math.log(2) * max(1.0, num_bytes))
 
 
 def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: list,
                            token_bytes: torch.Tensor, tasks: list[Task], config: Config,
-                           precision: str, state: RunState, writer: SummaryWriter | None) -> str:
-    """Val loss and bits/byte; a new best goes into `state` and (rank 0) the best checkpoint.
-    The eval tasks are scored (each rank its share of the examples). Rank 0 logs them and a
-    sample drawn with its own generator. Returns the lines to print."""
+                           precision: str, state: RunState, writer: SummaryWriter | None,
+                           conversations: bool) -> str:
+    """Val loss and bits/byte (of a conversation run: on the assistant's tokens); a new best
+    goes into `state` and (rank 0) the best checkpoint. The eval tasks are scored (each rank its
+    share of the examples). Rank 0 logs them and a sample. Returns the lines to print."""
     device, t = model.embed_tokens.weight.device, config.training
     val_loss, val_bpb = evaluate(model, batches, token_bytes, precision)
     encoder = Encoder(tokenizer, config.data.tokenizer_path)
@@ -397,26 +415,38 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
     if improved:
         state.best_val_loss, state.best_val_bpb = val_loss, val_bpb
     if writer and improved:
-        save_checkpoint({"model": model.state_dict(), "config": config_to_dict(config),
-                         "tokenizer": tokenizer_fingerprint(tokenizer), "step": state.step,
+        save_checkpoint({**model_record(model, config, tokenizer), "step": state.step,
                          "val_loss": val_loss, "val_bpb": val_bpb}, t.checkpoint_path)
     if writer and t.sample_tokens:
-        eot = end_of_text(config.data.tokenizer_path)
-        prompt = torch.tensor([[tokenizer.token_to_id(eot)]], device=device)
-        model.eval()
-        with autocast_context(device, precision):
-            ids = [int(token) for token in generate(
-                model, prompt, t.sample_tokens, config.data.context_length, temperature=0.8,
-                top_k=50, generator=torch.Generator(device=device).manual_seed(0))]
-        model.train()
-        writer.add_text("sample", decode(tokenizer, ids), state.step)
+        writer.add_text("sample", sample(model, tokenizer, config, precision, conversations),
+                        state.step)
     log_scalars(writer, state.step, {"val/loss": val_loss, "val/bpb": val_bpb, **{
         f"eval/{name}/{metric}": result[metric] for name, result in scores.items()
         for metric in ("acc", "acc_norm")}})
     return (f"step {state.step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
+            + (" (assistant tokens)" if conversations else "")
             + (f" -> saved {t.checkpoint_path}" if improved else "")
             + "".join(f"\n  {name}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
                       f"({result['n']} examples)" for name, result in scores.items()))
+
+
+def sample(model: Transformer, tokenizer: Tokenizer, config: Config, precision: str,
+           conversations: bool) -> str:
+    """TensorBoard's text sample, drawn with its own generator: text after the end-of-text
+    token, or in a conversation run the reply to SAMPLE_TURN, up to its end of turn."""
+    device, chat = model.embed_tokens.weight.device, chat_format(config.data.tokenizer_path)
+    eot_id = tokenizer.token_to_id(chat.end_of_turn)
+    prompt = (encode(tokenizer, render(chat, [{"role": "user", "content": SAMPLE_TURN}], True))
+              if conversations else [eot_id])
+    model.eval()
+    with autocast_context(device, precision):
+        ids = [int(token) for token in generate(
+            model, torch.tensor([prompt], device=device), config.training.sample_tokens,
+            config.data.context_length, temperature=0.8, top_k=50,
+            eos_id=eot_id if conversations else None,
+            generator=torch.Generator(device=device).manual_seed(0))]
+    model.train()
+    return decode(tokenizer, prompt + ids) if conversations else decode(tokenizer, ids)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,60 @@ from checkpoints import load_checkpoint  # noqa: E402
 from utils import ModelConfig, run_cli  # noqa: E402
 
 TOKENIZER = str(REPO / "tokenizer" / "bpe_4096.json")
+CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                       "<|end_header_id|>", "<|eot_id|>"]
+CHATML_TEMPLATE = (  # SmolLM2-Instruct's
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CONVERSATIONS = {
+    "one turn": [{"role": "user", "content": "Who art thou?"},
+                 {"role": "assistant", "content": "A friend, my lord."}],
+    "with system": [{"role": "system", "content": "Speak in verse."},
+                    {"role": "user", "content": "What news?"},
+                    {"role": "assistant", "content": "The king is dead;\nlong live the king!"}],
+    "multi-turn with system": [
+        {"role": "system", "content": "Be brief, \"quoted\" and kind."},
+        {"role": "user", "content": "Good morrow."},
+        {"role": "assistant", "content": "Good morrow, sir."},
+        {"role": "user", "content": "skip me"},
+        {"role": "assistant", "content": "I shall not — ünïcode too."},
+        {"role": "user", "content": "Farewell!"},
+        {"role": "assistant", "content": "Adieu."}],
+}
+
+
+def chat_tokenizer_dir(directory: Path, template: str | list, special: dict) -> Path:
+    """SLM's tokenizer with chat special tokens added, and a tokenizer_config.json holding
+    `template` and the `special` tokens, as a Hugging Face directory has them."""
+    from tokenizers import Tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_file(TOKENIZER)
+    tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **special}))
+    return directory
+
+
+def write_conversations(path: Path, count: int) -> Path:
+    """A conversation JSONL of `count` conversations whose assistant turns differ in length
+    and number, some with a system turn."""
+    words = "thou art more lovely and more temperate rough winds do shake the darling buds".split()
+    lines = []
+    for i in range(count):
+        messages = [{"role": "system", "content": "Answer in verse."}] if i % 3 == 0 else []
+        for turn in range(1 + i % 2):
+            messages += [{"role": "user", "content": f"Question {i}.{turn}: {words[i % 14]}?"},
+                         {"role": "assistant", "content": " ".join(
+                             words[(i + k) % 14] for k in range(1 + (i * 7 + turn) % 13))}]
+        lines.append(json.dumps({"messages": messages}) + "\n")
+    path.write_text("".join(lines))
+    return path
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,6 +1,8 @@
+import dataclasses
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +11,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 
 import data
-from conftest import TOKENIZER, assert_one_error_line, run_main
+from chat import DEFAULT_TEMPLATE, assistant_spans, chat_format, trained_mask
+from conftest import TOKENIZER, assert_one_error_line, run_main, write_conversations
 from corpus import DEFAULT_CORPUS
 from data import (
     EOT,
+    IGNORE_INDEX,
     TokenWindows,
+    corpus_fingerprint,
     decode,
     epoch_order,
     load_tokenizer,
@@ -104,7 +109,7 @@ def test_jsonl_lines_are_documents_each_ended_by_end_of_text(tmp_path, tokenizer
     corpus = write_jsonl(
         tmp_path / "docs.jsonl", [{"text": doc, "id": i} for i, doc in enumerate(DOCUMENTS)], True
     )
-    tokens = prepare_tokens(
+    tokens, _ = prepare_tokens(
         DataConfig(raw_text_path=str(corpus), context_length=2, val_split=0.5), tokenizer
     )
     eot = tokenizer.token_to_id(EOT)
@@ -116,7 +121,7 @@ def test_text_field_names_where_the_document_is(tmp_path, tokenizer):
     corpus = write_jsonl(tmp_path / "docs.jsonl", [{"body": doc} for doc in DOCUMENTS])
     data = DataConfig(raw_text_path=str(corpus), context_length=2, val_split=0.5, text_field="body")
     eot = tokenizer.token_to_id(EOT)
-    assert prepare_tokens(data, tokenizer).tolist() == [
+    assert prepare_tokens(data, tokenizer)[0].tolist() == [
         i for doc in DOCUMENTS for i in tokenizer.encode(doc).ids + [eot]
     ]
 
@@ -126,7 +131,7 @@ def test_a_directory_mixes_text_and_jsonl_files(tmp_path, tokenizer):
     write_jsonl(tmp_path / "mixed" / "sub" / "a.jsonl", [{"text": doc} for doc in DOCUMENTS])
     (tmp_path / "mixed" / "b.txt").write_text("A plain text file.\n", encoding="utf-8")
     (tmp_path / "mixed" / "notes.md").write_text("not part of the corpus", encoding="utf-8")
-    tokens = prepare_tokens(
+    tokens, _ = prepare_tokens(
         DataConfig(raw_text_path=str(tmp_path / "mixed"), context_length=2, val_split=0.5),
         tokenizer,
     )
@@ -158,7 +163,7 @@ def test_a_malformed_jsonl_line_is_one_error_with_its_file_and_line(
 def test_default_corpus_path_is_built_on_first_use(tmp_path, tokenizer, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = DataConfig(raw_text_path=DEFAULT_CORPUS)
-    tokens = prepare_tokens(config, tokenizer)
+    tokens, _ = prepare_tokens(config, tokenizer)
     assert (tmp_path / DEFAULT_CORPUS).exists()
     assert len(tokens) > 1_000_000 and tokens.dtype == np.uint16
 
@@ -167,23 +172,23 @@ def test_token_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     text_path = tmp_path / "text.txt"
     text_path.write_text("To be, or not to be, that is the question.\n" * 50, encoding="utf-8")
     config = DataConfig(raw_text_path=str(text_path), context_length=8)
-    first = prepare_tokens(config, tokenizer)
+    first, _ = prepare_tokens(config, tokenizer)
     bin_path = Path(str(text_path) + ".tokens.bin")
     assert bin_path.exists() and np.array_equal(
         first[:-1], tokenizer.encode(text_path.read_text()).ids
     )
     assert first[-1] == tokenizer.token_to_id(EOT)
     stamp = bin_path.stat().st_mtime_ns
-    assert np.array_equal(prepare_tokens(config, tokenizer), first)
+    assert np.array_equal(prepare_tokens(config, tokenizer)[0], first)
     assert bin_path.stat().st_mtime_ns == stamp, "unchanged text and tokenizer must reuse the cache"
 
     with open(text_path, "a", encoding="utf-8") as f:
         f.write("Whether 'tis nobler in the mind to suffer\n")
-    assert len(prepare_tokens(config, tokenizer)) > len(first), "changed text must re-tokenize"
+    assert len(prepare_tokens(config, tokenizer)[0]) > len(first), "changed text must re-tokenize"
 
     other_path = tmp_path / "other.json"
     other = train_tokenizer([str(text_path)], str(other_path), vocab_size=300)
-    retokenized = prepare_tokens(config, other)
+    retokenized, _ = prepare_tokens(config, other)
     assert np.array_equal(
         retokenized[:-1], other.encode(text_path.read_text()).ids
     ), "new tokenizer must re-tokenize"
@@ -193,10 +198,10 @@ def test_directory_and_glob_corpora(tmp_path, tokenizer):
     (tmp_path / "books").mkdir()
     for i in range(3):
         (tmp_path / "books" / f"b{i}.txt").write_text(f"book {i} " * 20, encoding="utf-8")
-    from_dir = prepare_tokens(
+    from_dir, _ = prepare_tokens(
         DataConfig(raw_text_path=str(tmp_path / "books"), context_length=8), tokenizer
     )
-    from_glob = prepare_tokens(
+    from_glob, _ = prepare_tokens(
         DataConfig(raw_text_path=str(tmp_path / "books" / "b*.txt"), context_length=8), tokenizer
     )
     assert np.array_equal(from_dir, from_glob)
@@ -328,3 +333,71 @@ def test_train_tokenizer_command_mistakes_are_one_line(
     code, stdout, stderr = run_main(data.main, argv, tmp_path, monkeypatch, capsys)
     assert_one_error_line(code, stderr, message)
     assert not (tmp_path / "t.json").exists()
+
+
+GOOD_CONVERSATION = '{"messages": [{"role": "user", "content": "hi"}, ' \
+    '{"role": "assistant", "content": "hello"}]}'
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"messages": "hi"}', "line 2: 'messages' is not a non-empty list"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "line 2: message 1 has role 'bot'"),
+        ('{"messages": [{"role": "user", "content": 3}]}', "line 2: message 1's content is not"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "line 2: it has no assistant turn"),
+        ('{"text": "a document"}', "line 2: a text document after the conversation of line 1"),
+    ],
+)
+def test_a_malformed_conversation_line_is_one_error_with_its_file_and_line(
+    tmp_path, tokenizer, bad_line, message
+):
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text(f"{GOOD_CONVERSATION}\n{bad_line}\n{GOOD_CONVERSATION}\n")
+    with pytest.raises(UserError, match=re.escape(f"{corpus}, ") + re.escape(message)):
+        prepare_tokens(DataConfig(raw_text_path=str(corpus), context_length=4), tokenizer)
+    assert not list(tmp_path.glob("*.bin"))
+
+
+def test_conversations_and_text_in_one_corpus_are_refused_in_one_line(tmp_path, tokenizer):
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text(GOOD_CONVERSATION + "\n")
+    (tmp_path / "mixed" / "b.txt").write_text("plain text " * 50)
+    with pytest.raises(UserError, match="holds conversations and .*b.txt text — a run trains"):
+        prepare_tokens(DataConfig(raw_text_path=str(tmp_path / "mixed"), context_length=4),
+                       tokenizer)
+
+
+def test_conversations_cache_a_mask_of_the_assistant_tokens_checked_like_the_tokens(
+    tmp_path, tokenizer
+):
+    corpus = write_conversations(tmp_path / "chat.jsonl", 40)
+    data = DataConfig(raw_text_path=str(corpus), context_length=8, val_split=0.2)
+    tokens, mask = prepare_tokens(data, tokenizer)
+    chat = chat_format(TOKENIZER)
+    expected_tokens, expected_mask = [], []
+    for line in corpus.read_text().splitlines():
+        text, spans = assistant_spans(chat, json.loads(line)["messages"])
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        expected_tokens += encoding.ids
+        expected_mask += trained_mask(encoding.offsets, spans)
+    assert tokens.tolist() == expected_tokens and (mask > 0).tolist() == expected_mask
+    train, val = split_tokens(tokens, data, mask)
+    x, y = train[3]
+    assert x.tolist() == tokens[24:32].tolist()
+    assert y.tolist() == [t if m else IGNORE_INDEX for t, m in zip(tokens[25:33], mask[25:33])]
+    assert val.mask is not None and len(val.mask) == len(val.tokens)
+    assert corpus_fingerprint(tokens, mask) != corpus_fingerprint(tokens)
+    flipped = np.array(mask)
+    flipped[len(mask) // 2] ^= 1
+    assert corpus_fingerprint(tokens, flipped) != corpus_fingerprint(tokens, mask)
+
+    mask_path = Path(str(corpus) + ".mask.bin")
+    mask_path.write_bytes(mask_path.read_bytes()[:-1])  # a truncated mask: rebuilt
+    assert np.array_equal(prepare_tokens(data, tokenizer)[1], mask)
+    lower = DEFAULT_TEMPLATE.replace("upper", "lower").replace("ASSISTANT", "assistant")
+    (tmp_path / "chat_template.jinja").write_text(lower)
+    moved = dataclasses.replace(data, tokenizer_path=str(tmp_path / "tok.json"))
+    shutil.copy(TOKENIZER, tmp_path / "tok.json")
+    retemplated, _ = prepare_tokens(moved, tokenizer)
+    assert not np.array_equal(retemplated, tokens), "another template must re-tokenize"

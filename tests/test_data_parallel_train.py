@@ -19,9 +19,12 @@ from conftest import (
     signal_tree,
     tiny_config,
     write_config,
+    write_conversations,
     write_task,
 )
 from checkpoints import load_checkpoint
+from data import IGNORE_INDEX, epoch_order, load_tokenizer, prepare_tokens, split_tokens
+from utils import config_from_dict
 
 DDP_STEPS = {"max_steps": 20, "eval_every": 10, "save_every": 10}
 
@@ -154,6 +157,34 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(ddp_run, tmp_pa
     assert not torch.equal(
         single["norm.weight"], torch.ones_like(single["norm.weight"])
     )  # it did train
+
+
+def test_a_conversation_run_on_two_ranks_equals_one_process_with_twice_the_accumulation(
+    tmp_path, corpus
+):
+    """The loss is the mean over the assistant tokens of the whole step: ranks with unequal
+    numbers of them take the same step as one process accumulating both batches."""
+    conversations = write_conversations(tmp_path / "chat.jsonl", 300)
+    runs = {}
+    for name, settings in (("ddp", {}), ("single", {"grad_accum_steps": 2})):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        config = tiny_config(workdir, conversations, training={**DDP_STEPS, **settings})
+        path = write_config(workdir / "tiny.yaml", config)
+        result = (torchrun(path, workdir) if name == "ddp"
+                  else run_script("train.py", str(path), cwd=workdir))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = final_weights(workdir)
+    data = config_from_dict(config).data
+    tokens, mask = prepare_tokens(data, load_tokenizer(data.tokenizer_path))
+    train_set, _ = split_tokens(tokens, data, mask)
+    first_batches = [epoch_order(len(train_set), 7, 0, rank, 2)[: data.batch_size]
+                     for rank in (0, 1)]
+    trained = [sum(int((train_set[i][1] != IGNORE_INDEX).sum()) for i in batch)
+               for batch in first_batches]
+    assert trained[0] != trained[1], "the ranks' first batches should differ in assistant tokens"
+    for name, weights in runs["single"].items():
+        assert torch.allclose(weights, runs["ddp"][name], atol=1e-5, rtol=0), name
 
 
 def test_muon_under_two_ranks_equals_one_process_with_twice_the_accumulation(tmp_path, corpus):

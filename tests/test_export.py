@@ -10,7 +10,9 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 import export as export_script
 import infer
+from chat import DEFAULT_TEMPLATE, ChatFormat, chat_format, encode, render
 from conftest import (
+    CONVERSATIONS,
     TOKENIZER,
     assert_one_error_line,
     file_tree,
@@ -122,6 +124,27 @@ def test_autotokenizer_encodes_and_decodes_like_data_py(tmp_path, trained_run):
     assert theirs(text)["input_ids"] == ids and theirs.encode(text) == ids
     assert theirs.decode(ids) == text == ours.decode(ids)
     assert theirs.eos_token == EOT and theirs.eos_token_id == ours.token_to_id(EOT)
+
+
+def test_the_chat_template_and_special_tokens_travel_into_the_export(tmp_path, trained_run):
+    """transformers' apply_chat_template on the export renders and tokenizes as chat.py does,
+    with the template the checkpoint carries."""
+    checkpoint = load_checkpoint(str(trained_run / "ckpt" / "best.pth"))
+    template = DEFAULT_TEMPLATE.replace("upper", "lower").replace("ASSISTANT", "assistant")
+    checkpoint["chat"] = {"template": template, "special_tokens": {"eos_token": EOT}}
+    save_checkpoint(checkpoint, str(tmp_path / "chat.pth"))
+    export(str(tmp_path / "chat.pth"), str(tmp_path / "hf"))
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    chat, tokenizer = ChatFormat(template, {"eos_token": EOT}), load_tokenizer(TOKENIZER)
+    for name, messages in CONVERSATIONS.items():
+        text = render(chat, messages[:-1], add_generation_prompt=True)
+        assert theirs.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True) == text, name
+        ids = theirs.apply_chat_template(messages[:-1], add_generation_prompt=True)
+        assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == encode(tokenizer, text)
+    assert theirs.eos_token == theirs.bos_token == theirs.pad_token == EOT
+    assert load_hf_directory(str(tmp_path / "hf"), weights=False)["config"]  # reads back
+    assert chat_format(str(tmp_path / "hf" / "tokenizer.json")).template == template
 
 
 def test_round_trip_slm_hf_slm_is_bitwise(exported):

@@ -4,6 +4,8 @@ with save_pretrained, read by infer.py and fine-tuned from with training.init_fr
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,16 @@ from tokenizers import Tokenizer
 
 import infer
 import train
-from conftest import TOKENIZER, assert_one_error_line, run_main, tiny_config, write_config
+from conftest import (
+    CHATML_TEMPLATE,
+    REPO,
+    TOKENIZER,
+    assert_one_error_line,
+    chat_tokenizer_dir,
+    run_main,
+    tiny_config,
+    write_config,
+)
 from data import epoch_order, load_tokenizer, prepare_tokens, split_tokens
 from checkpoints import load_checkpoint
 from hf import load_hf_directory
@@ -116,7 +127,7 @@ def first_batch_window(config_dict: dict, directory: Path) -> torch.Tensor:
     data = DataConfig(
         **{**config_dict["data"], "tokenizer_path": str(directory / "tokenizer.json")}
     )
-    tokens = prepare_tokens(data, load_tokenizer(data.tokenizer_path))
+    tokens, _ = prepare_tokens(data, load_tokenizer(data.tokenizer_path))
     train_set, _ = split_tokens(tokens, data)
     order = epoch_order(len(train_set), config_dict["training"]["seed"], 0)
     windows = [train_set[i] for i in order[: data.batch_size]]
@@ -240,3 +251,50 @@ def test_a_llama_feature_slm_cannot_represent_is_refused_by_name(
     )
     assert_one_error_line(code, stderr, message)
     assert stdout == ""
+
+
+def chat_llama(directory: Path) -> tuple[object, object]:
+    """A random LlamaForCausalLM with a ChatML template (SmolLM2-Instruct's) in `directory`."""
+    chat_tokenizer_dir(directory, CHATML_TEMPLATE, {"eos_token": "<|im_end|>"})
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=len(hf_tokenizer), hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False,
+        eos_token_id=hf_tokenizer.eos_token_id, pad_token_id=hf_tokenizer.eos_token_id,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # large weights: greedy replies depend on the whole prompt
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(directory)
+    return model, hf_tokenizer
+
+
+def test_infer_chat_replies_equal_transformers_greedy_generate(tmp_path):
+    """printf 'turn one\\nturn two\\n' | infer.py --chat: transformers' two greedy replies, the
+    first one's decoded text rendered back into the history of the second."""
+    model, hf_tokenizer = chat_llama(tmp_path / "llama")
+    raw = Tokenizer.from_file(str(tmp_path / "llama" / "tokenizer.json"))
+    history, expected = [], []
+    for turn in ("turn one", "turn two"):
+        history.append({"role": "user", "content": turn})
+        encoded = hf_tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+        reply_ids = out[0, len(ids):].tolist()
+        if hf_tokenizer.eos_token_id in reply_ids:
+            reply_ids = reply_ids[: reply_ids.index(hf_tokenizer.eos_token_id)]
+        reply = raw.decode(reply_ids, skip_special_tokens=False)
+        expected.append(reply)
+        history.append({"role": "assistant", "content": reply})
+    assert expected[0] != expected[1] and all(len(reply) > 3 for reply in expected)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "infer.py"), "--ckpt_path", str(tmp_path / "llama"),
+         "--chat", "--temperature", "0", "--max-length", "16"],
+        input="turn one\nturn two\n", capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "".join(f"{reply}\n" for reply in expected)

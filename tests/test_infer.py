@@ -1,9 +1,11 @@
+import io
 import re
 import shutil
 
 import pytest
 
 import infer
+from chat import render
 from conftest import assert_one_error_line, run_main, run_script
 
 
@@ -153,3 +155,28 @@ def test_infer_compile_without_a_cxx_compiler_is_one_line_exit_2(trained_run, tm
     assert_one_error_line(
         result.returncode, result.stderr, "^error: torch.compile needs a working C\\+\\+ compiler"
     )
+
+
+def test_chat_on_an_slm_checkpoint_keeps_the_system_turn_and_ends_replies_at_the_window(
+    trained_run, monkeypatch, capsys
+):
+    """A 32-token window: each reply gets the rest of it and is cut there with a warning; the
+    second turn's prompt drops the first pair but keeps the system turn."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("What news?\n\nWho is there?\n"))
+    rendered = []
+    original = infer.chat_prompt
+
+    def spy(chat, tokenizer, system, history, window):
+        ids, dropped = original(chat, tokenizer, system, history, window)
+        rendered.append(render(chat, [{"role": "system", "content": system},
+                                      *history[2 * dropped:]], True))
+        return ids, dropped
+
+    monkeypatch.setattr(infer, "chat_prompt", spy)
+    argv = ["--ckpt_path", "ckpt/best.pth", "--chat", "--system", "Be kind.",
+            "--temperature", "0", "--max-length", "100"]
+    code, stdout, stderr = run_main(infer.main, argv, trained_run, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert len(rendered) == 2, "the empty line is no turn"
+    assert rendered[1].startswith("SYSTEM:\nBe kind.") and "What news?" not in rendered[1]
+    assert stderr.count("warning: the reply filled the 32-token window and ends here") == 2

@@ -266,10 +266,10 @@ def test_one_path_for_checkpoint_and_snapshot_is_refused():
 def test_a_damaged_cache_metadata_file_means_rebuild(tmp_path, corpus, damage):
     tokenizer = load_tokenizer(TOKENIZER)
     data = DataConfig(raw_text_path=str(corpus), cache_dir=str(tmp_path), context_length=32)
-    first = np.array(prepare_tokens(data, tokenizer))
+    first = np.array(prepare_tokens(data, tokenizer)[0])
     (meta,) = tmp_path.glob("*.tokens.json")
     meta.write_bytes(damage(meta.read_text()).encode("utf-8", "surrogateescape"))
-    assert np.array_equal(prepare_tokens(data, tokenizer), first)
+    assert np.array_equal(prepare_tokens(data, tokenizer)[0], first)
     assert json.loads(meta.read_text())["num_tokens"] == len(first)
 
 
@@ -281,8 +281,8 @@ def test_broken_symlinks_and_non_files_in_a_corpus_directory_are_skipped(tmp_pat
     (corpus_dir / "folder.txt").mkdir()
     os.mkfifo(corpus_dir / "pipe.txt")  # reading it would block forever
     data = DataConfig(raw_text_path=str(corpus_dir), context_length=32)
-    tokens = prepare_tokens(data, load_tokenizer(TOKENIZER))
-    single = prepare_tokens(
+    tokens, _ = prepare_tokens(data, load_tokenizer(TOKENIZER))
+    single, _ = prepare_tokens(
         DataConfig(raw_text_path=str(corpus), context_length=32), load_tokenizer(TOKENIZER)
     )
     assert np.array_equal(tokens, single)
@@ -371,7 +371,7 @@ def test_two_runs_preparing_one_new_corpus_both_succeed(tmp_path, corpus):
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); from data import *; from utils import *; "
         "print(len(prepare_tokens(DataConfig(raw_text_path=sys.argv[2]), "
-        "load_tokenizer(sys.argv[3]))))"
+        "load_tokenizer(sys.argv[3]))[0]))"
     )
     runs = [
         subprocess.Popen(
@@ -496,5 +496,5 @@ def test_a_corpus_on_a_read_only_mount_needs_and_takes_a_cache_dir(tmp_path, cor
         with pytest.raises(UserError, match="Read-only file system.* set data.cache_dir"):
             prepare_tokens(data, tokenizer)
         data.cache_dir = str(tmp_path / "cache")
-        assert len(prepare_tokens(data, tokenizer)) > 1000
+        assert len(prepare_tokens(data, tokenizer)[0]) > 1000
         assert list((tmp_path / "cache").glob("plays.txt-*.tokens.bin"))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -22,9 +23,11 @@ from conftest import (
     run_script,
     tiny_config,
     write_config,
+    write_conversations,
     write_task,
 )
-from data import load_tokenizer, token_byte_lengths
+from chat import chat_format, render
+from data import epoch_order, load_tokenizer, prepare_tokens, split_tokens, token_byte_lengths
 from model import Transformer
 from train import evaluate
 from checkpoints import load_checkpoint
@@ -68,13 +71,15 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
         "model",
         "config",
         "tokenizer",
+        "chat",
         "step",
         "val_loss",
         "val_bpb",
     }  # weights only, no optimizer
     snapshot = load_checkpoint(str(trained_run / "ckpt" / "snapshot.pth"))
     assert set(snapshot) == {
-        *("model", "optimizer", "scaler", "config", "tokenizer", "precision", "progress"),
+        *("model", "optimizer", "scaler", "config", "tokenizer", "chat", "precision"),
+        "progress",
         *("batch_plan", "rng"),
     }
     assert snapshot["precision"] == "fp32"
@@ -620,3 +625,70 @@ def test_eval_tasks_are_scored_printed_and_logged_at_each_eval(tmp_path, corpus)
     val_loss = {e.step: e.value for e in events.Scalars("val/loss")}
     best = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))
     assert best["step"] == min(val_loss, key=val_loss.get)
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory) -> Path:
+    return write_conversations(tmp_path_factory.mktemp("chat") / "chat.jsonl", 300)
+
+
+def test_a_conversation_run_trains_and_evaluates_on_the_assistant_tokens_only(
+    tmp_path, conversations
+):
+    """The first step's logged loss is the mean cross-entropy over the assistant's targets of
+    its batch, computed here by hand from the cached mask; the val line says what it counts,
+    and TensorBoard's sample is the reply to a fixed user turn."""
+    settings = {"max_steps": 1, "log_every": 1, "eval_every": 1, "sample_tokens": 6}
+    config = tiny_config(tmp_path, conversations, training=settings)
+    result = run_script("train.py", str(write_config(tmp_path / "chat.yaml", config)),
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bits/byte (assistant tokens)" in result.stdout
+    events = EventAccumulator(str(tmp_path / "runs" / "test"))
+    events.Reload()
+    logged = events.Scalars("train/loss")[0].value
+
+    data = config_from_dict(config).data
+    tokenizer = load_tokenizer(data.tokenizer_path)
+    tokens, mask = prepare_tokens(data, tokenizer)
+    train_set, _ = split_tokens(tokens, data, mask)
+    torch.manual_seed(config["training"]["seed"])
+    model = Transformer(config_from_dict(config).model)
+    T = data.context_length
+    starts = [i * T for i in epoch_order(len(train_set), 7, 0)[: data.batch_size]]
+    x = torch.tensor(np.stack([tokens[s : s + T] for s in starts]).astype(np.int64))
+    y = torch.tensor(np.stack([tokens[s + 1 : s + T + 1] for s in starts]).astype(np.int64))
+    trained = torch.tensor(np.stack([mask[s + 1 : s + T + 1] for s in starts]) > 0)
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(
+            model(x)[0].flatten(0, 1), y.flatten(), reduction="none"
+        )
+    assert 0 < trained.sum() < trained.numel()
+    assert logged == pytest.approx(losses[trained.flatten()].mean().item(), rel=1e-5)
+    assert logged != pytest.approx(losses.mean().item(), rel=1e-3)
+
+    sample = events.Tensors("sample/text_summary")[0].tensor_proto.string_val[0].decode()
+    chat = chat_format(data.tokenizer_path)
+    asked = render(chat, [{"role": "user", "content": train.SAMPLE_TURN}], True)
+    assert sample.startswith(asked) and len(sample) > len(asked)
+    assert load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))["chat"]["template"] == (
+        chat.template
+    )
+
+
+def test_sigkill_then_resume_of_a_conversation_run_is_bitwise_exact(tmp_path, conversations):
+    """Accumulation over micro-batches with unequal numbers of assistant tokens, resumed."""
+    runs = {}
+    for name in ("uninterrupted", "killed"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        runs[name] = resume_config(workdir, conversations, max_steps=30, epochs=1)
+    result = run_script("train.py", str(runs["uninterrupted"]), cwd=tmp_path / "uninterrupted")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = load_checkpoint(str(tmp_path / "uninterrupted" / "ckpt" / "snapshot.pth"))
+    process = start_training(runs["killed"], tmp_path / "killed")
+    snapshot = pause_at_snapshot(process, tmp_path / "killed" / "ckpt" / "snapshot.pth", 10)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert_resumes_exactly(runs["killed"], tmp_path / "killed", snapshot["step"],
+                           reference["model"])
