@@ -186,11 +186,12 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
                    check_length: Callable[[int], None], data: DataConfig, eot: str = EOT,
                    chat: ChatFormat | None = None, mask_path: str = "") -> tuple[int, bool]:
     """Write the tokens of `files` (read as `data` says) to out_path; return their count and
-    whether they are conversations. A
-    text document (a text file, a JSONL line) ends with the end-of-text token; conversations
-    are rendered by `chat`, and the mask of their assistant tokens goes to mask_path.
-    `check_length` may refuse the count before the rename, so a useless corpus leaves no cache."""
+    whether they are conversations. A text document (a text file, a JSONL line) ends with the
+    end-of-text token; conversations are rendered by `chat` (default: the tokenizer's), and the
+    mask of their assistant tokens goes to mask_path. `check_length` may refuse the count
+    before the rename, so a useless corpus leaves no cache."""
     eot_ids = np.array([tokenizer.token_to_id(eot)], dtype=dtype)
+    chat = chat or chat_format(data.tokenizer_path)
     num_tokens, masks, kinds = 0, [], {}  # kinds: is a conversation -> the first file of it
 
     def write(out: BinaryIO) -> None:
@@ -205,8 +206,7 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
                                         "text — a run trains on text or on conversations, never "
                                         "a mix: give data.raw_text_path one kind")
                     if chunk.conversations:  # the mask is one byte per token, held until the end
-                        ids, chunk_masks = _encode_conversations(tokenizer, chat or chat_format(
-                            data.tokenizer_path), chunk, dtype)
+                        ids, chunk_masks = _encode_conversations(tokenizer, chat, chunk, dtype)
                         masks.extend(chunk_masks)
                     elif chunk.whole_documents:
                         ids = [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)

@@ -107,15 +107,15 @@ def chat(trained: TrainedModel, args: argparse.Namespace, generator: torch.Gener
     history: list[dict] = []
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8: one error line
         sys.stdin.reconfigure(errors="surrogateescape")
-    for line in [args.prompt] if args.prompt else sys.stdin:
+    for number, line in enumerate([args.prompt] if args.prompt else sys.stdin, 1):
         if not line.strip():  # an empty line is no turn
             continue
-        check_utf8(line, f"turn {len(history) // 2 + 1} on stdin")
+        check_utf8(line, "--prompt" if args.prompt else f"line {number} of stdin")
         history.append({"role": "user", "content": line.rstrip("\r\n")})
         prompt_ids, dropped = chat_prompt(trained.chat, tokenizer, args.system, history, context)
         del history[:2 * dropped]
         if len(prompt_ids) >= context:
-            warn(f"the system and user turns take {len(prompt_ids)} tokens, more than the "
+            warn(f"the system and user turns take {len(prompt_ids)} tokens and fill the "
                  f"{context}-token window; the model sees the newest half of them")
             prompt_ids = prompt_ids[-max(1, context // 2):]
         room = context - len(prompt_ids)

@@ -346,6 +346,20 @@ def test_a_prompt_that_is_not_utf8_is_one_error_line(trained_run):
     )
 
 
+def test_a_chat_turn_on_stdin_that_is_not_utf8_is_one_error_line(trained_run):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "infer.py"), "--ckpt_path", "ckpt/best.pth", "--chat",
+         "--max-length", "2"],
+        input=b"fine\nROMEO \xff\xfe\n",
+        cwd=trained_run,
+        capture_output=True,
+        timeout=120,
+    )
+    assert_one_error_line(
+        result.returncode, result.stderr.decode(), r"line 2 of stdin is not UTF-8 text \(byte 0xff"
+    )
+
+
 # 6. Two runs at once -------------------------------------------------------------------------
 
 
