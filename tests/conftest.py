@@ -35,6 +35,15 @@ CHATML_TEMPLATE = (  # SmolLM2-Instruct's
     "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+LLAMA3_TEMPLATE = (  # Llama-3-Instruct's
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
 CONVERSATIONS = {
     "one turn": [{"role": "user", "content": "Who art thou?"},
                  {"role": "assistant", "content": "A friend, my lord."}],

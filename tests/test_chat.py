@@ -19,20 +19,17 @@ from chat import (
     render,
     trained_mask,
 )
-from conftest import CHATML_TEMPLATE, CONVERSATIONS, TOKENIZER, chat_tokenizer_dir
+from conftest import (
+    CHATML_TEMPLATE,
+    CONVERSATIONS,
+    LLAMA3_TEMPLATE,
+    TOKENIZER,
+    chat_tokenizer_dir,
+)
 from utils import UserError
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    " + message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}"
-)
 # Written to depend on trim_blocks and lstrip_blocks (the indented block tags and the newlines
 # after them must vanish), loop controls, tojson, raise_exception and strftime_now.
 CONTROL_TEMPLATE = """\

@@ -17,13 +17,16 @@ import infer
 import train
 from conftest import (
     CHATML_TEMPLATE,
+    LLAMA3_TEMPLATE,
     REPO,
     TOKENIZER,
     assert_one_error_line,
+    CONVERSATIONS,
     chat_tokenizer_dir,
     run_main,
     tiny_config,
     write_config,
+    write_conversations,
 )
 from data import epoch_order, load_tokenizer, prepare_tokens, split_tokens
 from checkpoints import load_checkpoint
@@ -253,9 +256,16 @@ def test_a_llama_feature_slm_cannot_represent_is_refused_by_name(
     assert stdout == ""
 
 
-def chat_llama(directory: Path) -> tuple[object, object]:
-    """A random LlamaForCausalLM with a ChatML template (SmolLM2-Instruct's) in `directory`."""
-    chat_tokenizer_dir(directory, CHATML_TEMPLATE, {"eos_token": "<|im_end|>"})
+CHAT_TEMPLATES = {
+    "ChatML": (CHATML_TEMPLATE, {"eos_token": "<|im_end|>"}),
+    "Llama-3 style": (LLAMA3_TEMPLATE, {"bos_token": "<|begin_of_text|>",
+                                        "eos_token": "<|eot_id|>"}),
+}
+
+
+def chat_llama(directory: Path, template: str = "ChatML") -> tuple[object, object]:
+    """A random LlamaForCausalLM with a chat template and its special tokens in `directory`."""
+    chat_tokenizer_dir(directory, *CHAT_TEMPLATES[template])
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     torch.manual_seed(1)
     config = transformers.LlamaConfig(
@@ -273,10 +283,11 @@ def chat_llama(directory: Path) -> tuple[object, object]:
     return model, hf_tokenizer
 
 
-def test_infer_chat_replies_equal_transformers_greedy_generate(tmp_path):
+@pytest.mark.parametrize("template", list(CHAT_TEMPLATES))
+def test_infer_chat_replies_equal_transformers_greedy_generate(tmp_path, template):
     """printf 'turn one\\nturn two\\n' | infer.py --chat: transformers' two greedy replies, the
     first one's decoded text rendered back into the history of the second."""
-    model, hf_tokenizer = chat_llama(tmp_path / "llama")
+    model, hf_tokenizer = chat_llama(tmp_path / "llama", template)
     raw = Tokenizer.from_file(str(tmp_path / "llama" / "tokenizer.json"))
     history, expected = [], []
     for turn in ("turn one", "turn two"):
@@ -298,3 +309,30 @@ def test_infer_chat_replies_equal_transformers_greedy_generate(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "".join(f"{reply}\n" for reply in expected)
+
+
+def test_a_chat_model_fine_tuned_from_a_directory_keeps_its_template_into_the_export(tmp_path):
+    """init_from a ChatML directory on conversations: the mask ends turns at <|im_end|>, and the
+    checkpoint and its export carry the directory's template and special tokens."""
+    _, hf_tokenizer = chat_llama(tmp_path / "llama")
+    conversations = write_conversations(tmp_path / "chat.jsonl", 200)
+    training = {"init_from": str(tmp_path / "llama"), "max_steps": 4, "eval_every": 4,
+                "save_every": 4}
+    config = write_config(tmp_path / "sft.yaml", tiny_config(tmp_path, conversations,
+                                                             training=training))
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), str(config)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))
+    assert checkpoint["chat"]["template"] == CHATML_TEMPLATE
+    assert checkpoint["chat"]["special_tokens"]["eos_token"] == "<|im_end|>"
+    subprocess.run([sys.executable, str(REPO / "export.py"), "--ckpt_path",
+                    str(tmp_path / "ckpt" / "best.pth"), "--out", str(tmp_path / "hf")],
+                   check=True, capture_output=True, timeout=120)
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for messages in CONVERSATIONS.values():
+        assert exported.apply_chat_template(messages, tokenize=False) == (
+            hf_tokenizer.apply_chat_template(messages, tokenize=False))
+    assert exported.eos_token == "<|im_end|>"
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").eos_token_id == (
+        hf_tokenizer.eos_token_id)
