@@ -1,7 +1,6 @@
 """chat.py: templates rendered and tokenized as transformers' apply_chat_template does, and the
 assistant's tokens of a conversation."""
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
