@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from conftest import (
     REPO,
     assert_one_error_line,
     parent_pid,
     pause_at_snapshot,
+    run_main,
     run_script,
     signal_tree,
     tiny_config,
@@ -160,7 +162,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(ddp_run, tmp_pa
 
 
 def test_a_conversation_run_on_two_ranks_equals_one_process_with_twice_the_accumulation(
-    tmp_path, corpus
+    tmp_path, monkeypatch, capsys
 ):
     """The loss is the mean over the assistant tokens of the whole step: ranks with unequal
     numbers of them take the same step as one process accumulating both batches."""
@@ -171,9 +173,12 @@ def test_a_conversation_run_on_two_ranks_equals_one_process_with_twice_the_accum
         workdir.mkdir()
         config = tiny_config(workdir, conversations, training={**DDP_STEPS, **settings})
         path = write_config(workdir / "tiny.yaml", config)
-        result = (torchrun(path, workdir) if name == "ddp"
-                  else run_script("train.py", str(path), cwd=workdir))
-        assert result.returncode == 0, result.stderr[-3000:]
+        if name == "ddp":
+            result = torchrun(path, workdir)
+            assert result.returncode == 0, result.stderr[-3000:]
+        else:
+            code, _, stderr = run_main(train.main, [str(path)], workdir, monkeypatch, capsys)
+            assert code == 0, stderr[-3000:]
         runs[name] = final_weights(workdir)
     data = config_from_dict(config).data
     tokens, mask = prepare_tokens(data, load_tokenizer(data.tokenizer_path))

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 import infer
 import train
+from export import export
 from conftest import (
     CHATML_TEMPLATE,
     LLAMA3_TEMPLATE,
@@ -311,7 +312,9 @@ def test_infer_chat_replies_equal_transformers_greedy_generate(tmp_path, templat
     assert result.stdout == "".join(f"{reply}\n" for reply in expected)
 
 
-def test_a_chat_model_fine_tuned_from_a_directory_keeps_its_template_into_the_export(tmp_path):
+def test_a_chat_model_fine_tuned_from_a_directory_keeps_its_template_into_the_export(
+    tmp_path, monkeypatch, capsys
+):
     """init_from a ChatML directory on conversations: the mask ends turns at <|im_end|>, and the
     checkpoint and its export carry the directory's template and special tokens."""
     _, hf_tokenizer = chat_llama(tmp_path / "llama")
@@ -320,15 +323,12 @@ def test_a_chat_model_fine_tuned_from_a_directory_keeps_its_template_into_the_ex
                 "save_every": 4}
     config = write_config(tmp_path / "sft.yaml", tiny_config(tmp_path, conversations,
                                                              training=training))
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), str(config)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, stderr = run_main(train.main, [str(config)], tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr[-3000:]
     checkpoint = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))
     assert checkpoint["chat"]["template"] == CHATML_TEMPLATE
     assert checkpoint["chat"]["special_tokens"]["eos_token"] == "<|im_end|>"
-    subprocess.run([sys.executable, str(REPO / "export.py"), "--ckpt_path",
-                    str(tmp_path / "ckpt" / "best.pth"), "--out", str(tmp_path / "hf")],
-                   check=True, capture_output=True, timeout=120)
+    export(str(tmp_path / "ckpt" / "best.pth"), str(tmp_path / "hf"))
     exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for messages in CONVERSATIONS.values():
         assert exported.apply_chat_template(messages, tokenize=False) == (

@@ -6,6 +6,7 @@ files, a prompt that is not UTF-8, two runs at once, malformed formats. Each mis
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -346,18 +347,14 @@ def test_a_prompt_that_is_not_utf8_is_one_error_line(trained_run):
     )
 
 
-def test_a_chat_turn_on_stdin_that_is_not_utf8_is_one_error_line(trained_run):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "infer.py"), "--ckpt_path", "ckpt/best.pth", "--chat",
-         "--max-length", "2"],
-        input=b"fine\nROMEO \xff\xfe\n",
-        cwd=trained_run,
-        capture_output=True,
-        timeout=120,
-    )
-    assert_one_error_line(
-        result.returncode, result.stderr.decode(), r"line 2 of stdin is not UTF-8 text \(byte 0xff"
-    )
+def test_a_chat_turn_on_stdin_that_is_not_utf8_is_one_error_line(
+    trained_run, monkeypatch, capsys
+):
+    stdin = io.TextIOWrapper(io.BytesIO(b"fine\nROMEO \xff\xfe\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    argv = ["--ckpt_path", "ckpt/best.pth", "--chat", "--max-length", "2"]
+    code, _, stderr = run_main(infer.main, argv, trained_run, monkeypatch, capsys)
+    assert_one_error_line(code, stderr, r"line 2 of stdin is not UTF-8 text \(byte 0xff")
 
 
 # 6. Two runs at once -------------------------------------------------------------------------

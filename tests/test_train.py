@@ -627,68 +627,77 @@ def test_eval_tasks_are_scored_printed_and_logged_at_each_eval(tmp_path, corpus)
     assert best["step"] == min(val_loss, key=val_loss.get)
 
 
+CONVERSATION_SETTINGS = {  # accumulation over micro-batches with unequal assistant counts
+    "data": {"batch_size": 4},
+    "training": {"max_steps": 24, "grad_accum_steps": 2, "log_every": 1, "eval_every": 12,
+                 "save_every": 4, "sample_tokens": 6},
+}
+
+
+def conversation_config(workdir: Path, corpus: Path) -> Path:
+    return write_config(workdir / "chat.yaml",
+                        tiny_config(workdir, corpus, **CONVERSATION_SETTINGS))
+
+
 @pytest.fixture(scope="module")
-def conversations(tmp_path_factory) -> Path:
-    return write_conversations(tmp_path_factory.mktemp("chat") / "chat.jsonl", 300)
-
-
-def test_a_conversation_run_trains_and_evaluates_on_the_assistant_tokens_only(
-    tmp_path, conversations
-):
-    """The first step's logged loss is the mean cross-entropy over the assistant's targets of
-    its batch, computed here by hand from the cached mask; the val line says what it counts,
-    and TensorBoard's sample is the reply to a fixed user turn."""
-    settings = {"max_steps": 1, "log_every": 1, "eval_every": 1, "sample_tokens": 6}
-    config = tiny_config(tmp_path, conversations, training=settings)
-    result = run_script("train.py", str(write_config(tmp_path / "chat.yaml", config)),
-                        cwd=tmp_path)
+def conversation_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(workdir, corpus) of a finished 24-step run on conversations."""
+    workdir = tmp_path_factory.mktemp("chat")
+    corpus = write_conversations(workdir / "chat.jsonl", 300)
+    result = run_script("train.py", str(conversation_config(workdir, corpus)), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "bits/byte (assistant tokens)" in result.stdout
-    events = EventAccumulator(str(tmp_path / "runs" / "test"))
+    (workdir / "stdout.txt").write_text(result.stdout)
+    return workdir, corpus
+
+
+def test_a_conversation_run_trains_and_evaluates_on_the_assistant_tokens_only(conversation_run):
+    """The first step's logged loss is the mean cross-entropy over the assistant's targets of
+    both its micro-batches, computed here by hand from the cached mask; the val line says what
+    it counts, and TensorBoard's sample is the reply to a fixed user turn."""
+    workdir, corpus = conversation_run
+    assert "bits/byte (assistant tokens)" in (workdir / "stdout.txt").read_text()
+    events = EventAccumulator(str(workdir / "runs" / "test"))
     events.Reload()
     logged = events.Scalars("train/loss")[0].value
 
-    data = config_from_dict(config).data
-    tokenizer = load_tokenizer(data.tokenizer_path)
-    tokens, mask = prepare_tokens(data, tokenizer)
+    config = config_from_dict(tiny_config(workdir, corpus, **CONVERSATION_SETTINGS))
+    data = config.data
+    tokens, mask = prepare_tokens(data, load_tokenizer(data.tokenizer_path))
     train_set, _ = split_tokens(tokens, data, mask)
-    torch.manual_seed(config["training"]["seed"])
-    model = Transformer(config_from_dict(config).model)
+    torch.manual_seed(config.training.seed)
+    model = Transformer(config.model)
     T = data.context_length
-    starts = [i * T for i in epoch_order(len(train_set), 7, 0)[: data.batch_size]]
+    starts = [i * T for i in epoch_order(len(train_set), 7, 0)[: 2 * data.batch_size]]
     x = torch.tensor(np.stack([tokens[s : s + T] for s in starts]).astype(np.int64))
     y = torch.tensor(np.stack([tokens[s + 1 : s + T + 1] for s in starts]).astype(np.int64))
     trained = torch.tensor(np.stack([mask[s + 1 : s + T + 1] for s in starts]) > 0)
     with torch.no_grad():
         losses = torch.nn.functional.cross_entropy(
             model(x)[0].flatten(0, 1), y.flatten(), reduction="none"
-        )
-    assert 0 < trained.sum() < trained.numel()
-    assert logged == pytest.approx(losses[trained.flatten()].mean().item(), rel=1e-5)
-    assert logged != pytest.approx(losses.mean().item(), rel=1e-3)
+        ).view_as(trained)
+    counts = trained[: data.batch_size].sum(), trained[data.batch_size :].sum()
+    assert 0 < counts[0] != counts[1] > 0 and trained.sum() < trained.numel()
+    assert logged == pytest.approx(losses[trained].mean().item(), rel=1e-6)
+    # At initialisation every loss is near ln(vocab): the other rules differ only slightly.
+    assert logged != pytest.approx(losses.mean().item(), rel=1e-5)
+    micro_means = [losses[:4][trained[:4]].mean(), losses[4:][trained[4:]].mean()]
+    assert logged != pytest.approx(sum(micro_means).item() / 2, rel=1e-5)
 
     sample = events.Tensors("sample/text_summary")[0].tensor_proto.string_val[0].decode()
     chat = chat_format(data.tokenizer_path)
     asked = render(chat, [{"role": "user", "content": train.SAMPLE_TURN}], True)
     assert sample.startswith(asked) and len(sample) > len(asked)
-    assert load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))["chat"]["template"] == (
+    assert load_checkpoint(str(workdir / "ckpt" / "best.pth"))["chat"]["template"] == (
         chat.template
     )
 
 
-def test_sigkill_then_resume_of_a_conversation_run_is_bitwise_exact(tmp_path, conversations):
-    """Accumulation over micro-batches with unequal numbers of assistant tokens, resumed."""
-    runs = {}
-    for name in ("uninterrupted", "killed"):
-        workdir = tmp_path / name
-        workdir.mkdir()
-        runs[name] = resume_config(workdir, conversations, max_steps=30, epochs=1)
-    result = run_script("train.py", str(runs["uninterrupted"]), cwd=tmp_path / "uninterrupted")
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = load_checkpoint(str(tmp_path / "uninterrupted" / "ckpt" / "snapshot.pth"))
-    process = start_training(runs["killed"], tmp_path / "killed")
-    snapshot = pause_at_snapshot(process, tmp_path / "killed" / "ckpt" / "snapshot.pth", 10)
+def test_sigkill_then_resume_of_a_conversation_run_is_bitwise_exact(tmp_path, conversation_run):
+    reference_dir, corpus = conversation_run
+    reference = load_checkpoint(str(reference_dir / "ckpt" / "snapshot.pth"))["model"]
+    config = conversation_config(tmp_path, corpus)
+    process = start_training(config, tmp_path)
+    snapshot = pause_at_snapshot(process, tmp_path / "ckpt" / "snapshot.pth", 8)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert_resumes_exactly(runs["killed"], tmp_path / "killed", snapshot["step"],
-                           reference["model"])
+    assert_resumes_exactly(config, tmp_path, snapshot["step"], reference)
