@@ -10,6 +10,7 @@ compare ratios taken in one run, since shared machines are noisy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -28,7 +29,7 @@ from data import TokenWindows, epoch_loader, epoch_order, prepare_data, tokenize
 from generate import generate
 from model import Transformer
 from optim import FUSED_ADAMW, configure_optimizers, forward_backward, optimizer_step
-from runtime import (BF16_PEAK_GATE, autocast_context, keep_freed_memory, measure_peak_flops,
+from runtime import (autocast_context, bf16_is_fast, keep_freed_memory, measure_peak_flops,
                      pick_device, setup_precision, sync)
 from utils import ArgumentParser, Config, ModelConfig, load_config, require_within, run_cli
 
@@ -51,8 +52,8 @@ def bench_peak(device: torch.device, precision: str) -> dict:
 def training_precisions(device: torch.device, precision: str, peak_flops: dict) -> list[str]:
     """The run's precision, and beside fp32 on a CPU bf16 too where its matmul peak passes the
     gate `precision: auto` applies before it times both."""
-    bf16_too = (device.type == "cpu" and precision == "fp32"
-                and peak_flops["bf16"] >= BF16_PEAK_GATE * peak_flops["fp32"])
+    bf16_too = device.type == "cpu" and precision == "fp32" and bf16_is_fast(
+        device, peak_flops.__getitem__)
     return [precision, *(["bf16"] if bf16_too else [])]
 
 
@@ -107,12 +108,12 @@ class ReferenceGPT(nn.Module):
 
 
 def bench_training(config: Config, train_set: TokenWindows, device: torch.device, precision: str,
-                   compile_model: bool, steps: int, warmup_steps: int,
+                   newton_schulz_dtype: str, compile_model: bool, steps: int, warmup_steps: int,
                    make_model: Callable[[ModelConfig], nn.Module] = Transformer) -> dict:
     """Steady-state optimizer steps on the real data pipeline, after untimed warmup_steps."""
     torch.manual_seed(config.training.seed)
     model = make_model(config.model).to(device)
-    optimizers = configure_optimizers(model, config.training, device)
+    optimizers = configure_optimizers(model, config.training, device, newton_schulz_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train_model = torch.compile(model) if compile_model else model
     accum = config.training.grad_accum_steps
@@ -147,13 +148,15 @@ def bench_optimizer(model: Transformer, config: Config, device: torch.device,
                     steps: int) -> dict:
     """Milliseconds per optimizer step over the model's parameters: AdamW with torch's fused
     kernels and with its default (foreach) ones (configure_optimizers uses the faster kind on
-    each device), and Muon on the block matrices beside AdamW on the rest."""
+    each device), and Muon on the block matrices beside AdamW on the rest, orthogonalising in
+    bf16 and in fp32."""
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
     muon = dataclasses.replace(config.training, optimizer="muon")
     kinds = {"foreach": lambda: [torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False)],
              "fused": lambda: [torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)],
-             "muon": lambda: configure_optimizers(model, muon, device)}
+             **{f"muon {dtype}": functools.partial(configure_optimizers, model, muon, device, dtype)
+                for dtype in ("bf16", "fp32")}}
     step_ms = {}
     for kind, make in kinds.items():
         optimizers = make()
@@ -223,8 +226,12 @@ def print_table(results: dict) -> None:
     step_ms = results["optimizer_step_ms"]
     print(f"optimizer step alone: AdamW foreach {step_ms['foreach']:.2f} ms, fused "
           f"{step_ms['fused']:.2f} ms ({step_ms['foreach'] / step_ms['fused']:.2f}x; training "
-          f"uses {'fused' if results['fused_adamw'] else 'foreach'} here); Muon on the blocks "
-          f"+ AdamW {step_ms['muon']:.2f} ms")
+          f"uses {'fused' if results['fused_adamw'] else 'foreach'} here)")
+    training_ms = next(iter(results["training"].values()))["step_ms"]
+    print(f"Muon on the blocks + AdamW, orthogonalising in bf16 {step_ms['muon bf16']:.2f} ms, "
+          f"in fp32 {step_ms['muon fp32']:.2f} ms ({step_ms['muon bf16'] / training_ms:.0%} and "
+          f"{step_ms['muon fp32'] / training_ms:.0%} of the {training_ms:.0f} ms training step "
+          f"above; training uses {results['newton_schulz_dtype']} here)")
     print(f"\n{f'generation, {GENERATION_TOKENS} new tokens':<34}{'warm-up s':>10}"
           f"{'prefill ms':>11}{'decode tok/s':>14}")
     for name, row in results["generation"].items():
@@ -263,16 +270,17 @@ def main() -> None:
 
     peak_flops = bench_peak(device, precision)  # first: the tokenizer's threads may spin on after
     tokenizer, train_set, _ = prepare_data(config)
+    newton_schulz = "bf16" if bf16_is_fast(device, peak_flops.__getitem__) else "fp32"
     results = {"device": str(device), "precision": precision,
-               "fused_adamw": device.type in FUSED_ADAMW,
+               "fused_adamw": device.type in FUSED_ADAMW, "newton_schulz_dtype": newton_schulz,
                "model": dataclasses.asdict(config.model), "peak_flops": peak_flops,
                "data": bench_data(config, tokenizer), "training": {}}
     models = {"": Transformer, **({"reference GPT-2, ": ReferenceGPT} if args.reference else {})}
     for (name, make_model), row_precision, compiled in itertools.product(
             models.items(), training_precisions(device, precision, peak_flops),
             (False, True) if args.compile else (False,)):
-        row = bench_training(config, train_set, device, row_precision, compiled, args.steps,
-                             args.warmup_steps, make_model)
+        row = bench_training(config, train_set, device, row_precision, newton_schulz, compiled,
+                             args.steps, args.warmup_steps, make_model)
         row["mfu"] = row["model_flops"] / peak_flops[row_precision]  # against its matmuls' peak
         results["training"][f"{name}{row_precision}{', compiled' if compiled else ''}"] = row
     model = Transformer(config.model).to(device)

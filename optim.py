@@ -18,12 +18,12 @@ from utils import Config, TrainingConfig
 FUSED_ADAMW = ("cuda", "cpu")  # device types where fused AdamW beats foreach, as bench.py measures
 
 
-def configure_optimizers(model: Transformer, t: TrainingConfig,
-                         device: torch.device) -> list[torch.optim.Optimizer]:
+def configure_optimizers(model: Transformer, t: TrainingConfig, device: torch.device,
+                         newton_schulz_dtype: str) -> list[torch.optim.Optimizer]:
     """AdamW on every parameter; or, with training.optimizer=muon, Muon on the blocks' weight
-    matrices (q/k/v/o, gate/up/down) and AdamW on the rest (embedding, head, norms). Weight
-    decay applies to matrices only. Muon's update is scaled to AdamW's RMS (match_rms_adamw),
-    so one learning rate and one schedule serve both."""
+    matrices (q/k/v/o, gate/up/down), orthogonalising in `newton_schulz_dtype`, and AdamW on the
+    rest (embedding, head, norms). Weight decay applies to matrices only. Muon's update is
+    scaled to AdamW's RMS, so one learning rate and one schedule serve both."""
     muon = ([p for layer in model.layers for p in layer.parameters() if p.dim() == 2]
             if t.optimizer == "muon" else [])
     muon_ids = {id(p) for p in muon}
@@ -33,9 +33,67 @@ def configure_optimizers(model: Transformer, t: TrainingConfig,
     optimizers = [torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95),
                                     fused=device.type in FUSED_ADAMW)]
     if muon:
-        optimizers.append(torch.optim.Muon(muon, lr=t.lr, weight_decay=t.weight_decay,
-                                           adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(Muon(muon, lr=t.lr, weight_decay=t.weight_decay,
+                               newton_schulz_dtype=newton_schulz_dtype))
     return optimizers
+
+
+NEWTON_SCHULZ_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update with adjust_lr_fn="match_rms_adamw" (Nesterov momentum,
+    Newton-Schulz orthogonalisation, decoupled weight decay, the update scaled to AdamW's RMS),
+    bitwise equal to it in bf16, with the orthogonalisation's dtype a setting: torch's is always
+    bf16, which a CPU without bf16 matmul units runs far slower than fp32. The dtype is in the
+    param group, so a snapshot carries it and a resume orthogonalises as the run did."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                 newton_schulz_dtype: str, momentum: float = 0.95, ns_steps: int = 5,
+                 ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+                 eps: float = 1e-7):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                                  "nesterov": True, "ns_coefficients": ns_coefficients,
+                                  "eps": eps, "ns_steps": ns_steps,
+                                  "newton_schulz_dtype": newton_schulz_dtype})
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a snapshot of torch.optim.Muon's: it ran bf16
+            group.setdefault("newton_schulz_dtype", "bf16")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for param in (p for p in group["params"] if p.grad is not None):
+                grad, state = param.grad, self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"],
+                                       group["eps"],
+                                       NEWTON_SCHULZ_DTYPES[group["newton_schulz_dtype"]])
+                param.mul_(1 - lr * group["weight_decay"])
+                rms_match = 0.2 * math.sqrt(max(param.shape[:2]))  # AdamW's update RMS
+                param.add_(update, alpha=-lr * rms_match)
+
+
+def orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of Muon, in `dtype`: maps `matrix` to roughly U V^T
+    of its SVD U S V^T (singular values pushed into ~[0.5, 1.5], which trains as well)."""
+    a, b, c = coefficients
+    wide = matrix.to(dtype)
+    if matrix.size(0) > matrix.size(1):  # iterate on the wide orientation: the smaller Gram
+        wide = wide.T
+    wide = wide / wide.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = wide @ wide.T
+        wide = torch.addmm(wide, torch.addmm(gram, gram, gram, beta=b, alpha=c), wide, beta=a)
+    return wide.T if matrix.size(0) > matrix.size(1) else wide
 
 
 def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -72,26 +130,33 @@ def optimizer_step(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.Gr
     return grad_norm
 
 
-def seconds_per_step(model: Transformer, config: Config, device: torch.device,
-                     precision: str, steps: int = 2) -> float:
-    """Seconds per optimizer step of a copy of `model` in `precision`, eager, on random tokens of
-    the run's micro-batch shape: the model, the data order and the RNG streams stay untouched,
-    so a run trains exactly as it would without the measurement."""
-    trial = copy.deepcopy(model)
-    optimizers = configure_optimizers(trial, config.training, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+def step_seconds(model: Transformer, config: Config, device: torch.device,
+                 newton_schulz_dtype: str, precisions: tuple[str, ...] = ("fp32", "bf16"),
+                 rounds: int = 7) -> dict[str, list[float]]:
+    """Seconds of `rounds` optimizer steps in each of `precisions`, eager, each precision on its
+    own copy of `model` and on random tokens of the run's micro-batch shape, taken in turns so
+    that a burst of a neighbour's load slows them alike. The model, the data order and the RNG
+    streams stay untouched: a run trains exactly as it would without the measurement."""
     generator = torch.Generator().manual_seed(0)
     shape = (config.data.batch_size, config.data.context_length)
     x, y = (torch.randint(model.config.vocab_size, shape, generator=generator) for _ in "xy")
-    seconds = []
+    trials = {}
+    for precision in precisions:
+        trial = copy.deepcopy(model)
+        trials[precision] = (trial, configure_optimizers(trial, config.training, device,
+                                                         newton_schulz_dtype),
+                             torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
+    seconds: dict[str, list[float]] = {precision: [] for precision in precisions}
     with torch.random.fork_rng(devices=[]):  # dropout draws from the global stream
-        for _ in range(1 + steps):  # the first step allocates the optimizer state
-            start = time.perf_counter()
-            forward_backward(trial, x, y, device, precision, scaler, 1 / y.numel())
-            optimizer_step(optimizers, scaler, config.training.lr, config.training.grad_clip)
-            sync(device)
-            seconds.append(time.perf_counter() - start)
-    return min(seconds[1:])
+        for round_index in range(1 + rounds):  # the first round allocates optimizer state
+            for precision, (trial, optimizers, scaler) in trials.items():
+                start = time.perf_counter()
+                forward_backward(trial, x, y, device, precision, scaler, 1 / y.numel())
+                optimizer_step(optimizers, scaler, config.training.lr, config.training.grad_clip)
+                sync(device)
+                if round_index:
+                    seconds[precision].append(time.perf_counter() - start)
+    return seconds
 
 
 def lr_at(step: int, progress: float, t: TrainingConfig) -> float:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+import statistics
 import sys
 import time
 from typing import Callable, Literal
 
 import torch
 
-from utils import require, warn
+from files import atomic_write
+from utils import Config, UserError, require, warn
 
 
 def pick_device(name: str) -> torch.device:
@@ -85,24 +92,135 @@ def sync(device: torch.device) -> None:
         getattr(torch, device.type).synchronize()
 
 
-BF16_PEAK_GATE = 1.5    # bf16 matmul peak / fp32's below which bf16 is never tried on a CPU
-BF16_MIN_SPEEDUP = 1.15  # how much faster bf16 must train this model to be chosen
+BF16_PEAK_GATE = 1.5    # bf16 matmul peak / fp32's below which a CPU's bf16 is not used
+BF16_MIN_SPEEDUP = 1.2  # how much faster (median step) bf16 must train this model to be chosen
+BUSY_SHARE = 0.1        # others' share of the CPUs during the timing above which it is not kept
 
 
-def choose_cpu_precision(peak_flops: dict[str, float],
-                         step_seconds: Callable[[str], float]) -> tuple[str, str]:
-    """`precision: auto` on a CPU, by measurement: fp32 unless bf16's matmul peak is at least
-    BF16_PEAK_GATE x fp32's and a training step of this model, timed in each precision by
-    `step_seconds`, runs at least BF16_MIN_SPEEDUP x faster in bf16. -> (precision, the line
-    that says what was measured)."""
-    fp32_peak, bf16_peak = peak_flops["fp32"], peak_flops["bf16"]
+def bf16_is_fast(device: torch.device, peak_flops: Callable[[str], float]) -> bool:
+    """Whether bf16 matmuls pay here: on a GPU (tensor cores), and on a CPU whose measured bf16
+    peak is at least BF16_PEAK_GATE x fp32's (AVX512-BF16 or AMX; AVX2 alone emulates bf16)."""
+    return device.type != "cpu" or peak_flops("bf16") >= BF16_PEAK_GATE * peak_flops("fp32")
+
+
+def choose_cpu_precision(peak_flops: Callable[[str], float],
+                         timed_steps: Callable[[], tuple[dict[str, list[float]], float]]
+                         ) -> tuple[str, str, bool]:
+    """`precision: auto` on a CPU, by measurement: fp32 unless bf16 passes the peak gate
+    (bf16_is_fast) and the median of this model's training steps in bf16 is at least
+    BF16_MIN_SPEEDUP x faster than in fp32. `timed_steps` -> (seconds of steps by precision,
+    taken in turns so a neighbour's burst slows both alike; the share of the CPUs other
+    processes took meanwhile). A timing taken while others held more than BUSY_SHARE of the
+    CPUs is not trusted: fp32 for now. -> (precision, what was measured, whether to keep it)"""
+    fp32_peak, bf16_peak = peak_flops("fp32"), peak_flops("bf16")
     peaks = f"matmul peak bf16 {bf16_peak / 1e9:,.0f} / fp32 {fp32_peak / 1e9:,.0f} GFLOP/s"
-    if bf16_peak < BF16_PEAK_GATE * fp32_peak:
-        return "fp32", (f"precision auto: fp32 ({peaks} = {bf16_peak / fp32_peak:.2f}x, below "
-                        f"{BF16_PEAK_GATE}x: bf16 not timed)")
-    fp32_seconds, bf16_seconds = step_seconds("fp32"), step_seconds("bf16")
-    speedup = fp32_seconds / bf16_seconds
+    if not bf16_is_fast(torch.device("cpu"), peak_flops):
+        return "fp32", (f"{peaks} = {bf16_peak / fp32_peak:.2f}x, below {BF16_PEAK_GATE}x: "
+                        "bf16 not timed"), True
+    timings, others_share = timed_steps()
+    if others_share > BUSY_SHARE:
+        return "fp32", (f"other processes took {others_share:.0%} of the CPUs while fp32 and "
+                        "bf16 were timed: fp32 until a quiet start times them"), False
+    seconds = {name: statistics.median(times) for name, times in timings.items()}
+    speedup = seconds["fp32"] / seconds["bf16"]
     choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
-    return choice, (f"precision auto: {choice} (this model's training step: fp32 "
-                    f"{1000 * fp32_seconds:,.0f} ms, bf16 {1000 * bf16_seconds:,.0f} ms = "
-                    f"{speedup:.2f}x, bf16 needs {BF16_MIN_SPEEDUP}x; {peaks})")
+    return choice, (f"this model's median training step: fp32 {1000 * seconds['fp32']:,.0f} ms, "
+                    f"bf16 {1000 * seconds['bf16']:,.0f} ms = {speedup:.2f}x, bf16 needs "
+                    f"{BF16_MIN_SPEEDUP}x; {peaks}"), True
+
+
+def with_others_share(measure: Callable[[], dict]) -> tuple[dict, float]:
+    """measure()'s result, and the share of this machine's CPUs that other processes (and, in
+    a VM, the hypervisor's other guests) kept busy meanwhile; 0 where /proc/stat is missing."""
+    def busy_and_own_seconds() -> tuple[float, float]:
+        with open("/proc/stat", encoding="ascii") as stat:  # cpu user nice system idle ...
+            user, nice, system, _, _, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        return busy, sum(os.times()[:2])  # this process's user + system time, all threads
+
+    if not os.path.exists("/proc/stat"):
+        return measure(), 0.0
+    (busy, own), start = busy_and_own_seconds(), time.perf_counter()
+    result = measure()
+    (busy_after, own_after), seconds = busy_and_own_seconds(), time.perf_counter() - start
+    others = (busy_after - busy) - (own_after - own)
+    return result, max(0.0, others) / (seconds * (os.cpu_count() or 1))
+
+
+def decide_cpu_precision(config: Config, newton_schulz: str, peak_flops: Callable[[str], float],
+                         step_seconds: Callable[[], dict[str, list[float]]]) -> tuple[str, str]:
+    """`precision: auto` for a fresh CPU run: choose_cpu_precision's answer from the first time
+    this CPU, thread count, torch, model, batch and optimizer met on this machine (decided_once),
+    and the line that says so. -> (precision, line)"""
+    key = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "model": dataclasses.asdict(config.model), "batch_size": config.data.batch_size,
+           "context_length": config.data.context_length, "optimizer": config.training.optimizer,
+           "newton_schulz": newton_schulz}
+    choice, reason, kept = decided_once(key, lambda: choose_cpu_precision(
+        peak_flops, lambda: with_others_share(step_seconds)))
+    where = (f"decided once for this CPU, model and batch, kept in {decisions_path()}" if kept
+             else "not kept")
+    return choice, (f"precision auto: {choice} ({reason}); {where} — pin it with "
+                    "training.precision=fp32 or bf16")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def decisions_path() -> str:
+    """Where measured choices are kept for this user: the XDG cache directory, not the data's."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "slm", "decisions.json")
+
+
+def decided_once(key: dict,
+                 decide: Callable[[], tuple[str, str, bool]]) -> tuple[str, str, bool]:
+    """decide()'s (choice, reason, trusted) the first time `key` is met on this machine, kept in
+    decisions_path() when trusted and read from there ever after: a measurement near its
+    threshold cannot flip between starts. Processes deciding at once wait for each other under
+    a lock, so one measures and the rest read its answer. -> (choice, reason, kept)"""
+    path, entry = decisions_path(), json.dumps(key, sort_keys=True)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = open(path + ".lock", "a", encoding="utf-8")
+    except OSError as err:
+        warn(f"cannot keep measured choices in {path} ({err.strerror}); measuring at each start")
+        choice, reason, _ = decide()
+        return choice, reason, False
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        decisions = read_decisions(path)
+        if entry in decisions:
+            choice, reason = decisions[entry]
+            return choice, reason, True
+        choice, reason, trusted = decide()
+        if trusted:
+            decisions[entry] = [choice, reason]
+            try:
+                atomic_write(path, lambda f: f.write(json.dumps(decisions, indent=1).encode()))
+            except UserError as err:
+                warn(f"{err}; measuring again at the next start")
+                trusted = False
+    return choice, reason, trusted
+
+
+def read_decisions(path: str) -> dict[str, list[str]]:
+    """decisions_path()'s contents; a missing file is none, an unreadable one is warned of and
+    measured anew."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            decisions = json.load(f)
+        require(isinstance(decisions, dict), "not a JSON object")
+        return decisions
+    except (OSError, ValueError, UserError) as err:
+        warn(f"ignoring {path} ({err}): its choices are measured again and it is rewritten")
+        return {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -15,7 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Collection, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from tqdm import tqdm
 
 from checkpoints import (adopt_pretrained, batch_plan, check_outputs, check_tokenizer,
@@ -34,9 +36,8 @@ from data import (IGNORE_INDEX, TokenWindows, decode, epoch_loader, epoch_order,
 from files import claim
 from generate import generate
 from model import Transformer
-from optim import (configure_optimizers, forward_backward, lr_at, optimizer_step,
-                   seconds_per_step)
-from runtime import (autocast_context, choose_cpu_precision, keep_freed_memory,
+from optim import configure_optimizers, forward_backward, lr_at, optimizer_step, step_seconds
+from runtime import (autocast_context, bf16_is_fast, decide_cpu_precision, keep_freed_memory,
                      measure_peak_flops, pick_device, setup_precision, use_compile)
 from scoring import Encoder, Task, score_task
 from tasks import load_tasks
@@ -80,8 +81,11 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     tasks = load_tasks(t.eval_tasks)
     keep_freed_memory()
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
-    model, optimizers = build_model(config, device, rank)
-    precision = choose_precision(config, device, model)
+    model = build_model(config, device, rank)
+    peak_flops = functools.cache(functools.partial(measure_peak_flops, device))  # FLOP/s by dtype
+    newton_schulz = choose_newton_schulz_dtype(t, device, peak_flops)
+    optimizers = configure_optimizers(model, t, device, newton_schulz)
+    precision = choose_precision(config, device, model, peak_flops, newton_schulz)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     plan = batch_plan(config, train_set, world_size)
     state = start_or_resume(config, model, optimizers, scaler, device, plan, tokenizer, source)
@@ -96,13 +100,16 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
         return
     context = config.data.context_length
     tokens_per_step = world_size * t.grad_accum_steps * config.data.batch_size * context
-    peak_flops = measure_peak_flops(device, precision) * world_size  # assumes equal devices
+    peak = peak_flops(precision) * world_size  # assumes equal devices
     if is_main:
-        print(f"{world_size} process(es) on {device.type} ({precision}), {model.num_params():,} "
-              f"parameters, {len(train_set):,} train / {len(val_set):,} val windows; per step "
-              f"{config.data.batch_size} windows x {t.grad_accum_steps} accumulation x "
-              f"{world_size} process(es) = {tokens_per_step:,} tokens; {length} ({per_epoch} steps "
-              f"per epoch); measured peak {peak_flops / 1e9:.0f} GFLOP/s", flush=True)
+        muon = [group["newton_schulz_dtype"] for group in optimizers[-1].param_groups
+                if "newton_schulz_dtype" in group]
+        print(f"{world_size} process(es) on {device.type} ({precision}"
+              f"{f', Muon orthogonalising in {muon[0]}' if muon else ''}), "
+              f"{model.num_params():,} parameters, {len(train_set):,} train / {len(val_set):,} "
+              f"val windows; per step {config.data.batch_size} windows x {t.grad_accum_steps} "
+              f"accumulation x {world_size} process(es) = {tokens_per_step:,} tokens; {length} "
+              f"({per_epoch} steps per epoch); measured peak {peak / 1e9:.0f} GFLOP/s", flush=True)
 
     val_batches = fixed_val_batches(val_set, config)[rank::world_size]  # each rank its share
     token_bytes = token_byte_lengths(tokenizer).to(device)
@@ -148,23 +155,28 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
         if state.step % t.log_every == 0 or finished:
             now, steps = time.perf_counter(), state.step - log_step
             train_loss = all_reduce(loss_sum).item() / max(1.0, targets_sum.item())
-            tokens_per_sec = steps * tokens_per_step / (now - log_time)
+            tokens_per_sec = steps * tokens_per_step / (now - log_time)  # training time only
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
                             tok_s=f"{tokens_per_sec:,.0f}")
-            mfu = model.flops_per_token(context) * tokens_per_sec / peak_flops
+            mfu = model.flops_per_token(context) * tokens_per_sec / peak
             log_scalars(writer, state.step, {
-                "train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                "perf/tokens_per_sec": tokens_per_sec, "perf/mfu": mfu})
+                "1_train/loss": train_loss, "1_train/lr": lr,
+                "1_train/grad_norm": grad_norm.item(), "4_perf/tokens_per_sec": tokens_per_sec,
+                "4_perf/mfu": mfu})
             loss_sum.zero_()
             targets_sum.zero_()
             log_time, log_step = now, state.step
+        paused_at = time.perf_counter()  # evaluation and snapshots count in no logged rate
         if state.step % t.eval_every == 0 or finished:
             bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, token_bytes, tasks,
                                              config, precision, state, writer,
                                              train_set.mask is not None))
+            log_scalars(writer, state.step, {"4_perf/eval_seconds":
+                                             time.perf_counter() - paused_at})
         if state.step % t.save_every == 0 or finished or signum:
             save_snapshot(t.snapshot_path, model, optimizers, scaler, config, tokenizer,
                           precision, dataclasses.asdict(state), plan)
+        log_time += time.perf_counter() - paused_at
         if signum:
             bar.close()
             if writer:
@@ -181,22 +193,32 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
               f"{t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
 
 
-def build_model(config: Config, device: torch.device,
-                rank: int) -> tuple[Transformer, list[torch.optim.Optimizer]]:
-    """The model (the same initial weights on every rank) and its optimizers; then the RNG is
-    seeded per rank, so dropout masks differ between ranks."""
+def build_model(config: Config, device: torch.device, rank: int) -> Transformer:
+    """The model, the same initial weights on every rank; then the RNG is seeded per rank, so
+    dropout masks differ between ranks."""
     torch.manual_seed(config.training.seed)
     model = Transformer(config.model).to(device)
-    optimizers = configure_optimizers(model, config.training, device)
     torch.manual_seed(config.training.seed + rank)
-    return model, optimizers
+    return model
 
 
-def choose_precision(config: Config, device: torch.device, model: Transformer) -> str:
+def choose_newton_schulz_dtype(t: TrainingConfig, device: torch.device,
+                               peak_flops: Callable[[str], float]) -> str:
+    """Muon's orthogonalisation dtype, rank 0's on every rank: bf16 where bf16 matmuls are fast
+    (runtime.bf16_is_fast), else fp32. A resume then takes its snapshot's."""
+    if t.optimizer != "muon":
+        return "fp32"  # AdamW has no orthogonalisation
+    choice = ""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        choice = "bf16" if bf16_is_fast(device, peak_flops) else "fp32"
+    return rank_0s(choice)
+
+
+def choose_precision(config: Config, device: torch.device, model: Transformer,
+                     peak_flops: Callable[[str], float], newton_schulz: str) -> str:
     """The run's precision. A resume keeps its snapshot's (an explicit other one is refused:
-    the run would not continue exactly). A fresh CPU run with `auto` measures, on rank 0, which
-    of fp32 and bf16 trains this model faster (runtime.choose_cpu_precision), and every rank
-    takes rank 0's choice. Otherwise runtime.setup_precision's rule."""
+    the run would not continue exactly). A fresh CPU run with `auto` takes rank 0's
+    runtime.decide_cpu_precision on every rank. Otherwise runtime.setup_precision's rule."""
     t = config.training
     stored = (load_checkpoint(t.snapshot_path, weights=False).get("precision")
               if os.path.exists(t.snapshot_path) else None)
@@ -208,9 +230,8 @@ def choose_precision(config: Config, device: torch.device, model: Transformer) -
         return setup_precision(stored or t.precision, device)
     choice = ""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        peaks = {name: measure_peak_flops(device, name) for name in ("fp32", "bf16")}
-        choice, line = choose_cpu_precision(
-            peaks, lambda name: seconds_per_step(model, config, device, name))
+        choice, line = decide_cpu_precision(config, newton_schulz, peak_flops, lambda: step_seconds(
+            model, config, device, newton_schulz))
         print(line, flush=True)
     return rank_0s(choice)
 
@@ -349,18 +370,23 @@ def open_writer(config: Config, run_name: str) -> SummaryWriter:
 
 
 def log_scalars(writer: SummaryWriter | None, step: int, values: dict[str, float]) -> None:
-    """To TensorBoard, where this process writes it (rank 0)."""
+    """To TensorBoard, where this process writes it (rank 0). A tag's group is its first part,
+    numbered because TensorBoard's Time Series page sorts groups by name and opens the first
+    two: 1_train and 2_val open, then 3_eval and 4_perf."""
     for name, value in values.items() if writer else ():
         writer.add_scalar(name, value, step)
 
 
 def log_hparams_and_close(writer: SummaryWriter, config: Config, state: RunState) -> None:
-    """The config beside the run's best results, for TensorBoard's HPARAMS tab."""
+    """The config beside the run's best results (the last 2_val/best_* values), for
+    TensorBoard's HPARAMS tab. Written by hand: add_hparams would also log the metrics as
+    scalars, a group of one-point cards on the Time Series page."""
     hparams = {f"{section}.{key}": ",".join(value) if isinstance(value, list) else value
                for section, values in config_to_dict(config).items()
                for key, value in values.items()}
-    writer.add_hparams(hparams, {"hparam/best_val_loss": state.best_val_loss,
-                                 "hparam/best_val_bpb": state.best_val_bpb}, run_name=".")
+    for summary in hparams_summaries(hparams, dict.fromkeys(["2_val/best_loss",
+                                                             "2_val/best_bpb"])):
+        writer.file_writer.add_summary(summary)
     writer.close()
 
 
@@ -420,9 +446,11 @@ def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: li
     if writer and t.sample_tokens:
         writer.add_text("sample", sample(model, tokenizer, config, precision, conversations),
                         state.step)
-    log_scalars(writer, state.step, {"val/loss": val_loss, "val/bpb": val_bpb, **{
-        f"eval/{name}/{metric}": result[metric] for name, result in scores.items()
-        for metric in ("acc", "acc_norm")}})
+    log_scalars(writer, state.step, {
+        "2_val/loss": val_loss, "2_val/bpb": val_bpb, "2_val/best_loss": state.best_val_loss,
+        "2_val/best_bpb": state.best_val_bpb, **{
+            f"3_eval/{name}/{metric}": result[metric] for name, result in scores.items()
+            for metric in ("acc", "acc_norm")}})
     return (f"step {state.step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
             + (" (assistant tokens)" if conversations else "")
             + (f" -> saved {t.checkpoint_path}" if improved else "")

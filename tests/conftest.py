@@ -91,6 +91,13 @@ def write_conversations(path: Path, count: int) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def own_decisions_file(tmp_path_factory, monkeypatch):
+    """Each test keeps measured choices (runtime.decisions_path) in a directory of its own, so
+    none reads a choice another test or the developer's machine made."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "gpu: needs a CUDA device (python -m pytest -q -rs tests -m gpu on a GPU box)"

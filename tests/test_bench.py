@@ -37,7 +37,9 @@ def test_bench_reports_every_section(tmp_path, corpus):
     ratio = training["tokens_per_sec"] / reference["tokens_per_sec"]
     assert f"SLM / reference GPT-2 tokens/s, fp32: {ratio:.2f}x" in result.stdout
     assert abs(reference["params"] - training["params"]) < 0.1 * training["params"]  # equal work
-    assert set(report["optimizer_step_ms"]) == {"foreach", "fused", "muon"}
+    assert set(report["optimizer_step_ms"]) == {"foreach", "fused", "muon bf16", "muon fp32"}
+    assert "Muon on the blocks + AdamW, orthogonalising in bf16 " in result.stdout
+    assert f"training uses {report['newton_schulz_dtype']} here" in result.stdout
     assert all(ms > 0 for ms in report["optimizer_step_ms"].values())
     assert set(report["generation"]) == {
         f"batch {b}, {kind}" for b in (1, 8) for kind in ("KV cache", "no cache")

@@ -35,7 +35,7 @@ def train_losses(workdir: Path, corpus: Path, **training) -> list[float]:
     train.train(config_from_dict(tiny_config(workdir, corpus, training=settings)), CUDA)
     events = EventAccumulator(str(workdir / "runs" / "test"))
     events.Reload()
-    return [event.value for event in events.Scalars("train/loss")]
+    return [event.value for event in events.Scalars("1_train/loss")]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

@@ -152,7 +152,7 @@ def test_fine_tuning_starts_from_the_pretrained_weights(llama, tmp_path, corpus)
     train.train(config_from_dict(config), torch.device("cpu"))
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
-    (first_loss,) = [event.value for event in events.Scalars("train/loss")]
+    (first_loss,) = [event.value for event in events.Scalars("1_train/loss")]
     window = first_batch_window(config, directory)
     with torch.no_grad():
         expected = hf_model(input_ids=window, labels=window).loss.item()

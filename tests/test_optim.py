@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from optim import configure_optimizers, lr_at, optimizer_step
+from optim import Muon, configure_optimizers, lr_at, optimizer_step
 from utils import TrainingConfig
 
 
@@ -36,7 +36,8 @@ def test_warmdown_follows_the_cosine_then_falls_linearly_to_min_lr():
 
 def test_muon_takes_exactly_the_block_matrices_and_adamw_the_rest():
     model = make_model(num_kv_heads=2)
-    adamw, muon = configure_optimizers(model, TrainingConfig(optimizer="muon"), torch.device("cpu"))
+    adamw, muon = configure_optimizers(model, TrainingConfig(optimizer="muon"), torch.device("cpu"),
+                                       "fp32")
     names = {id(param): name for name, param in model.named_parameters()}
     muon_names = {names[id(p)] for group in muon.param_groups for p in group["params"]}
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -49,14 +50,16 @@ def test_muon_takes_exactly_the_block_matrices_and_adamw_the_rest():
     decayed, plain = adamw.param_groups
     assert {names[id(p)] for p in decayed["params"]} == {"embed_tokens.weight"}  # tied head
     assert all(p.dim() == 1 for p in plain["params"]) and decayed["weight_decay"] == 0.1
-    assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["weight_decay"] == 0.1
+    assert muon.param_groups[0]["weight_decay"] == 0.1
+    assert muon.param_groups[0]["newton_schulz_dtype"] == "fp32"
     adamw_only = TrainingConfig(optimizer="adamw")
-    assert len(configure_optimizers(model, adamw_only, torch.device("cpu"))) == 1
+    assert len(configure_optimizers(model, adamw_only, torch.device("cpu"), "fp32")) == 1
 
 
 def test_an_inf_gradient_under_fp16_skips_the_step_and_halves_the_scale():
     model = make_model().train()
-    optimizers = configure_optimizers(model, TrainingConfig(optimizer="adamw"), torch.device("cpu"))
+    optimizers = configure_optimizers(model, TrainingConfig(optimizer="adamw"), torch.device("cpu"),
+                                      "fp32")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     idx = torch.randint(0, 97, (2, 16))
     with torch.autocast("cpu", dtype=torch.float16):
@@ -83,3 +86,43 @@ def test_the_schedules_floor_is_a_share_of_the_peak_unless_min_lr_is_set():
     assert lr_at(100, 1.0, absolute) == pytest.approx(0.1)
     fine_tune = TrainingConfig(lr=1e-4)  # one override is enough: the floor follows the peak
     assert lr_at(10_000, 1.0, fine_tune) == pytest.approx(1e-4 * fine_tune.min_lr_ratio)
+
+
+def muon_steps(make_optimizer, steps: int = 4) -> tuple[list[torch.Tensor], dict]:
+    """Matrices of three shapes (tall, wide, square) after `steps` Muon steps on fixed
+    gradients from the optimizer `make_optimizer(params)` makes; and its state_dict."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=generator))
+              for shape in ((48, 16), (16, 40), (24, 24))]
+    optimizer = make_optimizer(params)
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator)
+        optimizer.step()
+    return [param.detach().clone() for param in params], optimizer.state_dict()
+
+
+def test_muon_in_bf16_is_torchs_muon_bit_for_bit_and_fp32_is_close():
+    torch_muon, _ = muon_steps(lambda params: torch.optim.Muon(
+        params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
+    bf16, _ = muon_steps(lambda params: Muon(params, lr=0.02, weight_decay=0.1,
+                                             newton_schulz_dtype="bf16"))
+    fp32, _ = muon_steps(lambda params: Muon(params, lr=0.02, weight_decay=0.1,
+                                             newton_schulz_dtype="fp32"))
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(bf16, torch_muon))
+    assert not any(torch.equal(ours, theirs) for ours, theirs in zip(fp32, torch_muon))
+    for ours, theirs in zip(fp32, torch_muon):  # bf16's rounding is the only difference
+        assert torch.allclose(ours, theirs, rtol=0, atol=5e-3)
+
+
+def test_muons_dtype_is_in_its_state_and_a_torch_muon_state_resumes_in_bf16():
+    _, state = muon_steps(lambda params: Muon(params, lr=0.02, weight_decay=0.1,
+                                              newton_schulz_dtype="fp32"), steps=1)
+    restored = Muon([torch.nn.Parameter(torch.zeros(2, 2)) for _ in range(3)], lr=0.02,
+                    weight_decay=0.1, newton_schulz_dtype="bf16")
+    restored.load_state_dict(state)
+    assert restored.param_groups[0]["newton_schulz_dtype"] == "fp32"
+    _, torch_state = muon_steps(lambda params: torch.optim.Muon(
+        params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"), steps=1)
+    restored.load_state_dict(torch_state)  # a snapshot written before Muon lived here
+    assert restored.param_groups[0]["newton_schulz_dtype"] == "bf16"

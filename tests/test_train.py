@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import runtime
 import train
 from conftest import (
     REPO,
@@ -40,20 +42,25 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {
-        "train/loss",
-        "val/loss",
-        "val/bpb",
-        "train/lr",
-        "train/grad_norm",
-        "perf/tokens_per_sec",
-        "perf/mfu",
+        "1_train/loss",
+        "2_val/loss",
+        "2_val/bpb",
+        "1_train/lr",
+        "1_train/grad_norm",
+        "4_perf/tokens_per_sec",
+        "4_perf/mfu",
     } <= scalars
     assert {"config", "sample"} <= {tag.split("/")[0] for tag in events.Tags()["tensors"]}
-    train_loss = [e.value for e in events.Scalars("train/loss")]
+    # TensorBoard's Time Series page sorts the groups by name and opens the first two; the
+    # hyperparameters are in the HPARAMS tab only, not a group of one-point cards.
+    assert sorted({tag.split("/")[0] for tag in scalars}) == ["1_train", "2_val", "4_perf"]
+    assert set(events.PluginTagToContent("hparams")) == {
+        "_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+    train_loss = [e.value for e in events.Scalars("1_train/loss")]
     assert (
         len(train_loss) == 10 and train_loss[-1] < train_loss[0] - 1.5
     ), train_loss  # from ~8.3 nats
-    lrs = [e.value for e in events.Scalars("train/lr")]
+    lrs = [e.value for e in events.Scalars("1_train/lr")]
     schedule = TrainingConfig(warmup_steps=5, lr=3e-3, min_lr=3e-4)
     assert lrs == pytest.approx(
         [lr_at(step - 1, (step - 6) / 45, schedule) for step in range(5, 51, 5)], rel=1e-6
@@ -62,10 +69,12 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
         lrs[0] == pytest.approx(3e-3) and lrs[-1] < 3.1e-4
     )  # warmup done at step 5, decayed to ~min_lr
 
-    val_loss = {e.step: e.value for e in events.Scalars("val/loss")}
+    val_loss = {e.step: e.value for e in events.Scalars("2_val/loss")}
     assert sorted(val_loss) == [25, 50]
     best = load_checkpoint(str(trained_run / "ckpt" / "best.pth"))
     assert best["val_loss"] == pytest.approx(min(val_loss.values()))
+    assert events.Scalars("2_val/best_loss")[-1].value == pytest.approx(best["val_loss"])
+    assert [e.step for e in events.Scalars("4_perf/eval_seconds")] == [25, 50]
     assert best["step"] == min(val_loss, key=val_loss.get)
     assert set(best) == {
         "model",
@@ -218,7 +227,7 @@ def test_sigint_and_sigterm_finish_the_step_save_and_exit(
     )
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
-    assert events.Scalars("train/loss"), "TensorBoard events were not flushed on the way out"
+    assert events.Scalars("1_train/loss"), "TensorBoard events were not flushed on the way out"
     assert_resumes_exactly(config, tmp_path, stopped_at, reference)
 
 
@@ -434,7 +443,7 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
     assert 4.0 - mean_step <= snapshot["train_seconds"] < 4.0 + mean_step
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
-    lrs = [e.value for e in events.Scalars("train/lr")]
+    lrs = [e.value for e in events.Scalars("1_train/lr")]
     assert lrs[-1] < 0.5 * max(
         lrs
     ), "the cosine is laid out over the budget, so it has decayed by the end"
@@ -452,7 +461,7 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
     assert resumed["step"] > snapshot["step"]
     assert 7.0 - 2 * mean_step <= resumed["train_seconds"] < 7.0 + mean_step
     events.Reload()
-    lrs_after = [e.value for e in events.Scalars("train/lr")][len(lrs) :]
+    lrs_after = [e.value for e in events.Scalars("1_train/lr")][len(lrs) :]
     assert lrs_after[0] > lrs[-1], "a larger budget puts the resumed run back earlier on its cosine"
     assert lrs_after[-1] < 0.5 * max(lrs), "and the cosine ends at the new budget"
 
@@ -507,9 +516,9 @@ def test_each_precision_and_compile_learns_and_resumes_bitwise(
     train.train(run_config(tmp_path / "straight"), torch.device("cpu"))
     events = EventAccumulator(str(tmp_path / "straight" / "runs" / "test"))
     events.Reload()
-    losses = [e.value for e in events.Scalars("train/loss")]
+    losses = [e.value for e in events.Scalars("1_train/loss")]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0] - 0.3, losses
-    assert [e.step for e in events.Scalars("val/loss")] == [6, 12]
+    assert [e.step for e in events.Scalars("2_val/loss")] == [6, 12]
     assert len(events.Tensors("sample/text_summary")) == 2
 
     (tmp_path / "resumed" / "ckpt").mkdir(parents=True)
@@ -527,20 +536,46 @@ def test_each_precision_and_compile_learns_and_resumes_bitwise(
             assert torch.equal(weights, reference["model"][name]), name
 
 
-def measured(monkeypatch, bf16_seconds: float, measure: bool = False) -> list[str]:
-    """Inject what `precision: auto` measures on a CPU (bf16's matmul peak passes the gate); with
-    `measure`, the real step timing runs too. Returns the precisions timed."""
-    timed, real_seconds_per_step = [], train.seconds_per_step
+def test_logged_rates_count_training_time_only(tmp_path, short_corpus, monkeypatch):
+    """An evaluation made to take a second is logged as 4_perf/eval_seconds and counts in no
+    tokens/s (nor MFU, its multiple): every log interval's training time stays under it."""
+    settings = {"max_steps": 6, "log_every": 2, "eval_every": 2, "save_every": 2}
+    config = tiny_config(tmp_path, short_corpus, training=settings)
+    evaluate_and_keep_best = train.evaluate_and_keep_best
 
-    def seconds_per_step(model, config, device, precision):
-        timed.append(precision)
+    def slow_evaluation(*args):
+        time.sleep(1.0)
+        return evaluate_and_keep_best(*args)
+
+    monkeypatch.setattr(train, "evaluate_and_keep_best", slow_evaluation)
+    train.train(config_from_dict(config), torch.device("cpu"))
+    events = EventAccumulator(str(tmp_path / "runs" / "test"))
+    events.Reload()
+    rates = events.Scalars("4_perf/tokens_per_sec")
+    tokens_per_interval = 2 * config["data"]["batch_size"] * config["data"]["context_length"]
+    assert [e.step for e in rates] == [2, 4, 6]
+    assert all(tokens_per_interval / e.value < 1.0 for e in rates), [e.value for e in rates]
+    assert [e.step for e in events.Scalars("4_perf/eval_seconds")] == [2, 4, 6]
+    assert all(e.value >= 1.0 for e in events.Scalars("4_perf/eval_seconds"))
+
+
+def measured(monkeypatch, bf16_seconds: float, measure: bool = False,
+             bf16_peak: float = 4e11) -> list[str]:
+    """Inject what `precision: auto` and Muon's dtype measure on a CPU: matmul peaks (fp32
+    1e11), bf16 steps at `bf16_seconds` per fp32 second on a quiet machine; with `measure`,
+    the real step timing runs too. Returns the precisions timed."""
+    timed, real_step_seconds = [], train.step_seconds
+
+    def step_seconds(model, config, device, newton_schulz):
+        timed.extend(["fp32", "bf16"])
         if measure:
-            real_seconds_per_step(model, config, device, precision)
-        return {"fp32": 1.0, "bf16": bf16_seconds}[precision]
+            real_step_seconds(model, config, device, newton_schulz, rounds=1)
+        return {"fp32": [1.0], "bf16": [bf16_seconds]}
 
-    peaks = {"fp32": 1e11, "bf16": 4e11}
+    peaks = {"fp32": 1e11, "bf16": bf16_peak}
     monkeypatch.setattr(train, "measure_peak_flops", lambda device, name: peaks[name])
-    monkeypatch.setattr(train, "seconds_per_step", seconds_per_step)
+    monkeypatch.setattr(train, "step_seconds", step_seconds)
+    monkeypatch.setattr(runtime, "with_others_share", lambda measure: (measure(), 0.0))
     return timed
 
 
@@ -553,7 +588,7 @@ def test_auto_precision_on_a_cpu_is_measured_once_stored_and_kept_on_resume(
     timed = measured(monkeypatch, bf16_seconds)
     train.train(config_from_dict(config), torch.device("cpu"))
     assert timed == ["fp32", "bf16"]
-    assert f"precision auto: {choice} (this model's training step: fp32 1,000 ms" in (
+    assert f"precision auto: {choice} (this model's median training step: fp32 1,000 ms" in (
         capsys.readouterr().out
     )
     snapshot = load_checkpoint(config["training"]["snapshot_path"])
@@ -569,10 +604,24 @@ def test_auto_precision_on_a_cpu_is_measured_once_stored_and_kept_on_resume(
         train.train(config_from_dict(config), torch.device("cpu"))
 
 
+def test_a_fresh_run_of_the_same_config_takes_the_first_runs_choice_without_timing(
+    tmp_path, short_corpus, monkeypatch, capsys
+):
+    settings = {"max_steps": 2, "save_every": 2, "eval_every": 2, "precision": "auto"}
+    timed, lines = measured(monkeypatch, 0.5), []
+    for run in ("first", "second"):
+        config = tiny_config(tmp_path / run, short_corpus, training=settings)
+        train.train(config_from_dict(config), torch.device("cpu"))
+        lines += [line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("precision auto:")]
+        assert load_checkpoint(config["training"]["snapshot_path"])["precision"] == "bf16"
+    assert timed == ["fp32", "bf16"] and len(lines) == 2 and lines[0] == lines[1]
+
+
 def test_an_auto_run_that_measures_fp32_trains_bitwise_as_an_fp32_run(
     tmp_path, short_corpus, monkeypatch
 ):
-    """The measurement works on a copy and draws no random number: the run is untouched."""
+    """The measurement works on copies and draws no random number: the run is untouched."""
     ends = []
     for precision in ("auto", "fp32"):
         settings = {"max_steps": 6, "save_every": 6, "eval_every": 6, "precision": precision}
@@ -583,6 +632,39 @@ def test_an_auto_run_that_measures_fp32_trains_bitwise_as_an_fp32_run(
         train.train(config_from_dict(config), torch.device("cpu"))
         ends.append(load_checkpoint(config["training"]["snapshot_path"])["model"])
     assert all(torch.equal(ends[0][name], ends[1][name]) for name in ends[0])
+
+
+def test_muon_orthogonalises_in_fp32_where_bf16_matmuls_are_slow_and_resumes_in_its_dtype(
+    tmp_path, short_corpus, monkeypatch, capsys
+):
+    """The bf16 peak forced low: Muon's Newton-Schulz runs in fp32, the snapshot says so, and
+    a resume keeps fp32 though the gate now passes, finishing bitwise as the straight run."""
+    settings = {"max_steps": 8, "save_every": 4, "eval_every": 4, "optimizer": "muon"}
+    straight = tiny_config(tmp_path / "straight", short_corpus, training=settings)
+    save_snapshot, halfway = train.save_snapshot, tmp_path / "halfway.pth"
+
+    def save_and_keep_step_4(path, model, *args):
+        save_snapshot(path, model, *args)
+        if args[-2]["step"] == 4:  # the run state
+            shutil.copy(path, halfway)
+
+    monkeypatch.setattr(train, "save_snapshot", save_and_keep_step_4)
+    measured(monkeypatch, 1.0, bf16_peak=1e9)
+    train.train(config_from_dict(straight), torch.device("cpu"))
+    assert "(fp32, Muon orthogonalising in fp32)" in capsys.readouterr().out
+    reference = load_checkpoint(straight["training"]["snapshot_path"])
+    assert reference["optimizer"][1]["param_groups"][0]["newton_schulz_dtype"] == "fp32"
+
+    resumed = tiny_config(tmp_path / "resumed", short_corpus, training=settings)
+    os.makedirs(os.path.dirname(resumed["training"]["snapshot_path"]))
+    shutil.copy(halfway, resumed["training"]["snapshot_path"])
+    measured(monkeypatch, 1.0, bf16_peak=4e11)  # this start's gate would choose bf16
+    train.train(config_from_dict(resumed), torch.device("cpu"))
+    assert "Muon orthogonalising in fp32" in capsys.readouterr().out
+    final = load_checkpoint(resumed["training"]["snapshot_path"])
+    assert final["progress"]["step"] == 8
+    assert all(torch.equal(final["model"][name], weights)
+               for name, weights in reference["model"].items())
 
 
 RANK_0S = """
@@ -619,10 +701,10 @@ def test_eval_tasks_are_scored_printed_and_logged_at_each_eval(tmp_path, corpus)
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
     for metric, column in (("acc", 0), ("acc_norm", 1)):
-        values = events.Scalars(f"eval/lines/{metric}")
+        values = events.Scalars(f"3_eval/lines/{metric}")
         assert [e.step for e in values] == [5, 10]
         assert [f"{e.value:.4f}" for e in values] == [line[column] for line in printed]
-    val_loss = {e.step: e.value for e in events.Scalars("val/loss")}
+    val_loss = {e.step: e.value for e in events.Scalars("2_val/loss")}
     best = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))
     assert best["step"] == min(val_loss, key=val_loss.get)
 
@@ -658,7 +740,7 @@ def test_a_conversation_run_trains_and_evaluates_on_the_assistant_tokens_only(co
     assert "bits/byte (assistant tokens)" in (workdir / "stdout.txt").read_text()
     events = EventAccumulator(str(workdir / "runs" / "test"))
     events.Reload()
-    logged = events.Scalars("train/loss")[0].value
+    logged = events.Scalars("1_train/loss")[0].value
 
     config = config_from_dict(tiny_config(workdir, corpus, **CONVERSATION_SETTINGS))
     data = config.data
