@@ -93,7 +93,7 @@ def sync(device: torch.device) -> None:
 
 
 BF16_PEAK_GATE = 1.5    # bf16 matmul peak / fp32's below which a CPU's bf16 is not used
-BF16_MIN_SPEEDUP = 1.2  # how much faster (median step) bf16 must train this model to be chosen
+BF16_MIN_SPEEDUP = 1.3  # how much faster (median step) bf16 must train this model to be chosen
 BUSY_SHARE = 0.1        # others' share of the CPUs during the timing above which it is not kept
 
 
@@ -155,7 +155,7 @@ def decide_cpu_precision(config: Config, newton_schulz: str, peak_flops: Callabl
     key = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "model": dataclasses.asdict(config.model), "batch_size": config.data.batch_size,
            "context_length": config.data.context_length, "optimizer": config.training.optimizer,
-           "newton_schulz": newton_schulz}
+           "newton_schulz": newton_schulz, "rule": [BF16_PEAK_GATE, BF16_MIN_SPEEDUP]}
     choice, reason, kept = decided_once(key, lambda: choose_cpu_precision(
         peak_flops, lambda: with_others_share(step_seconds)))
     where = (f"decided once for this CPU, model and batch, kept in {decisions_path()}" if kept

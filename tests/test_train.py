@@ -483,6 +483,19 @@ def test_evaluate_reports_bits_per_byte_consistent_with_loss():
     assert bpb == pytest.approx(loss * 32 / (num_bytes * 0.6931471805599453), rel=1e-6)
 
 
+def keep_snapshot_of_step(monkeypatch, step: int, copy_path: Path) -> Path:
+    """Make train.py's snapshots also leave a copy of the one written at `step` in copy_path."""
+    save_snapshot = train.save_snapshot
+
+    def save_and_keep(path, model, *args):
+        save_snapshot(path, model, *args)
+        if args[-2]["step"] == step:  # the run state
+            shutil.copy(path, copy_path)
+
+    monkeypatch.setattr(train, "save_snapshot", save_and_keep)
+    return copy_path
+
+
 @pytest.mark.parametrize(
     "precision, compile_model, optimizer",
     [
@@ -505,14 +518,7 @@ def test_each_precision_and_compile_learns_and_resumes_bitwise(
     def run_config(workdir: Path):
         return config_from_dict(tiny_config(workdir, short_corpus, training=settings))
 
-    save_snapshot, halfway = train.save_snapshot, tmp_path / "halfway.pth"
-
-    def save_and_keep_step_6(path, model, *args):
-        save_snapshot(path, model, *args)
-        if args[-2]["step"] == 6:  # the run state
-            shutil.copy(path, halfway)
-
-    monkeypatch.setattr(train, "save_snapshot", save_and_keep_step_6)
+    halfway = keep_snapshot_of_step(monkeypatch, 6, tmp_path / "halfway.pth")
     train.train(run_config(tmp_path / "straight"), torch.device("cpu"))
     events = EventAccumulator(str(tmp_path / "straight" / "runs" / "test"))
     events.Reload()
@@ -641,14 +647,7 @@ def test_muon_orthogonalises_in_fp32_where_bf16_matmuls_are_slow_and_resumes_in_
     a resume keeps fp32 though the gate now passes, finishing bitwise as the straight run."""
     settings = {"max_steps": 8, "save_every": 4, "eval_every": 4, "optimizer": "muon"}
     straight = tiny_config(tmp_path / "straight", short_corpus, training=settings)
-    save_snapshot, halfway = train.save_snapshot, tmp_path / "halfway.pth"
-
-    def save_and_keep_step_4(path, model, *args):
-        save_snapshot(path, model, *args)
-        if args[-2]["step"] == 4:  # the run state
-            shutil.copy(path, halfway)
-
-    monkeypatch.setattr(train, "save_snapshot", save_and_keep_step_4)
+    halfway = keep_snapshot_of_step(monkeypatch, 4, tmp_path / "halfway.pth")
     measured(monkeypatch, 1.0, bf16_peak=1e9)
     train.train(config_from_dict(straight), torch.device("cpu"))
     assert "(fp32, Muon orthogonalising in fp32)" in capsys.readouterr().out
