@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
+import tempfile
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
@@ -192,7 +194,9 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
     before the rename, so a useless corpus leaves no cache."""
     eot_ids = np.array([tokenizer.token_to_id(eot)], dtype=dtype)
     chat = chat or chat_format(data.tokenizer_path)
-    num_tokens, masks, kinds = 0, [], {}  # kinds: is a conversation -> the first file of it
+    num_tokens, kinds = 0, {}  # kinds: is a conversation -> the first file of it
+    # The mask (a byte per token) goes to disk as it is made: memory stays flat at any size.
+    mask_spool = tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(out_path)))
 
     def write(out: BinaryIO) -> None:
         nonlocal num_tokens
@@ -205,9 +209,9 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
                         raise UserError(f"{kinds[True]} holds conversations and {kinds[False]} "
                                         "text — a run trains on text or on conversations, never "
                                         "a mix: give data.raw_text_path one kind")
-                    if chunk.conversations:  # the mask is one byte per token, held until the end
-                        ids, chunk_masks = _encode_conversations(tokenizer, chat, chunk, dtype)
-                        masks.extend(chunk_masks)
+                    if chunk.conversations:
+                        ids, masks = _encode_conversations(tokenizer, chat, chunk, dtype)
+                        mask_spool.write(b"".join(mask.tobytes() for mask in masks))
                     elif chunk.whole_documents:
                         ids = [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)
                                for encoding in _encode_batch(tokenizer, chunk.texts)]
@@ -218,11 +222,13 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
                     num_tokens += sum(map(len, ids))
                     bar.update(chunk.num_bytes)
         check_length(num_tokens)
-        if masks:
-            atomic_write(mask_path, lambda f: f.write(b"".join(m.tobytes() for m in masks)))
+        if True in kinds:
+            mask_spool.seek(0)
+            atomic_write(mask_path, lambda f: shutil.copyfileobj(mask_spool, f, 1 << 22))
 
-    atomic_write(out_path, write)
-    return num_tokens, bool(masks)
+    with mask_spool:
+        atomic_write(out_path, write)
+    return num_tokens, True in kinds
 
 
 def _cached_size_is(path: str, num_bytes: int) -> bool:
@@ -298,7 +304,7 @@ class TokenWindows(Dataset):
         return max(0, (len(self.tokens) - 1) // self.context_length)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = index * self.context_length
+        start = int(index) * self.context_length  # a numpy int32 index would overflow
         window = self.tokens[start:start + self.context_length + 1].astype(np.int64)
         targets = window[1:]
         if self.mask is not None:
@@ -340,16 +346,19 @@ def prepare_data(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]
 
 
 def epoch_order(num_windows: int, seed: int, epoch: int, rank: int = 0,
-                world_size: int = 1) -> list[int]:
+                world_size: int = 1) -> np.ndarray:
     """The windows a rank visits in an epoch: a shuffle fixed by (seed, epoch), so a resumed run
     replays it, dealt round-robin to the ranks as DistributedSampler(shuffle=True, seed=seed,
-    drop_last=True) does, so one process and N ranks walk the same global order."""
+    drop_last=True) does, so one process and N ranks walk the same global order. An array of
+    int32 where the count allows (randperm draws the same order in either width): 4 bytes a
+    window, where a list of Python ints would take ten times that."""
     generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(num_windows, generator=generator)
-    return order[rank:num_windows - num_windows % world_size:world_size].tolist()
+    dtype = torch.int32 if num_windows < 2 ** 31 else torch.int64
+    order = torch.randperm(num_windows, generator=generator, dtype=dtype)
+    return order[rank:num_windows - num_windows % world_size:world_size].clone().numpy()
 
 
-def epoch_loader(dataset: TokenWindows, data: DataConfig, order: list[int], skip_batches: int,
+def epoch_loader(dataset: TokenWindows, data: DataConfig, order: np.ndarray, skip_batches: int,
                  pin_memory: bool) -> DataLoader:
     """Batches over the windows `order` after the first `skip_batches`. Its own generator: worker
     seeds drawn from the global RNG would shift a resumed run's dropout against an unbroken one."""

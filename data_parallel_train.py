@@ -7,6 +7,7 @@ sees batch_size x grad_accum_steps x world_size windows; DDP averages the gradie
 """
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import sys
@@ -28,19 +29,20 @@ def init_distributed(config: Config) -> torch.device:
     local_rank, wanted = int(os.environ["LOCAL_RANK"]), config.training.device
     require(wanted != "mps", "DDP does not run on MPS — use training.device=cpu, or python "
             "train.py on the Mac's GPU")
+    timeout = datetime.timedelta(seconds=config.training.dist_timeout_s)
     if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
-        init_process_group("gloo")
+        init_process_group("gloo", timeout)
         return torch.device("cpu")
     gpus = torch.cuda.device_count()
     require(local_rank < gpus, f"local rank {local_rank} has no GPU: this node has {gpus} — "
             f"launch at most --nproc_per_node={gpus}, or use training.device=cpu")
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
-    init_process_group("nccl")
+    init_process_group("nccl", timeout)
     return device
 
 
-def init_process_group(backend: str) -> None:
+def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     """env:// init, except that a single-node torchrun restart gets its own namespace in the
     agent's store. torchrun keeps one TCPStore across restarts and workers publish their
     addresses in it without a per-attempt prefix, so a restarted rank can read a dead rank's
@@ -49,14 +51,14 @@ def init_process_group(backend: str) -> None:
     torch's default is kept."""
     if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
             or os.environ.get("GROUP_WORLD_SIZE") != "1"):
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         return
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=False)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"slm/attempt_{attempt}", store),
-                            rank=rank, world_size=world_size)
+                            rank=rank, world_size=world_size, timeout=timeout)
 
 
 def main() -> None:

@@ -6,7 +6,10 @@ import contextlib
 import fcntl
 import glob
 import os
+import re
+import socket
 import tempfile
+import time
 import typing
 from typing import Any, BinaryIO, Callable
 
@@ -47,9 +50,22 @@ class _KeepsWriteError:
         return getattr(self.file, name)
 
 
-def _writer_is_gone(temp_name: str) -> bool:
-    """Whether the process that made temp file `.<name>.tmp-<pid>-…` has ended."""
-    pid = temp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"  # "-" parts a temp name
+OTHER_HOST_STALE_SECONDS = 3600  # another host's temp file unwritten this long: its writer died
+
+
+def _writer_is_gone(temp_path: str) -> bool:
+    """Whether the writer of temp file `.<name>.tmp-<host>-<pid>-…` has ended. On this host:
+    its pid is not alive. Another host's pids cannot be seen from here (several nodes on
+    shared storage), so its temp file counts as dead only when unwritten for
+    OTHER_HOST_STALE_SECONDS."""
+    parts = os.path.basename(temp_path).rsplit(".tmp-", 1)[1].split("-")
+    host, pid = (parts[0], parts[1]) if len(parts) == 3 else (HOST, parts[0])
+    if host != HOST:
+        try:
+            return time.time() - os.path.getmtime(temp_path) > OTHER_HOST_STALE_SECONDS
+        except OSError:  # gone already: renamed into place, or removed
+            return False
     if not pid.isdigit():  # written by an older SLM, which named no writer
         return True
     try:
@@ -63,15 +79,15 @@ def _writer_is_gone(temp_name: str) -> bool:
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Write a temp file beside `path`, fsync, rename: a crash mid-write keeps the previous file.
-    A temp file is named after its writer's pid; one whose writer has died goes at the next
-    write of the path, while another live run's temp file is left alone."""
+    A temp file is named after its writer's host and pid; one whose writer has died goes at the
+    next write of the path, while a live run's temp file, on any host, is left alone."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp-*")):
-        if _writer_is_gone(os.path.basename(stale)):
+        if _writer_is_gone(stale):
             with contextlib.suppress(OSError):
                 os.unlink(stale)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-{os.getpid()}-")
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-{HOST}-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
             file = _KeepsWriteError(f)

@@ -130,6 +130,14 @@ def optimizer_step(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.Gr
     return grad_norm
 
 
+def skip_update(optimizers: list[torch.optim.Optimizer]) -> torch.Tensor:
+    """Clear the grads without a step (no momentum, no weight decay, no GradScaler update), for
+    an optimizer step whose batches hold no trained target; returns its grad norm, zero."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return torch.zeros(())
+
+
 def step_seconds(model: Transformer, config: Config, device: torch.device,
                  newton_schulz_dtype: str, precisions: tuple[str, ...] = ("fp32", "bf16"),
                  rounds: int = 7) -> dict[str, list[float]]:

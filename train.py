@@ -36,7 +36,8 @@ from data import (IGNORE_INDEX, TokenWindows, decode, epoch_loader, epoch_order,
 from files import claim
 from generate import generate
 from model import Transformer
-from optim import configure_optimizers, forward_backward, lr_at, optimizer_step, step_seconds
+from optim import (configure_optimizers, forward_backward, lr_at, optimizer_step, skip_update,
+                   step_seconds)
 from runtime import (autocast_context, bf16_is_fast, decide_cpu_precision, keep_freed_memory,
                      measure_peak_flops, pick_device, setup_precision, use_compile)
 from scoring import Encoder, Task, score_task
@@ -130,6 +131,8 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
         step_targets = all_reduce(torch.full((), float(sum(
             int((y != IGNORE_INDEX).sum()) for _, y in step_batches)), device=device))
         targets_sum += step_targets
+        # A host read that waits on nothing but that all-reduce: agree() synced the last step.
+        update_weights = step_targets.item() > 0
         # DDP averages the ranks' gradients: world_size / step_targets makes theirs a sum.
         loss_scale = world_size / step_targets.clamp(min=1)
         for micro_step, (x, y) in enumerate(step_batches):
@@ -139,7 +142,13 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
                 step_loss += forward_backward(train_model, x, y, device, precision, scaler,
                                               loss_scale)
         lr = lr_at(state.step, schedule_progress(state, t, total_steps), t)
-        grad_norm = optimizer_step(optimizers, scaler, lr, t.grad_clip)
+        if update_weights:
+            grad_norm = optimizer_step(optimizers, scaler, lr, t.grad_clip)
+        else:  # momentum and weight decay would still move the weights on zero gradients
+            grad_norm = skip_update(optimizers)
+            bar.write(f"step {state.step + 1}: no trained target in any rank's batches (a "
+                      "conversation run's windows without an assistant token): weights not "
+                      "updated, the step still counts")
         state.step += 1
         clock = earlier_seconds + time.perf_counter() - run_start
         nonfinite, signum, state.train_seconds = agree(step_loss, stop["signum"], clock)
@@ -303,14 +312,34 @@ def schedule_progress(state: RunState, t: TrainingConfig, total_steps: int | Non
 
 
 def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
-    """Local rank 0 builds the corpus and token cache; the node's other ranks then read them."""
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if dist.is_initialized() and not first:
-        dist.barrier()
-    prepared = prepare_data(config)
-    if dist.is_initialized() and first:
-        dist.barrier()
+    """Local rank 0 builds the corpus and token cache; the node's other ranks then read them.
+    Under torchrun the ranks wait for each other by polling the process group's store, not in a
+    collective, which would fail after training.dist_timeout_s however long tokenizing takes."""
+    if not dist.is_initialized():
+        return prepare_data(config)
+    store, rank = dist.distributed_c10d._get_default_store(), dist.get_rank()
+    attempt = f"data/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # fresh keys per restart
+    node_first = rank - int(os.environ.get("LOCAL_RANK", "0"))  # torchrun numbers a node's
+    if rank != node_first:                                       # ranks contiguously
+        wait_in_store(store, [f"{attempt}/{node_first}"], f"{attempt}/failed")
+    try:
+        prepared = prepare_data(config)
+    except BaseException:
+        store.set(f"{attempt}/failed", str(rank))
+        raise
+    store.set(f"{attempt}/{rank}", "ready")
+    wait_in_store(store, [f"{attempt}/{other}" for other in range(dist.get_world_size())],
+                  f"{attempt}/failed")
     return prepared
+
+
+def wait_in_store(store: dist.Store, keys: list[str], failed_key: str) -> None:
+    """Until every key is set, with no deadline; a rank that failed preparing its data (it sets
+    failed_key, and reports the error itself) ends the wait."""
+    while not store.check(keys):
+        require(not store.check([failed_key]), "another rank could not prepare the data (rank "
+                "0 reports why)")
+        time.sleep(0.5)
 
 
 def training_batches(train_set: TokenWindows, config: Config, state: RunState, rank: int,

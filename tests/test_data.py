@@ -252,12 +252,27 @@ def test_split_takes_validation_from_the_end():
         split_tokens(np.arange(30, dtype=np.uint16), DataConfig(context_length=16, val_split=0.1))
 
 
-def test_epoch_order_is_a_seeded_shuffle():
+def test_epoch_order_is_a_seeded_shuffle_held_as_an_int32_array():
     order = epoch_order(100, seed=1, epoch=0)
-    assert sorted(order) == list(range(100)) and order != list(range(100))
-    assert order == epoch_order(100, seed=1, epoch=0)
-    assert order != epoch_order(100, seed=1, epoch=1)
-    assert order != epoch_order(100, seed=2, epoch=0)
+    assert isinstance(order, np.ndarray) and order.dtype == np.int32
+    assert sorted(order) == list(range(100)) and order.tolist() != list(range(100))
+    assert order.tolist() == epoch_order(100, seed=1, epoch=0).tolist()
+    assert order.tolist() != epoch_order(100, seed=1, epoch=1).tolist()
+    assert order.tolist() != epoch_order(100, seed=2, epoch=0).tolist()
+    # torch.randperm's int64 order, as earlier versions kept it: old snapshots resume exactly
+    assert order.tolist() == torch.randperm(100, generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def test_a_window_past_two_billion_tokens_is_read_at_its_offset(tmp_path):
+    index, context = 2_200_000, 1024  # index x context passes 2**31: int32 arithmetic overflows
+    path = tmp_path / "big.tokens.bin"
+    with open(path, "wb") as f:  # a sparse file: only the marked window takes disk space
+        f.truncate(2 * (index + 2) * context)
+        f.seek(2 * index * context)
+        f.write(np.arange(1, context + 2, dtype=np.uint16).tobytes())
+    windows = TokenWindows(np.memmap(path, dtype=np.uint16, mode="r"), context)
+    x, y = windows[np.int32(index)]  # the index type epoch_order hands out
+    assert x.tolist() == list(range(1, context + 1)) and y[-1] == context + 1
 
 
 def test_each_rank_walks_its_share_of_the_epoch_like_distributed_sampler():
@@ -274,12 +289,12 @@ def test_each_rank_walks_its_share_of_the_epoch_like_distributed_sampler():
             shares.append(
                 epoch_order(len(windows), seed=5, epoch=3, rank=rank, world_size=world_size)
             )
-            assert shares[-1] == list(sampler)
+            assert shares[-1].tolist() == list(sampler)
         assert sum(map(len, shares)) == 100 - 100 % world_size
         assert len(set().union(*shares)) == 100 - 100 % world_size  # disjoint
     two_ranks = [epoch_order(100, seed=5, epoch=3, rank=rank, world_size=2) for rank in (0, 1)]
     one_process = epoch_order(100, seed=5, epoch=3)
-    assert one_process == [i for pair in zip(*two_ranks) for i in pair]  # the same global order
+    assert one_process.tolist() == [i for pair in zip(*two_ranks) for i in pair]  # one order
 
 
 def test_train_tokenizer_command_reads_text_and_jsonl(tmp_path, monkeypatch, capsys):

@@ -261,6 +261,10 @@ def test_sigterm_to_torchrun_saves_a_snapshot_that_resumes_exactly(ddp_run, tmp_
             ["training.lr=1000", "training.min_lr=0", "training.grad_clip=0"],
             "error: training loss became nan/inf at step ",
         ),
+        (  # found by rank 0 while rank 1 waits for its data in the store
+            ["data.raw_text_path=missing.txt"],
+            "error: no text found at data.raw_text_path='missing.txt'",
+        ),
     ],
 )
 def test_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, corpus, overrides, message):
@@ -382,3 +386,35 @@ def test_plain_python_is_refused(ddp_run):
         plain.stderr,
         "^error: data_parallel_train.py must be launched by torchrun",
     )
+
+
+SLOW_FIRST_RANK = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import data_parallel_train, train
+from utils import run_cli
+prepare_data = train.prepare_data
+
+def slow_on_local_rank_0(config):  # a corpus that takes longer to tokenize than the timeout
+    if os.environ["LOCAL_RANK"] == "0":
+        time.sleep(12)
+    return prepare_data(config)
+
+train.prepare_data = slow_on_local_rank_0
+sys.argv = sys.argv[:1] + sys.argv[2:]
+run_cli(data_parallel_train.main, report=os.environ["RANK"] == "0")
+"""
+
+
+def test_ranks_wait_out_a_cache_build_longer_than_the_process_group_timeout(tmp_path, corpus):
+    """Rank 1 waits 12 s for rank 0's data under training.dist_timeout_s=4: it polls the store
+    instead of sitting in a collective, so the run trains and ends."""
+    script = tmp_path / "slow_first_rank.py"
+    script.write_text(SLOW_FIRST_RANK)
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus, training={
+        "max_steps": 4, "eval_every": 4, "save_every": 4, "dist_timeout_s": 4}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(script), str(REPO), str(config)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"] == 4

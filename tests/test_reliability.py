@@ -37,6 +37,7 @@ from data import load_tokenizer, prepare_tokens
 from generate import sample_next
 from model import Transformer
 from checkpoints import save_checkpoint
+import files
 from files import atomic_write
 from utils import DataConfig, UserError, config_from_dict, load_config
 
@@ -374,6 +375,54 @@ def test_a_live_writers_temp_file_is_left_alone_and_a_dead_ones_removed(tmp_path
         assert (tmp_path / "out.bin").read_bytes() == b"done"
     finally:
         alive.kill()
+
+
+def test_another_hosts_temp_file_is_removed_only_once_it_is_old(tmp_path):
+    """Nodes on shared storage: another host's pids cannot be checked from here, so its temp
+    file goes only after OTHER_HOST_STALE_SECONDS without a write."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is nobody's here, as another host's pids are
+    fresh = tmp_path / f".out.bin.tmp-nodeB-{dead.pid}-abc"
+    stale = tmp_path / f".out.bin.tmp-nodeC-{dead.pid}-def"
+    for temp in (fresh, stale):
+        temp.write_bytes(b"half written")
+    long_ago = time.time() - files.OTHER_HOST_STALE_SECONDS - 60
+    os.utime(stale, (long_ago, long_ago))
+    atomic_write(str(tmp_path / "out.bin"), lambda f: f.write(b"done"))
+    assert fresh.exists() and not stale.exists()
+    assert (tmp_path / "out.bin").read_bytes() == b"done"
+
+
+WRITER_ON_ANOTHER_HOST = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import files
+files.HOST = sys.argv[3]
+own_kill = os.kill
+
+def kill(pid, signum):  # the other host's processes cannot be seen from this one
+    if pid != os.getpid():
+        raise ProcessLookupError(pid)
+    own_kill(pid, signum)
+
+os.kill = kill
+for _ in range(40):
+    files.atomic_write(sys.argv[2], lambda f: (f.write(sys.argv[3].encode() * 50_000),
+                                               time.sleep(0.01)))
+"""
+
+
+def test_two_hosts_writing_one_shared_file_never_lose_a_write(tmp_path):
+    """Two writers that cannot see each other's pids (as on two nodes): neither removes the
+    other's temp file, so every rename succeeds and the file is always one whole write."""
+    target = tmp_path / "shared.bin"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER_ON_ANOTHER_HOST, str(REPO),
+                                 str(target), host], stderr=subprocess.PIPE, text=True)
+               for host in ("nodeA", "nodeB")]
+    errors = [writer.communicate(timeout=240)[1] for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0], [e[-2000:] for e in errors]
+    assert target.read_bytes() in (b"nodeA" * 50_000, b"nodeB" * 50_000)
+    assert not list(tmp_path.glob(".*tmp-*"))
 
 
 def test_two_runs_preparing_one_new_corpus_both_succeed(tmp_path, corpus):

@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import re
@@ -29,7 +30,7 @@ from conftest import (
     write_task,
 )
 from chat import chat_format, render
-from data import epoch_order, load_tokenizer, prepare_tokens, split_tokens, token_byte_lengths
+from data import IGNORE_INDEX, epoch_order, load_tokenizer, prepare_tokens, split_tokens, token_byte_lengths
 from model import Transformer
 from train import evaluate
 from checkpoints import load_checkpoint
@@ -481,6 +482,39 @@ def test_evaluate_reports_bits_per_byte_consistent_with_loss():
     loss, bpb = evaluate(model, batches, token_byte_lengths(tokenizer), "fp32")
     num_bytes = token_byte_lengths(tokenizer)[ids[1:]].sum().item()
     assert bpb == pytest.approx(loss * 32 / (num_bytes * 0.6931471805599453), rel=1e-6)
+
+
+def test_a_step_without_a_trained_target_moves_no_weight_but_counts(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Conversations whose one-word replies leave most 16-token windows without an assistant
+    token: such a step counts (the schedule and the data move on) but moves no weight, where
+    Muon's and AdamW's momentum and weight decay would."""
+    turn = " ".join(["Wherefore art thou, and whither goest thou now?"] * 6)
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"{turn} {i}"}, {"role": "assistant", "content": "Aye."}]})
+        + "\n" for i in range(80)))
+    config = tiny_config(tmp_path, corpus, data={"batch_size": 1, "context_length": 16},
+                         training={"max_steps": 16, "optimizer": "muon", "eval_every": 16,
+                                   "save_every": 16})
+    steps, forward_backward = [], train.forward_backward
+
+    def record_targets_and_weights(model, x, y, *args):
+        weights = [param.detach().clone() for param in model.parameters()]
+        steps.append((int((y != IGNORE_INDEX).sum()), weights))
+        return forward_backward(model, x, y, *args)
+
+    monkeypatch.setattr(train, "forward_backward", record_targets_and_weights)
+    train.train(config_from_dict(config), torch.device("cpu"))
+    skipped = [targets == 0 for targets, _ in steps]
+    assert len(steps) == 16 and 0 < sum(skipped[:-1]) < 15, skipped
+    for (targets, before), (_, after) in zip(steps, steps[1:]):
+        unchanged = all(torch.equal(old, new) for old, new in zip(before, after))
+        assert unchanged == (targets == 0)
+    printed = re.findall(r"step (\d+): no trained target in any rank's batches",
+                         capsys.readouterr().out)
+    assert [int(step) for step in printed] == [i + 1 for i, skip in enumerate(skipped) if skip]
+    assert load_checkpoint(config["training"]["snapshot_path"])["progress"]["step"] == 16
 
 
 def keep_snapshot_of_step(monkeypatch, step: int, copy_path: Path) -> Path:
