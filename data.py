@@ -38,7 +38,7 @@ IGNORE_INDEX = -100          # a target no loss counts (cross_entropy's default 
 
 def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
                     text_field: str = "text") -> Tokenizer:
-    """Byte-level BPE on text and JSONL files: every byte is in the base alphabet, so any UTF-8
+    """Byte-level BPE on corpus files (corpus.FORMATS): every byte is in the base alphabet, so any UTF-8
     text round-trips. Reads in chunks with a progress bar, writes `out_path` atomically; a text
     too small to learn a single merge from is refused and nothing is written."""
     data, total_bytes = DataConfig(text_field=text_field), sum(map(os.path.getsize, files))
@@ -196,6 +196,7 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
     chat = chat or chat_format(data.tokenizer_path)
     num_tokens, kinds = 0, {}  # kinds: is a conversation -> the first file of it
     # The mask (a byte per token) goes to disk as it is made: memory stays flat at any size.
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     mask_spool = tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(out_path)))
 
     def write(out: BinaryIO) -> None:
@@ -379,12 +380,12 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     command = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer",
                                   description="Train a byte-level BPE tokenizer (with the "
-                                  f"{EOT} token) on text and JSONL files.")
+                                  f"{EOT} token) on text, JSONL and parquet files.")
     command.add_argument("files", nargs="+", metavar="FILES",
                          help=f"{suffixes()} files, directories of them, or globs")
     command.add_argument("--vocab-size", type=int, required=True, help="e.g. 4096")
     command.add_argument("--out", required=True, help="tokenizer JSON to write")
-    command.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    command.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
     plays = commands.add_parser("play-conversations", help="conversations from the default "
                                 "corpus's plays", description="Write a conversation JSONL: the "
                                 "last line of a speech as the user's turn, the next speaker's "

@@ -160,8 +160,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     section: ClassVar[str] = "data"
     tokenizer_path: str = "tokenizer/bpe_4096.json"
-    raw_text_path: str = "data/shakespeare.txt"  # a file, a directory of .txt/.jsonl, or a glob
-    text_field: str = "text"   # the field of each JSONL line that holds its document
+    raw_text_path: str = "data/shakespeare.txt"  # a file, a directory of corpus files, a glob
+    text_field: str = "text"   # the JSONL field / parquet column that holds each document
     cache_dir: str = ""        # where the token cache goes; "" = beside the text
     context_length: int = within(128, 1, 1 << 20)  # tokens trained on; all generation sees
     batch_size: int = within(16, 1, 1 << 16)
