@@ -324,8 +324,9 @@ def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows,
         wait_in_store(store, [f"{attempt}/{node_first}"], f"{attempt}/failed")
     try:
         prepared = prepare_data(config)
-    except BaseException:
-        store.set(f"{attempt}/failed", str(rank))
+    except BaseException as err:  # the others stop waiting, and rank 0 reports this one line
+        store.set(f"{attempt}/failed", str(err) if isinstance(err, UserError)
+                  else f"rank {rank} failed preparing the data ({type(err).__name__}: {err})")
         raise
     store.set(f"{attempt}/{rank}", "ready")
     wait_in_store(store, [f"{attempt}/{other}" for other in range(dist.get_world_size())],
@@ -334,11 +335,11 @@ def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows,
 
 
 def wait_in_store(store: dist.Store, keys: list[str], failed_key: str) -> None:
-    """Until every key is set, with no deadline; a rank that failed preparing its data (it sets
-    failed_key, and reports the error itself) ends the wait."""
+    """Until every key is set, with no deadline; a rank that failed preparing its data ends the
+    wait with its error, set under failed_key."""
     while not store.check(keys):
-        require(not store.check([failed_key]), "another rank could not prepare the data (rank "
-                "0 reports why)")
+        if store.check([failed_key]):
+            raise UserError(store.get(failed_key).decode())
         time.sleep(0.5)
 
 

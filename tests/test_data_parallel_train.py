@@ -388,33 +388,48 @@ def test_plain_python_is_refused(ddp_run):
     )
 
 
-SLOW_FIRST_RANK = """
+PATCHED_PREPARE = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import data_parallel_train, train
-from utils import run_cli
-prepare_data = train.prepare_data
+from utils import UserError, run_cli
+prepare_data, mode = train.prepare_data, sys.argv[2]
 
-def slow_on_local_rank_0(config):  # a corpus that takes longer to tokenize than the timeout
-    if os.environ["LOCAL_RANK"] == "0":
+def patched(config):
+    if mode == "slow" and os.environ["LOCAL_RANK"] == "0":  # tokenizing outlasts the timeout
         time.sleep(12)
+    if mode == "fail" and os.environ["LOCAL_RANK"] == "1":  # a problem only rank 1 finds
+        raise UserError("rank 1 cannot read its corpus — fix it")
     return prepare_data(config)
 
-train.prepare_data = slow_on_local_rank_0
-sys.argv = sys.argv[:1] + sys.argv[2:]
+train.prepare_data = patched
+sys.argv = sys.argv[:1] + sys.argv[3:]
 run_cli(data_parallel_train.main, report=os.environ["RANK"] == "0")
 """
+
+
+def torchrun_patched_prepare(tmp_path: Path, corpus: Path, mode: str,
+                             training: dict) -> subprocess.CompletedProcess:
+    script = tmp_path / "patched_prepare.py"
+    script.write_text(PATCHED_PREPARE)
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus,
+                                                              training=training))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(script), str(REPO), mode, str(config)]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
 def test_ranks_wait_out_a_cache_build_longer_than_the_process_group_timeout(tmp_path, corpus):
     """Rank 1 waits 12 s for rank 0's data under training.dist_timeout_s=4: it polls the store
     instead of sitting in a collective, so the run trains and ends."""
-    script = tmp_path / "slow_first_rank.py"
-    script.write_text(SLOW_FIRST_RANK)
-    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus, training={
-        "max_steps": 4, "eval_every": 4, "save_every": 4, "dist_timeout_s": 4}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(script), str(REPO), str(config)]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = torchrun_patched_prepare(tmp_path, corpus, "slow", {
+        "max_steps": 4, "eval_every": 4, "save_every": 4, "dist_timeout_s": 4})
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"] == 4
+
+
+def test_a_data_error_only_rank_1_finds_is_rank_0s_one_error_line(tmp_path, corpus):
+    result = torchrun_patched_prepare(tmp_path, corpus, "fail", DDP_STEPS)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert ours == ["error: rank 1 cannot read its corpus — fix it"], result.stderr[-3000:]
