@@ -38,9 +38,10 @@ IGNORE_INDEX = -100          # a target no loss counts (cross_entropy's default 
 
 def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
                     text_field: str = "text") -> Tokenizer:
-    """Byte-level BPE on corpus files (corpus.FORMATS): every byte is in the base alphabet, so any UTF-8
-    text round-trips. Reads in chunks with a progress bar, writes `out_path` atomically; a text
-    too small to learn a single merge from is refused and nothing is written."""
+    """Byte-level BPE on corpus files (corpus.FORMATS): every byte is in the base alphabet, so
+    any UTF-8 text round-trips. Reads in chunks with a progress bar, writes `out_path`
+    atomically; a text too small to learn a single merge from is refused and nothing is
+    written."""
     data, total_bytes = DataConfig(text_field=text_field), sum(map(os.path.getsize, files))
     require(total_bytes > 0, f"{', '.join(files)[:200]} hold(s) no text — a tokenizer needs text "
             "to learn its merges from")
@@ -385,7 +386,8 @@ def main() -> None:
                          help=f"{suffixes()} files, directories of them, or globs")
     command.add_argument("--vocab-size", type=int, required=True, help="e.g. 4096")
     command.add_argument("--out", required=True, help="tokenizer JSON to write")
-    command.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
+    command.add_argument("--text-field", default="text",
+                         help="JSONL field / parquet column holding the text")
     plays = commands.add_parser("play-conversations", help="conversations from the default "
                                 "corpus's plays", description="Write a conversation JSONL: the "
                                 "last line of a speech as the user's turn, the next speaker's "

@@ -31,8 +31,9 @@ from checkpoints import (adopt_pretrained, batch_plan, check_outputs, check_toke
                          load_checkpoint, load_snapshot, load_weights, model_record,
                          save_checkpoint, save_snapshot)
 from chat import chat_format, encode, render
-from data import (IGNORE_INDEX, TokenWindows, decode, epoch_loader, epoch_order, prepare_data,
+from data import (IGNORE_INDEX, TokenWindows, decode, epoch_loader, epoch_order,
                   token_byte_lengths)
+from distributed import agree, all_reduce, is_rank_0, prepare_data_once_per_node, rank_0s
 from files import claim
 from generate import generate
 from model import Transformer
@@ -218,7 +219,7 @@ def choose_newton_schulz_dtype(t: TrainingConfig, device: torch.device,
     if t.optimizer != "muon":
         return "fp32"  # AdamW has no orthogonalisation
     choice = ""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank_0():
         choice = "bf16" if bf16_is_fast(device, peak_flops) else "fp32"
     return rank_0s(choice)
 
@@ -238,20 +239,11 @@ def choose_precision(config: Config, device: torch.device, model: Transformer,
     if stored or t.precision != "auto" or device.type != "cpu":
         return setup_precision(stored or t.precision, device)
     choice = ""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank_0():
         choice, line = decide_cpu_precision(config, newton_schulz, peak_flops, lambda: step_seconds(
             model, config, device, newton_schulz))
         print(line, flush=True)
     return rank_0s(choice)
-
-
-def rank_0s(value: str) -> str:
-    """Rank 0's `value` on every rank (one process: `value`)."""
-    if not dist.is_initialized():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def start_or_resume(config: Config, model: Transformer, optimizers: list[torch.optim.Optimizer],
@@ -260,7 +252,7 @@ def start_or_resume(config: Config, model: Transformer, optimizers: list[torch.o
     """Resume from the snapshot if there is one (it wins over init_from, whose weights are then
     never read), else start from the pretrained `source` or the fresh weights. Then hold the
     run's two output files (rank 0): until this process ends, no other run may write them."""
-    t, is_main = config.training, not dist.is_initialized() or dist.get_rank() == 0
+    t, is_main = config.training, is_rank_0()
     state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
     if os.path.exists(t.snapshot_path):
         state = RunState(**load_snapshot(t.snapshot_path, model, optimizers, scaler, device,
@@ -311,38 +303,6 @@ def schedule_progress(state: RunState, t: TrainingConfig, total_steps: int | Non
     return (state.step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
 
 
-def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
-    """Local rank 0 builds the corpus and token cache; the node's other ranks then read them.
-    Under torchrun the ranks wait for each other by polling the process group's store, not in a
-    collective, which would fail after training.dist_timeout_s however long tokenizing takes."""
-    if not dist.is_initialized():
-        return prepare_data(config)
-    store, rank = dist.distributed_c10d._get_default_store(), dist.get_rank()
-    attempt = f"data/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # fresh keys per restart
-    node_first = rank - int(os.environ.get("LOCAL_RANK", "0"))  # torchrun numbers a node's
-    if rank != node_first:                                       # ranks contiguously
-        wait_in_store(store, [f"{attempt}/{node_first}"], f"{attempt}/failed")
-    try:
-        prepared = prepare_data(config)
-    except BaseException as err:  # the others stop waiting, and rank 0 reports this one line
-        store.set(f"{attempt}/failed", str(err) if isinstance(err, UserError)
-                  else f"rank {rank} failed preparing the data ({type(err).__name__}: {err})")
-        raise
-    store.set(f"{attempt}/{rank}", "ready")
-    wait_in_store(store, [f"{attempt}/{other}" for other in range(dist.get_world_size())],
-                  f"{attempt}/failed")
-    return prepared
-
-
-def wait_in_store(store: dist.Store, keys: list[str], failed_key: str) -> None:
-    """Until every key is set, with no deadline; a rank that failed preparing its data ends the
-    wait with its error, set under failed_key."""
-    while not store.check(keys):
-        if store.check([failed_key]):
-            raise UserError(store.get(failed_key).decode())
-        time.sleep(0.5)
-
-
 def training_batches(train_set: TokenWindows, config: Config, state: RunState, rank: int,
                      world_size: int, per_epoch: int,
                      device: torch.device) -> Iterator[list[torch.Tensor]]:
@@ -357,22 +317,6 @@ def training_batches(train_set: TokenWindows, config: Config, state: RunState, r
             state.batch_in_epoch += 1
             yield batch
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-
-
-def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """Combine `tensor` over the ranks in place (one process: as it is) and return it."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def agree(step_loss: torch.Tensor, signum: int, clock: float) -> tuple[bool, int, float]:
-    """The step's one host sync and all-reduce: any rank's nan/inf loss or stop signal stops all,
-    and all take the latest clock (one schedule, one last step). -> (nonfinite, signal, clock)"""
-    flags = torch.tensor([0.0, signum, clock], device=step_loss.device)
-    flags[0] = (~torch.isfinite(step_loss)).float()
-    nonfinite, signum, clock = all_reduce(flags, dist.ReduceOp.MAX).tolist()
-    return bool(nonfinite), int(signum), clock
 
 
 def catch_stop_signals() -> dict[str, int]:

@@ -260,7 +260,8 @@ def test_epoch_order_is_a_seeded_shuffle_held_as_an_int32_array():
     assert order.tolist() != epoch_order(100, seed=1, epoch=1).tolist()
     assert order.tolist() != epoch_order(100, seed=2, epoch=0).tolist()
     # torch.randperm's int64 order, as earlier versions kept it: old snapshots resume exactly
-    assert order.tolist() == torch.randperm(100, generator=torch.Generator().manual_seed(1)).tolist()
+    seeded = torch.Generator().manual_seed(1)
+    assert order.tolist() == torch.randperm(100, generator=seeded).tolist()
 
 
 def test_a_window_past_two_billion_tokens_is_read_at_its_offset(tmp_path):

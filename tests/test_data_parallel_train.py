@@ -391,9 +391,9 @@ def test_plain_python_is_refused(ddp_run):
 PATCHED_PREPARE = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-import data_parallel_train, train
+import data_parallel_train, distributed
 from utils import UserError, run_cli
-prepare_data, mode = train.prepare_data, sys.argv[2]
+prepare_data, mode = distributed.prepare_data, sys.argv[2]
 
 def patched(config):
     if mode == "slow" and os.environ["LOCAL_RANK"] == "0":  # tokenizing outlasts the timeout
@@ -402,7 +402,7 @@ def patched(config):
         raise UserError("rank 1 cannot read its corpus — fix it")
     return prepare_data(config)
 
-train.prepare_data = patched
+distributed.prepare_data = patched
 sys.argv = sys.argv[:1] + sys.argv[3:]
 run_cli(data_parallel_train.main, report=os.environ["RANK"] == "0")
 """

@@ -30,7 +30,8 @@ from conftest import (
     write_task,
 )
 from chat import chat_format, render
-from data import IGNORE_INDEX, epoch_order, load_tokenizer, prepare_tokens, split_tokens, token_byte_lengths
+from data import (IGNORE_INDEX, epoch_order, load_tokenizer, prepare_tokens, split_tokens,
+                  token_byte_lengths)
 from model import Transformer
 from train import evaluate
 from checkpoints import load_checkpoint
@@ -698,26 +699,6 @@ def test_muon_orthogonalises_in_fp32_where_bf16_matmuls_are_slow_and_resumes_in_
     assert final["progress"]["step"] == 8
     assert all(torch.equal(final["model"][name], weights)
                for name, weights in reference["model"].items())
-
-
-RANK_0S = """
-import sys, torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
-import train
-dist.init_process_group("gloo")
-print(f"rank {dist.get_rank()} runs in", train.rank_0s("bf16" if dist.get_rank() == 0 else ""))
-dist.destroy_process_group()
-"""
-
-
-def test_under_torchrun_every_rank_takes_rank_0s_precision(tmp_path):
-    script = tmp_path / "rank_0s.py"
-    script.write_text(RANK_0S)
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command = [sys.executable, *launch, str(script), str(REPO)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "rank 0 runs in bf16" in result.stdout and "rank 1 runs in bf16" in result.stdout
 
 
 def test_eval_tasks_are_scored_printed_and_logged_at_each_eval(tmp_path, corpus):
