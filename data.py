@@ -197,8 +197,9 @@ def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype:
     chat = chat or chat_format(data.tokenizer_path)
     num_tokens, kinds = 0, {}  # kinds: is a conversation -> the first file of it
     # The mask (a byte per token) goes to disk as it is made: memory stays flat at any size.
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    mask_spool = tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(out_path)))
+    cache_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(cache_dir, exist_ok=True)
+    mask_spool = tempfile.TemporaryFile(dir=cache_dir)
 
     def write(out: BinaryIO) -> None:
         nonlocal num_tokens

@@ -104,10 +104,9 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     tokens_per_step = world_size * t.grad_accum_steps * config.data.batch_size * context
     peak = peak_flops(precision) * world_size  # assumes equal devices
     if is_main:
-        muon = [group["newton_schulz_dtype"] for group in optimizers[-1].param_groups
-                if "newton_schulz_dtype" in group]
+        muon = optimizers[-1].param_groups[0].get("newton_schulz_dtype")  # a resume's, if one
         print(f"{world_size} process(es) on {device.type} ({precision}"
-              f"{f', Muon orthogonalising in {muon[0]}' if muon else ''}), "
+              f"{f', Muon orthogonalising in {muon}' if muon else ''}), "
               f"{model.num_params():,} parameters, {len(train_set):,} train / {len(val_set):,} "
               f"val windows; per step {config.data.batch_size} windows x {t.grad_accum_steps} "
               f"accumulation x {world_size} process(es) = {tokens_per_step:,} tokens; {length} "
