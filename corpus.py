@@ -44,12 +44,18 @@ ZSTD_READ_BYTES = 1 << 17    # compressed bytes handed to the decompressor at a 
 class Chunk:
     """Part of a corpus file. With `whole_documents`, each text is one document, which the
     token stream ends with the end-of-text token; without, the single text continues a document
-    that a chunk with an empty text ends. `num_bytes`: the file bytes it was read from. A chunk
-    of conversations (chat.py's messages lists) holds them instead of texts."""
+    that a chunk with an empty text ends. `num_bytes`: the file bytes it was read from;
+    `text_bytes`: the text's bytes as they decompress (default: num_bytes). A chunk of
+    conversations (chat.py's messages lists) holds them instead of texts."""
     texts: list[str]
     whole_documents: bool
     num_bytes: int
     conversations: list[list[dict]] = field(default_factory=list)
+    text_bytes: int = -1
+
+    def __post_init__(self) -> None:
+        if self.text_bytes < 0:
+            self.text_bytes = self.num_bytes
 
 
 def read_text(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
@@ -216,7 +222,8 @@ def compressed(read: Reader, kind: str, decompress: Callable[[BinaryIO], BinaryI
         try:
             for chunk in read(decompress(f), path, data):
                 position = f.tell()
-                yield dataclasses.replace(chunk, num_bytes=position - counted)
+                yield dataclasses.replace(chunk, num_bytes=position - counted,
+                                          text_bytes=chunk.num_bytes)
                 counted = position
         except DAMAGED as err:
             raise UserError(f"{path} is truncated or not valid {kind} ({err}) — re-download or "
@@ -253,14 +260,28 @@ def format_of(path: str) -> Format:
     return next((fmt for fmt in FORMATS if path.endswith(fmt.suffix)), FORMATS[0])
 
 
-def read_corpus_file(path: str, data: DataConfig) -> Iterator[Chunk]:
+def read_corpus_file(path: str, data: DataConfig, start: int = 0,
+                     end: int | None = None) -> Iterator[Chunk]:
+    """The chunks of a corpus file, or of its bytes [start, end) where an uncompressed text or
+    JSONL file is cut at a line start (errors then name the piece's first byte). A text piece
+    before the file's end does not end the document: the next piece goes on with it."""
     try:
         f = open(path, "rb")
     except OSError as err:
         raise UserError(f"cannot read {path} ({err.strerror}) — make it readable or take it out "
                         "of data.raw_text_path") from None
     with f:
-        yield from format_of(path).read(f, path, data)
+        size, read = os.fstat(f.fileno()).st_size, format_of(path).read
+        end = size if end is None else end
+        if (start, end) == (0, size):
+            yield from read(f, path, data)
+            return
+        f.seek(start)
+        blocks = iter(lambda: f.read(min(READ_CHUNK_BYTES, end - f.tell())), b"")
+        for chunk in read(io.BufferedReader(BlocksFile(blocks)), f"{path} (from byte {start})",
+                          data):
+            if not (read is read_text and end < size and chunk.texts == [""]):
+                yield chunk
 
 
 def reading_key(files: list[str], data: DataConfig) -> str:

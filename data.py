@@ -1,8 +1,9 @@
-"""Tokenizer and dataset: corpus files (corpus.py reads them) --byte-level BPE--> a uint16 token
-file cached beside the text --np.memmap--> (x, y) windows; the last val_split of the stream is
-validation. Conversations are rendered by their chat template (chat.py), and a mask file beside
-the tokens marks the assistant's: the others are IGNORE_INDEX targets. Also two commands:
+"""Tokenizer and dataset: corpus files (corpus.py reads them) --byte-level BPE--> shards of
+uint16 tokens cached beside the text (shards.py) --memmaps--> (x, y) windows; the last val_split
+of the stream is validation. Conversations are rendered by their chat template (chat.py), and a
+mask beside the tokens marks the assistant's: the others are IGNORE_INDEX targets. Commands:
 
+    python data.py prepare configs.yaml [section.key=value ...] [--workers N]
     python data.py train-tokenizer FILES --vocab-size 4096 --out tokenizer/my_bpe.json
     python data.py play-conversations --out data/play_chat.jsonl
 """
@@ -12,10 +13,9 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
-import tempfile
-from typing import BinaryIO, Callable, Iterator
+import time
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,16 +23,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from chat import (EOT, ChatFormat, assistant_spans, chat_format, special_tokens,
-                  trained_mask)
-from corpus import (Chunk, read_corpus_file, reading_key, resolve_corpus_files, suffixes,
-                    write_play_conversations)
+from chat import EOT, chat_format, special_tokens
+from corpus import read_corpus_file, resolve_corpus_files, suffixes, write_play_conversations
 from files import atomic_write, check_writable
-from utils import (ArgumentParser, Config, DataConfig, UserError, require, require_within,
-                   run_cli, warn)
+from shards import (Reading, TokenStream, build_shards, finished, plan_shards, remove_if_empty,
+                    remove_stale)
+from utils import (ArgumentParser, Config, DataConfig, UserError, load_config, require,
+                   require_within, run_cli, warn)
 
 BASE_VOCAB = 257             # byte-level BPE before any merge: 256 bytes + end-of-text
-PIECE_BYTES = 1 << 16        # pieces handed to the Rust tokenizer's thread pool
 IGNORE_INDEX = -100          # a target no loss counts (cross_entropy's default ignore_index)
 
 
@@ -146,143 +145,50 @@ def _cache_prefix(data: DataConfig, files: list[str]) -> str:
     return os.path.join(os.path.dirname(files[0]), f"glob-{pattern_id}")
 
 
-def _cache_key(files: list[str], tokenizer: Tokenizer, reading: str) -> str:
-    """Changes whenever the tokenizer, how the files are read (the formats' settings, the
-    end-of-text token) or any text file (path, size, modification time) changes."""
-    digest = hashlib.sha256(f"{reading}\0{tokenizer.to_str()}".encode())
-    for path in files:
-        stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-    return digest.hexdigest()
-
-
-def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list:
-    """Encodings of `texts` in parallel, without offsets where this tokenizers version can."""
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    return encode(texts, add_special_tokens=False)
-
-
-def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    pieces, start = [], 0
-    while start < len(text):  # cut after a newline so no word is split between two pieces
-        end = text.find("\n", start + PIECE_BYTES)
-        end = len(text) if end < 0 else end + 1
-        pieces.append(text[start:end])
-        start = end
-    ids = [np.asarray(encoding.ids, dtype=np.int64)
-           for encoding in _encode_batch(tokenizer, pieces)]
-    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-
-
-def _encode_conversations(tokenizer: Tokenizer, chat: ChatFormat, chunk: Chunk,
-                          dtype: type) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The ids of a chunk's rendered conversations, and per id whether it is the assistant's."""
-    rendered = [assistant_spans(chat, messages) for messages in chunk.conversations]
-    encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    ids = [np.asarray(encoding.ids, dtype=dtype) for encoding in encodings]
-    masks = [np.asarray(trained_mask(encoding.offsets, spans), dtype=np.uint8)
-             for encoding, (_, spans) in zip(encodings, rendered)]
-    return ids, masks
-
-
-def tokenize_files(files: list[str], tokenizer: Tokenizer, out_path: str, dtype: type,
-                   check_length: Callable[[int], None], data: DataConfig, eot: str = EOT,
-                   chat: ChatFormat | None = None, mask_path: str = "") -> tuple[int, bool]:
-    """Write the tokens of `files` (read as `data` says) to out_path; return their count and
-    whether they are conversations. A text document (a text file, a JSONL line) ends with the
-    end-of-text token; conversations are rendered by `chat` (default: the tokenizer's), and the
-    mask of their assistant tokens goes to mask_path. `check_length` may refuse the count
-    before the rename, so a useless corpus leaves no cache."""
-    eot_ids = np.array([tokenizer.token_to_id(eot)], dtype=dtype)
-    chat = chat or chat_format(data.tokenizer_path)
-    num_tokens, kinds = 0, {}  # kinds: is a conversation -> the first file of it
-    # The mask (a byte per token) goes to disk as it is made: memory stays flat at any size.
-    cache_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(cache_dir, exist_ok=True)
-    mask_spool = tempfile.TemporaryFile(dir=cache_dir)
-
-    def write(out: BinaryIO) -> None:
-        nonlocal num_tokens
-        total_bytes = sum(map(os.path.getsize, files))
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
-            for path in files:
-                for chunk in read_corpus_file(path, data):
-                    kinds.setdefault(bool(chunk.conversations), path)
-                    if len(kinds) > 1:
-                        raise UserError(f"{kinds[True]} holds conversations and {kinds[False]} "
-                                        "text — a run trains on text or on conversations, never "
-                                        "a mix: give data.raw_text_path one kind")
-                    if chunk.conversations:
-                        ids, masks = _encode_conversations(tokenizer, chat, chunk, dtype)
-                        mask_spool.write(b"".join(mask.tobytes() for mask in masks))
-                    elif chunk.whole_documents:
-                        ids = [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)
-                               for encoding in _encode_batch(tokenizer, chunk.texts)]
-                    else:  # part of a long document: split further for the tokenizer's threads
-                        ids = [_encode_pieces(tokenizer, text).astype(dtype)
-                               for text in chunk.texts]
-                    out.write(b"".join(part.tobytes() for part in ids))
-                    num_tokens += sum(map(len, ids))
-                    bar.update(chunk.num_bytes)
-        check_length(num_tokens)
-        if True in kinds:
-            mask_spool.seek(0)
-            atomic_write(mask_path, lambda f: shutil.copyfileobj(mask_spool, f, 1 << 22))
-
-    with mask_spool:
-        atomic_write(out_path, write)
-    return num_tokens, True in kinds
-
-
-def _cached_size_is(path: str, num_bytes: int) -> bool:
-    return os.path.isfile(path) and os.path.getsize(path) == num_bytes
-
-
-def prepare_tokens(data: DataConfig,
-                   tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray | None]:
-    """The token stream of the whole corpus as a read-only memmap, and for conversations the
-    mask of the assistant's tokens beside it (else None); tokenised once, then cached."""
+def prepare_tokens(data: DataConfig, tokenizer: Tokenizer, workers: int = 0
+                   ) -> tuple[TokenStream, TokenStream | None]:
+    """The token stream of the whole corpus, and for conversations the mask of the assistant's
+    tokens beside it (else None): the cache's shards end to end (shards.py), those missing
+    built first by `workers` processes (0: one per CPU core)."""
     files = resolve_corpus_files(data.raw_text_path)
     require(sum(map(os.path.getsize, files)) > 0, f"the corpus at '{data.raw_text_path}' is "
             "empty — point data.raw_text_path at some text")
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32
-    prefix = _cache_prefix(data, files)
-    bin_path, mask_path = prefix + ".tokens.bin", prefix + ".mask.bin"
-    meta_path = prefix + ".tokens.json"
-    eot, chat = end_of_text(data.tokenizer_path), chat_format(data.tokenizer_path)
-    reading = f"{reading_key(files, data)}\0{eot}\0{chat.template}\0{chat.special_tokens}"
-    key = _cache_key(files, tokenizer, reading)
-    meta = _read_cache_meta(meta_path)
-    if (meta.get("key") != key or meta.get("dtype") != np.dtype(dtype).name
-            or not _cached_size_is(bin_path, meta["num_tokens"] * np.dtype(dtype).itemsize)
-            or meta["mask"] and not _cached_size_is(mask_path, meta["num_tokens"])):
-        check_writable(os.path.dirname(bin_path), fix="set data.cache_dir to a writable directory "
-                       "for the token cache")
-        num_tokens, has_mask = tokenize_files(files, tokenizer, bin_path, dtype,
-                                              lambda n: check_corpus_length(n, data), data, eot,
-                                              chat, mask_path)
-        meta = {"key": key, "num_tokens": num_tokens, "dtype": np.dtype(dtype).name,
-                "mask": has_mask}
-        atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-        print(f"cached {num_tokens:,} tokens in {bin_path}", flush=True)
-    tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
-    mask = (np.memmap(mask_path, dtype=np.uint8, mode="r", shape=(meta["num_tokens"],))
-            if meta["mask"] else None)
-    return tokens, mask
-
-
-def _read_cache_meta(meta_path: str) -> dict:
-    """The cache's metadata, or {} (rebuild the cache) when it is missing or damaged."""
+    dtype = "uint16" if tokenizer.get_vocab_size() <= 65535 else "uint32"
+    reading = Reading(tokenizer.to_str(), end_of_text(data.tokenizer_path),
+                      chat_format(data.tokenizer_path), data, dtype)
+    shards = plan_shards(files, reading)
+    directory = _cache_prefix(data, files) + ".shards"
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):  # missing, unreadable, truncated, not UTF-8, not JSON
-        return {}
-    fields = {"key": str, "num_tokens": int, "dtype": str, "mask": bool}
-    if not isinstance(meta, dict) or not all(
-            type(meta.get(name)) is kind for name, kind in fields.items()):
-        return {}
-    return meta if meta["num_tokens"] > 0 else {}
+        built = build_shards(shards, tokenizer, reading, directory,
+                             workers or len(os.sched_getaffinity(0)))
+    except BaseException:
+        remove_if_empty(directory)
+        raise
+    metas = [finished(directory, shard) for shard in shards]
+    require(None not in metas, f"a shard of the token cache in {directory} vanished as it was "
+            "built — is a run on other data sharing data.cache_dir? Give each its own")
+    kinds = {meta["mask"]: meta["first_file"] for meta in metas if meta["num_tokens"]}
+    require(len(kinds) < 2, f"{kinds.get(True)} holds conversations and {kinds.get(False)} text "
+            "— a run trains on text or on conversations, never a mix: give "
+            "data.raw_text_path one kind")
+    num_tokens = sum(meta["num_tokens"] for meta in metas)
+    try:
+        check_corpus_length(num_tokens, data)
+    except UserError:  # a corpus too short to train on leaves no cache
+        remove_stale(directory, [])
+        remove_if_empty(directory)
+        raise
+    remove_stale(directory, shards)
+    if built:
+        print(f"cached {num_tokens:,} tokens in {directory} ({len(shards)} shards, {built} "
+              "tokenized now)", flush=True)
+    parts = [(os.path.join(directory, shard.key), meta["num_tokens"])
+             for shard, meta in zip(shards, metas) if meta["num_tokens"]]  # no empty memmap
+    tokens = TokenStream([np.memmap(f"{path}.tokens.bin", dtype=dtype, mode="r", shape=(size,))
+                          for path, size in parts])
+    mask = (TokenStream([np.memmap(f"{path}.mask.bin", dtype=np.uint8, mode="r", shape=(size,))
+                         for path, size in parts]) if True in kinds else None)
+    return tokens, mask
 
 
 def corpus_fingerprint(tokens: np.ndarray, mask: np.ndarray | None = None) -> str:
@@ -298,7 +204,8 @@ def corpus_fingerprint(tokens: np.ndarray, mask: np.ndarray | None = None) -> st
 
 class TokenWindows(Dataset):
     """Non-overlapping windows: item i is x = tokens[i*T : i*T+T], y = the same shifted by one;
-    with a mask, a target it does not mark (not the assistant's) is IGNORE_INDEX."""
+    with a mask, a target it does not mark (not the assistant's) is IGNORE_INDEX. The tokens: a
+    TokenStream over the cache's shards, or any array."""
 
     def __init__(self, tokens: np.ndarray, context_length: int, mask: np.ndarray | None = None):
         self.tokens, self.context_length, self.mask = tokens, context_length, mask
@@ -311,7 +218,7 @@ class TokenWindows(Dataset):
         window = self.tokens[start:start + self.context_length + 1].astype(np.int64)
         targets = window[1:]
         if self.mask is not None:
-            trained = self.mask[start + 1:start + self.context_length + 1] > 0
+            trained = np.asarray(self.mask[start + 1:start + self.context_length + 1]) > 0
             targets = np.where(trained, targets, IGNORE_INDEX)
         return torch.from_numpy(window[:-1]), torch.from_numpy(targets)
 
@@ -377,6 +284,22 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def prepare_corpus(config_path: str, overrides: list[str], workers: int) -> None:
+    """`prepare`: the token cache of the corpus a training run with this config reads, built
+    with the tokenizer it will use (training.init_from's, when it names one)."""
+    from checkpoints import adopt_pretrained  # it imports this module: imported when used
+
+    require_within("--workers", workers, 0, 4096)
+    config, _ = adopt_pretrained(load_config(config_path, overrides),
+                                 {item.partition("=")[0] for item in overrides}, True)
+    tokenizer = load_tokenizer(config.data.tokenizer_path, config.model.vocab_size,
+                               "set model.vocab_size to its size or use the matching tokenizer")
+    start = time.perf_counter()
+    tokens, _ = prepare_tokens(config.data, tokenizer, workers)
+    print(f"{len(tokens):,} tokens ready for training ({time.perf_counter() - start:.1f} s)",
+          flush=True)
+
+
 def main() -> None:
     parser = ArgumentParser(description="Data tools for SLM.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -389,12 +312,24 @@ def main() -> None:
     command.add_argument("--out", required=True, help="tokenizer JSON to write")
     command.add_argument("--text-field", default="text",
                          help="JSONL field / parquet column holding the text")
+    prepare = commands.add_parser("prepare", help="tokenize the configured corpus into the cache",
+                                  description="Tokenize data.raw_text_path into the token "
+                                  "cache's shards, with the tokenizer training will use, so "
+                                  "train.py and data_parallel_train.py start at once.")
+    prepare.add_argument("config", help="YAML config, e.g. configs.yaml")
+    prepare.add_argument("overrides", nargs="*", metavar="section.key=value",
+                         help="override one config value, as for train.py")
+    prepare.add_argument("--workers", type=int, default=0,
+                         help="tokenizing processes (default: one per CPU core)")
     plays = commands.add_parser("play-conversations", help="conversations from the default "
                                 "corpus's plays", description="Write a conversation JSONL: the "
                                 "last line of a speech as the user's turn, the next speaker's "
                                 "first lines as the reply (a chat fine-tuning example set).")
     plays.add_argument("--out", required=True, help="JSONL file to write")
     args = parser.parse_args()
+    if args.command == "prepare":
+        prepare_corpus(args.config, args.overrides, args.workers)
+        return
     if args.command == "play-conversations":
         check_writable(os.path.dirname(os.path.abspath(args.out)))
         count = write_play_conversations(args.out)

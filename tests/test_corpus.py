@@ -7,7 +7,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -105,15 +104,11 @@ def compress(path: Path, plain: Path) -> Path:
     return path
 
 
-def tokens_of(path: Path, tmp_path: Path) -> tuple[list[int], list[int]]:
+def tokens_of(path: Path) -> tuple[list[int], list[int]]:
     """The tokens of one corpus file and the mask of its assistant tokens (empty for text)."""
-    tokenizer = data.load_tokenizer(TOKENIZER)
-    out, mask = tmp_path / f"{path.name}.tokens.bin", tmp_path / f"{path.name}.mask.bin"
-    _, conversations = data.tokenize_files([str(path)], tokenizer, str(out), np.uint16,
-                                           lambda n: None, DataConfig(tokenizer_path=TOKENIZER),
-                                           mask_path=str(mask))
-    return (np.fromfile(out, np.uint16).tolist(),
-            np.fromfile(mask, np.uint8).tolist() if conversations else [])
+    config = DataConfig(tokenizer_path=TOKENIZER, raw_text_path=str(path), context_length=8)
+    tokens, mask = data.prepare_tokens(config, data.load_tokenizer(TOKENIZER))
+    return tokens.tolist(), [] if mask is None else mask.tolist()
 
 
 @pytest.mark.parametrize("suffix, kind", [
@@ -137,11 +132,13 @@ def test_a_compressed_or_parquet_file_gives_the_tokens_of_its_plain_twin(tmp_pat
         write_parquet(twin, "messages", messages)
     else:
         write_parquet(twin, "text", DOCUMENTS)
-    tokens, mask = tokens_of(twin, tmp_path)
-    assert (tokens, mask) == tokens_of(plain, tmp_path)
+    tokens, mask = tokens_of(twin)
+    assert (tokens, mask) == tokens_of(plain)
     assert len(tokens) > 10_000 and (kind == "text") == (mask == [])
     chunks = list(read_corpus_file(str(twin), DataConfig()))
     assert sum(chunk.num_bytes for chunk in chunks) == os.path.getsize(twin)  # the progress bar
+    if suffix != ".parquet":  # and the text's rate beside it
+        assert sum(chunk.text_bytes for chunk in chunks) == os.path.getsize(plain)
 
 
 def test_the_resolver_finds_the_new_suffixes_and_each_file_reads_as_its_own(tmp_path):

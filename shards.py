@@ -1,0 +1,424 @@
+"""The token cache: a corpus as shards of tokens, built once, by N worker processes.
+
+    corpus files --plan--> shards: small files packed together, a large file cut at line starts
+    --workers tokenize--> <key>.tokens.bin (+ <key>.mask.bin for conversations) + <key>.json
+    --TokenStream--> the shards end to end, in plan order, read as one array
+
+A shard's key hashes its pieces (path, size, modification time, byte range), the tokenizer and
+the reading settings: a changed file rebuilds only its own shards, and shards no key names any
+more are removed. Its .json is written last, so a crash or kill -9 keeps every finished shard.
+Processes that share the directory (a node's workers, or several nodes on shared storage) build
+each shard once: a worker takes the shard's lock (a byte of the directory's lock file, keyed on
+the shard) before building it, and passes over a shard another process holds.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import tempfile
+from typing import BinaryIO, Callable, Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from chat import ChatFormat, assistant_spans, trained_mask
+from corpus import LINE_END_BYTES, WHITESPACE, Chunk, format_of, read_corpus_file, reading_key
+from files import atomic_write, check_writable
+from utils import DataConfig, UserError, require
+
+SHARD_BYTES = 1 << 25        # a shard's share of the corpus: many for the workers, few memmaps
+GROUP_MAX_BYTES = 2 * SHARD_BYTES  # small files packed together stop at this
+FILE_MIN_WEIGHT = 4096       # an empty file counts as a block on disk when packing
+PIECE_BYTES = 1 << 16        # pieces of a long text handed to the Rust tokenizer's thread pool
+CUT_READ_BYTES = 1 << 16     # read at a time looking for a line start to cut a large file at
+CUTTABLE = (".txt", ".jsonl")  # uncompressed line formats: cut at a line start, read from there
+CACHE_VERSION = "shards-1"   # part of every key: a change of layout rebuilds every cache
+LOCK_FILE = ".building.lock"
+Progress = Callable[[int, int, int], None]  # (file bytes, text bytes, tokens) just done
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of a corpus file of `size` bytes modified at `mtime_ns`."""
+    path: str
+    start: int
+    end: int
+    size: int
+    mtime_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    pieces: tuple[Piece, ...]
+    key: str
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(piece.end - piece.start for piece in self.pieces)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """How every shard of a corpus is tokenized: what the key hashes besides the pieces."""
+    tokenizer_json: str
+    eot: str
+    chat: ChatFormat
+    data: DataConfig
+    dtype: str
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return hashlib.sha256(f"{CACHE_VERSION}\0{self.eot}\0{self.chat.template}\0"
+                              f"{self.chat.special_tokens}\0{self.dtype}\0"
+                              f"{self.tokenizer_json}".encode()).hexdigest()
+
+    def key(self, pieces: list[Piece]) -> str:
+        settings = reading_key([piece.path for piece in pieces], self.data)
+        digest = hashlib.sha256(f"{self.digest}\0{settings}".encode())
+        for p in pieces:
+            digest.update(f"\0{os.path.abspath(p.path)}\0{p.size}\0{p.mtime_ns}\0{p.start}\0"
+                          f"{p.end}".encode())
+        return digest.hexdigest()[:32]
+
+
+def plan_shards(files: list[str], reading: Reading) -> list[Shard]:
+    """The shards of `files`, in stream order. A file of CUTTABLE format larger than SHARD_BYTES
+    is cut into pieces at line starts; smaller files are packed with their neighbours into
+    groups that end after a file by a draw fixed by its name and weighted by its size, so a
+    group holds about SHARD_BYTES and a new file changes only the group it joins."""
+    shards, group = [], []
+
+    def close_group() -> None:
+        if group:
+            shards.append(Shard(tuple(group), reading.key(group)))
+            group.clear()
+
+    for path in files:
+        stat = os.stat(path)
+        if stat.st_size > SHARD_BYTES and format_of(path).suffix in CUTTABLE:
+            close_group()
+            shards += [Shard((piece,), reading.key([piece]))
+                       for piece in cut_file(path, stat.st_size, stat.st_mtime_ns)]
+            continue
+        group.append(Piece(path, 0, stat.st_size, stat.st_size, stat.st_mtime_ns))
+        name = os.path.basename(path).encode()  # the same draw wherever the corpus lies
+        draw = int(hashlib.sha256(name).hexdigest()[:8], 16) / 2 ** 32
+        if (draw < max(stat.st_size, FILE_MIN_WEIGHT) / SHARD_BYTES
+                or sum(piece.size for piece in group) >= GROUP_MAX_BYTES):
+            close_group()
+    close_group()
+    return shards
+
+
+def cut_file(path: str, size: int, mtime_ns: int) -> list[Piece]:
+    """Pieces of a large file, each cut at the first line start within LINE_END_BYTES after a
+    multiple of SHARD_BYTES. Text with no newline there is cut before the last whitespace
+    (as corpus.read_text cuts it); a JSONL line that long is not cut."""
+    starts = [0]
+    with open(path, "rb") as f:
+        for target in range(SHARD_BYTES, size, SHARD_BYTES):
+            f.seek(target - 1)
+            window = b""  # read on from the byte before the target until a newline
+            while b"\n" not in window and len(window) <= LINE_END_BYTES:
+                block = f.read(CUT_READ_BYTES)
+                if not block:
+                    break
+                window += block
+            window = window[:LINE_END_BYTES + 1]
+            cut = window.find(b"\n") + 1
+            if cut == 0 and format_of(path).suffix == ".txt":
+                cut = max(window.rfind(byte, 1) for byte in WHITESPACE)
+            if cut > 0 and starts[-1] < target - 1 + cut < size:
+                starts.append(target - 1 + cut)
+    return [Piece(path, start, end, size, mtime_ns)
+            for start, end in zip(starts, starts[1:] + [size])]
+
+
+def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list:
+    """Encodings of `texts` in parallel, without offsets where this tokenizers version can."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    return encode(texts, add_special_tokens=False)
+
+
+def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    pieces, start = [], 0
+    while start < len(text):  # cut after a newline so no word is split between two pieces
+        end = text.find("\n", start + PIECE_BYTES)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    ids = [np.asarray(encoding.ids, dtype=np.int64)
+           for encoding in _encode_batch(tokenizer, pieces)]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+def _encode_chunk(tokenizer: Tokenizer, reading: Reading,
+                  chunk: Chunk) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A chunk's token ids, and for conversations per id whether it is the assistant's. A whole
+    document ends with the end-of-text token; conversations are rendered by the chat template."""
+    dtype = np.dtype(reading.dtype)
+    if chunk.conversations:
+        rendered = [assistant_spans(reading.chat, messages) for messages in chunk.conversations]
+        encodings = tokenizer.encode_batch([text for text, _ in rendered],
+                                           add_special_tokens=False)
+        return ([np.asarray(encoding.ids, dtype=dtype) for encoding in encodings],
+                [np.asarray(trained_mask(encoding.offsets, spans), dtype=np.uint8)
+                 for encoding, (_, spans) in zip(encodings, rendered)])
+    if chunk.whole_documents:
+        eot_ids = np.array([tokenizer.token_to_id(reading.eot)], dtype=dtype)
+        return [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)
+                for encoding in _encode_batch(tokenizer, chunk.texts)], []
+    # part of a long document: split further for the tokenizer's threads
+    return [_encode_pieces(tokenizer, text).astype(dtype) for text in chunk.texts], []
+
+
+def tokenize_shard(shard: Shard, tokenizer: Tokenizer, reading: Reading, directory: str,
+                   progress: Progress) -> None:
+    """Write a shard's tokens, its mask for conversations, then its .json, which marks it done.
+    The mask (a byte per token) goes to a spool file as it is made: memory stays flat."""
+    kinds, num_tokens = {}, 0  # kinds: is a conversation -> the first file of it
+    mask_spool = tempfile.TemporaryFile(dir=directory)
+
+    def write(out: BinaryIO) -> None:
+        nonlocal num_tokens
+        for piece in shard.pieces:
+            for chunk in read_corpus_file(piece.path, reading.data, piece.start, piece.end):
+                kinds.setdefault(bool(chunk.conversations), piece.path)
+                if len(kinds) > 1:
+                    raise UserError(f"{kinds[True]} holds conversations and {kinds[False]} text "
+                                    "— a run trains on text or on conversations, never a mix: "
+                                    "give data.raw_text_path one kind")
+                ids, masks = _encode_chunk(tokenizer, reading, chunk)
+                out.write(b"".join(part.tobytes() for part in ids))
+                mask_spool.write(b"".join(mask.tobytes() for mask in masks))
+                chunk_tokens = sum(map(len, ids))
+                num_tokens += chunk_tokens
+                progress(chunk.num_bytes, chunk.text_bytes, chunk_tokens)
+
+    with mask_spool:
+        atomic_write(_path(directory, shard.key, "tokens.bin"), write)
+        if True in kinds:
+            mask_spool.seek(0)
+            atomic_write(_path(directory, shard.key, "mask.bin"),
+                         lambda f: shutil.copyfileobj(mask_spool, f, 1 << 22))
+    meta = {"num_tokens": num_tokens, "dtype": reading.dtype, "mask": True in kinds,
+            "first_file": shard.pieces[0].path}
+    atomic_write(_path(directory, shard.key, "json"), lambda f: f.write(json.dumps(meta).encode()))
+
+
+def _path(directory: str, key: str, kind: str) -> str:
+    return os.path.join(directory, f"{key}.{kind}")
+
+
+def finished(directory: str, shard: Shard) -> dict | None:
+    """A shard's metadata when its files are complete, else None (build it again)."""
+    try:
+        with open(_path(directory, shard.key, "json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        fields = {"num_tokens": int, "dtype": str, "mask": bool, "first_file": str}
+        if not all(type(meta.get(name)) is kind for name, kind in fields.items()):
+            return None
+        sizes = {"tokens.bin": meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize,
+                 **({"mask.bin": meta["num_tokens"]} if meta["mask"] else {})}
+        if all(os.path.getsize(_path(directory, shard.key, kind)) == size
+               for kind, size in sizes.items()):
+            return meta
+    except (OSError, ValueError, TypeError, AttributeError):  # missing, damaged, not JSON
+        pass
+    return None
+
+
+_lock_files: dict[str, int] = {}  # directory -> this process's open lock file, kept open: closing
+                                  # any descriptor of a file drops the process's locks on it
+
+
+@contextlib.contextmanager
+def shard_lock(directory: str, key: str, wait: bool) -> Iterator[bool]:
+    """Hold the byte of the directory's lock file that stands for the shard `key` (POSIX record
+    locks hold across hosts on NFS); without `wait`, yield False when another process holds it."""
+    if directory not in _lock_files:
+        _lock_files[directory] = os.open(os.path.join(directory, LOCK_FILE),
+                                         os.O_RDWR | os.O_CREAT, 0o644)
+    fd, offset = _lock_files[directory], int(key[:12], 16)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, offset)
+    except (BlockingIOError, PermissionError):  # held by another process
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+
+
+def build_shard(shard: Shard, tokenizer: Tokenizer, reading: Reading, directory: str,
+                progress: Progress, wait: bool = False) -> str:
+    """Build a shard unless it is finished, or (without `wait`) another process is building it:
+    -> "built", "found" (finished by another process) or "busy"."""
+    with shard_lock(directory, shard.key, wait) as held:
+        if not held:
+            return "busy"
+        if finished(directory, shard) is not None:
+            return "found"
+        tokenize_shard(shard, tokenizer, reading, directory, progress)
+        return "built"
+
+
+_worker: dict = {}  # a worker process's tokenizer, reading and progress queue
+
+
+def _start_worker(tokenizer_json: str, reading: Reading, updates: multiprocessing.Queue,
+                  threads: int) -> None:
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read at the tokenizer's first use
+    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), reading=reading,
+                   updates=updates)
+
+
+def _build_in_worker(shard: Shard, directory: str) -> str:
+    return build_shard(shard, _worker["tokenizer"], _worker["reading"], directory,
+                       lambda *done: _worker["updates"].put(done))
+
+
+def build_shards(shards: list[Shard], tokenizer: Tokenizer, reading: Reading, directory: str,
+                 workers: int) -> int:
+    """Build the shards not yet finished, with `workers` processes (the largest first, so they
+    end together), behind one progress bar; -> how many this process built. A worker's error
+    stops the rest and is raised here; the shards finished so far are kept."""
+    todo = [shard for shard in shards if finished(directory, shard) is None]
+    if not todo:
+        return 0
+    check_writable(directory, fix="set data.cache_dir to a writable directory for the token "
+                   "cache")
+    os.makedirs(directory, exist_ok=True)
+    todo.sort(key=lambda shard: -shard.num_bytes)
+    workers = min(workers, len(todo))
+    totals = [0, 0]  # text bytes, tokens
+    with tqdm(total=sum(shard.num_bytes for shard in todo), unit="B", unit_scale=True,
+              desc=f"tokenizing ({workers} worker{'s' * (workers > 1)})") as bar:
+        def progress(file_bytes: int, text_bytes: int, tokens: int) -> None:
+            totals[0] += text_bytes
+            totals[1] += tokens
+            rate = totals[0] / max(bar.format_dict["elapsed"], 1e-9) / 1e6
+            bar.set_postfix_str(f"text {rate:.1f} MB/s, {totals[1]:,} tokens", refresh=False)
+            bar.update(file_bytes)
+
+        if workers == 1:
+            outcomes = {shard: build_shard(shard, tokenizer, reading, directory, progress)
+                        for shard in todo}
+        else:
+            outcomes = _build_in_pool(todo, tokenizer, reading, directory, workers, progress)
+        for shard in [shard for shard, outcome in outcomes.items() if outcome == "busy"]:
+            # another process held it: wait for it, then build it if that process died
+            outcomes[shard] = build_shard(shard, tokenizer, reading, directory, progress, True)
+    return sum(outcome == "built" for outcome in outcomes.values())
+
+
+def _build_in_pool(todo: list[Shard], tokenizer: Tokenizer, reading: Reading, directory: str,
+                   workers: int, progress: Progress) -> dict[Shard, str]:
+    """Build in worker processes (forkserver: a clean, single-threaded start whatever this
+    process holds); -> each shard's outcome."""
+    context = multiprocessing.get_context("forkserver")
+    updates = context.Queue()
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start_worker,
+            initargs=(tokenizer.to_str(), reading, updates, threads)) as pool:
+        futures = {pool.submit(_build_in_worker, shard, directory): shard for shard in todo}
+        pending = set(futures)
+        try:
+            while pending:
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        progress(*updates.get(timeout=0.1))
+                done = {future for future in pending if future.done()}
+                for future in done:
+                    future.result()  # a worker's error ends the build here
+                pending -= done
+            while not updates.empty():
+                progress(*updates.get())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return {shard: future.result() for future, shard in futures.items()}
+
+
+def remove_stale(directory: str, shards: list[Shard]) -> None:
+    """Remove the shards of files that changed or vanished (keys no plan names any more)."""
+    keep = {shard.key for shard in shards}
+    for name in os.listdir(directory):
+        key, _, kind = name.partition(".")
+        if kind in ("tokens.bin", "mask.bin", "json") and key not in keep:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
+def remove_if_empty(directory: str) -> None:
+    """Remove a cache directory that holds no shard and no shard under way (a first run that
+    failed), so a bad input leaves nothing beside the corpus."""
+    with contextlib.suppress(OSError):
+        if set(os.listdir(directory)) <= {LOCK_FILE}:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, LOCK_FILE))
+            os.rmdir(directory)
+
+
+class TokenStream:
+    """The shards' tokens end to end as one read-only array, as a numpy array reads: len, an
+    index, an index array, a slice (a view: nothing is read), np.asarray and astype (read)."""
+
+    def __init__(self, parts: list[np.ndarray], start: int = 0, stop: int | None = None):
+        self.parts, self.dtype = parts, parts[0].dtype
+        self.ends = np.cumsum([len(part) for part in parts], dtype=np.int64)
+        self.begins = self.ends - [len(part) for part in parts]
+        self.start, self.stop = start, int(self.ends[-1]) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> TokenStream | np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            require(step == 1, "a token stream is sliced with step 1")
+            view = TokenStream.__new__(TokenStream)
+            view.parts, view.dtype = self.parts, self.dtype
+            view.ends, view.begins = self.ends, self.begins
+            view.start, view.stop = self.start + start, self.start + max(start, stop)
+            return view
+        positions = np.asarray(index, dtype=np.int64)
+        if np.any((positions < -len(self)) | (positions >= len(self))):
+            raise IndexError(f"index out of range for a stream of {len(self)} tokens")
+        positions = self.start + np.where(positions < 0, positions + len(self), positions)
+        parts = np.searchsorted(self.ends, positions, side="right")
+        values = np.empty(positions.shape, dtype=self.dtype)
+        for part in np.unique(parts):
+            picked = parts == part
+            values[picked] = self.parts[part][positions[picked] - self.begins[part]]
+        return values[()]
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        first = int(np.searchsorted(self.ends, self.start, side="right"))
+        pieces, position = [], self.start
+        for part in range(first, len(self.parts)):
+            if position >= self.stop:
+                break
+            begin, end = int(self.begins[part]), min(self.stop, int(self.ends[part]))
+            pieces.append(self.parts[part][position - begin:end - begin])
+            position = end
+        array = np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
+        return array.astype(dtype or self.dtype)
+
+    def astype(self, dtype: np.dtype) -> np.ndarray:
+        return np.asarray(self, dtype=dtype)
+
+    def tolist(self) -> list[int]:
+        return np.asarray(self).tolist()

@@ -1,0 +1,210 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import shards
+from conftest import REPO, TOKENIZER, assert_one_error_line, tiny_config, write_config
+from shards import TokenStream
+from utils import DataConfig
+
+SHARD_BYTES = 4096  # small shards, so a test's few KB make many
+PREPARE = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+import shards
+shards.SHARD_BYTES = shards.GROUP_MAX_BYTES = {SHARD_BYTES}
+tokenize, seconds = shards.tokenize_shard, float(sys.argv[1])
+def slow_tokenize(*args):
+    time.sleep(seconds)  # room for a kill to land between two shards
+    tokenize(*args)
+shards.tokenize_shard = slow_tokenize
+import data, utils
+sys.argv = ["data.py", *sys.argv[2:]]
+utils.run_cli(data.main)
+"""
+
+
+@pytest.fixture(autouse=True)
+def small_shards(monkeypatch):
+    monkeypatch.setattr(shards, "SHARD_BYTES", SHARD_BYTES)
+    monkeypatch.setattr(shards, "GROUP_MAX_BYTES", SHARD_BYTES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.load_tokenizer(TOKENIZER)
+
+
+def lines(count: int, first: int = 0) -> str:
+    return "".join(f"Line {i}: to be, or not to be, that is the question.\n"
+                   for i in range(first, first + count))
+
+
+def write_books(directory: Path, count: int, lines_each: int = 60) -> Path:
+    """`count` text files of about 3 KB: each its own shard at SHARD_BYTES."""
+    directory.mkdir(exist_ok=True)
+    for index in range(count):
+        (directory / f"book{index:02d}.txt").write_text(lines(lines_each, 100 * index))
+    return directory
+
+
+def prepare(corpus: Path, tokenizer, workers: int = 1, cache: Path | None = None):
+    config = DataConfig(tokenizer_path=TOKENIZER, raw_text_path=str(corpus), context_length=8,
+                        cache_dir=str(cache or ""))
+    return data.prepare_tokens(config, tokenizer, workers)
+
+
+def shard_directory(corpus: Path) -> Path:
+    """Where the cache of a corpus file or directory goes without data.cache_dir."""
+    return corpus / "corpus.shards" if corpus.is_dir() else Path(f"{corpus}.shards")
+
+
+def finished_shards(corpus: Path) -> list[Path]:
+    return sorted(shard_directory(corpus).glob("*.json"))
+
+
+def built_now(capsys) -> int:
+    out = capsys.readouterr().out
+    return int(out.split(" tokenized now")[0].split()[-1]) if "tokenized now" in out else 0
+
+
+def test_one_and_two_workers_write_the_same_tokens(tmp_path, tokenizer):
+    corpus = write_books(tmp_path / "books", 5)
+    (corpus / "long.jsonl").write_text("".join(
+        json.dumps({"text": lines(3, i)}) + "\n" for i in range(200)))  # cut into pieces
+    one, _ = prepare(corpus, tokenizer, 1, tmp_path / "one")
+    two, _ = prepare(corpus, tokenizer, 2, tmp_path / "two")
+    assert len(list((tmp_path / "two").rglob("*.tokens.bin"))) > 10
+    assert one.tolist() == two.tolist()
+    eot = tokenizer.token_to_id(data.EOT)
+    whole = [i for k in range(200) for i in tokenizer.encode(lines(3, k)).ids + [eot]]
+    assert one.tolist()[-len(whole):] == whole, "a JSONL file cut at line starts reads the same"
+
+
+def test_the_default_sized_shard_holds_the_file_as_one_read_gives_it(tmp_path, tokenizer,
+                                                                     monkeypatch):
+    monkeypatch.setattr(shards, "SHARD_BYTES", 1 << 25)
+    text = tmp_path / "plays.txt"
+    text.write_text(lines(2000))
+    tokens, _ = prepare(text, tokenizer)
+    assert len(finished_shards(text)) == 1
+    assert tokens.tolist() == tokenizer.encode(text.read_text()).ids + [
+        tokenizer.token_to_id(data.EOT)]
+
+
+def test_a_new_file_tokenizes_only_itself_and_a_changed_ones_old_shard_goes(tmp_path, tokenizer,
+                                                                            capsys):
+    corpus = write_books(tmp_path / "books", 4)
+    before, _ = prepare(corpus, tokenizer)
+    assert built_now(capsys) == 4
+    (corpus / "book01b.txt").write_text(lines(60, 5000))
+    after, _ = prepare(corpus, tokenizer)
+    assert built_now(capsys) == 1 and len(finished_shards(corpus)) == 5
+    new = prepare(corpus / "book01b.txt", tokenizer, cache=tmp_path / "alone")[0].tolist()
+    first_two = len(prepare(corpus / "book0[01].txt", tokenizer, cache=tmp_path / "g")[0])
+    assert after.tolist() == before.tolist()[:first_two] + new + before.tolist()[first_two:]
+    capsys.readouterr()
+    (corpus / "book03.txt").write_text(lines(61, 300))
+    prepare(corpus, tokenizer)
+    assert built_now(capsys) == 1 and len(finished_shards(corpus)) == 5
+
+
+def test_small_files_are_packed_and_a_new_one_changes_only_its_group(tmp_path, tokenizer,
+                                                                     monkeypatch, capsys):
+    monkeypatch.setattr(shards, "SHARD_BYTES", 2000)
+    monkeypatch.setattr(shards, "GROUP_MAX_BYTES", 4000)
+    monkeypatch.setattr(shards, "FILE_MIN_WEIGHT", 1)
+    corpus = write_books(tmp_path / "notes", 60, lines_each=2)  # ~110 bytes each
+    prepare(corpus, tokenizer)
+    groups = built_now(capsys)
+    assert 2 <= groups <= 30
+    (corpus / "book30b.txt").write_text(lines(2, 9000))
+    prepare(corpus, tokenizer)
+    assert 1 <= built_now(capsys) <= 2  # its group, which its own draw may split
+    assert len(finished_shards(corpus)) in (groups, groups + 1)
+
+
+def test_a_kill_during_prepare_keeps_finished_shards_and_the_next_does_only_the_rest(
+        tmp_path, tokenizer, capsys):
+    corpus = write_books(tmp_path / "books", 6)
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, corpus))
+    process = subprocess.Popen([sys.executable, "-c", PREPARE, "1.0", "prepare", str(config),
+                                "--workers=1"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(finished_shards(corpus)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = len(finished_shards(corpus))
+    assert 2 <= kept < 6
+    tokens, _ = prepare(corpus, tokenizer)
+    assert built_now(capsys) == 6 - kept
+    assert tokens.tolist() == prepare(corpus, tokenizer, cache=tmp_path / "fresh")[0].tolist()
+    assert not [name for name in os.listdir(shard_directory(corpus)) if ".tmp-" in name]
+
+
+def test_two_processes_on_one_cache_build_each_shard_once(tmp_path):
+    corpus = write_books(tmp_path / "books", 6)
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, corpus))
+    runs = [subprocess.Popen([sys.executable, "-c", PREPARE, "0.3", "prepare", str(config),
+                              "--workers=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=240) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    built = [int(out.split(" tokenized now")[0].split()[-1]) if "tokenized now" in out else 0
+             for out, _ in outputs]
+    assert sum(built) == 6 and len(finished_shards(corpus)) == 6
+
+
+def test_a_workers_error_is_one_line_and_the_finished_shards_stay(tmp_path):
+    corpus = write_books(tmp_path / "books", 4)
+    (corpus / "book02.txt").write_bytes(b"fine line\n" * 10 + "caf\xe9\n".encode("latin-1"))
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, corpus))
+    result = subprocess.run([sys.executable, "-c", PREPARE, "0", "prepare", str(config),
+                             "--workers=2"], capture_output=True, text=True, timeout=240)
+    assert_one_error_line(result.returncode, result.stderr,
+                          r"book02.txt is not valid UTF-8 \(byte offset 103\)")
+    assert len(finished_shards(corpus)) == 3  # built first: the largest go first
+
+
+def test_data_py_prepare_uses_the_tokenizer_training_will_then_training_starts_at_once(
+        tmp_path, trained_run):
+    corpus = write_books(tmp_path / "books", 3, lines_each=400)
+    config = tiny_config(tmp_path, corpus, data={"tokenizer_path": "no/such/tokenizer.json"},
+                         training={"init_from": str(trained_run / "ckpt" / "best.pth"),
+                                   "max_steps": 2})
+    path = write_config(tmp_path / "c.yaml", config)
+    prepared = subprocess.run([sys.executable, str(REPO / "data.py"), "prepare", str(path)],
+                              capture_output=True, text=True, timeout=240)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    assert "cached" in prepared.stdout and "tokens ready for training" in prepared.stdout
+    trained = subprocess.run([sys.executable, str(REPO / "train.py"), str(path)],
+                             capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "cached" not in trained.stdout and "tokenizing" not in trained.stderr
+
+
+def test_a_token_stream_reads_across_shards_as_one_array():
+    parts = [np.arange(0, 5, dtype=np.uint16), np.arange(5, 6, dtype=np.uint16),
+             np.arange(6, 20, dtype=np.uint16)]
+    stream, whole = TokenStream(parts), np.arange(20, dtype=np.uint16)
+    assert len(stream) == 20 and stream.dtype == np.uint16
+    assert np.array_equal(stream, whole) and stream.tolist() == whole.tolist()
+    view = stream[3:17]
+    assert isinstance(view, TokenStream) and np.array_equal(view, whole[3:17])
+    assert np.array_equal(view[2:9].astype(np.int64), whole[5:12])
+    assert view[0] == 3 and view[-1] == 16 and stream[5] == 5
+    picks = np.array([0, 4, 5, 6, 13, -1])
+    assert np.array_equal(view[picks], whole[3:17][picks])
+    assert len(stream[30:40]) == 0 and np.asarray(stream[8:2]).size == 0
+    with pytest.raises(IndexError):
+        view[14]
