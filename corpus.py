@@ -20,7 +20,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 import zstandard
 from tqdm import tqdm
@@ -28,6 +28,9 @@ from tqdm import tqdm
 from chat import EOT, conversation_problem
 from files import atomic_write
 from utils import DataConfig, UserError, require, warn
+
+if TYPE_CHECKING:  # imported where a parquet file is read: slow to import
+    import pyarrow.parquet
 
 DEFAULT_CORPUS = "data/shakespeare.txt"
 SPEAKER = re.compile(r"[A-Z][A-Za-z .,'&-]{0,40}:")  # "ROMEO:", "First Citizen:"
@@ -123,13 +126,26 @@ def read_jsonl(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
             records, size = [], 0
 
 
-def read_parquet(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
+def row_group_starts(parquet: pyarrow.parquet.ParquetFile) -> list[int]:
+    """The byte where each row group of a parquet file begins (its first column's first page):
+    a piece of the file [start, end) holds the row groups that begin in it."""
+    starts = []
+    for group in range(parquet.metadata.num_row_groups):
+        column = parquet.metadata.row_group(group).column(0)
+        dictionary = column.has_dictionary_page and column.dictionary_page_offset
+        starts.append(dictionary or column.data_page_offset)
+    return starts
+
+
+def read_parquet(f: BinaryIO, path: str, data: DataConfig, start: int = 0,
+                 end: int | None = None) -> Iterator[Chunk]:
     """Each row of a parquet file is a document in its `data.text_field` column, or a
     conversation in its `messages` column (as a JSONL line is). Rows are decoded a batch at a
-    time, row group after row group, so memory stays bounded by a row group at any file size."""
+    time, row group after row group, so memory stays bounded by a row group at any file size.
+    With a byte range, only the row groups that begin in it (a shard's piece of the file)."""
     import pyarrow.parquet  # here: slow to import, and only a parquet corpus needs it
 
-    file_bytes = f.seek(0, os.SEEK_END)
+    end = f.seek(0, os.SEEK_END) if end is None else end
     try:
         parquet = pyarrow.parquet.ParquetFile(f)
         columns = parquet.schema_arrow.names
@@ -138,10 +154,17 @@ def read_parquet(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
         require(column in columns, f"{path} has no column '{column}' (its columns: "
                 f"{', '.join(columns)[:200]}) — set data.text_field to the column that holds the "
                 "text, or give conversations a 'messages' column")
+        groups = [group for group, first in enumerate(row_group_starts(parquet))
+                  if start <= first < end]
+        rows = [parquet.metadata.row_group(group).num_rows for group in groups]
         records, size, row, counted = [], 0, 0, 0
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
+        first_row = sum(parquet.metadata.row_group(group).num_rows
+                        for group in range(groups[0] if groups else 0))
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column],
+                                       row_groups=groups) if groups else []
+        for batch in batches:
             values = batch.column(0).to_pylist()
-            for number, value in enumerate(values, row + 1):
+            for number, value in enumerate(values, first_row + row + 1):
                 if conversations:
                     problem = conversation_problem({"messages": value})
                     require(not problem, f"{path}, row {number}: {problem} — fix that row "
@@ -154,11 +177,11 @@ def read_parquet(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
                                     "the column that holds the text")
             records += values
             size, row = size + batch.nbytes, row + len(values)
-            if size >= READ_CHUNK_BYTES or row == parquet.metadata.num_rows:
-                # read by column, not front to back: the file's bytes are shared out by rows
-                done = file_bytes * row // parquet.metadata.num_rows
-                yield (Chunk([], True, done - counted, records) if conversations
-                       else Chunk(records, True, done - counted))
+            if size >= READ_CHUNK_BYTES or row == sum(rows):
+                # read by column, not front to back: the piece's bytes are shared out by rows
+                done = (end - start) * row // sum(rows)
+                yield (Chunk([], True, done - counted, records, size) if conversations
+                       else Chunk(records, True, done - counted, text_bytes=size))
                 records, size, counted = [], 0, done
     except pyarrow.ArrowException as err:
         problem = str(err).strip().split("\n")[0]
@@ -262,9 +285,10 @@ def format_of(path: str) -> Format:
 
 def read_corpus_file(path: str, data: DataConfig, start: int = 0,
                      end: int | None = None) -> Iterator[Chunk]:
-    """The chunks of a corpus file, or of its bytes [start, end) where an uncompressed text or
-    JSONL file is cut at a line start (errors then name the piece's first byte). A text piece
-    before the file's end does not end the document: the next piece goes on with it."""
+    """The chunks of a corpus file, or of its bytes [start, end) where a large file is cut: an
+    uncompressed text or JSONL file at a line start (errors then name the piece's first byte),
+    a parquet file where a row group begins. A text piece before the file's end does not end
+    the document: the next piece goes on with it."""
     try:
         f = open(path, "rb")
     except OSError as err:
@@ -275,6 +299,9 @@ def read_corpus_file(path: str, data: DataConfig, start: int = 0,
         end = size if end is None else end
         if (start, end) == (0, size):
             yield from read(f, path, data)
+            return
+        if read is read_parquet:
+            yield from read_parquet(f, path, data, start, end)
             return
         f.seek(start)
         blocks = iter(lambda: f.read(min(READ_CHUNK_BYTES, end - f.tell())), b"")

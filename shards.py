@@ -32,7 +32,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from chat import ChatFormat, assistant_spans, trained_mask
-from corpus import LINE_END_BYTES, WHITESPACE, Chunk, format_of, read_corpus_file, reading_key
+from corpus import (LINE_END_BYTES, WHITESPACE, Chunk, format_of, read_corpus_file, reading_key,
+                    row_group_starts)
 from files import atomic_write, check_writable
 from utils import DataConfig, UserError, require
 
@@ -41,7 +42,7 @@ GROUP_MAX_BYTES = 2 * SHARD_BYTES  # small files packed together stop at this
 FILE_MIN_WEIGHT = 4096       # an empty file counts as a block on disk when packing
 PIECE_BYTES = 1 << 16        # pieces of a long text handed to the Rust tokenizer's thread pool
 CUT_READ_BYTES = 1 << 16     # read at a time looking for a line start to cut a large file at
-CUTTABLE = (".txt", ".jsonl")  # uncompressed line formats: cut at a line start, read from there
+CUTTABLE = (".txt", ".jsonl", ".parquet")  # formats a large file of is cut into pieces
 CACHE_VERSION = "shards-1"   # part of every key: a change of layout rebuilds every cache
 LOCK_FILE = ".building.lock"
 Progress = Callable[[int, int, int], None]  # (file bytes, text bytes, tokens) just done
@@ -121,27 +122,42 @@ def plan_shards(files: list[str], reading: Reading) -> list[Shard]:
 
 
 def cut_file(path: str, size: int, mtime_ns: int) -> list[Piece]:
-    """Pieces of a large file, each cut at the first line start within LINE_END_BYTES after a
-    multiple of SHARD_BYTES. Text with no newline there is cut before the last whitespace
-    (as corpus.read_text cuts it); a JSONL line that long is not cut."""
+    """Pieces of a large file, each cut after a multiple of SHARD_BYTES: a parquet file where
+    the next row group begins; text or JSONL at the first line start within LINE_END_BYTES,
+    text with no newline there before the last whitespace (as corpus.read_text cuts it), a
+    JSONL line that long not at all."""
     starts = [0]
     with open(path, "rb") as f:
-        for target in range(SHARD_BYTES, size, SHARD_BYTES):
-            f.seek(target - 1)
-            window = b""  # read on from the byte before the target until a newline
-            while b"\n" not in window and len(window) <= LINE_END_BYTES:
-                block = f.read(CUT_READ_BYTES)
-                if not block:
-                    break
-                window += block
-            window = window[:LINE_END_BYTES + 1]
-            cut = window.find(b"\n") + 1
-            if cut == 0 and format_of(path).suffix == ".txt":
-                cut = max(window.rfind(byte, 1) for byte in WHITESPACE)
-            if cut > 0 and starts[-1] < target - 1 + cut < size:
-                starts.append(target - 1 + cut)
+        if format_of(path).suffix == ".parquet":
+            import pyarrow.parquet  # here: slow to import, and only a parquet corpus needs it
+            groups = row_group_starts(pyarrow.parquet.ParquetFile(f))
+            cuts = [next((start for start in groups if start >= target), size)
+                    for target in range(SHARD_BYTES, size, SHARD_BYTES)]
+        else:
+            cuts = [line_start_near(f, target, format_of(path).suffix == ".txt")
+                    for target in range(SHARD_BYTES, size, SHARD_BYTES)]
+    for cut in cuts:
+        if cut is not None and starts[-1] < cut < size:
+            starts.append(cut)
     return [Piece(path, start, end, size, mtime_ns)
             for start, end in zip(starts, starts[1:] + [size])]
+
+
+def line_start_near(f: BinaryIO, target: int, text: bool) -> int | None:
+    """The first line start at or after byte `target` within LINE_END_BYTES; for `text` with no
+    newline there, the last whitespace in that span; None: no cut here."""
+    f.seek(target - 1)
+    window = b""  # read on from the byte before the target until a newline
+    while b"\n" not in window and len(window) <= LINE_END_BYTES:
+        block = f.read(CUT_READ_BYTES)
+        if not block:
+            break
+        window += block
+    window = window[:LINE_END_BYTES + 1]
+    cut = window.find(b"\n") + 1
+    if cut == 0 and text:
+        cut = max(window.rfind(byte, 1) for byte in WHITESPACE)
+    return target - 1 + cut if cut > 0 else None
 
 
 def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list:

@@ -7,13 +7,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 import data
 import shards
 from conftest import REPO, TOKENIZER, assert_one_error_line, tiny_config, write_config
 from shards import TokenStream
-from utils import DataConfig
+from utils import DataConfig, UserError
 
 SHARD_BYTES = 4096  # small shards, so a test's few KB make many
 PREPARE = f"""
@@ -208,3 +211,45 @@ def test_a_token_stream_reads_across_shards_as_one_array():
     assert len(stream[30:40]) == 0 and np.asarray(stream[8:2]).size == 0
     with pytest.raises(IndexError):
         view[14]
+
+
+def test_windows_and_their_masks_span_shard_boundaries_as_over_one_array():
+    tokens = np.arange(1, 104, dtype=np.uint16)
+    mask = (np.arange(103) % 3 == 0).astype(np.uint8)
+    cuts = [0, 7, 8, 50, 103]  # shards of 7, 1, 42 and 53 tokens
+    stream = TokenStream([tokens[a:b] for a, b in zip(cuts, cuts[1:])])
+    stream_mask = TokenStream([mask[a:b] for a, b in zip(cuts, cuts[1:])])
+    config = DataConfig(context_length=6, batch_size=2, val_split=0.2)
+    over_shards = data.split_tokens(stream, config, stream_mask)
+    over_array = data.split_tokens(tokens, config, mask)
+    for split_shards, split_array in zip(over_shards, over_array):
+        assert len(split_shards) == len(split_array) > 0
+        for index in data.epoch_order(len(split_array), seed=3, epoch=1):
+            for got, expected in zip(split_shards[index], split_array[index]):
+                assert torch.equal(got, expected)
+    assert data.corpus_fingerprint(stream, stream_mask) == data.corpus_fingerprint(tokens, mask)
+
+
+def test_a_large_parquet_file_is_cut_where_row_groups_begin_and_reads_as_its_jsonl_twin(
+        tmp_path, tokenizer):
+    documents = [lines(2, i) for i in range(600)]
+    parquet = write_parquet(tmp_path / "docs.parquet", documents)
+    twin = tmp_path / "docs.jsonl"
+    twin.write_text("".join(json.dumps({"text": document}) + "\n" for document in documents))
+    tokens, _ = prepare(parquet, tokenizer)
+    assert len(finished_shards(parquet)) >= 3
+    assert tokens.tolist() == prepare(twin, tokenizer)[0].tolist()
+
+
+def test_a_bad_row_in_a_later_piece_of_a_parquet_file_is_named_by_its_row_in_the_file(
+        tmp_path, tokenizer):
+    documents = [lines(2, i) for i in range(600)]
+    documents[450] = None
+    with pytest.raises(UserError, match=r"docs.parquet, row 451: column 'text' holds null"):
+        prepare(write_parquet(tmp_path / "docs.parquet", documents), tokenizer)
+
+
+def write_parquet(path: Path, documents: list) -> Path:
+    """Row groups of 20 rows (about 2 KB), so the file is cut into many pieces."""
+    pq.write_table(pa.table({"text": documents}), path, row_group_size=20)
+    return path
