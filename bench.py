@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from tokenizers import Tokenizer
 
-from corpus import resolve_corpus_files
+from plays import DEFAULT_CORPUS, build_default_corpus
+from shards import cpu_cores, encode_batch
 from data import TokenWindows, epoch_loader, epoch_order, load_tokenizer, prepare_data
 from generate import generate
 from model import Transformer
@@ -149,6 +150,7 @@ def time_prepare(config_path: str, corpus: str, cache: str, workers: int, thread
         stdout, stderr = out.read(), err.read()
     require(process.returncode == 0, f"data.py prepare failed: {stderr.strip()[-500:]}")
     ready = re.search(r"([\d,]+) tokens ready for training \(([\d.]+) s\)", stdout)
+    require(ready is not None, f"data.py prepare printed no result: {stdout.strip()[-500:]}")
     return {"workers": workers, "threads": threads, "seconds": float(ready.group(2)),
             "tokens": int(ready.group(1).replace(",", "")), "peak_rss_mb": peak_rss_mb}
 
@@ -157,15 +159,18 @@ def bench_encode_batch(tokenizer: Tokenizer, texts: list[str]) -> float:
     """The tokenizer's own MB/s on texts held in memory, on all its threads."""
     start = time.perf_counter()
     for first in range(0, len(texts), 1000):
-        tokenizer.encode_batch_fast(texts[first:first + 1000], add_special_tokens=False)
+        encode_batch(tokenizer, texts[first:first + 1000])
     return sum(len(text.encode()) for text in texts) / 1e6 / (time.perf_counter() - start)
 
 
 def bench_data(config_path: str, config: Config, size_mb: float, formats: list[str]) -> None:
     """`--data`: prepare a generated corpus with one worker and with one per core, print MB/s of
     text, tokens/s and the largest process's peak RSS; then time an incremental prepare."""
-    cores = len(os.sched_getaffinity(0))
-    with open(resolve_corpus_files(config.data.raw_text_path)[0], encoding="utf-8") as f:
+    cores = cpu_cores()
+    default_corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_CORPUS)
+    if not os.path.exists(default_corpus):  # built on first use, as a default run builds it
+        build_default_corpus(default_corpus)
+    with open(default_corpus, encoding="utf-8") as f:
         documents = data_documents(size_mb, f.read())
     text_mb = sum(len(document.encode()) for document in documents) / 1e6
     with tempfile.TemporaryDirectory(prefix="slm-bench-data-") as scratch:
@@ -176,7 +181,7 @@ def bench_data(config_path: str, config: Config, size_mb: float, formats: list[s
         del documents
         print(f"\n{text_mb:,.0f} MB of text, {DATA_FILES} files per format; the tokenizer's "
               f"encode_batch on it in memory, {cores} threads: {encode_mb_per_sec:.2f} MB/s")
-        print(f"{'data.py prepare':<12}{'workers':>8}{'threads':>8}{'seconds':>9}{'MB/s':>7}"
+        print(f"{'prepare':<12}{'workers':>8}{'threads':>8}{'seconds':>9}{'MB/s':>7}"
               f"{'tokens/s':>11}{'peak RSS MB':>12}")
         for kind in formats:
             rows = [time_prepare(config_path, folders[kind], os.path.join(scratch, f"{kind}{run}"),

@@ -9,6 +9,7 @@ mask beside the tokens marks the assistant's: the others are IGNORE_INDEX target
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from chat import EOT, chat_format, special_tokens
 from corpus import read_corpus_file, resolve_corpus_files, suffixes
 from files import atomic_write, check_writable
 from plays import write_play_conversations
-from shards import (Reading, TokenStream, build_shards, finished, plan_shards, remove_if_empty,
+from shards import (Reading, build_shards, cpu_cores, finished, plan_shards, remove_if_empty,
                     remove_stale)
 from utils import (ArgumentParser, Config, DataConfig, UserError, load_config, require,
                    require_within, run_cli, warn)
@@ -158,10 +159,12 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer, workers: int = 0
     reading = Reading(tokenizer.to_str(), end_of_text(data.tokenizer_path),
                       chat_format(data.tokenizer_path), data, dtype)
     shards = plan_shards(files, reading)
-    directory = _cache_prefix(data, files) + ".shards"
+    tokenizer_name = os.path.splitext(os.path.basename(data.tokenizer_path))[0]
+    directory = os.path.join(_cache_prefix(data, files) + ".shards",
+                             f"{tokenizer_name}-{reading.name}")
     try:
         built = build_shards(shards, tokenizer, reading, directory,
-                             workers or len(os.sched_getaffinity(0)))
+                             workers or cpu_cores())
     except BaseException:
         remove_if_empty(directory)
         raise
@@ -175,9 +178,10 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer, workers: int = 0
     num_tokens = sum(meta["num_tokens"] for meta in metas)
     try:
         check_corpus_length(num_tokens, data)
-    except UserError:  # a corpus too short to train on leaves no cache
-        remove_stale(directory, [])
-        remove_if_empty(directory)
+    except UserError:  # a corpus too short to train on leaves no cache of its own making
+        if built == len(shards):
+            remove_stale(directory, [])
+            remove_if_empty(directory)
         raise
     remove_stale(directory, shards)
     if built:
@@ -201,6 +205,58 @@ def corpus_fingerprint(tokens: np.ndarray, mask: np.ndarray | None = None) -> st
     if mask is not None:  # a token's mask as its sign: a text stream's identity is unchanged
         sample[1:] = np.where(mask[picks] > 0, -1 - sample[1:], sample[1:])
     return hashlib.sha256(sample.tobytes()).hexdigest()[:16]
+
+
+class TokenStream:
+    """The shards' tokens end to end as one read-only array, as a numpy array reads: len, an
+    integer index or index array, a slice (a view: nothing is read), np.asarray and astype."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts, self.dtype = parts, parts[0].dtype
+        self.ends = np.cumsum([len(part) for part in parts], dtype=np.int64)
+        self.begins = self.ends - [len(part) for part in parts]
+        self.start, self.stop = 0, int(self.ends[-1])  # this view's positions in the stream
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> TokenStream | np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            require(step == 1, "a token stream is sliced with step 1")
+            view = copy.copy(self)
+            view.start, view.stop = self.start + start, self.start + max(start, stop)
+            return view
+        positions = np.asarray(index)
+        require(positions.dtype.kind in "iu", f"a token stream is indexed by integers, not "
+                f"{positions.dtype}")
+        if np.any((positions < -len(self)) | (positions >= len(self))):
+            raise IndexError(f"index out of range for a stream of {len(self)} tokens")
+        positions = self.start + np.where(positions < 0, positions + len(self), positions)
+        parts = np.searchsorted(self.ends, positions, side="right")
+        values = np.empty(positions.shape, dtype=self.dtype)
+        for part in np.unique(parts):
+            picked = parts == part
+            values[picked] = self.parts[part][positions[picked] - self.begins[part]]
+        return values[()]
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        first = int(np.searchsorted(self.ends, self.start, side="right"))
+        pieces, position = [], self.start
+        for part in range(first, len(self.parts)):
+            if position >= self.stop:
+                break
+            begin, end = int(self.begins[part]), min(self.stop, int(self.ends[part]))
+            pieces.append(self.parts[part][position - begin:end - begin])
+            position = end
+        array = np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
+        return array.astype(dtype or self.dtype, copy=False)
+
+    def astype(self, dtype: np.dtype) -> np.ndarray:
+        return np.asarray(self, dtype=dtype)
+
+    def tolist(self) -> list[int]:
+        return np.asarray(self).tolist()
 
 
 class TokenWindows(Dataset):

@@ -2,7 +2,7 @@
 
     corpus files --plan--> shards: small files packed together, a large file cut at line starts
     --workers tokenize--> <key>.tokens.bin (+ <key>.mask.bin for conversations) + <key>.json
-    --TokenStream--> the shards end to end, in plan order, read as one array
+    --data.TokenStream--> the shards end to end, in plan order, read as one array
 
 A shard's key hashes its pieces (path, size, modification time, byte range), the tokenizer and
 the reading settings: a changed file rebuilds only its own shards, and shards no key names any
@@ -25,6 +25,7 @@ import os
 import queue
 import shutil
 import tempfile
+import time
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
@@ -32,8 +33,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from chat import ChatFormat, assistant_spans, trained_mask
-from corpus import (LINE_END_BYTES, WHITESPACE, Chunk, format_of, read_corpus_file, reading_key,
-                    row_group_starts)
+from corpus import (FORMATS, LINE_END_BYTES, WHITESPACE, Chunk, format_of, read_corpus_file,
+                    reading_key, row_group_starts)
 from files import atomic_write, check_writable
 from utils import DataConfig, UserError, require
 
@@ -45,6 +46,7 @@ CUT_READ_BYTES = 1 << 16     # read at a time looking for a line start to cut a 
 CUTTABLE = (".txt", ".jsonl", ".parquet")  # formats a large file of is cut into pieces
 CACHE_VERSION = "shards-1"   # part of every key: a change of layout rebuilds every cache
 LOCK_FILE = ".building.lock"
+UPDATE_SECONDS = 0.2         # how often a worker reports its progress
 Progress = Callable[[int, int, int], None]  # (file bytes, text bytes, tokens) just done
 
 
@@ -83,6 +85,14 @@ class Reading:
                               f"{self.chat.special_tokens}\0{self.dtype}\0"
                               f"{self.tokenizer_json}".encode()).hexdigest()
 
+    @property
+    def name(self) -> str:
+        """Names the cache directory of this reading, so that runs with another tokenizer or
+        other settings on one corpus keep shards of their own and never remove each other's."""
+        settings = sorted({name for fmt in FORMATS for name in fmt.settings})
+        values = "\0".join(f"{name}={getattr(self.data, name)}" for name in settings)
+        return hashlib.sha256(f"{self.digest}\0{values}".encode()).hexdigest()[:10]
+
     def key(self, pieces: list[Piece]) -> str:
         settings = reading_key([piece.path for piece in pieces], self.data)
         digest = hashlib.sha256(f"{self.digest}\0{settings}".encode())
@@ -97,12 +107,14 @@ def plan_shards(files: list[str], reading: Reading) -> list[Shard]:
     is cut into pieces at line starts; smaller files are packed with their neighbours into
     groups that end after a file by a draw fixed by its name and weighted by its size, so a
     group holds about SHARD_BYTES and a new file changes only the group it joins."""
-    shards, group = [], []
+    shards, group, group_bytes = [], [], 0
 
     def close_group() -> None:
+        nonlocal group_bytes
         if group:
             shards.append(Shard(tuple(group), reading.key(group)))
             group.clear()
+            group_bytes = 0
 
     for path in files:
         stat = os.stat(path)
@@ -112,10 +124,11 @@ def plan_shards(files: list[str], reading: Reading) -> list[Shard]:
                        for piece in cut_file(path, stat.st_size, stat.st_mtime_ns)]
             continue
         group.append(Piece(path, 0, stat.st_size, stat.st_size, stat.st_mtime_ns))
+        group_bytes += stat.st_size
         name = os.path.basename(path).encode()  # the same draw wherever the corpus lies
         draw = int(hashlib.sha256(name).hexdigest()[:8], 16) / 2 ** 32
         if (draw < max(stat.st_size, FILE_MIN_WEIGHT) / SHARD_BYTES
-                or sum(piece.size for piece in group) >= GROUP_MAX_BYTES):
+                or group_bytes >= GROUP_MAX_BYTES):
             close_group()
     close_group()
     return shards
@@ -160,7 +173,7 @@ def line_start_near(f: BinaryIO, target: int, text: bool) -> int | None:
     return target - 1 + cut if cut > 0 else None
 
 
-def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list:
+def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list:
     """Encodings of `texts` in parallel, without offsets where this tokenizers version can."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     return encode(texts, add_special_tokens=False)
@@ -174,7 +187,7 @@ def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
         pieces.append(text[start:end])
         start = end
     ids = [np.asarray(encoding.ids, dtype=np.int64)
-           for encoding in _encode_batch(tokenizer, pieces)]
+           for encoding in encode_batch(tokenizer, pieces)]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
@@ -193,7 +206,7 @@ def _encode_chunk(tokenizer: Tokenizer, reading: Reading,
     if chunk.whole_documents:
         eot_ids = np.array([tokenizer.token_to_id(reading.eot)], dtype=dtype)
         return [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)
-                for encoding in _encode_batch(tokenizer, chunk.texts)], []
+                for encoding in encode_batch(tokenizer, chunk.texts)], []
     # part of a long document: split further for the tokenizer's threads
     return [_encode_pieces(tokenizer, text).astype(dtype) for text in chunk.texts], []
 
@@ -208,6 +221,10 @@ def tokenize_shard(shard: Shard, tokenizer: Tokenizer, reading: Reading, directo
     def write(out: BinaryIO) -> None:
         nonlocal num_tokens
         for piece in shard.pieces:
+            stat = os.stat(piece.path)
+            require((stat.st_size, stat.st_mtime_ns) == (piece.size, piece.mtime_ns),
+                    f"{piece.path} changed while the corpus was tokenized — run again once "
+                    "nothing writes to it")
             for chunk in read_corpus_file(piece.path, reading.data, piece.start, piece.end):
                 kinds.setdefault(bool(chunk.conversations), piece.path)
                 if len(kinds) > 1:
@@ -228,7 +245,7 @@ def tokenize_shard(shard: Shard, tokenizer: Tokenizer, reading: Reading, directo
             atomic_write(_path(directory, shard.key, "mask.bin"),
                          lambda f: shutil.copyfileobj(mask_spool, f, 1 << 22))
     meta = {"num_tokens": num_tokens, "dtype": reading.dtype, "mask": True in kinds,
-            "first_file": shard.pieces[0].path}
+            "first_file": next(iter(kinds.values()), shard.pieces[0].path)}
     atomic_write(_path(directory, shard.key, "json"), lambda f: f.write(json.dumps(meta).encode()))
 
 
@@ -237,7 +254,8 @@ def _path(directory: str, key: str, kind: str) -> str:
 
 
 def finished(directory: str, shard: Shard) -> dict | None:
-    """A shard's metadata when its files are complete, else None (build it again)."""
+    """A shard's metadata when its files are complete, else None (build it again). Its dtype
+    is part of its key."""
     try:
         with open(_path(directory, shard.key, "json"), encoding="utf-8") as f:
             meta = json.load(f)
@@ -263,9 +281,14 @@ def shard_lock(directory: str, key: str, wait: bool) -> Iterator[bool]:
     """Hold the byte of the directory's lock file that stands for the shard `key` (POSIX record
     locks hold across hosts on NFS); without `wait`, yield False when another process holds it."""
     if directory not in _lock_files:
-        _lock_files[directory] = os.open(os.path.join(directory, LOCK_FILE),
-                                         os.O_RDWR | os.O_CREAT, 0o644)
-    fd, offset = _lock_files[directory], int(key[:12], 16)
+        try:
+            _lock_files[directory] = os.open(os.path.join(directory, LOCK_FILE),
+                                             os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise UserError(f"cannot open {os.path.join(directory, LOCK_FILE)} ({err.strerror}) "
+                            "— make it writable, or set data.cache_dir to a directory of your "
+                            "own") from None
+    fd, offset = _lock_files[directory], int(key[:7], 16)  # a small offset: NFS takes any
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, offset)
     except (BlockingIOError, PermissionError):  # held by another process
@@ -301,8 +324,28 @@ def _start_worker(tokenizer_json: str, reading: Reading, updates: multiprocessin
 
 
 def _build_in_worker(shard: Shard, directory: str) -> str:
-    return build_shard(shard, _worker["tokenizer"], _worker["reading"], directory,
-                       lambda *done: _worker["updates"].put(done))
+    """build_shard in a worker: its progress goes to the queue every UPDATE_SECONDS at most."""
+    sums, sent_at = [0, 0, 0], time.monotonic()
+
+    def send() -> None:
+        nonlocal sums, sent_at
+        _worker["updates"].put(tuple(sums))
+        sums, sent_at = [0, 0, 0], time.monotonic()
+
+    def progress(*done: int) -> None:
+        sums[:] = [total + part for total, part in zip(sums, done)]
+        if time.monotonic() - sent_at >= UPDATE_SECONDS:
+            send()
+
+    try:
+        return build_shard(shard, _worker["tokenizer"], _worker["reading"], directory, progress)
+    finally:
+        send()
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (all of them where the OS cannot say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_shards(shards: list[Shard], tokenizer: Tokenizer, reading: Reading, directory: str,
@@ -342,29 +385,34 @@ def build_shards(shards: list[Shard], tokenizer: Tokenizer, reading: Reading, di
 def _build_in_pool(todo: list[Shard], tokenizer: Tokenizer, reading: Reading, directory: str,
                    workers: int, progress: Progress) -> dict[Shard, str]:
     """Build in worker processes (forkserver: a clean, single-threaded start whatever this
-    process holds); -> each shard's outcome."""
+    process holds); -> each shard's outcome. A worker's error stops the others at once."""
     context = multiprocessing.get_context("forkserver")
     updates = context.Queue()
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
-    with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_start_worker,
-            initargs=(tokenizer.to_str(), reading, updates, threads)) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker,
+        initargs=(tokenizer.to_str(), reading, updates, max(1, cpu_cores() // workers)))
+
+    def show_progress() -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                progress(*updates.get_nowait())
+
+    try:
         futures = {pool.submit(_build_in_worker, shard, directory): shard for shard in todo}
         pending = set(futures)
-        try:
-            while pending:
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        progress(*updates.get(timeout=0.1))
-                done = {future for future in pending if future.done()}
-                for future in done:
-                    future.result()  # a worker's error ends the build here
-                pending -= done
-            while not updates.empty():
-                progress(*updates.get())
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        while pending:
+            done, pending = concurrent.futures.wait(
+                pending, UPDATE_SECONDS, concurrent.futures.FIRST_COMPLETED)
+            show_progress()
+            for future in done:
+                future.result()  # a worker's error ends the build here
+    except BaseException:
+        for process in list(pool._processes.values()):  # the pool's own API waits for them
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)  # the workers' last updates are in the queue once they exit
+    show_progress()
     return {shard: future.result() for future, shard in futures.items()}
 
 
@@ -380,61 +428,12 @@ def remove_stale(directory: str, shards: list[Shard]) -> None:
 
 def remove_if_empty(directory: str) -> None:
     """Remove a cache directory that holds no shard and no shard under way (a first run that
-    failed), so a bad input leaves nothing beside the corpus."""
+    failed), and its parent left empty, so a bad input leaves nothing beside the corpus."""
     with contextlib.suppress(OSError):
         if set(os.listdir(directory)) <= {LOCK_FILE}:
+            if directory in _lock_files:  # a lock on an unlinked file would exclude no one
+                os.close(_lock_files.pop(directory))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, LOCK_FILE))
             os.rmdir(directory)
-
-
-class TokenStream:
-    """The shards' tokens end to end as one read-only array, as a numpy array reads: len, an
-    index, an index array, a slice (a view: nothing is read), np.asarray and astype (read)."""
-
-    def __init__(self, parts: list[np.ndarray], start: int = 0, stop: int | None = None):
-        self.parts, self.dtype = parts, parts[0].dtype
-        self.ends = np.cumsum([len(part) for part in parts], dtype=np.int64)
-        self.begins = self.ends - [len(part) for part in parts]
-        self.start, self.stop = start, int(self.ends[-1]) if stop is None else stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, index: int | slice | np.ndarray) -> TokenStream | np.ndarray:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            require(step == 1, "a token stream is sliced with step 1")
-            view = TokenStream.__new__(TokenStream)
-            view.parts, view.dtype = self.parts, self.dtype
-            view.ends, view.begins = self.ends, self.begins
-            view.start, view.stop = self.start + start, self.start + max(start, stop)
-            return view
-        positions = np.asarray(index, dtype=np.int64)
-        if np.any((positions < -len(self)) | (positions >= len(self))):
-            raise IndexError(f"index out of range for a stream of {len(self)} tokens")
-        positions = self.start + np.where(positions < 0, positions + len(self), positions)
-        parts = np.searchsorted(self.ends, positions, side="right")
-        values = np.empty(positions.shape, dtype=self.dtype)
-        for part in np.unique(parts):
-            picked = parts == part
-            values[picked] = self.parts[part][positions[picked] - self.begins[part]]
-        return values[()]
-
-    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        first = int(np.searchsorted(self.ends, self.start, side="right"))
-        pieces, position = [], self.start
-        for part in range(first, len(self.parts)):
-            if position >= self.stop:
-                break
-            begin, end = int(self.begins[part]), min(self.stop, int(self.ends[part]))
-            pieces.append(self.parts[part][position - begin:end - begin])
-            position = end
-        array = np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
-        return array.astype(dtype or self.dtype)
-
-    def astype(self, dtype: np.dtype) -> np.ndarray:
-        return np.asarray(self, dtype=dtype)
-
-    def tolist(self) -> list[int]:
-        return np.asarray(self).tolist()
+            os.rmdir(os.path.dirname(directory))

@@ -156,7 +156,7 @@ def test_a_malformed_jsonl_line_is_one_error_with_its_file_and_line(
     corpus.write_text('{"text": "fine"}\n' + bad_line + '\n{"text": "fine"}\n', encoding="utf-8")
     with pytest.raises(UserError, match=re.escape(f"{corpus}, ") + message):
         prepare_tokens(DataConfig(raw_text_path=str(corpus), context_length=4), tokenizer)
-    assert not list(tmp_path.glob("*.shards/*.tokens.bin"))
+    assert not list(tmp_path.glob("*.shards"))
 
 
 def test_default_corpus_path_is_built_on_first_use(tmp_path, tokenizer, monkeypatch):
@@ -172,7 +172,7 @@ def test_token_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     text_path.write_text("To be, or not to be, that is the question.\n" * 50, encoding="utf-8")
     config = DataConfig(raw_text_path=str(text_path), context_length=8)
     first, _ = prepare_tokens(config, tokenizer)
-    (bin_path,) = Path(str(text_path) + ".shards").glob("*.tokens.bin")
+    (bin_path,) = Path(str(text_path) + ".shards").glob("bpe_4096-*/*.tokens.bin")
     assert np.array_equal(
         first[:-1], tokenizer.encode(text_path.read_text()).ids
     )
@@ -372,7 +372,7 @@ def test_a_malformed_conversation_line_is_one_error_with_its_file_and_line(
     corpus.write_text(f"{GOOD_CONVERSATION}\n{bad_line}\n{GOOD_CONVERSATION}\n")
     with pytest.raises(UserError, match=re.escape(f"{corpus}, ") + re.escape(message)):
         prepare_tokens(DataConfig(raw_text_path=str(corpus), context_length=4), tokenizer)
-    assert not list(tmp_path.glob("*.shards/*.bin"))
+    assert not list(tmp_path.glob("*.shards"))
 
 
 def test_conversations_and_text_in_one_corpus_are_refused_in_one_line(tmp_path, tokenizer):
@@ -408,7 +408,7 @@ def test_conversations_cache_a_mask_of_the_assistant_tokens_checked_like_the_tok
     flipped[len(mask) // 2] ^= 1
     assert corpus_fingerprint(tokens, flipped) != corpus_fingerprint(tokens, mask)
 
-    (mask_path,) = Path(str(corpus) + ".shards").glob("*.mask.bin")
+    (mask_path,) = Path(str(corpus) + ".shards").glob("*/*.mask.bin")
     mask_path.write_bytes(mask_path.read_bytes()[:-1])  # a truncated mask: rebuilt
     assert np.array_equal(prepare_tokens(data, tokenizer)[1], mask)
     lower = DEFAULT_TEMPLATE.replace("upper", "lower").replace("ASSISTANT", "assistant")

@@ -269,7 +269,7 @@ def test_a_damaged_cache_metadata_file_means_rebuild(tmp_path, corpus, damage):
     tokenizer = load_tokenizer(TOKENIZER)
     data = DataConfig(raw_text_path=str(corpus), cache_dir=str(tmp_path), context_length=32)
     first = np.array(prepare_tokens(data, tokenizer)[0])
-    (meta,) = tmp_path.glob("*.shards/*.json")
+    (meta,) = tmp_path.glob("*.shards/*/*.json")
     meta.write_bytes(damage(meta.read_text()).encode("utf-8", "surrogateescape"))
     assert np.array_equal(prepare_tokens(data, tokenizer)[0], first)
     assert json.loads(meta.read_text())["num_tokens"] == len(first)
@@ -557,4 +557,4 @@ def test_a_corpus_on_a_read_only_mount_needs_and_takes_a_cache_dir(tmp_path, cor
             prepare_tokens(data, tokenizer)
         data.cache_dir = str(tmp_path / "cache")
         assert len(prepare_tokens(data, tokenizer)[0]) > 1000
-        assert list((tmp_path / "cache").glob("plays.txt-*.shards/*.tokens.bin"))
+        assert list((tmp_path / "cache").glob("plays.txt-*.shards/*/*.tokens.bin"))

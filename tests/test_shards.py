@@ -15,7 +15,7 @@ import torch
 import data
 import shards
 from conftest import REPO, TOKENIZER, assert_one_error_line, tiny_config, write_config
-from shards import TokenStream
+from data import TokenStream
 from utils import DataConfig, UserError
 
 SHARD_BYTES = 4096  # small shards, so a test's few KB make many
@@ -66,12 +66,16 @@ def prepare(corpus: Path, tokenizer, workers: int = 1, cache: Path | None = None
 
 
 def shard_directory(corpus: Path) -> Path:
-    """Where the cache of a corpus file or directory goes without data.cache_dir."""
-    return corpus / "corpus.shards" if corpus.is_dir() else Path(f"{corpus}.shards")
+    """Where the cache of a corpus file or directory goes without data.cache_dir, for the
+    shipped tokenizer."""
+    parent = corpus / "corpus.shards" if corpus.is_dir() else Path(f"{corpus}.shards")
+    (directory,) = parent.glob("bpe_4096-*")
+    return directory
 
 
 def finished_shards(corpus: Path) -> list[Path]:
-    return sorted(shard_directory(corpus).glob("*.json"))
+    parent = corpus / "corpus.shards" if corpus.is_dir() else Path(f"{corpus}.shards")
+    return sorted(parent.glob("*/*.json"))
 
 
 def built_now(capsys) -> int:
@@ -158,7 +162,7 @@ def test_a_kill_during_prepare_keeps_finished_shards_and_the_next_does_only_the_
 def test_two_processes_on_one_cache_build_each_shard_once(tmp_path):
     corpus = write_books(tmp_path / "books", 6)
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, corpus))
-    runs = [subprocess.Popen([sys.executable, "-c", PREPARE, "0.3", "prepare", str(config),
+    runs = [subprocess.Popen([sys.executable, "-c", PREPARE, "1.0", "prepare", str(config),
                               "--workers=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=240) for run in runs]
@@ -209,8 +213,48 @@ def test_a_token_stream_reads_across_shards_as_one_array():
     picks = np.array([0, 4, 5, 6, 13, -1])
     assert np.array_equal(view[picks], whole[3:17][picks])
     assert len(stream[30:40]) == 0 and np.asarray(stream[8:2]).size == 0
-    with pytest.raises(IndexError):
-        view[14]
+    assert np.array_equal(view[-4:], whole[13:17]) and np.array_equal(view[:-12], whole[3:5])
+    for bad in (14, -15):
+        with pytest.raises(IndexError):
+            view[bad]
+    with pytest.raises(UserError, match="step 1"):
+        stream[::2]
+    with pytest.raises(UserError, match="indexed by integers"):
+        stream[np.array([True, False])]
+
+
+def test_a_large_text_file_is_cut_at_line_starts_and_ends_its_document_once(tmp_path,
+                                                                            tokenizer):
+    text = tmp_path / "long.txt"
+    text.write_text(lines(400))  # ~22 KB: five or six pieces
+    tokens, _ = prepare(text, tokenizer)
+    pieces = shards.cut_file(str(text), text.stat().st_size, text.stat().st_mtime_ns)
+    raw = text.read_bytes()
+    assert len(pieces) == len(finished_shards(text)) >= 5
+    assert all(raw[piece.start - 1:piece.start] == b"\n" for piece in pieces[1:])
+    assert [piece.start for piece in pieces[1:]] == [piece.end for piece in pieces[:-1]]
+    eot = tokenizer.token_to_id(data.EOT)
+    assert tokens.tolist().count(eot) == 1 and tokens.tolist()[-1] == eot
+    pieces_read = [i for piece in pieces
+                   for i in tokenizer.encode(raw[piece.start:piece.end].decode()).ids]
+    assert tokens.tolist() == pieces_read + [eot]
+
+
+@pytest.mark.parametrize("content, cut", [
+    (b"a" * 4095 + b"\n" + b"b" * 200, 4096),        # a newline just before the target
+    (b"a" * 4200 + b"\n" + b"b" * 200, 4201),        # the first newline after it
+    (b"word " * 2000, None),                        # no newline: before the last whitespace
+    (b"x" * 9000, None),                            # nothing to cut at: one piece
+])
+def test_where_a_large_file_is_cut(tmp_path, monkeypatch, content, cut):
+    monkeypatch.setattr(shards, "LINE_END_BYTES", 1024)
+    path = tmp_path / "long.txt"
+    path.write_bytes(content)
+    starts = [piece.start for piece in shards.cut_file(str(path), len(content), 0)]
+    if content.startswith(b"word"):
+        assert len(starts) > 1 and all(content[start:start + 1] == b" " for start in starts[1:])
+    else:
+        assert starts == [0] + ([cut] if cut else [])
 
 
 def test_windows_and_their_masks_span_shard_boundaries_as_over_one_array():
