@@ -9,6 +9,7 @@ represent is refused by name rather than loaded wrongly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,9 @@ from utils import (Config, DataConfig, ModelConfig, UserError, config_to_dict, r
 HF_PREFIX = "model."
 HEAD = "lm_head.weight"
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+SHADOWS = (WEIGHTS_INDEX, "chat_template.jinja", "generation_config.json")  # an older export's or
+# a source's files that a reader would take over the new export's (with the index's shards)
+DERIVED_BUFFER = "rotary_emb.inv_freq"  # older Llama files store it; RoPE recomputes it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HF_NUMBERS = {**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "head_dim",
                                "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -36,8 +40,10 @@ HF_NUMBERS = {**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size",
               "rms_norm_eps": (int, float), "rope_theta": (int, float)}
 
 
-def hf_config(model: ModelConfig, token_ids: dict[str, int], slm_config: dict) -> dict:
-    """config.json for LlamaForCausalLM; the full SLM config rides along for an exact way back."""
+def hf_config(model: ModelConfig, context_length: int, token_ids: dict[str, int],
+              slm_config: dict) -> dict:
+    """config.json for LlamaForCausalLM, advertising the context the model was trained on; the
+    full SLM config rides along for an exact way back."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -49,7 +55,7 @@ def hf_config(model: ModelConfig, token_ids: dict[str, int], slm_config: dict) -
         "num_key_value_heads": model.num_kv_heads,
         "head_dim": model.embed_dim // model.num_heads,
         "hidden_act": "silu",
-        "max_position_embeddings": model.max_seq_len,
+        "max_position_embeddings": context_length,
         "rms_norm_eps": model.norm_eps,
         "rope_theta": model.rope_theta,                                           # transformers 4.x
         "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},  # 5.x
@@ -79,10 +85,11 @@ def directory_contents(state: dict[str, torch.Tensor], config: Config, tokenizer
     special = {"bos_token": eos, "pad_token": eos, **chat.special_tokens}
     token_ids = {key: tokenizer.token_to_id(token) for key, token in special.items()}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-                        "model_max_length": config.model.max_seq_len, "add_bos_token": False,
+                        "model_max_length": config.data.context_length, "add_bos_token": False,
                         "add_eos_token": False, "clean_up_tokenization_spaces": False,
                         "chat_template": chat.template}
-    json_files = {"config.json": hf_config(config.model, token_ids, config_to_dict(config)),
+    json_files = {"config.json": hf_config(config.model, config.data.context_length, token_ids,
+                                           config_to_dict(config)),
                   "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special}
     contents = {name: (json.dumps(content, indent=2) + "\n").encode()
                 for name, content in json_files.items()}
@@ -93,7 +100,9 @@ def directory_contents(state: dict[str, torch.Tensor], config: Config, tokenizer
 
 def write_directory(out_dir: str, contents: dict[str, bytes]) -> None:
     """Write the files into a staging directory beside `out_dir`, then move them in: a failure
-    half-way (a full disk) leaves `out_dir` as it was, so the same command can simply run again."""
+    half-way (a full disk) leaves `out_dir` as it was, so the same command can simply run again.
+    Then remove what would shadow them (SHADOWS, and the shards an old index lists); any other
+    file in `out_dir` stays."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     check_writable(parent)
     os.makedirs(parent, exist_ok=True)
@@ -105,8 +114,16 @@ def write_directory(out_dir: str, contents: dict[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.makedirs(out_dir, exist_ok=True)
+        try:
+            shards = _weight_shards(out_dir)
+        except UserError:  # a damaged index names nothing to trust; it goes all the same
+            shards = []
+        shadows = [name for name in (*SHADOWS, *shards) if name not in contents]
         for name in contents:
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        for name in shadows:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out_dir, name))
     except OSError as err:
         raise UserError(f"could not write {out_dir} ({err.strerror or err}); it was left as it "
                         "was — free disk space, then run the same command again") from None
@@ -161,14 +178,24 @@ def model_config_from_hf(hf: Any, source: str) -> ModelConfig:
                         ) from None
 
 
-def _read_weights(directory: str) -> dict[str, torch.Tensor]:
-    """The safetensors weights of a directory, one file or shards listed in their index."""
+def _weight_shards(directory: str) -> list[str]:
+    """The files a directory's weight index lists (none without an index)."""
     index_path = os.path.join(directory, WEIGHTS_INDEX)
-    if os.path.isfile(index_path):
-        weight_map = _read_json(index_path).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-    else:
-        files = [WEIGHTS]
+    if not os.path.isfile(index_path):
+        return []
+    weight_map = _read_json(index_path).get("weight_map", {})
+    require(isinstance(weight_map, dict) and all(
+        isinstance(name, str) and os.path.basename(name) == name for name in weight_map.values()),
+        f"{index_path} is damaged (its weight_map does not list files beside it) — fetch or "
+        "export the directory again")
+    return sorted(set(weight_map.values()))
+
+
+def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+    """The safetensors weights of a directory: model.safetensors where there is one, else the
+    shards its index lists (transformers' order of precedence)."""
+    use_single = os.path.isfile(os.path.join(directory, WEIGHTS))
+    files = [WEIGHTS] if use_single else _weight_shards(directory) or [WEIGHTS]
     tensors = {}
     for name in files:
         path = os.path.join(directory, name)
@@ -209,7 +236,8 @@ def load_hf_directory(directory: str, weights: bool = True) -> dict:
     "directory" it came from."""
     config = load_hf_config(directory)
     state = {name.removeprefix(HF_PREFIX): tensor.float()
-             for name, tensor in _read_weights(directory).items()} if weights else {}
+             for name, tensor in _read_weights(directory).items()
+             if not name.endswith(DERIVED_BUFFER)} if weights else {}
     if config.model.tie_embeddings and "embed_tokens.weight" in state:
         state[HEAD] = state["embed_tokens.weight"]
     try:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 import export as export_script
@@ -244,3 +245,42 @@ def test_export_refuses_to_overwrite_and_bad_checkpoints(
     (tmp_path / "taken" / "model.safetensors").write_bytes(b"\x00" * 10)
     code, _, stderr = run_main(infer.main, ["--ckpt_path", "taken"], tmp_path, monkeypatch, capsys)
     assert_one_error_line(code, stderr, "cannot read taken/model.safetensors")
+
+
+def test_export_force_removes_what_would_shadow_it_and_nothing_else(tmp_path):
+    first = random_checkpoint(tmp_path, RANDOM_MODELS["mha"])
+    out = tmp_path / "hf"
+    out.mkdir()
+    stale = Transformer(RANDOM_MODELS["mha"])  # an earlier, sharded export of other weights
+    stale_state = {f"model.{name}": tensor.contiguous()
+                   for name, tensor in stale.state_dict().items() if name != "lm_head.weight"}
+    names = sorted(stale_state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half],
+              "model-00002-of-00002.safetensors": names[half:]}
+    for shard, members in shards.items():
+        save_file({name: stale_state[name] for name in members}, str(out / shard))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {name: shard for shard, members in shards.items() for name in members}}))
+    (out / "chat_template.jinja").write_text("{{ 'stale' }}")
+    (out / "generation_config.json").write_text("{}")
+    (out / "notes.txt").write_text("my notes")
+    export(str(first), str(out), force=True)
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        [*export_script.EXPORT_FILES, "notes.txt"])
+    back = load_hf_directory(str(out))["model"]
+    assert all(torch.equal(back[name], tensor)
+               for name, tensor in load_checkpoint(str(first))["model"].items())
+    assert chat_format(str(out / "tokenizer.json")).template == DEFAULT_TEMPLATE
+
+
+def test_the_export_advertises_the_trained_context_not_the_rope_table(tmp_path):
+    ckpt = random_checkpoint(tmp_path, RANDOM_MODELS["mha"])  # max_seq_len 96
+    checkpoint = load_checkpoint(str(ckpt))
+    checkpoint["config"]["data"]["context_length"] = 40
+    save_checkpoint(checkpoint, str(ckpt))
+    export(str(ckpt), str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["max_position_embeddings"] == tokenizer_config["model_max_length"] == 40
+    assert load_hf_directory(str(tmp_path / "hf"))["config"]["model"]["max_seq_len"] == 96

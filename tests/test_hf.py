@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tokenizers import Tokenizer
 
@@ -336,3 +337,33 @@ def test_a_chat_model_fine_tuned_from_a_directory_keeps_its_template_into_the_ex
     assert exported.eos_token == "<|im_end|>"
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").eos_token_id == (
         hf_tokenizer.eos_token_id)
+
+
+def test_a_single_weights_file_wins_over_an_index_as_in_transformers(tmp_path):
+    save_llama(tmp_path, **SHAPES["tied, MHA"])
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    stale = {name: torch.zeros_like(tensor) for name, tensor in weights.items()}
+    save_file(stale, str(tmp_path / "model-00001-of-00001.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": dict.fromkeys(stale, "model-00001-of-00001.safetensors")}))
+    ours = load_hf_directory(str(tmp_path))["model"]
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).state_dict()
+    for name, tensor in weights.items():
+        assert torch.equal(ours[name.removeprefix("model.")], tensor)
+        assert torch.equal(theirs[name], tensor)
+
+
+def test_rotary_inverse_frequencies_in_old_llama_files_are_dropped_on_import(tmp_path):
+    model = save_llama(tmp_path, **SHAPES["untied, GQA, </s>, padded vocab"])
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    weights.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone()
+                    for i in range(2)})
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    checkpoint = load_hf_directory(str(tmp_path))
+    assert not [name for name in checkpoint["model"] if "inv_freq" in name]
+    slm = Transformer(stored_config(checkpoint["config"], str(tmp_path)).model).eval()
+    load_weights(slm, checkpoint, str(tmp_path))
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    with torch.no_grad():
+        assert (slm(ids)[0] - model(ids).logits).abs().max().item() <= 1e-4
