@@ -1,10 +1,13 @@
-"""Export a trained SLM checkpoint as a Hugging Face LlamaForCausalLM directory.
+"""Export a trained SLM checkpoint, or a Hugging Face Llama directory, for other tools:
 
     python export.py --ckpt_path checkpoints/best_model.pth --out exported/
+    python export.py --ckpt_path checkpoints/best_model.pth --out model.gguf --dtype q8_0
 
-The directory holds config.json, model.safetensors and the tokenizer (tokenizer.json,
-tokenizer_config.json, special_tokens_map.json); transformers loads it offline, and so do
-`infer.py --ckpt_path exported/` and `training.init_from=exported/` (hf.py reads it back).
+A Hugging Face LlamaForCausalLM directory (hf.py) holds config.json, model.safetensors and the
+tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json); transformers loads it
+offline, and so do `infer.py --ckpt_path exported/` and `training.init_from=exported/`. A GGUF
+file (gguf_export.py) holds the weights, tokenizer and chat template for llama.cpp, Ollama and
+LM Studio.
 """
 from __future__ import annotations
 
@@ -13,45 +16,85 @@ import os
 from checkpoints import check_tokenizer, load_checkpoint, load_weights
 from chat import stored_chat_format
 from data import load_tokenizer
+from files import check_writable
+from gguf_export import DTYPES, llama_cpp_pre_tokenizer, write_gguf
 from hf import directory_contents, write_directory
 from model import Transformer
 from utils import ArgumentParser, UserError, run_cli, stored_config
 
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
+FORMATS = ("hf", "gguf")
 
 
-def export(ckpt_path: str, out_dir: str, tokenizer_path: str | None = None,
-           force: bool = False) -> None:
+def check_out(out: str, out_format: str, force: bool) -> None:
+    """--out fits the format, and overwrites an earlier export only with --force."""
+    if out_format == "gguf":
+        if os.path.isdir(out):
+            raise UserError(f"{out} is a directory — give a GGUF file path, e.g. "
+                            f"{os.path.join(out, 'model.gguf')}")
+        check_writable(os.path.dirname(os.path.abspath(out)))
+        exists = os.path.exists(out)
+    elif os.path.isfile(out):
+        raise UserError(f"{out} is a file — give a directory for the Hugging Face export, or "
+                        "add --format gguf")
+    else:
+        exists = os.path.isdir(out) and bool(os.listdir(out))
+    if exists and not force:
+        raise UserError(f"{out} already exists{'' if out_format == 'gguf' else ' and is not empty'}"
+                        " — choose a new --out, or add --force to overwrite the export in it")
+
+
+def export(ckpt_path: str, out: str, tokenizer_path: str | None = None, force: bool = False,
+           out_format: str = "hf", dtype: str = "f32") -> None:
+    """Write the model at `ckpt_path` to `out` as a Hugging Face directory ("hf") or a GGUF
+    file ("gguf", its 2-D weights in `dtype`)."""
     checkpoint = load_checkpoint(ckpt_path)
     config = stored_config(checkpoint["config"], ckpt_path)
     tokenizer_path = tokenizer_path or config.data.tokenizer_path
     fix = "pass --tokenizer with the one the checkpoint was trained on"
     tokenizer = load_tokenizer(tokenizer_path, config.model.vocab_size, fix)
     check_tokenizer(checkpoint, tokenizer, tokenizer_path, ckpt_path, fix)
-    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not force):
-        raise UserError(f"{out_dir} already exists and is not empty — choose a new --out, or add "
-                        "--force to overwrite the exported files in it")
+    check_out(out, out_format, force)
+    pre_tokenizer = ""
+    if out_format == "gguf":  # a tokenizer llama.cpp cannot reproduce is refused first
+        pre_tokenizer = llama_cpp_pre_tokenizer(tokenizer, tokenizer_path)
     model = Transformer(config.model)
     load_weights(model, checkpoint, ckpt_path)  # refuses bad weights before writing anything
     chat = stored_chat_format(checkpoint.get("chat"), tokenizer_path)
-    write_directory(out_dir, directory_contents(model.state_dict(), config, tokenizer, chat))
+    if out_format == "gguf":
+        write_gguf(out, model.state_dict(), config, tokenizer, pre_tokenizer, chat, dtype)
+    else:
+        write_directory(out, directory_contents(model.state_dict(), config, tokenizer, chat))
 
 
 def main() -> None:
-    parser = ArgumentParser(description="Export an SLM checkpoint as a Hugging Face "
-                                     "LlamaForCausalLM directory (config, weights, tokenizer).")
+    parser = ArgumentParser(description="Export an SLM checkpoint or a Hugging Face Llama "
+                            "directory as a Hugging Face directory or a GGUF file (llama.cpp).")
     parser.add_argument("--ckpt_path", default="checkpoints/best_model.pth",
-                        help="checkpoint written by train.py")
+                        help="checkpoint written by train.py, or a Hugging Face Llama directory")
     parser.add_argument("--out", required=True,
-                        help="output directory (created; must be empty unless --force)")
+                        help="output directory (hf: created, must be empty unless --force) or "
+                        "file (gguf)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="hf: a LlamaForCausalLM directory; gguf: one file for llama.cpp "
+                        "(default: gguf when --out ends in .gguf, else hf)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="gguf only: how 2-D weights are stored (default f32; norms stay "
+                        "f32, q8_0 rows not a multiple of 32 long are f16)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer JSON (default: the checkpoint config's)")
     parser.add_argument("--force", action="store_true",
-                        help="overwrite the export files in a non-empty --out")
+                        help="overwrite an earlier export at --out")
     args = parser.parse_args()
-    export(args.ckpt_path, args.out, args.tokenizer, args.force)
-    print(f"exported {args.ckpt_path} to {args.out}/ ({', '.join(EXPORT_FILES)})", flush=True)
+    out_format = args.format or ("gguf" if args.out.endswith(".gguf") else "hf")
+    if args.dtype and out_format != "gguf":
+        raise UserError("--dtype applies to GGUF files only (the Hugging Face export is float32)"
+                        " — drop --dtype, or add --format gguf")
+    export(args.ckpt_path, args.out, args.tokenizer, args.force, out_format, args.dtype or "f32")
+    written = f"{args.out} ({args.dtype or 'f32'})" if out_format == "gguf" else (
+        f"{args.out}/ ({', '.join(EXPORT_FILES)})")
+    print(f"exported {args.ckpt_path} to {written}", flush=True)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,34 @@ def chat_tokenizer_dir(directory: Path, template: str | list, special: dict) -> 
     return directory
 
 
+CHAT_TEMPLATES = {
+    "ChatML": (CHATML_TEMPLATE, {"eos_token": "<|im_end|>"}),
+    "Llama-3 style": (LLAMA3_TEMPLATE, {"bos_token": "<|begin_of_text|>",
+                                        "eos_token": "<|eot_id|>"}),
+}
+
+
+def chat_llama(directory: Path, template: str = "ChatML") -> tuple[object, object]:
+    """A random LlamaForCausalLM with a chat template and its special tokens in `directory`."""
+    transformers = pytest.importorskip("transformers")
+    chat_tokenizer_dir(directory, *CHAT_TEMPLATES[template])
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=len(hf_tokenizer), hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False,
+        eos_token_id=hf_tokenizer.eos_token_id, pad_token_id=hf_tokenizer.eos_token_id,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # large weights: greedy replies depend on the whole prompt
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(directory)
+    return model, hf_tokenizer
+
+
 def write_conversations(path: Path, count: int) -> Path:
     """A conversation JSONL of `count` conversations whose assistant turns differ in length
     and number, some with a system turn."""

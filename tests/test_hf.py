@@ -18,13 +18,13 @@ import infer
 import train
 from export import export
 from conftest import (
+    CHAT_TEMPLATES,
     CHATML_TEMPLATE,
-    LLAMA3_TEMPLATE,
     REPO,
     TOKENIZER,
     assert_one_error_line,
     CONVERSATIONS,
-    chat_tokenizer_dir,
+    chat_llama,
     run_main,
     tiny_config,
     write_config,
@@ -256,33 +256,6 @@ def test_a_llama_feature_slm_cannot_represent_is_refused_by_name(
     )
     assert_one_error_line(code, stderr, message)
     assert stdout == ""
-
-
-CHAT_TEMPLATES = {
-    "ChatML": (CHATML_TEMPLATE, {"eos_token": "<|im_end|>"}),
-    "Llama-3 style": (LLAMA3_TEMPLATE, {"bos_token": "<|begin_of_text|>",
-                                        "eos_token": "<|eot_id|>"}),
-}
-
-
-def chat_llama(directory: Path, template: str = "ChatML") -> tuple[object, object]:
-    """A random LlamaForCausalLM with a chat template and its special tokens in `directory`."""
-    chat_tokenizer_dir(directory, *CHAT_TEMPLATES[template])
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(
-        vocab_size=len(hf_tokenizer), hidden_size=64, intermediate_size=160,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, tie_word_embeddings=False,
-        eos_token_id=hf_tokenizer.eos_token_id, pad_token_id=hf_tokenizer.eos_token_id,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # large weights: greedy replies depend on the whole prompt
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.3)
-    model.save_pretrained(directory)
-    return model, hf_tokenizer
 
 
 @pytest.mark.parametrize("template", list(CHAT_TEMPLATES))
