@@ -1,10 +1,9 @@
 """Benchmarks on whatever device the config picks: matmul peak, training throughput and MFU,
-generation with and without the KV cache; or with --data, preparing a corpus's token cache; or
-with --gguf, a checkpoint's GGUF exports in llama.cpp.
+generation with and without the KV cache; or with --data, preparing a corpus's token cache.
+(bench_deploy.py measures the ways out: GGUF files in llama.cpp, and serve.py.)
 
     python bench.py configs.yaml [section.key=value ...] [--json] [--compile] [--steps 20]
     python bench.py configs.yaml --data [MB] [--data-formats txt,jsonl.gz,parquet]
-    python bench.py configs.yaml --gguf checkpoints/best_model.pth
 
 MFU is always model FLOP/s (model.flops_per_token) over the matmul peak measured here, on this
 device, in the run's precision — never a datasheet constant. Numbers are printed, not asserted:
@@ -24,33 +23,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizers import Tokenizer
 
-from checkpoints import load_trained
 from plays import DEFAULT_CORPUS, build_default_corpus
 from shards import cpu_cores, encode_batch
 from data import TokenWindows, epoch_loader, epoch_order, load_tokenizer, prepare_data
 from generate import generate
-from gguf_export import DTYPES
 from model import Transformer
 from optim import FUSED_ADAMW, configure_optimizers, forward_backward, optimizer_step
 from runtime import (autocast_context, bf16_is_fast, keep_freed_memory, measure_peak_flops,
                      pick_device, setup_precision, sync)
-from utils import (ArgumentParser, Config, ModelConfig, UserError, load_config, require,
-                   require_within, run_cli)
+from utils import (ArgumentParser, Config, ModelConfig, load_config, require, require_within,
+                   run_cli)
 
 GENERATION_TOKENS = 256
 GENERATION_PROMPT = 32
 GENERATION_RUNS = 3
 GENERATION_RUN_SECONDS = 10.0  # one row stops repeating after this long
-GGUF_WINDOWS = 16  # validation windows each GGUF dtype's logits are compared on
 
 
 def peak_rss_mb() -> float:
@@ -342,76 +337,6 @@ def bench_generation(model: Transformer, context_length: int, device: torch.devi
             "decode_tokens_per_sec": batch_size * (GENERATION_TOKENS - 1) / decode_seconds}
 
 
-def decode_tokens_per_sec(tokens: Iterator) -> float:
-    """Tokens/s of a generator of tokens after its first one (the prefill's)."""
-    next(tokens)
-    start = time.perf_counter()
-    count = sum(1 for _ in tokens)
-    return count / (time.perf_counter() - start)
-
-
-def bench_gguf(config: Config, ckpt_path: str) -> None:
-    """Each GGUF dtype's file size, its logits' agreement with f32's in llama.cpp over
-    validation windows (top-1, mean |delta|), and greedy decode tokens/s from GENERATION_PROMPT
-    tokens (a quarter window at most) to a full window: llama.cpp on each file, and SLM's
-    generate as infer.py runs it, eager and compiled. The windows are the config's validation
-    text, tokenized and cut as the checkpoint was trained."""
-    try:
-        import llama_cpp  # requirements-dev.txt: compiled for this CPU at install
-    except ImportError:
-        raise UserError("bench.py --gguf runs llama.cpp through llama-cpp-python — pip install "
-                        "-r requirements-dev.txt") from None
-    trained = load_trained(ckpt_path, device_name="cpu")
-    context, threads = trained.context_length, torch.get_num_threads()
-    data = dataclasses.replace(config.data, tokenizer_path=trained.tokenizer_path,
-                               context_length=context)
-    val_set = prepare_data(Config(trained.model.config, data, config.training))[2]
-    windows = [window.tolist() for window, _ in itertools.islice(val_set, GGUF_WINDOWS)]
-    prompt = windows[0][:min(GENERATION_PROMPT, context // 4)]
-    count = context - len(prompt)
-    logits, rows = {}, {}
-    with tempfile.TemporaryDirectory() as directory:
-        for dtype in DTYPES:
-            path = os.path.join(directory, f"{dtype}.gguf")
-            exported = subprocess.run([sys.executable, os.path.join(
-                os.path.dirname(os.path.abspath(__file__)), "export.py"), "--ckpt_path",
-                ckpt_path, "--out", path, "--dtype", dtype], capture_output=True, text=True)
-            require(exported.returncode == 0, "export.py failed: " + (
-                exported.stderr.strip().splitlines() or ["(no message)"])[-1])
-            llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=context,
-                                  n_threads=threads, logits_all=True, verbose=False,
-                                  type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-            window_logits = []
-            for window in windows:
-                llm.reset()
-                llm.eval(window)
-                window_logits.append(np.array(llm.scores[:len(window)]))
-            logits[dtype] = np.concatenate(window_logits)
-            rows[dtype] = {"size_mb": os.path.getsize(path) / 1e6, "decode": max(
-                decode_tokens_per_sec(itertools.islice(llm.generate(
-                    prompt, temp=0.0, repeat_penalty=1.0, reset=True), count))
-                for _ in range(GENERATION_RUNS))}
-    with autocast_context(trained.device, trained.precision), torch.no_grad():
-        logits["SLM"] = torch.cat([trained.model(torch.tensor([window]))[0][0]
-                                   for window in windows]).float().numpy()
-        for compiled in (False, True):
-            rows[f"SLM generate{', compiled' if compiled else ''}"] = {"decode": max(
-                decode_tokens_per_sec(generate(trained.model, torch.tensor([prompt]), count,
-                                               context, temperature=0.0, compile=compiled))
-                for _ in range(GENERATION_RUNS))}
-    print(f"{ckpt_path}: {trained.model.num_params():,} parameters, {context}-token window, "
-          f"{threads} threads; logits over {len(logits['f32']):,} validation positions")
-    print(f"{'':<30}{'file MB':>9}{'top-1 = f32':>13}{'mean |dlogit|':>15}"
-          f"{'decode tok/s':>14}")
-    for name, row in rows.items():
-        dtype = "SLM" if name.startswith("SLM") else name
-        agreement = (logits[dtype].argmax(-1) == logits["f32"].argmax(-1)).mean()
-        delta = np.abs(logits[dtype] - logits["f32"]).mean()
-        label = f"{name} ({trained.precision})" if dtype == "SLM" else f"llama.cpp {name}"
-        size = f"{row['size_mb']:.2f}" if "size_mb" in row else ""
-        print(f"{label:<30}{size:>9}{agreement:>13.2%}{delta:>15.1e}{row['decode']:>14,.0f}")
-
-
 def print_table(results: dict) -> None:
     peak = results["peak_flops"]
     print("\npeak matmul: " + ", ".join(f"{name} {flops / 1e9:,.0f} GFLOP/s"
@@ -467,9 +392,6 @@ def main() -> None:
                         "megabytes of text (default 200) in each format")
     parser.add_argument("--data-formats", default=",".join(DATA_FORMATS),
                         help=f"with --data: which of {','.join(DATA_FORMATS)} to time")
-    parser.add_argument("--gguf", metavar="CKPT",
-                        help="instead: export CKPT in each GGUF dtype and compare them in "
-                        "llama.cpp (needs llama-cpp-python, requirements-dev.txt)")
     args = parser.parse_args()
     require_within("--steps", args.steps, 1, 1 << 20)
     require_within("--warmup-steps", args.warmup_steps, 0, 1 << 20)
@@ -480,9 +402,6 @@ def main() -> None:
         require(set(formats) <= set(DATA_FORMATS), f"--data-formats {args.data_formats}: choose "
                 f"among {','.join(DATA_FORMATS)}")
         bench_data(args.config, config, args.data, formats)
-        return
-    if args.gguf:
-        bench_gguf(config, args.gguf)
         return
     device = pick_device(config.training.device)
     precision = setup_precision(config.training.precision, device)

@@ -4,6 +4,10 @@ top-k, top-p). Used by infer.py, the training loop's TensorBoard samples and ben
 The window rule: the model sees at most `context_length` tokens, what it was trained on. When
 the window is full it drops to its newest half and goes on from there: the KV-cache path
 prefills that half again, the no-cache path just feeds it, so both produce the same tokens.
+
+The KV cache holds only the positions a generation can reach (prompt + new tokens, at most the
+window), rounded up to a power of two: each decode step attends over the cache, so a short reply
+from a model with a long window stays fast, and a compiled step sees few distinct shapes.
 """
 from __future__ import annotations
 
@@ -16,6 +20,14 @@ from model import Transformer
 # A CPU decode step is little compute, so per-call costs count: the C++ wrapper launches kernels
 # without Python, and memory planning takes the step's intermediates from one allocation.
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True}
+MIN_CACHE_POSITIONS = 64
+
+
+def cache_positions(prompt_length: int, max_new_tokens: int, context_length: int) -> int:
+    """KV cache positions for a generation: what it can reach, as a power of two, within the
+    window (a generation longer than the window slides through all of it)."""
+    reach = min(prompt_length, context_length) + max_new_tokens
+    return min(context_length, max(MIN_CACHE_POSITIONS, 1 << (reach - 1).bit_length()))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -51,7 +63,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
     # A fresh contiguous tensor, like each later window: a compiled step sees one stride.
     window = prompt[:, -context_length:].clone(memory_format=torch.contiguous_format)
     positions = torch.arange(context_length, device=device)
-    caches = model.new_caches(batch_size, context_length) if use_cache else None
+    cache_length = cache_positions(window.shape[1], max_new_tokens, context_length)
+    caches = model.new_caches(batch_size, cache_length) if use_cache else None
     options = CPU_COMPILE_OPTIONS if device.type == "cpu" else None
     forward = torch.compile(model, options=options) if compile else model
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)

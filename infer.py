@@ -10,6 +10,7 @@ import argparse
 import sys
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from chat import chat_prompt
 from checkpoints import TrainedModel, load_trained
@@ -74,9 +75,10 @@ def check_utf8(text: str, what: str) -> None:
 
 def stream(trained: TrainedModel, args: argparse.Namespace, prompt_ids: list[int],
            max_new_tokens: int, eos_id: int, generator: torch.Generator) -> tuple[str, bool]:
-    """Generate after `prompt_ids`, printing the text as it comes; -> (the text, whether it
-    ended at eos_id)."""
+    """Generate after `prompt_ids`, printing the text as it comes, each token decoded once;
+    -> (the text, whether it ended at eos_id)."""
     prompt = torch.tensor([prompt_ids], device=trained.device)
+    pieces = DecodeStream(skip_special_tokens=False)  # None while a character is incomplete
     new_ids, printed, ended = [], 0, False
     with autocast_context(trained.device, trained.precision):
         for token in generate(trained.model, prompt, max_new_tokens, trained.context_length,
@@ -87,12 +89,11 @@ def stream(trained: TrainedModel, args: argparse.Namespace, prompt_ids: list[int
                 ended = True
                 break
             new_ids.append(int(token))
-            text = decode(trained.tokenizer, new_ids)
-            if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
-                continue
-            print(text[printed:], end="", flush=True)
-            printed = len(text)
-    text = decode(trained.tokenizer, new_ids)
+            piece = pieces.step(trained.tokenizer, new_ids[-1])
+            if piece:
+                print(piece, end="", flush=True)
+                printed += len(piece)
+    text = decode(trained.tokenizer, new_ids)  # bytes that never formed a character: U+FFFD
     print(text[printed:], flush=True)
     return text, ended
 

@@ -103,6 +103,17 @@ def bf16_is_fast(device: torch.device, peak_flops: Callable[[str], float]) -> bo
     return device.type != "cpu" or peak_flops("bf16") >= BF16_PEAK_GATE * peak_flops("fp32")
 
 
+def decide_newton_schulz_dtype(device: torch.device, peak_flops: Callable[[str], float]) -> str:
+    """Muon's orthogonalisation dtype: bf16 where bf16 matmuls are fast (bf16_is_fast), else
+    fp32. On a CPU the peak measurement is decided once per CPU, thread count and torch
+    (decided_once): a busy moment cannot give two runs on one machine different dtypes."""
+    if device.type != "cpu":
+        return "bf16"
+    key = {"decision": "newton_schulz_dtype", **cpu_identity(), "rule": BF16_PEAK_GATE}
+    return decided_once(key, lambda: ("bf16" if bf16_is_fast(device, peak_flops) else "fp32",
+                                      "bf16 matmul peak against fp32's", True))[0]
+
+
 def choose_cpu_precision(peak_flops: Callable[[str], float],
                          timed_steps: Callable[[], tuple[dict[str, list[float]], float]]
                          ) -> tuple[str, str, bool]:
@@ -152,8 +163,8 @@ def decide_cpu_precision(config: Config, newton_schulz: str, peak_flops: Callabl
     """`precision: auto` for a fresh CPU run: choose_cpu_precision's answer from the first time
     this CPU, thread count, torch, model, batch and optimizer met on this machine (decided_once),
     and the line that says so. -> (precision, line)"""
-    key = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "model": dataclasses.asdict(config.model), "batch_size": config.data.batch_size,
+    key = {**cpu_identity(), "model": dataclasses.asdict(config.model),
+           "batch_size": config.data.batch_size,
            "context_length": config.data.context_length, "optimizer": config.training.optimizer,
            "newton_schulz": newton_schulz, "rule": [BF16_PEAK_GATE, BF16_MIN_SPEEDUP]}
     choice, reason, kept = decided_once(key, lambda: choose_cpu_precision(
@@ -162,6 +173,14 @@ def decide_cpu_precision(config: Config, newton_schulz: str, peak_flops: Callabl
              else "not kept")
     return choice, (f"precision auto: {choice} ({reason}); {where} — pin it with "
                     "training.precision=fp32 or bf16")
+
+
+def cpu_identity() -> dict:
+    """What a CPU measurement depends on: the CPU, the instructions torch and oneDNN may use
+    (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can hold them back), threads and torch."""
+    return {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def cpu_name() -> str:

@@ -39,8 +39,9 @@ from generate import generate
 from model import Transformer
 from optim import (configure_optimizers, forward_backward, lr_at, optimizer_step, skip_update,
                    step_seconds)
-from runtime import (autocast_context, bf16_is_fast, decide_cpu_precision, keep_freed_memory,
-                     measure_peak_flops, pick_device, setup_precision, use_compile)
+from runtime import (autocast_context, decide_cpu_precision, decide_newton_schulz_dtype,
+                     keep_freed_memory, measure_peak_flops, pick_device, setup_precision,
+                     use_compile)
 from scoring import Encoder, Task, score_task
 from tasks import load_tasks
 from utils import (Config, TrainingConfig, UserError, config_to_dict, format_config,
@@ -213,14 +214,11 @@ def build_model(config: Config, device: torch.device, rank: int) -> Transformer:
 
 def choose_newton_schulz_dtype(t: TrainingConfig, device: torch.device,
                                peak_flops: Callable[[str], float]) -> str:
-    """Muon's orthogonalisation dtype, rank 0's on every rank: bf16 where bf16 matmuls are fast
-    (runtime.bf16_is_fast), else fp32. A resume then takes its snapshot's."""
+    """Muon's orthogonalisation dtype, rank 0's on every rank (runtime.decide_newton_schulz_dtype).
+    A resume then takes its snapshot's."""
     if t.optimizer != "muon":
         return "fp32"  # AdamW has no orthogonalisation
-    choice = ""
-    if is_rank_0():
-        choice = "bf16" if bf16_is_fast(device, peak_flops) else "fp32"
-    return rank_0s(choice)
+    return rank_0s(decide_newton_schulz_dtype(device, peak_flops) if is_rank_0() else "")
 
 
 def choose_precision(config: Config, device: torch.device, model: Transformer,

@@ -1,9 +1,12 @@
-"""lm-evaluation-harness's own scores of a task file, for tests/test_scoring.py's parity test:
+"""lm-evaluation-harness's own scores of a task file, for the parity tests of scoring.py and
+serve.py:
 
-    python tests/lm_eval_reference.py MODEL_DIR TASK.jsonl MAX_LENGTH OUT.json
+    python tests/lm_eval_reference.py MODEL TASK.jsonl MAX_LENGTH OUT.json
 
-runs lm-eval (HF backend, fp32, CPU, offline, 0-shot) on a local multiple-choice task and writes
-{"version", "examples": [{"lls": [...], "acc", "acc_norm"}, ...]} in the file's order.
+runs lm-eval (0-shot, offline) on a local multiple-choice task and writes {"version",
+"examples": [{"lls": [...], "acc", "acc_norm"}, ...]} in the file's order. MODEL is a Hugging
+Face directory (its HF backend, fp32, CPU) or the /v1/completions URL of a server serving the
+model "served" (its local-completions backend, with the server's own tokenizer endpoints).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 
-def main(model_dir: str, task_file: str, max_length: str, out_path: str) -> None:
+def main(model: str, task_file: str, max_length: str, out_path: str) -> None:
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -36,9 +39,12 @@ def main(model_dir: str, task_file: str, max_length: str, out_path: str) -> None
             "  - metric: acc",
             "  - metric: acc_norm",
         ]) + "\n")
+        backend = ("local-completions", f"base_url={model},model=served,tokenizer_backend=remote,"
+                   f"tokenized_requests=True,max_length={max_length}") if model.startswith(
+            "http") else ("hf", f"pretrained={model},dtype=float32,max_length={max_length}")
         results = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={model_dir},dtype=float32,max_length={max_length}",
-            tasks=["slm_parity"], num_fewshot=0, batch_size=16, device="cpu", log_samples=True,
+            model=backend[0], model_args=backend[1], tasks=["slm_parity"], num_fewshot=0,
+            batch_size=16, device="cpu", log_samples=True,
             task_manager=TaskManager(include_path=task_dir), bootstrap_iters=0)
     samples = sorted(results["samples"]["slm_parity"], key=lambda sample: sample["doc_id"])
     examples = [{"lls": [float(ll) for ll, _ in sample["filtered_resps"]],

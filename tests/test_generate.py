@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_decisive_model, make_model
-from generate import generate, sample_next
+from generate import cache_positions, generate, sample_next
 
 CONTEXT = 16  # shorter than the test models' max_seq_len=48: the training context rules, not RoPE
 
@@ -35,6 +35,23 @@ def test_cache_and_no_cache_follow_the_window_rule_far_past_the_context(prompt_l
     expected = greedy_by_the_rule(model, prompt, 5 * CONTEXT)
     assert torch.equal(tokens(model, prompt, 5 * CONTEXT, use_cache=True), expected)
     assert torch.equal(tokens(model, prompt, 5 * CONTEXT, use_cache=False), expected)
+
+
+def test_the_cache_holds_only_the_positions_a_generation_reaches(monkeypatch):
+    """A short reply from a long window gets a small cache, rounded up to a power of two, and
+    the same greedy tokens as recomputing the window; a long one gets the whole window."""
+    assert [cache_positions(prompt, new, 8192) for prompt, new in (
+        (5, 10), (40, 30), (2048, 64), (100, 9000), (9000, 4))] == [64, 128, 4096, 8192, 8192]
+    assert cache_positions(5, 10, 32) == 32
+    model = make_decisive_model(max_seq_len=256)
+    lengths = []
+    new_caches = model.new_caches
+    monkeypatch.setattr(model, "new_caches", lambda batch, length: lengths.append(length) or
+                        new_caches(batch, length))
+    prompt = torch.randint(0, 97, (1, 70), generator=torch.Generator().manual_seed(2))
+    cached = list(generate(model, prompt, 20, 256, temperature=0.0))
+    recomputed = list(generate(model, prompt, 20, 256, temperature=0.0, use_cache=False))
+    assert lengths == [128] and cached == recomputed
 
 
 def test_generation_stops_on_eos_and_finished_rows_repeat_it():

@@ -10,8 +10,9 @@ import torch
 
 import runtime
 from conftest import REPO
-from runtime import (autocast_context, choose_cpu_precision, decide_cpu_precision, decisions_path,
-                     pick_device, setup_precision, with_others_share)
+from runtime import (autocast_context, choose_cpu_precision, decide_cpu_precision,
+                     decide_newton_schulz_dtype, decisions_path, pick_device, setup_precision,
+                     with_others_share)
 from utils import Config, UserError
 
 
@@ -146,6 +147,18 @@ def test_noisy_timings_around_the_threshold_give_one_answer_over_repeated_starts
 def test_a_clear_win_still_chooses_bf16_and_is_kept():
     lines = [auto_precision(Config(), [1000.0] * 3, [bf16_ms] * 3)[1] for bf16_ms in (500, 1000)]
     assert lines[0].startswith("precision auto: bf16 (") and lines[1] == lines[0]
+
+
+def test_muons_dtype_is_measured_once_per_cpu_and_held_back_instructions(monkeypatch):
+    """Two runs on one machine orthogonalise alike even if a busy moment lowers the bf16 peak;
+    holding oneDNN to AVX2 (as an AVX2-only CPU) is another CPU and is measured anew."""
+    cpu = torch.device("cpu")
+    fast, slow = {"fp32": 1e11, "bf16": 3e11}.__getitem__, {"fp32": 1e11, "bf16": 1e11}.__getitem__
+    assert decide_newton_schulz_dtype(cpu, fast) == "bf16"
+    assert decide_newton_schulz_dtype(cpu, slow) == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert decide_newton_schulz_dtype(cpu, slow) == "fp32"
+    assert decide_newton_schulz_dtype(torch.device("cuda"), slow) == "bf16"
 
 
 def test_another_model_or_a_busy_start_is_timed_anew():
