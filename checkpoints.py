@@ -1,10 +1,9 @@
-"""Checkpoints: what a path holds (an SLM checkpoint or snapshot, or a Hugging Face Llama
+"""Checkpoints: what a path holds (an SLM checkpoint or file snapshot, or a Hugging Face Llama
 directory), weights loaded into the model, a trained model loaded for use (infer.py, eval.py),
-the best checkpoint, snapshots and exact resume, and a fine-tuning run's adoption of its
-pretrained source. Files are written crash-safely by files.py.
+the best checkpoint, and a fine-tuning run's adoption of its pretrained source. Files are
+written crash-safely by files.py; snapshots.py writes and resumes snapshots.
 
-A best checkpoint is {"model", "config", "tokenizer", "chat", "step", "val_loss", "val_bpb"}; a
-snapshot adds "optimizer", "scaler", "precision", "progress", "batch_plan" and every rank's "rng".
+A best checkpoint is {"model", "config", "tokenizer", "chat", "step", "val_loss", "val_bpb"}.
 "tokenizer" is the fingerprint of the tokenizer the weights were trained with, "chat" the chat
 template and special tokens (chat.ChatFormat).
 """
@@ -16,11 +15,10 @@ from dataclasses import dataclass
 from typing import Collection
 
 import torch
-import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from chat import ChatFormat, chat_format, stored_chat_format
-from data import TokenWindows, corpus_fingerprint, load_tokenizer, tokenizer_fingerprint
+from data import load_tokenizer, tokenizer_fingerprint
 from files import atomic_write, check_writable
 from hf import load_hf_directory
 from model import Transformer
@@ -28,7 +26,7 @@ from runtime import pick_device, setup_precision
 from utils import (Config, ModelConfig, TrainingConfig, UserError, config_to_dict, load_config,
                    require, stored_config)
 
-SNAPSHOT_KEYS = ("progress", "optimizer", "batch_plan")
+SHARDED_LATEST = "latest"  # in a sharded snapshot's directory: its newest complete save
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
@@ -37,6 +35,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
     Hugging Face Llama directory (read by hf.py, in fp32), else an SLM checkpoint or snapshot
     file, read with weights_only=True (tensors and plain containers, never code). Without
     `weights`, no weight is read into memory."""
+    require(not os.path.isfile(os.path.join(path, SHARDED_LATEST)), f"{path} is a sharded "
+            "training snapshot (an FSDP run's) — use the run's best checkpoint "
+            "(training.checkpoint_path), one file, or resume training from the snapshot")
     if os.path.isdir(path):
         return load_hf_directory(path, weights)
     require(os.path.isfile(path), f"checkpoint '{path}' not found — train first "
@@ -53,10 +54,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
     return checkpoint
 
 
-def model_record(model: Transformer, config: Config, tokenizer: Tokenizer) -> dict:
+def model_record(weights: dict[str, torch.Tensor], config: Config, tokenizer: Tokenizer) -> dict:
     """What every checkpoint holds: the weights, the config, the tokenizer's fingerprint and
     the chat format (template and special tokens) conversations are rendered with."""
-    return {"model": model.state_dict(), "config": config_to_dict(config),
+    return {"model": weights, "config": config_to_dict(config),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "chat": dataclasses.asdict(chat_format(config.data.tokenizer_path))}
 
@@ -71,11 +72,18 @@ def check_outputs(t: TrainingConfig) -> None:
     anything else there is refused rather than lost."""
     check_writable(os.path.dirname(os.path.abspath(t.checkpoint_path)),
                    os.path.dirname(os.path.abspath(t.snapshot_path)), t.logdir)
-    for setting, path in (("checkpoint_path", t.checkpoint_path),
-                          ("snapshot_path", t.snapshot_path)):
-        example = os.path.join(path, os.path.basename(getattr(TrainingConfig, setting)))
-        require(not os.path.isdir(path), f"training.{setting} '{path}' is a directory — give a "
-                f"file path, e.g. {example}")
+    example = os.path.join(t.checkpoint_path, os.path.basename(TrainingConfig.checkpoint_path))
+    require(not os.path.isdir(t.checkpoint_path), f"training.checkpoint_path "
+            f"'{t.checkpoint_path}' is a directory — give a file path, e.g. {example}")
+    if t.parallelism == "fsdp":  # a directory of shards
+        require(not os.path.isfile(t.snapshot_path), f"training.snapshot_path "
+                f"'{t.snapshot_path}' is a file, where an FSDP run keeps a directory of shards — "
+                "resume a single-file snapshot with training.parallelism=ddp, or give a new path")
+    else:
+        require(not os.path.isdir(t.snapshot_path) or os.path.isfile(os.path.join(
+            t.snapshot_path, SHARDED_LATEST)), f"training.snapshot_path '{t.snapshot_path}' is "
+            "a directory — give a file path, e.g. "
+            f"{os.path.join(t.snapshot_path, os.path.basename(TrainingConfig.snapshot_path))}")
     if os.path.isfile(t.checkpoint_path):  # an existing snapshot is checked as it is resumed
         try:
             load_checkpoint(t.checkpoint_path, weights=False)
@@ -176,67 +184,3 @@ def adopt_pretrained(config: Config, cli_keys: Collection[str],
               f"{path}, replacing the config's", flush=True)
     data = dataclasses.replace(config.data, tokenizer_path=stored.data.tokenizer_path)
     return Config(model=model, data=data, training=config.training), source
-
-
-def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict:
-    """What decides which batches come in which order, and the optimizer whose state the
-    snapshot holds: an exact resume needs all of it unchanged (the run's length, learning rate,
-    logging and outputs may change)."""
-    return {"processes": world_size, "data.batch_size": config.data.batch_size,
-            "data.context_length": config.data.context_length,
-            "data.val_split": config.data.val_split,
-            "training.grad_accum_steps": config.training.grad_accum_steps,
-            "training.seed": config.training.seed,
-            "training.optimizer": config.training.optimizer,
-            "corpus": corpus_fingerprint(train_set.tokens, train_set.mask)}
-
-
-def save_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
-                  scaler: torch.amp.GradScaler, config: Config, tokenizer: Tokenizer,
-                  precision: str, progress: dict, plan: dict) -> None:
-    """All that continuing exactly needs, every rank's RNG state and the precision the run
-    chose included; rank 0 writes, and every rank returns once the file is in place."""
-    rng = {"torch": torch.get_rng_state(),
-           **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    ranks_rng = [rng]
-    if dist.is_initialized():
-        ranks_rng = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks_rng, rng)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_checkpoint({**model_record(model, config, tokenizer),
-                         "optimizer": [optimizer.state_dict() for optimizer in optimizers],
-                         "scaler": scaler.state_dict(), "precision": precision,
-                         "progress": progress, "batch_plan": plan, "rng": ranks_rng}, path)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
-                  scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> dict:
-    """Restore weights, optimizer, scaler and this rank's RNG; returns the stored progress.
-    A snapshot whose batches this run would not replay exactly is refused."""
-    snapshot = load_checkpoint(path, map_location=device)
-    require(all(key in snapshot for key in SNAPSHOT_KEYS), f"{path} is not a training snapshot "
-            "(a best-model checkpoint, or from an older SLM) — point training.snapshot_path at "
-            "a snapshot, or at a new path to start over")
-    changed = [(key, snapshot["batch_plan"].get(key), now) for key, now in plan.items()
-               if snapshot["batch_plan"].get(key) != now]
-    if changed:
-        key, saved, now = changed[0]
-        what, fix = {
-            "processes": (f"was written by a run of {saved} process(es) and this one has {now}",
-                          "relaunch with the same total number of processes"),
-            "corpus": ("was saved while training on other text or with another tokenizer",
-                       "restore them")}.get(key, (f"was saved with {key}={saved} and this run has "
-                                                  f"{now}", f"set {key} back to {saved}"))
-        raise UserError(f"{path} {what}, so its batches cannot be replayed exactly — {fix}, or "
-                        "point training.snapshot_path at a new path to start over")
-    load_weights(model, snapshot, path)
-    for optimizer, saved in zip(optimizers, snapshot["optimizer"]):
-        optimizer.load_state_dict(saved)
-    scaler.load_state_dict(snapshot["scaler"])
-    rng = snapshot["rng"][dist.get_rank() if dist.is_initialized() else 0]
-    torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"].cpu())
-    return snapshot["progress"]

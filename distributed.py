@@ -1,17 +1,33 @@
 """The ranks under torchrun as train.py's loop meets them: the collectives it calls by name,
 and the wait for each node's token cache. In one process each is the plain call or a no-op.
-(data_parallel_train.py brings the process group up.)"""
+(data_parallel_train.py brings the process group up.)
+
+A collective is met by every rank or the run hangs: each one here says so in its name
+(broadcast, all_reduce, all ranks, across ranks), as do the functions elsewhere that call one.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import types
+from typing import Callable, ContextManager, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from tokenizers import Tokenizer
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     set_model_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from data import TokenWindows, prepare_data
-from utils import Config, UserError
+from model import Block, Transformer, meta_model
+from utils import Config, TrainingConfig, UserError
+
+T = TypeVar("T")
 
 
 def is_rank_0() -> bool:
@@ -19,13 +35,35 @@ def is_rank_0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def rank_0s(value: str) -> str:
-    """Rank 0's `value` on every rank (one process: `value`)."""
+def broadcast_rank_0s(decide: Callable[[], T]) -> T:
+    """What `decide()` returns on rank 0, on every rank; the other ranks do not call it. A
+    UserError it raises is raised on every rank (one process: `decide()`)."""
     if not dist.is_initialized():
-        return value
-    holder = [value]
+        return decide()
+    holder: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            holder[0] = (decide(), None)
+        except UserError as err:
+            holder[0] = (None, str(err))
     dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    value, error = holder[0]
+    if error is not None:
+        raise UserError(error)
+    return value
+
+
+def require_same_on_all_ranks(value: object, what: str, fix: str) -> None:
+    """Stop every rank with one line, naming the ranks that differ, unless `value` (`what`
+    each rank holds) is the same on all (one process: nothing to compare)."""
+    if not dist.is_initialized():
+        return
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    differing = [rank for rank, other in enumerate(values) if other != values[0]]
+    if differing:
+        shown = "; ".join(f"rank {rank}: {values[rank]}" for rank in [0, *differing])
+        raise UserError(f"ranks disagree on {what} ({shown}) — {fix}")
 
 
 def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
@@ -67,10 +105,80 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> t
     return tensor
 
 
-def agree(step_loss: torch.Tensor, signum: int, clock: float) -> tuple[bool, int, float]:
+def agree_across_ranks(step_loss: torch.Tensor, signum: int,
+                       clock: float) -> tuple[bool, int, float]:
     """The step's one host sync and all-reduce: any rank's nan/inf loss or stop signal stops all,
     and all take the latest clock (one schedule, one last step). -> (nonfinite, signal, clock)"""
     flags = torch.tensor([0.0, signum, clock], device=step_loss.device)
     flags[0] = (~torch.isfinite(step_loss)).float()
     nonfinite, signum, clock = all_reduce(flags, dist.ReduceOp.MAX).tolist()
     return bool(nonfinite), int(signum), clock
+
+
+def wrap_model(model: Transformer, t: TrainingConfig) -> Transformer | DistributedDataParallel:
+    """The model as the loop trains it: activation checkpointing if asked; under torchrun,
+    DDP around it (FSDP shards in place: shard_model_across_ranks)."""
+    if t.activation_checkpointing:
+        checkpoint_activations(model)
+    if not dist.is_initialized() or isinstance(model, FSDPModule):
+        return model
+    # The RoPE tables are buffers every rank computes alike: no broadcast after each sync.
+    return DistributedDataParallel(model, broadcast_buffers=False)
+
+
+def shard_model_across_ranks(model: Transformer, device: torch.device,
+                             precision: str) -> Transformer:
+    """FSDP2: a model whose every block is one unit and the rest (the embedding, tied to the
+    head, and the final norm) one more, each rank holding a 1/N shard of each parameter, filled
+    with rank 0's `model` (the other ranks' may be on the meta device). It is built on the meta
+    device, so no rank allocates a whole copy. With bf16 on CUDA the units compute in bf16 and
+    reduce gradients in fp32; their outputs (the residual stream) stay fp32."""
+    sharded = meta_model(model.config)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                 output_dtype=torch.float32) if (
+        device.type == "cuda" and precision == "bf16") else MixedPrecisionPolicy()
+    for unit in [*sharded.layers, sharded]:
+        fully_shard(unit, mesh=mesh, mp_policy=mixed)
+        # gloo may sum where asked to average (pytorch#162338): reduce by sums, then divide.
+        unit.set_force_sum_reduction_for_comms(device.type == "cpu")
+    sharded.to_empty(device=device)
+    sharded.init_rope_tables()
+    set_model_state_dict(sharded, model.state_dict() if dist.get_rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True,
+                                                  broadcast_from_rank0=True))
+    return sharded
+
+
+def full_weights_across_ranks(model: Transformer) -> dict[str, torch.Tensor]:
+    """The whole state dict, on rank 0's host; gathered from the shards under FSDP (the other
+    ranks get an empty dict)."""
+    if not isinstance(model, FSDPModule):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool) -> ContextManager:
+    """A micro-step whose backward reduces the gradients over the ranks only if `sync` (the
+    last of an optimizer step); the others accumulate locally."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    if isinstance(model, DistributedDataParallel) and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def checkpoint_activations(model: Transformer) -> None:
+    """Activation checkpointing, per block: while gradients are on, a block keeps only its
+    input, and backward runs its forward again, with the RNG state replayed (the same dropout
+    masks). Each block's forward is replaced in place, so parameter names stay as they are."""
+    for block in model.layers:
+        block.forward = types.MethodType(checkpointed_forward, block)
+
+
+def checkpointed_forward(block: Block, *inputs: object) -> torch.Tensor:
+    forward = type(block).forward  # the class's: FSDP gives a block a subclass, same forward
+    if not torch.is_grad_enabled():  # evaluation and generation keep nothing for backward
+        return forward(block, *inputs)
+    return torch.utils.checkpoint.checkpoint(forward, block, *inputs, use_reentrant=False)

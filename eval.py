@@ -13,7 +13,7 @@ import sys
 import time
 
 from checkpoints import load_trained
-from scoring import Encoder, Task, score_task, with_fewshot
+from scoring import Encoder, Task, score_task_across_ranks, with_fewshot
 from tasks import BUILTIN, load_tasks
 from utils import ArgumentParser, require_within, run_cli
 
@@ -64,8 +64,9 @@ def main() -> None:
         rows = [f"{'task':<24} {'n':>6} {'acc':>17} {'acc_norm':>17} {'examples/s':>9}"]
         for task in tasks:
             start = time.perf_counter()
-            result = score_task(trained.model, encoder, task, trained.context_length,
-                                trained.device, trained.precision, show_progress=True)
+            result = score_task_across_ranks(trained.model, encoder, task,
+                                             trained.context_length, trained.device,
+                                             trained.precision, show_progress=True)
             rows.append(format_row(task.name, result, time.perf_counter() - start))
             results[task.name] = {key: result[key] for key in ("acc", "acc_norm", "n")}
         print(f"{args.ckpt_path}, {args.fewshot}-shot, {trained.device.type} "

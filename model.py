@@ -129,10 +129,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:  # one matrix reads and writes tokens
             self.lm_head.weight = self.embed_tokens.weight
-        head_dim = config.embed_dim // config.num_heads
-        cos, sin = rope_tables(head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_rope_tables()
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -165,6 +162,14 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def init_rope_tables(self) -> None:
+        """The RoPE tables: buffers derived from the config, in no checkpoint. Computed at
+        construction, and again once a model built on the meta device has memory (to_empty)."""
+        c, device = self.config, self.embed_tokens.weight.device
+        cos, sin = rope_tables(c.embed_dim // c.num_heads, c.max_seq_len, c.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
     def num_params(self) -> int:
         """Parameters counted once (the tied embedding/head matrix is one tensor)."""
         return sum(p.numel() for p in self.parameters())
@@ -186,14 +191,18 @@ class Transformer(nn.Module):
                 for _ in range(c.num_layers)]
 
 
-def check_fits_in_memory(config: ModelConfig) -> None:
-    """Refuse a model whose fp32 weights alone exceed this machine's memory before allocating
-    any: its parameters are counted on the meta device, so the count is the model's own. Meta
-    tensors hold no values, so normal_ is skipped: its first call there would import seconds of
-    torch's decompositions into every process."""
+def meta_model(config: ModelConfig) -> Transformer:
+    """The model on the meta device: its shapes, no memory. Meta tensors hold no values, so
+    normal_ is skipped: its first call there would import seconds of torch's decompositions."""
     with torch.device("meta"), mock.patch.object(nn.init, "normal_", lambda tensor, *_, **__:
                                                  tensor):
-        weight_bytes = 4 * Transformer(config).num_params()
+        return Transformer(config)
+
+
+def check_fits_in_memory(config: ModelConfig) -> None:
+    """Refuse a model whose fp32 weights alone exceed this machine's memory before allocating
+    any: its parameters are counted on the meta device, so the count is the model's own."""
+    weight_bytes = 4 * meta_model(config).num_params()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     require(weight_bytes <= memory, f"this model's fp32 weights alone take "
             f"{weight_bytes / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB "

@@ -9,6 +9,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from data import IGNORE_INDEX
 from model import Transformer
@@ -63,7 +64,7 @@ class Muon(torch.optim.Optimizer):
             group.setdefault("newton_schulz_dtype", "bf16")
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, closure: None = None) -> None:  # closure: Optimizer.step's signature; unused
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for param in (p for p in group["params"] if p.grad is not None):
@@ -73,12 +74,24 @@ class Muon(torch.optim.Optimizer):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"],
-                                       group["eps"],
-                                       NEWTON_SCHULZ_DTYPES[group["newton_schulz_dtype"]])
+                update = orthogonalize_whole(update, group)
                 param.mul_(1 - lr * group["weight_decay"])
                 rms_match = 0.2 * math.sqrt(max(param.shape[:2]))  # AdamW's update RMS
                 param.add_(update, alpha=-lr * rms_match)
+
+
+def orthogonalize_whole(update: torch.Tensor, group: dict) -> torch.Tensor:
+    """Orthogonalise `update` as one matrix, as `group` says. Under FSDP it is this rank's rows
+    (a DTensor): the whole matrix is gathered (one at a time, so the extra memory is one matrix),
+    orthogonalised, and this rank keeps its rows."""
+    def whole(matrix: torch.Tensor) -> torch.Tensor:
+        return orthogonalize(matrix, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                             NEWTON_SCHULZ_DTYPES[group["newton_schulz_dtype"]])
+
+    if not isinstance(update, DTensor):
+        return whole(update)
+    return distribute_tensor(whole(update.full_tensor()), update.device_mesh, update.placements,
+                             src_data_rank=None)  # every rank holds the same matrix
 
 
 def orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
@@ -122,6 +135,8 @@ def optimizer_step(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.Gr
     params = [p for optimizer in optimizers for group in optimizer.param_groups
               for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     for optimizer in optimizers:
         scaler.step(optimizer)
     scaler.update()

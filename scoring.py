@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from chat import special_tokens
 from data import decode, end_of_text
+from distributed import all_reduce
 from model import Transformer
 from runtime import autocast_context
 from utils import UserError, require
@@ -153,20 +154,35 @@ def task_requests(task: Task, encoder: Encoder,
     return requests
 
 
+def shared_prefixes(requests: list[tuple[list[int], list[int]]]
+                    ) -> dict[tuple[int, ...], dict[tuple[int, ...], list[int]]]:
+    """The requests by the input that predicts their first continuation token, then by
+    continuation: {prefix: {continuation: [request index, ...]}} (equal requests share one)."""
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
+    for i, (inputs, continuation) in enumerate(requests):
+        prefix = tuple(inputs[:len(inputs) - len(continuation) + 1])
+        groups.setdefault(prefix, {}).setdefault(tuple(continuation), []).append(i)
+    return groups
+
+
+def forwards_needed(requests: list[tuple[list[int], list[int]]]) -> int:
+    """How many forwards continuation_logprobs runs for `requests`."""
+    return sum(1 + (max(map(len, continuations)) > 1)
+               for continuations in shared_prefixes(requests).values())
+
+
 @torch.inference_mode()
 def continuation_logprobs(model: Transformer, requests: list[tuple[list[int], list[int]]],
-                          device: torch.device, precision: str,
-                          progress: str | None = None) -> list[float]:
+                          device: torch.device, precision: str, progress: str | None = None,
+                          forwards: int = 0) -> list[float]:
     """Each request's summed log-probability of its continuation, the last tokens of its input
     (plus the one the input leaves out). The input up to the position that predicts the first
     continuation token is prefilled once into the KV cache for every request that shares it
     (an example's choices, unless truncation made their inputs differ); their remaining
     continuation tokens then run as one batch on copies of that cache. Equal requests (a
-    duplicated choice) are scored once, so they tie exactly."""
-    groups: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
-    for i, (inputs, continuation) in enumerate(requests):  # equal requests are scored once
-        prefix = tuple(inputs[:len(inputs) - len(continuation) + 1])
-        groups.setdefault(prefix, {}).setdefault(tuple(continuation), []).append(i)
+    duplicated choice) are scored once, so they tie exactly. One-token forwards follow until
+    `forwards` have run, so that ranks with fewer requests keep in step with the others."""
+    groups = shared_prefixes(requests)
     scores = [0.0] * len(requests)
     with tqdm(total=len(requests), desc=progress, unit="choice", disable=progress is None,
               leave=False) as bar, autocast_context(device, precision):
@@ -194,15 +210,17 @@ def continuation_logprobs(model: Transformer, requests: list[tuple[list[int], li
                 for i in by_continuation[continuation]:
                     scores[i] = score.item()
                 bar.update(len(by_continuation[continuation]))
+        for _ in range(forwards - forwards_needed(requests)):
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
     return scores
 
 
 def choice_scores(model: Transformer, encoder: Encoder, task: Task, window: int,
-                  device: torch.device, precision: str,
-                  progress: str | None = None) -> list[list[float]]:
-    """Each example's summed log-probability of each of its choices."""
+                  device: torch.device, precision: str, progress: str | None = None,
+                  forwards: int = 0) -> list[list[float]]:
+    """Each example's summed log-probability of each of its choices (continuation_logprobs)."""
     flat = continuation_logprobs(model, task_requests(task, encoder, window), device, precision,
-                                 progress)
+                                 progress, forwards)
     scores, start = [], 0
     for example in task.examples:
         scores.append(flat[start:start + len(example.choices)])
@@ -210,17 +228,20 @@ def choice_scores(model: Transformer, encoder: Encoder, task: Task, window: int,
     return scores
 
 
-def score_task(model: Transformer, encoder: Encoder, task: Task, window: int,
-               device: torch.device, precision: str,
-               show_progress: bool = False) -> dict[str, float]:
+def score_task_across_ranks(model: Transformer, encoder: Encoder, task: Task, window: int,
+                            device: torch.device, precision: str,
+                            show_progress: bool = False) -> dict[str, float]:
     """acc, acc_norm, their standard errors and n. Under torchrun each rank scores every
-    world_size-th example, and every rank gets the whole task's result."""
+    world_size-th example, running as many forwards as the busiest rank (under FSDP each
+    forward meets the other ranks), and every rank gets the whole task's result."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = Task(task.name, task.examples[rank::world_size])
+    forwards = all_reduce(torch.tensor(forwards_needed(task_requests(mine, encoder, window)),
+                                       device=device), dist.ReduceOp.MAX)
     training = model.training
     model.eval()  # no dropout while scoring; a training run's model goes back to training
     scores = choice_scores(model, encoder, mine, window, device, precision,
-                           task.name if show_progress and rank == 0 else None)
+                           task.name if show_progress and rank == 0 else None, int(forwards))
     model.train(training)
     if world_size > 1:
         gathered: list = [None] * world_size

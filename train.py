@@ -1,12 +1,12 @@
 """The training loop, once, for one process or each of N torchrun processes (data_parallel_train.py
-starts the group and calls `train`). DDP shows where it acts: the wrapper, each rank's share of an
-epoch, gradient sync on the last micro-step, a few all-reduces, rank 0 writing.
+starts the group and calls `train`). DDP or FSDP shows where it acts: the wrapper (or the shards),
+each rank's share of an epoch, gradient sync on the last micro-step, a few collectives named as
+such, rank 0 writing.
 
     python train.py configs.yaml [section.key=value ...]
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -15,52 +15,34 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable, Collection, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tokenizers import Tokenizer
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from tqdm import tqdm
 
-from checkpoints import (adopt_pretrained, batch_plan, check_outputs, check_tokenizer,
-                         load_checkpoint, load_snapshot, load_weights, model_record,
-                         save_checkpoint, save_snapshot)
-from chat import chat_format, encode, render
-from data import (IGNORE_INDEX, TokenWindows, decode, epoch_loader, epoch_order,
-                  token_byte_lengths)
-from distributed import agree, all_reduce, is_rank_0, prepare_data_once_per_node, rank_0s
+from checkpoints import (adopt_pretrained, check_outputs, check_tokenizer, load_checkpoint,
+                         load_weights)
+from data import IGNORE_INDEX, TokenWindows, epoch_loader, epoch_order, token_byte_lengths
+from distributed import (agree_across_ranks, all_reduce, broadcast_rank_0s, gradient_sync,
+                         is_rank_0, prepare_data_once_per_node, require_same_on_all_ranks,
+                         shard_model_across_ranks, wrap_model)
+from evaluation import evaluate_and_keep_best_across_ranks, fixed_val_batches
 from files import claim
-from generate import generate
-from model import Transformer
+from model import Transformer, meta_model
 from optim import (configure_optimizers, forward_backward, lr_at, optimizer_step, skip_update,
                    step_seconds)
-from runtime import (autocast_context, decide_cpu_precision, decide_newton_schulz_dtype,
+from runtime import (decide_cpu_precision, decide_newton_schulz_dtype,
                      keep_freed_memory, measure_peak_flops, pick_device, setup_precision,
                      use_compile)
-from scoring import Encoder, Task, score_task
+from snapshots import (RunState, batch_plan, check_shared_across_ranks, load_snapshot,
+                       save_snapshot_across_ranks, snapshot_exists, snapshot_record)
 from tasks import load_tasks
 from utils import (Config, TrainingConfig, UserError, config_to_dict, format_config,
                    parse_config_cli, require, run_cli)
-
-
-SAMPLE_TURN = "Hello! Who are you?"  # the user turn a conversation run's sample answers
-
-
-@dataclass
-class RunState:
-    """Where a run stands: saved in every snapshot and restored from it as a whole."""
-    run_name: str                    # TensorBoard sub-directory
-    step: int = 0                    # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0          # micro-batches of this epoch each rank has consumed
-    train_seconds: float = 0.0       # wall clock of the loop, over every process that resumed it
-    best_val_loss: float = math.inf  # nats per token
-    best_val_bpb: float = math.inf   # bits per UTF-8 byte
 
 
 def main() -> None:
@@ -78,6 +60,10 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     is_main = rank == 0
     config, source = adopt_pretrained(config, cli_keys, is_main)
     t = config.training
+    require(distributed or t.parallelism == "ddp", "training.parallelism=fsdp shards the model "
+            "over torchrun's processes — launch torchrun --standalone --nproc_per_node=1 "
+            "data_parallel_train.py configs.yaml (or more processes), or set "
+            "training.parallelism=ddp")
     if is_main:
         print(format_config(config), flush=True)
         check_outputs(t)
@@ -87,13 +73,19 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     model = build_model(config, device, rank)
     peak_flops = functools.cache(functools.partial(measure_peak_flops, device))  # FLOP/s by dtype
     newton_schulz = choose_newton_schulz_dtype(t, device, peak_flops)
-    optimizers = configure_optimizers(model, t, device, newton_schulz)
     precision = choose_precision(config, device, model, peak_flops, newton_schulz)
+    require(t.parallelism == "ddp" or precision != "fp16", "training.parallelism=fsdp does not "
+            "train in fp16: the GradScaler would look for inf in each rank's shard alone — use "
+            "training.precision=bf16 or fp32")
+    load_pretrained(config, model, tokenizer, source)
+    if t.parallelism == "fsdp":
+        model = shard_model_across_ranks(model, device, precision)
+    optimizers = configure_optimizers(model, t, device, newton_schulz)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     plan = batch_plan(config, train_set, world_size)
-    state = start_or_resume(config, model, optimizers, scaler, device, plan, tokenizer, source)
-    ddp_model = DistributedDataParallel(model) if distributed else model  # on this rank's device
-    train_model = torch.compile(ddp_model) if use_compile(t.compile, device) else ddp_model
+    state = resume_or_start(config, model, optimizers, scaler, device, plan)
+    wrapped = wrap_model(model, t)  # DDP, activation checkpointing
+    train_model = torch.compile(wrapped) if use_compile(t.compile, device) else wrapped
     per_epoch, total_steps, length = run_length(config, len(train_set) // world_size)
     if run_is_over(state, t, total_steps):
         if is_main:
@@ -113,12 +105,17 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
               f"accumulation x {world_size} process(es) = {tokens_per_step:,} tokens; {length} "
               f"({per_epoch} steps per epoch); measured peak {peak / 1e9:.0f} GFLOP/s", flush=True)
 
-    val_batches = fixed_val_batches(val_set, config)[rank::world_size]  # each rank its share
+    val_batches = fixed_val_batches(val_set, config, rank, world_size)
     token_bytes = token_byte_lengths(tokenizer).to(device)
     writer = open_writer(config, state.run_name) if is_main else None
     bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                desc=f"rank {rank}" if distributed else "training", position=rank,
                disable=not is_main and not sys.stderr.isatty())
+
+    def say(lines: str) -> None:  # once, from rank 0: tqdm's write ignores `disable`
+        if is_main:
+            bar.write(lines)
+
     stop = catch_stop_signals()
     batches = training_batches(train_set, config, state, rank, world_size, per_epoch, device)
     step_loss, loss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -132,14 +129,14 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
         step_targets = all_reduce(torch.full((), float(sum(
             int((y != IGNORE_INDEX).sum()) for _, y in step_batches)), device=device))
         targets_sum += step_targets
-        # A host read that waits on nothing but that all-reduce: agree() synced the last step.
+        # A host read that waits on nothing but that all-reduce: the last step's agreement
+        # synced the device.
         update_weights = step_targets.item() > 0
-        # DDP averages the ranks' gradients: world_size / step_targets makes theirs a sum.
+        # DDP and FSDP average the ranks' gradients: world_size / step_targets makes it a sum.
         loss_scale = world_size / step_targets.clamp(min=1)
         for micro_step, (x, y) in enumerate(step_batches):
-            # DDP all-reduces gradients once per optimizer step: on its last micro-step.
-            sync = micro_step == t.grad_accum_steps - 1 or not distributed
-            with contextlib.nullcontext() if sync else ddp_model.no_sync():
+            # Gradients are reduced over the ranks once per optimizer step: on its last micro-step.
+            with gradient_sync(wrapped, micro_step == t.grad_accum_steps - 1):
                 step_loss += forward_backward(train_model, x, y, device, precision, scaler,
                                               loss_scale)
         lr = lr_at(state.step, schedule_progress(state, t, total_steps), t)
@@ -147,12 +144,13 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
             grad_norm = optimizer_step(optimizers, scaler, lr, t.grad_clip)
         else:  # momentum and weight decay would still move the weights on zero gradients
             grad_norm = skip_update(optimizers)
-            bar.write(f"step {state.step + 1}: no trained target in any rank's batches (a "
-                      "conversation run's windows without an assistant token): weights not "
-                      "updated, the step still counts")
+            say(f"step {state.step + 1}: no trained target in any rank's batches (a "
+                "conversation run's windows without an assistant token): weights not updated, "
+                "the step still counts")
         state.step += 1
         clock = earlier_seconds + time.perf_counter() - run_start
-        nonfinite, signum, state.train_seconds = agree(step_loss, stop["signum"], clock)
+        nonfinite, signum, state.train_seconds = agree_across_ranks(step_loss, stop["signum"],
+                                                                    clock)
         if nonfinite:
             bar.close()
             raise UserError(f"training loss became nan/inf at step {state.step} (lr {lr:.3g}, "
@@ -178,14 +176,17 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
             log_time, log_step = now, state.step
         paused_at = time.perf_counter()  # evaluation and snapshots count in no logged rate
         if state.step % t.eval_every == 0 or finished:
-            bar.write(evaluate_and_keep_best(model, tokenizer, val_batches, token_bytes, tasks,
-                                             config, precision, state, writer,
-                                             train_set.mask is not None))
-            log_scalars(writer, state.step, {"4_perf/eval_seconds":
-                                             time.perf_counter() - paused_at})
+            lines, scalars, text = evaluate_and_keep_best_across_ranks(
+                model, tokenizer, val_batches, token_bytes, tasks, config, precision, state,
+                train_set.mask is not None)
+            say(lines)
+            log_scalars(writer, state.step, {
+                **scalars, "4_perf/eval_seconds": time.perf_counter() - paused_at})
+            if writer and text is not None:
+                writer.add_text("sample", text, state.step)
         if state.step % t.save_every == 0 or finished or signum:
-            save_snapshot(t.snapshot_path, model, optimizers, scaler, config, tokenizer,
-                          precision, dataclasses.asdict(state), plan)
+            save_snapshot_across_ranks(t.snapshot_path, model, optimizers, scaler, config,
+                                       tokenizer, precision, dataclasses.asdict(state), plan)
         log_time += time.perf_counter() - paused_at
         if signum:
             bar.close()
@@ -204,10 +205,14 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
 
 
 def build_model(config: Config, device: torch.device, rank: int) -> Transformer:
-    """The model, the same initial weights on every rank; then the RNG is seeded per rank, so
-    dropout masks differ between ranks."""
+    """The model, the same initial weights on every rank; under FSDP rank 0's alone, on its
+    host, and the others' on the meta device (shard_model_across_ranks fills their shards from
+    rank 0's). Then the RNG is seeded per rank, so dropout masks differ between ranks."""
     torch.manual_seed(config.training.seed)
-    model = Transformer(config.model).to(device)
+    if config.training.parallelism == "fsdp":
+        model = Transformer(config.model) if rank == 0 else meta_model(config.model)
+    else:
+        model = Transformer(config.model).to(device)
     torch.manual_seed(config.training.seed + rank)
     return model
 
@@ -218,49 +223,66 @@ def choose_newton_schulz_dtype(t: TrainingConfig, device: torch.device,
     A resume then takes its snapshot's."""
     if t.optimizer != "muon":
         return "fp32"  # AdamW has no orthogonalisation
-    return rank_0s(decide_newton_schulz_dtype(device, peak_flops) if is_rank_0() else "")
+    return broadcast_rank_0s(lambda: decide_newton_schulz_dtype(device, peak_flops))
 
 
 def choose_precision(config: Config, device: torch.device, model: Transformer,
                      peak_flops: Callable[[str], float], newton_schulz: str) -> str:
-    """The run's precision. A resume keeps its snapshot's (an explicit other one is refused:
-    the run would not continue exactly). A fresh CPU run with `auto` takes rank 0's
-    runtime.decide_cpu_precision on every rank. Otherwise runtime.setup_precision's rule."""
+    """The run's precision, rank 0's on every rank. A resume keeps its snapshot's (an explicit
+    other one is refused: the run would not continue exactly). A fresh CPU run with `auto`
+    takes runtime.decide_cpu_precision's. Otherwise runtime.setup_precision's rule."""
     t = config.training
-    stored = (load_checkpoint(t.snapshot_path, weights=False).get("precision")
-              if os.path.exists(t.snapshot_path) else None)
-    require(stored is None or t.precision in ("auto", stored), f"training.precision="
-            f"{t.precision} but {t.snapshot_path} was trained in {stored} — set "
-            f"training.precision={stored} (or auto) to resume exactly, or point "
-            "training.snapshot_path at a new path")
-    if stored or t.precision != "auto" or device.type != "cpu":
-        return setup_precision(stored or t.precision, device)
-    choice = ""
-    if is_rank_0():
+
+    def decide() -> str:
+        stored = (snapshot_record(t.snapshot_path).get("precision")
+                  if snapshot_exists(t.snapshot_path) else None)
+        require(stored is None or t.precision in ("auto", stored), f"training.precision="
+                f"{t.precision} but {t.snapshot_path} was trained in {stored} — set "
+                f"training.precision={stored} (or auto) to resume exactly, or point "
+                "training.snapshot_path at a new path")
+        if stored or t.precision != "auto" or device.type != "cpu":
+            return stored or t.precision
         choice, line = decide_cpu_precision(config, newton_schulz, peak_flops, lambda: step_seconds(
             model, config, device, newton_schulz))
         print(line, flush=True)
-    return rank_0s(choice)
+        return choice
+
+    return setup_precision(broadcast_rank_0s(decide), device)
 
 
-def start_or_resume(config: Config, model: Transformer, optimizers: list[torch.optim.Optimizer],
-                    scaler: torch.amp.GradScaler, device: torch.device, plan: dict,
-                    tokenizer: Tokenizer, source: dict | None) -> RunState:
-    """Resume from the snapshot if there is one (it wins over init_from, whose weights are then
-    never read), else start from the pretrained `source` or the fresh weights. Then hold the
-    run's two output files (rank 0): until this process ends, no other run may write them."""
+def load_pretrained(config: Config, model: Transformer, tokenizer: Tokenizer,
+                    source: dict | None) -> None:
+    """init_from's weights into the fresh model (where it holds weights: not on the meta
+    device), unless a snapshot will be resumed: it wins, and init_from's weights are never read."""
+    t = config.training
+    if not source or snapshot_exists(t.snapshot_path):
+        return
+    check_tokenizer(source, tokenizer, config.data.tokenizer_path, t.init_from,
+                    "restore the tokenizer it was trained with")
+    if model.embed_tokens.weight.device.type != "meta":
+        load_weights(model, load_checkpoint(t.init_from), t.init_from)
+
+
+def resume_or_start(config: Config, model: Transformer, optimizers: list[torch.optim.Optimizer],
+                    scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> RunState:
+    """Resume from the snapshot if there is one, once every rank has found the same one. Then
+    hold the run's two output files (rank 0): until this process ends, no other run may write
+    them."""
     t, is_main = config.training, is_rank_0()
+    if t.parallelism == "fsdp":  # every rank writes its shards there
+        check_shared_across_ranks(os.path.abspath(t.snapshot_path), "training.snapshot_path")
+    found = snapshot_exists(t.snapshot_path)
+    at = snapshot_record(t.snapshot_path).get("progress", {}).get("step") if found else None
+    require_same_on_all_ranks(f"step {at}" if found else f"no snapshot at {t.snapshot_path}",
+                              "the snapshot to resume", "put training.snapshot_path on storage "
+                              "every rank can see, at the same path")
     state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    if os.path.exists(t.snapshot_path):
+    if found:
         state = RunState(**load_snapshot(t.snapshot_path, model, optimizers, scaler, device,
                                          plan))
         if is_main:
             print(f"resuming from {t.snapshot_path}: step {state.step}, epoch {state.epoch}, "
                   f"batch {state.batch_in_epoch} of that epoch", flush=True)
-    elif source:
-        check_tokenizer(source, tokenizer, config.data.tokenizer_path, t.init_from,
-                        "restore the tokenizer it was trained with")
-        load_weights(model, load_checkpoint(t.init_from), t.init_from)
     if is_main:
         claim(t.snapshot_path, "training.snapshot_path")
         claim(t.checkpoint_path, "training.checkpoint_path")
@@ -359,93 +381,6 @@ def log_hparams_and_close(writer: SummaryWriter, config: Config, state: RunState
                                                              "2_val/best_bpb"])):
         writer.file_writer.add_summary(summary)
     writer.close()
-
-
-def fixed_val_batches(val_set: TokenWindows, config: Config) -> list[tuple[torch.Tensor, ...]]:
-    """The same eval_batches batches at every eval, spread evenly over the validation split."""
-    size = config.data.batch_size
-    count = min(len(val_set), config.training.eval_batches * size)
-    picks = torch.linspace(0, len(val_set) - 1, count).round().long().unique().tolist()
-    windows = [val_set[i] for i in picks]
-    return [tuple(torch.stack(column) for column in zip(*windows[i:i + size]))
-            for i in range(0, len(windows), size)]
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, ...]],
-             token_bytes: torch.Tensor, precision: str) -> tuple[float, float]:
-    """(mean loss in nats/token, bits per UTF-8 byte) over every rank's batches' trained targets
-    (a conversation's: the assistant's); special tokens (0 bytes) are left out of the
-    bits-per-byte sum."""
-    device = token_bytes.device
-    sums = torch.zeros(4, device=device,  # MPS has no float64
-                       dtype=torch.float32 if device.type == "mps" else torch.float64)
-    model.eval()
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).view(-1)
-        with autocast_context(device, precision):
-            logits, _ = model(x)
-        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y, reduction="none",
-                                 ignore_index=IGNORE_INDEX)  # 0 where not trained
-        trained = y != IGNORE_INDEX
-        target_bytes = token_bytes[y.clamp(min=0)] * trained
-        sums += torch.stack((losses.sum(), (losses * (target_bytes > 0)).sum(),
-                             target_bytes.sum(), trained.sum()))
-    model.train()
-    nats, nats_on_bytes, num_bytes, tokens = all_reduce(sums).tolist()
-    return nats / max(1.0, tokens), nats_on_bytes / (math.log(2) * max(1.0, num_bytes))
-
-
-def evaluate_and_keep_best(model: Transformer, tokenizer: Tokenizer, batches: list,
-                           token_bytes: torch.Tensor, tasks: list[Task], config: Config,
-                           precision: str, state: RunState, writer: SummaryWriter | None,
-                           conversations: bool) -> str:
-    """Val loss and bits/byte (of a conversation run: on the assistant's tokens); a new best
-    goes into `state` and (rank 0) the best checkpoint. The eval tasks are scored (each rank its
-    share of the examples). Rank 0 logs them and a sample. Returns the lines to print."""
-    device, t = model.embed_tokens.weight.device, config.training
-    val_loss, val_bpb = evaluate(model, batches, token_bytes, precision)
-    encoder = Encoder(tokenizer, config.data.tokenizer_path)
-    scores = {task.name: score_task(model, encoder, task, config.data.context_length, device,
-                                    precision) for task in tasks}
-    improved = val_loss < state.best_val_loss
-    if improved:
-        state.best_val_loss, state.best_val_bpb = val_loss, val_bpb
-    if writer and improved:
-        save_checkpoint({**model_record(model, config, tokenizer), "step": state.step,
-                         "val_loss": val_loss, "val_bpb": val_bpb}, t.checkpoint_path)
-    if writer and t.sample_tokens:
-        writer.add_text("sample", sample(model, tokenizer, config, precision, conversations),
-                        state.step)
-    log_scalars(writer, state.step, {
-        "2_val/loss": val_loss, "2_val/bpb": val_bpb, "2_val/best_loss": state.best_val_loss,
-        "2_val/best_bpb": state.best_val_bpb, **{
-            f"3_eval/{name}/{metric}": result[metric] for name, result in scores.items()
-            for metric in ("acc", "acc_norm")}})
-    return (f"step {state.step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
-            + (" (assistant tokens)" if conversations else "")
-            + (f" -> saved {t.checkpoint_path}" if improved else "")
-            + "".join(f"\n  {name}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
-                      f"({result['n']} examples)" for name, result in scores.items()))
-
-
-def sample(model: Transformer, tokenizer: Tokenizer, config: Config, precision: str,
-           conversations: bool) -> str:
-    """TensorBoard's text sample, drawn with its own generator: text after the end-of-text
-    token, or in a conversation run the reply to SAMPLE_TURN, up to its end of turn."""
-    device, chat = model.embed_tokens.weight.device, chat_format(config.data.tokenizer_path)
-    eot_id = tokenizer.token_to_id(chat.end_of_turn)
-    prompt = (encode(tokenizer, render(chat, [{"role": "user", "content": SAMPLE_TURN}], True))
-              if conversations else [eot_id])
-    model.eval()
-    with autocast_context(device, precision):
-        ids = [int(token) for token in generate(
-            model, torch.tensor([prompt], device=device), config.training.sample_tokens,
-            config.data.context_length, temperature=0.8, top_k=50,
-            eos_id=eot_id if conversations else None,
-            generator=torch.Generator(device=device).manual_seed(0))]
-    model.train()
-    return decode(tokenizer, prompt + ids) if conversations else decode(tokenizer, ids)
 
 
 if __name__ == "__main__":

@@ -199,6 +199,8 @@ class TrainingConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # auto = on CUDA only
+    parallelism: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate, or shard (FSDP2)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     dist_timeout_s: float = within(1800.0, 1, 1e7)  # torchrun: how long a collective may wait
 
     @property

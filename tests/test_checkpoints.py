@@ -43,14 +43,14 @@ def test_a_snapshot_from_before_fingerprints_and_floor_ratios_resumes_exactly(
     """Older snapshots hold no tokenizer fingerprint and an absolute training.min_lr, no
     min_lr_ratio: they load, and the run ends with the same weights as an unbroken one."""
     settings = {"max_steps": 12, "save_every": 6, "eval_every": 6, "log_every": 2}
-    save_snapshot, halfway = train.save_snapshot, tmp_path / "halfway.pth"
+    save_snapshot, halfway = train.save_snapshot_across_ranks, tmp_path / "halfway.pth"
 
     def save_and_keep_step_6(path, *args):
         save_snapshot(path, *args)
         if args[-2]["step"] == 6:
             shutil.copy(path, halfway)
 
-    monkeypatch.setattr(train, "save_snapshot", save_and_keep_step_6)
+    monkeypatch.setattr(train, "save_snapshot_across_ranks", save_and_keep_step_6)
     straight = tiny_config(tmp_path / "straight", small_corpus, training=settings)
     train.train(config_from_dict(straight), torch.device("cpu"))
     old = load_checkpoint(str(halfway))

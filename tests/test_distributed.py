@@ -1,8 +1,14 @@
 """distributed.py: what the loop's collectives and waits give each rank."""
+import copy
 import subprocess
 import sys
 
+import torch
+
 from conftest import REPO
+from distributed import checkpoint_activations
+from model import Transformer
+from utils import ModelConfig
 
 
 RANK_0S = """
@@ -10,7 +16,7 @@ import sys, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import distributed
 dist.init_process_group("gloo")
-choice = distributed.rank_0s("bf16" if dist.get_rank() == 0 else "")
+choice = distributed.broadcast_rank_0s(lambda: "bf16" if dist.get_rank() == 0 else "fp32")
 print(f"rank {dist.get_rank()} runs in", choice)
 dist.destroy_process_group()
 """
@@ -24,3 +30,86 @@ def test_under_torchrun_every_rank_takes_rank_0s_value(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rank 0 runs in bf16" in result.stdout and "rank 1 runs in bf16" in result.stdout
+
+
+def saved_bytes(model: Transformer, x: torch.Tensor, y: torch.Tensor,
+                block_inputs_kept: bool) -> tuple[int, dict]:
+    """The bytes kept for backward in one training forward: what autograd's saved-tensor hooks
+    see, plus, under checkpointing, the block inputs it holds (outside those hooks); and the
+    gradients of its backward."""
+    saved = []
+    hooks = [layer.register_forward_pre_hook(lambda _, args: saved.append(
+        args[0].numel() * args[0].element_size())) for layer in model.layers
+             if block_inputs_kept]
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        torch.manual_seed(5)  # the dropout masks
+        _, loss = model(x, y)
+    for hook in hooks:
+        hook.remove()
+    loss.backward()
+    return sum(saved), {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_equal_gradients_with_dropout_and_saves_less():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, embed_dim=64, num_heads=4, num_kv_heads=2, ff_dim=128,
+                         num_layers=3, max_seq_len=32, dropout=0.1)
+    plain = Transformer(config).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpoint_activations(checkpointed)
+    x, y = torch.randint(0, 97, (4, 32)), torch.randint(0, 97, (4, 32))
+    plain_bytes, plain_grads = saved_bytes(plain, x, y, False)
+    checkpointed_bytes, checkpointed_grads = saved_bytes(checkpointed, x, y, True)
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    for name, grad in plain_grads.items():
+        assert torch.equal(grad, checkpointed_grads[name]), name
+    assert checkpointed_bytes < 0.5 * plain_bytes
+    with torch.no_grad():  # evaluation keeps nothing and computes the same
+        assert torch.equal(plain.eval()(x)[0], checkpointed.eval()(x)[0])
+
+
+SHARDED = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from distributed import full_weights_across_ranks, shard_model_across_ranks
+from model import Transformer, meta_model
+from utils import ModelConfig
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+config = ModelConfig(vocab_size=97, embed_dim=64, num_heads=4, num_kv_heads=2, ff_dim=96,
+                     num_layers=2, max_seq_len=16)
+torch.manual_seed(0)
+model = Transformer(config) if rank == 0 else meta_model(config)
+sharded = shard_model_across_ranks(model, torch.device("cpu"), "fp32")
+weights = full_weights_across_ranks(sharded)
+x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(rank))
+sharded(x)[0].sum().backward()  # each rank its own batch: the gradients are their mean
+grads = {name: p.grad.full_tensor() for name, p in sharded.named_parameters()}
+if rank == 0:
+    torch.save({"weights": weights, "grads": grads}, sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_starts_from_rank_0s_weights_and_averages_the_ranks_gradients(tmp_path):
+    """Every rank's shards hold one process's seeded weights, and a backward on two ranks gives
+    the mean of the two batches' gradients: gloo has been seen to sum where FSDP asks it to
+    average (pytorch#162338)."""
+    script, out = tmp_path / "sharded.py", tmp_path / "sharded.pt"
+    script.write_text(SHARDED)
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([sys.executable, *launch, str(script), str(REPO), str(out)],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sharded = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, embed_dim=64, num_heads=4, num_kv_heads=2,
+                                    ff_dim=96, num_layers=2, max_seq_len=16))
+    for name, weight in model.state_dict().items():
+        assert torch.equal(sharded["weights"][name], weight), name
+    for rank in (0, 1):
+        x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(rank))
+        (model(x)[0].sum() / 2).backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(sharded["grads"][name], param.grad, rtol=1e-5, atol=1e-6), name

@@ -18,7 +18,7 @@ from conftest import REPO, TOKENIZER, make_decisive_model, run_main
 from data import tokenizer_fingerprint
 from export import export
 from scoring import (Encoder, Example, Task, choice_scores, continuation_logprobs,
-                     read_task_file, task_metrics, task_requests, with_fewshot)
+                     forwards_needed, read_task_file, task_metrics, task_requests, with_fewshot)
 from utils import Config, DataConfig, UserError, config_to_dict
 
 WINDOW = 64  # the parity model's context: long contexts overflow it
@@ -129,6 +129,23 @@ def test_kv_shared_context_scores_equal_one_forward_per_choice(parity):
             positions = range(len(inputs) - len(continuation), len(inputs))
             alone = sum(logprobs[p, token].item() for p, token in zip(positions, continuation))
             assert abs(alone - score) < 1e-4
+
+
+def test_a_rank_with_fewer_requests_runs_as_many_forwards_as_asked(parity):
+    """Under FSDP each forward meets the other ranks: scoring runs the forwards its requests
+    need (counted by forwards_needed), then one-token forwards up to the busiest rank's count,
+    and its scores stay the same."""
+    trained = load_trained(str(parity["model_dir"]), device_name="cpu")
+    task = Task("parity", read_task_file(str(parity["task_file"])).examples[:5])
+    requests = task_requests(task, Encoder(trained.tokenizer, trained.tokenizer_path), WINDOW)
+    calls = []
+    trained.model.register_forward_hook(lambda *_: calls.append(1))
+    alone = continuation_logprobs(trained.model, requests, trained.device, "fp32")
+    needed = len(calls)
+    assert needed == forwards_needed(requests) > len(task.examples)
+    padded = continuation_logprobs(trained.model, requests, trained.device, "fp32",
+                                   forwards=needed + 3)
+    assert len(calls) == 2 * needed + 3 and padded == alone
 
 
 def test_trailing_whitespace_moves_to_the_continuation_and_empty_contexts_start_from_eot():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import evaluation
 import runtime
 import train
 from conftest import (
@@ -30,13 +31,11 @@ from conftest import (
     write_task,
 )
 from chat import chat_format, render
-from data import (IGNORE_INDEX, epoch_order, load_tokenizer, prepare_tokens, split_tokens,
-                  token_byte_lengths)
+from data import IGNORE_INDEX, epoch_order, load_tokenizer, prepare_tokens, split_tokens
 from model import Transformer
-from train import evaluate
 from checkpoints import load_checkpoint
 from optim import lr_at
-from utils import ModelConfig, TrainingConfig, UserError, config_from_dict
+from utils import TrainingConfig, UserError, config_from_dict
 
 
 def test_tiny_run_learns_and_logs_everything(trained_run):
@@ -468,23 +467,6 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
     assert lrs_after[-1] < 0.5 * max(lrs), "and the cosine ends at the new budget"
 
 
-def test_evaluate_reports_bits_per_byte_consistent_with_loss():
-    tokenizer = load_tokenizer(str(REPO / "tokenizer" / "bpe_4096.json"))
-    torch.manual_seed(0)
-    model = Transformer(
-        ModelConfig(
-            embed_dim=32, num_heads=2, num_kv_heads=2, ff_dim=64, num_layers=1, max_seq_len=32
-        )
-    )
-    ids = torch.tensor(
-        tokenizer.encode("But, soft! what light through yonder window breaks? " * 3).ids[:33]
-    )
-    batches = [(ids[None, :-1], ids[None, 1:])]
-    loss, bpb = evaluate(model, batches, token_byte_lengths(tokenizer), "fp32")
-    num_bytes = token_byte_lengths(tokenizer)[ids[1:]].sum().item()
-    assert bpb == pytest.approx(loss * 32 / (num_bytes * 0.6931471805599453), rel=1e-6)
-
-
 def test_a_step_without_a_trained_target_moves_no_weight_but_counts(tmp_path, monkeypatch,
                                                                      capsys):
     """Conversations whose one-word replies leave most 16-token windows without an assistant
@@ -520,14 +502,14 @@ def test_a_step_without_a_trained_target_moves_no_weight_but_counts(tmp_path, mo
 
 def keep_snapshot_of_step(monkeypatch, step: int, copy_path: Path) -> Path:
     """Make train.py's snapshots also leave a copy of the one written at `step` in copy_path."""
-    save_snapshot = train.save_snapshot
+    save_snapshot = train.save_snapshot_across_ranks
 
     def save_and_keep(path, model, *args):
         save_snapshot(path, model, *args)
         if args[-2]["step"] == step:  # the run state
             shutil.copy(path, copy_path)
 
-    monkeypatch.setattr(train, "save_snapshot", save_and_keep)
+    monkeypatch.setattr(train, "save_snapshot_across_ranks", save_and_keep)
     return copy_path
 
 
@@ -582,13 +564,13 @@ def test_logged_rates_count_training_time_only(tmp_path, short_corpus, monkeypat
     tokens/s (nor MFU, its multiple): every log interval's training time stays under it."""
     settings = {"max_steps": 6, "log_every": 2, "eval_every": 2, "save_every": 2}
     config = tiny_config(tmp_path, short_corpus, training=settings)
-    evaluate_and_keep_best = train.evaluate_and_keep_best
+    evaluate_and_keep_best = train.evaluate_and_keep_best_across_ranks
 
     def slow_evaluation(*args):
         time.sleep(1.0)
         return evaluate_and_keep_best(*args)
 
-    monkeypatch.setattr(train, "evaluate_and_keep_best", slow_evaluation)
+    monkeypatch.setattr(train, "evaluate_and_keep_best_across_ranks", slow_evaluation)
     train.train(config_from_dict(config), torch.device("cpu"))
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
@@ -781,7 +763,7 @@ def test_a_conversation_run_trains_and_evaluates_on_the_assistant_tokens_only(co
 
     sample = events.Tensors("sample/text_summary")[0].tensor_proto.string_val[0].decode()
     chat = chat_format(data.tokenizer_path)
-    asked = render(chat, [{"role": "user", "content": train.SAMPLE_TURN}], True)
+    asked = render(chat, [{"role": "user", "content": evaluation.SAMPLE_TURN}], True)
     assert sample.startswith(asked) and len(sample) > len(asked)
     assert load_checkpoint(str(workdir / "ckpt" / "best.pth"))["chat"]["template"] == (
         chat.template

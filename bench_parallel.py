@@ -1,0 +1,237 @@
+"""Benchmarks of the memory-saving training modes, on the CPU or GPU the config picks:
+
+    python bench_parallel.py checkpointing configs.yaml [section.key=value ...] [--steps 10]
+    python bench_parallel.py sharding configs.yaml [section.key=value ...] [--steps 10]
+
+checkpointing counts the bytes a training forward keeps for backward, with and without
+training.activation_checkpointing: every tensor autograd saves (saved-tensor hooks), plus the
+block inputs checkpointing holds outside those hooks; and times a training step (forward,
+backward) both ways, alternating, the median of --steps each, at the issue's shape: 6 blocks of
+width 384 (6 heads, SwiGLU 1,024), context 256, batch 8.
+
+sharding runs 2 ranks under torchrun (gloo on a CPU, NCCL on 2 GPUs) with DDP and with FSDP: the
+median optimizer step at that shape, and the bytes of parameters, gradients and optimizer state
+each rank holds after a step (its local shards' numel x element size) for a model of ~100M
+parameters (14 blocks of width 768) under AdamW and under Muon.
+
+Numbers are printed, not asserted: compare ratios taken in one run.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from distributed import (checkpoint_activations, gradient_sync, shard_model_across_ranks,
+                         wrap_model)
+from model import Transformer, meta_model
+from optim import configure_optimizers, forward_backward, optimizer_step
+from runtime import autocast_context, cpu_name, pick_device, setup_precision, sync
+from utils import ArgumentParser, Config, UserError, load_config, run_cli
+
+ISSUE_SHAPE = ["model.num_layers=6", "model.embed_dim=384", "model.num_heads=6",
+               "model.num_kv_heads=6", "model.ff_dim=1024", "model.max_seq_len=256",
+               "data.context_length=256", "data.batch_size=8", "model.dropout=0.0"]
+STATE_SHAPE = ["model.num_layers=14", "model.embed_dim=768", "model.num_heads=12",
+               "model.num_kv_heads=12", "model.ff_dim=2048", "model.max_seq_len=64",
+               "data.context_length=64", "data.batch_size=1", "model.dropout=0.0"]
+RANKS = 2
+
+
+def kept_for_backward(model: Transformer, x: torch.Tensor, y: torch.Tensor,
+                      checkpointed: bool, precision: str) -> int:
+    """Bytes one training forward keeps for its backward (then runs the backward)."""
+    kept = []
+
+    def count(tensor: torch.Tensor) -> None:
+        kept.append(tensor.numel() * tensor.element_size())
+
+    hooks = [block.register_forward_pre_hook(lambda _, inputs: count(inputs[0]))
+             for block in model.layers] if checkpointed else []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: count(t) or t, lambda t: t):
+        loss = training_loss(model, x, y, precision)
+    for hook in hooks:
+        hook.remove()
+    loss.backward()
+    return sum(kept)
+
+
+def training_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor,
+                  precision: str) -> torch.Tensor:
+    with autocast_context(x.device, precision):
+        logits, _ = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.view(-1))
+
+
+def step_seconds(model: Transformer, x: torch.Tensor, y: torch.Tensor, precision: str) -> float:
+    sync(x.device)
+    start = time.perf_counter()
+    training_loss(model, x, y, precision).backward()
+    sync(x.device)
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def bench_checkpointing(config: Config, steps: int) -> None:
+    device = pick_device(config.training.device)
+    precision = setup_precision(config.training.precision, device)
+    torch.manual_seed(0)
+    plain = Transformer(config.model).to(device).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpoint_activations(checkpointed)
+    shape = (config.data.batch_size, config.data.context_length)
+    x = torch.randint(0, config.model.vocab_size, shape, device=device)
+    y = torch.randint(0, config.model.vocab_size, shape, device=device)
+    kept = {name: kept_for_backward(model, x, y, name == "checkpointed", precision)
+            for name, model in (("plain", plain), ("checkpointed", checkpointed))}
+    seconds: dict[str, list[float]] = {"plain": [], "checkpointed": []}
+    for _ in range(steps + 1):  # the first of each is a warm-up
+        for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+            seconds[name].append(step_seconds(model, x, y, precision))
+    median = {name: statistics.median(times[1:]) for name, times in seconds.items()}
+    where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    m = config.model
+    print(f"{where}, {torch.get_num_threads()} threads, torch {torch.__version__}, {precision}; "
+          f"{m.num_layers} x {m.embed_dim}, context {shape[1]}, batch {shape[0]}, "
+          f"{plain.num_params():,} parameters")
+    print(f"{'':<26}{'kept for backward':>18}{'step (fwd+bwd)':>16}")
+    for name in ("plain", "checkpointed"):
+        print(f"{name:<26}{kept[name] / 2**20:>14,.1f} MiB{median[name] * 1e3:>13,.0f} ms")
+    print(f"{'checkpointed / plain':<26}{kept['checkpointed'] / kept['plain']:>18.2f}"
+          f"{median['checkpointed'] / median['plain']:>16.2f}")
+
+
+def local_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes this rank holds of `tensors`: a DTensor's local shard only."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def measure_on_rank(config: Config, steps: int) -> dict:
+    """One rank's optimizer steps (seconds each, after a first that allocates the optimizer
+    state) and, at the last one's backward, the bytes it holds of parameters, gradients and
+    optimizer state."""
+    device = pick_device(config.training.device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    t, rank = config.training, dist.get_rank()
+    precision = setup_precision(t.precision, device)
+    torch.manual_seed(0)
+    if t.parallelism == "fsdp":
+        model = Transformer(config.model) if rank == 0 else meta_model(config.model)
+        model = shard_model_across_ranks(model, device, precision)
+    else:
+        model = Transformer(config.model).to(device)
+    optimizers = configure_optimizers(model, t, device, "fp32")
+    wrapped = wrap_model(model, t)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    shape = (config.data.batch_size, config.data.context_length)
+    generator = torch.Generator().manual_seed(rank)
+    x, y = (torch.randint(config.model.vocab_size, shape, generator=generator) for _ in "xy")
+    seconds, held = [], {}
+    for _ in range(1 + steps):
+        sync(device)
+        start = time.perf_counter()
+        with gradient_sync(wrapped, True):
+            forward_backward(wrapped, x, y, device, precision, scaler, 1 / y.numel())
+        params = list(model.parameters())
+        held = {"parameters": local_bytes(params),
+                "gradients": local_bytes([p.grad for p in params if p.grad is not None]),
+                "optimizer state": local_bytes([value for optimizer in optimizers
+                                                for state in optimizer.state.values()
+                                                for value in state.values()
+                                                if isinstance(value, torch.Tensor)])}
+        optimizer_step(optimizers, scaler, t.lr, t.grad_clip)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    dist.destroy_process_group()
+    return {"step_seconds": statistics.median(seconds[1:]), "held": held}
+
+
+def run_ranks(config_path: str, overrides: list[str], steps: int) -> dict:
+    """measure_on_rank on RANKS processes under torchrun; rank 0's figures."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = os.path.join(directory, "rank_0.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={RANKS}", os.path.abspath(__file__), "rank", config_path,
+                   out, *overrides, "--steps", str(steps)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            lines = result.stderr.strip().splitlines() or ["(no message)"]
+            raise UserError("a rank failed: " + next(
+                (line for line in lines if line.startswith("error:")), lines[-1]))
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def bench_sharding(config_path: str, overrides: list[str], steps: int) -> None:
+    device = pick_device(load_config(config_path, overrides).training.device)
+    where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"{RANKS} ranks ({'gloo' if device.type == 'cpu' else 'NCCL'}) on {where}, "
+          f"torch {torch.__version__}")
+    step = {kind: run_ranks(config_path, ISSUE_SHAPE + overrides + [
+        f"training.parallelism={kind}", "training.optimizer=adamw"], steps)
+        for kind in ("ddp", "fsdp")}
+    print(f"optimizer step (AdamW), 6 x 384, context 256, batch 8 per rank: DDP "
+          f"{step['ddp']['step_seconds'] * 1e3:,.0f} ms, FSDP "
+          f"{step['fsdp']['step_seconds'] * 1e3:,.0f} ms "
+          f"({step['fsdp']['step_seconds'] / step['ddp']['step_seconds']:.2f}x)")
+    print(f"{'held per rank, MiB':<28}{'parameters':>12}{'gradients':>11}{'optimizer':>11}"
+          f"{'total':>9}{'/ DDP':>8}")
+    for optimizer in ("adamw", "muon"):
+        state = {kind: run_ranks(config_path, STATE_SHAPE + overrides + [
+            f"training.parallelism={kind}", f"training.optimizer={optimizer}"], 1)["held"]
+            for kind in ("ddp", "fsdp")}
+        for kind, held in state.items():
+            total, ddp_total = sum(held.values()), sum(state["ddp"].values())
+            print(f"{kind.upper() + ', ' + optimizer:<28}"
+                  + "".join(f"{held[part] / 2**20:>{width},.0f}" for part, width in
+                            (("parameters", 12), ("gradients", 11), ("optimizer state", 11)))
+                  + f"{total / 2**20:>9,.0f}{total / ddp_total:>8.2f}")
+
+
+def main() -> None:
+    parser = ArgumentParser(description="Benchmarks of the memory-saving training modes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    checkpointing = commands.add_parser("checkpointing", help="activation checkpointing: "
+                                        "bytes kept for backward and step time, with and without")
+    checkpointing.add_argument("config", help="configs.yaml")
+    checkpointing.add_argument("overrides", nargs="*", help="section.key=value (after the "
+                               "issue's shape, so they win)")
+    checkpointing.add_argument("--steps", type=int, default=10)
+    sharding = commands.add_parser("sharding", help=f"DDP against FSDP on {RANKS} ranks: step "
+                                   "time, and what each rank holds")
+    sharding.add_argument("config", help="configs.yaml")
+    sharding.add_argument("overrides", nargs="*", help="section.key=value")
+    sharding.add_argument("--steps", type=int, default=10)
+    rank = commands.add_parser("rank")  # one of sharding's ranks, under torchrun
+    rank.add_argument("config")
+    rank.add_argument("out")
+    rank.add_argument("overrides", nargs="*")
+    rank.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    if args.command == "checkpointing":
+        bench_checkpointing(load_config(args.config, ISSUE_SHAPE + args.overrides), args.steps)
+    elif args.command == "sharding":
+        bench_sharding(args.config, args.overrides, args.steps)
+    else:
+        measured = measure_on_rank(load_config(args.config, args.overrides), args.steps)
+        if os.environ.get("RANK") == "0":
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(measured, f)
+
+
+if __name__ == "__main__":
+    run_cli(main)

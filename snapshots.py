@@ -1,0 +1,219 @@
+"""Snapshots: a training run's whole state, to continue it. One file (one process, or DDP, where
+rank 0 writes it), or under FSDP a directory that every rank writes its shards into at once
+(torch.distributed.checkpoint, DCP). A snapshot resumes bitwise on the same number of ranks,
+and on another number when the global batch (batch_size x grad_accum_steps x ranks) is kept:
+the data order deals the same windows to each global step whatever the split, so only the
+position in the epoch is rescaled (dropout's masks are drawn per rank, so they differ then).
+
+A file snapshot is a best checkpoint's record plus "optimizer", "scaler", "precision",
+"progress" (RunState), "batch_plan" and every rank's "rng". A sharded snapshot directory holds
+LATEST, naming its newest complete save, and that save's directory: DCP's files of the model
+and optimizer state, and "run.pth" with the rest of the record. LATEST is replaced only once a
+save is whole, so a crash at any point leaves the previous snapshot intact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from tokenizers import Tokenizer
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule
+
+from chat import chat_format
+from checkpoints import SHARDED_LATEST, load_checkpoint, load_weights, save_checkpoint
+from data import TokenWindows, corpus_fingerprint, tokenizer_fingerprint
+from distributed import broadcast_rank_0s, is_rank_0, require_same_on_all_ranks
+from files import atomic_write
+from model import Transformer
+from utils import Config, UserError, config_to_dict, require
+
+SNAPSHOT_KEYS = ("progress", "optimizer", "batch_plan")
+RESHARDABLE = ("processes", "data.batch_size", "training.grad_accum_steps")  # global batch kept
+RUN_RECORD = "run.pth"
+
+
+@dataclass
+class RunState:
+    """Where a run stands: a snapshot's "progress", restored from it as a whole."""
+    run_name: str                    # TensorBoard sub-directory
+    step: int = 0                    # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0          # micro-batches of this epoch each rank has consumed
+    train_seconds: float = 0.0       # wall clock of the loop, over every process that resumed it
+    best_val_loss: float = math.inf  # nats per token
+    best_val_bpb: float = math.inf   # bits per UTF-8 byte
+
+
+def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict:
+    """What decides which windows each optimizer step trains on, and the optimizer whose state
+    the snapshot holds: a resume needs all of it unchanged but RESHARDABLE's split of the global
+    batch (the run's length, learning rate, logging and outputs may change too)."""
+    d, t = config.data, config.training
+    return {"global_batch": d.batch_size * t.grad_accum_steps * world_size,
+            "processes": world_size, "data.batch_size": d.batch_size,
+            "training.grad_accum_steps": t.grad_accum_steps,
+            "data.context_length": d.context_length, "data.val_split": d.val_split,
+            "training.seed": t.seed, "training.optimizer": t.optimizer,
+            "corpus": corpus_fingerprint(train_set.tokens, train_set.mask)}
+
+
+def snapshot_exists(path: str) -> bool:
+    """A file snapshot at `path`, or a sharded one with a complete save."""
+    return os.path.isfile(path) or os.path.isfile(os.path.join(path, SHARDED_LATEST))
+
+
+def snapshot_record(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """A snapshot without its weights and optimizer state (a file snapshot's are mapped, not
+    read, unless the caller uses them)."""
+    if os.path.isfile(path):
+        return load_checkpoint(path, map_location=map_location, weights=False)
+    with open(os.path.join(path, SHARDED_LATEST), encoding="utf-8") as f:
+        save = os.path.join(path, f.read().strip())
+    try:
+        return {**torch.load(os.path.join(save, RUN_RECORD), map_location=map_location,
+                             weights_only=True), "save": save}
+    except Exception as err:  # a missing or damaged record, by the kind of damage
+        raise UserError(f"cannot read the sharded snapshot {save} ({type(err).__name__}) — "
+                        "point training.snapshot_path at a new path to start over") from None
+
+
+def check_shared_across_ranks(directory: str, setting: str) -> None:
+    """Stop every rank with one line unless all of them see `directory` as the same storage:
+    rank 0 writes a file there that every other rank must find."""
+    probe = broadcast_rank_0s(lambda: write_probe(directory))
+    require_same_on_all_ranks(os.path.isfile(probe), f"whether they see {setting}'s directory "
+                              f"{directory}", f"put {setting} on storage every node mounts at "
+                              "the same path")
+    dist.barrier()
+    if is_rank_0():
+        os.unlink(probe)
+
+
+def write_probe(directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".probe-{uuid.uuid4().hex}")
+    open(probe, "w").close()
+    return probe
+
+
+def save_snapshot_across_ranks(path: str, model: Transformer,
+                               optimizers: list[torch.optim.Optimizer],
+                               scaler: torch.amp.GradScaler, config: Config, tokenizer: Tokenizer,
+                               precision: str, progress: dict, plan: dict) -> None:
+    """All that continuing needs, every rank's RNG state and the precision the run chose
+    included: rank 0 writes a file, or under FSDP every rank writes its shards. Every rank
+    returns once the snapshot is in place."""
+    rng = {"torch": torch.get_rng_state(),
+           **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    ranks_rng = [rng]
+    if dist.is_initialized():
+        ranks_rng = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks_rng, rng)
+    record = {"config": config_to_dict(config), "tokenizer": tokenizer_fingerprint(tokenizer),
+              "chat": dataclasses.asdict(chat_format(config.data.tokenizer_path)),
+              "scaler": scaler.state_dict(), "precision": precision, "progress": progress,
+              "batch_plan": plan, "rng": ranks_rng}
+    if isinstance(model, FSDPModule):
+        save_shards(path, model, optimizers, record)
+    elif is_rank_0():
+        save_checkpoint({**record, "model": model.state_dict(),
+                         "optimizer": [optimizer.state_dict() for optimizer in optimizers]}, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_shards(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
+                record: dict) -> None:
+    """A sharded snapshot's save: every rank's shards into a new save directory, then the
+    record, then LATEST is pointed at it, then older saves go."""
+    name = f"step-{record['progress']['step']:08d}"
+    save = os.path.join(path, name)
+    if is_rank_0():
+        shutil.rmtree(save, ignore_errors=True)  # a save of this step that was cut short
+    dist.barrier()
+    dcp.save(sharded_state(model, optimizers), checkpoint_id=save)
+    if is_rank_0():
+        save_checkpoint(record, os.path.join(save, RUN_RECORD))
+        atomic_write(os.path.join(path, SHARDED_LATEST), lambda f: f.write(name.encode()))
+        for other in os.listdir(path):
+            if other.startswith("step-") and other != name:
+                shutil.rmtree(os.path.join(path, other), ignore_errors=True)
+
+
+def sharded_state(model: Transformer, optimizers: list[torch.optim.Optimizer]) -> dict:
+    return {"model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizers)}
+
+
+def load_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
+                  scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> dict:
+    """Restore weights, optimizer, scaler and (on as many ranks as wrote it) this rank's RNG;
+    returns the stored progress, its position rescaled to this run's split of the global
+    batch. A snapshot whose batches this run would not replay is refused."""
+    sharded = isinstance(model, FSDPModule)
+    require(sharded == os.path.isdir(path), f"{path} is a "
+            f"{'single-file' if sharded else 'sharded (FSDP)'} snapshot — resume it with "
+            f"training.parallelism={'ddp' if sharded else 'fsdp'}, or point "
+            "training.snapshot_path at a new path to start over")
+    snapshot = snapshot_record(path, device) if sharded else load_checkpoint(path, device)
+    require(all(key in snapshot for key in SNAPSHOT_KEYS if key != "optimizer" or not sharded),
+            f"{path} is not a training snapshot (a best-model checkpoint, or from an older SLM) "
+            "— point training.snapshot_path at a snapshot, or at a new path to start over")
+    saved_plan = resumable_plan(snapshot["batch_plan"], plan, path)
+    if sharded:
+        state = sharded_state(model, optimizers)
+        dcp.load(state, checkpoint_id=snapshot["save"])
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizers, state["optimizer"])
+    else:
+        load_weights(model, snapshot, path)
+        for optimizer, saved in zip(optimizers, snapshot["optimizer"]):
+            optimizer.load_state_dict(saved)
+    scaler.load_state_dict(snapshot["scaler"])
+    progress = dict(snapshot["progress"])
+    if saved_plan["processes"] == plan["processes"]:
+        rng = snapshot["rng"][dist.get_rank() if dist.is_initialized() else 0]
+        torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
+    windows = progress["batch_in_epoch"] * saved_plan["data.batch_size"] * saved_plan["processes"]
+    progress["batch_in_epoch"] = windows // (plan["data.batch_size"] * plan["processes"])
+    return progress
+
+
+def resumable_plan(saved: dict, plan: dict, path: str) -> dict:
+    """The snapshot's batch plan, with what an older one lacks filled in, if this run can go
+    on from it; else one error line naming the first difference and its fix."""
+    saved = {**saved, "global_batch": saved.get("global_batch", saved["data.batch_size"]
+                                                * saved["training.grad_accum_steps"]
+                                                * saved["processes"])}
+    changed = [(key, saved.get(key), now) for key, now in plan.items()
+               if key not in RESHARDABLE and saved.get(key) != now]
+    if not changed:
+        return saved
+    key, was, now = changed[0]
+    split = (f"{saved['data.batch_size']} x {saved['training.grad_accum_steps']} x "
+             f"{saved['processes']} process(es)")
+    per_micro_step = plan["data.batch_size"] * plan["processes"]
+    example = (f", e.g. training.grad_accum_steps={was // per_micro_step}"
+               if key == "global_batch" and was % per_micro_step == 0 else "")
+    what, fix = {
+        "global_batch": (f"trained on {was} windows per step ({split}) and this run takes {now}",
+                         f"keep data.batch_size x training.grad_accum_steps x processes = {was}"
+                         f"{example}"),
+        "corpus": ("was saved while training on other text or with another tokenizer",
+                   "restore them")}.get(key, (f"was saved with {key}={was} and this run has {now}",
+                                              f"set {key} back to {was}"))
+    raise UserError(f"{path} {what}, so its batches cannot be replayed — {fix}, or point "
+                    "training.snapshot_path at a new path to start over")
