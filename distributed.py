@@ -8,6 +8,7 @@ A collective is met by every rank or the run hangs: each one here says so in its
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import types
@@ -105,13 +106,27 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> t
     return tensor
 
 
-def agree_across_ranks(step_loss: torch.Tensor, signum: int,
-                       clock: float) -> tuple[bool, int, float]:
-    """The step's one host sync and all-reduce: any rank's nan/inf loss or stop signal stops all,
-    and all take the latest clock (one schedule, one last step). -> (nonfinite, signal, clock)"""
-    flags = torch.tensor([0.0, signum, clock], device=step_loss.device)
-    flags[0] = (~torch.isfinite(step_loss)).float()
-    nonfinite, signum, clock = all_reduce(flags, dist.ReduceOp.MAX).tolist()
+@functools.cache
+def host_group() -> dist.ProcessGroup | None:
+    """The group for the loop's small agreements between hosts (counts, flags, clocks): gloo,
+    so they never wait for a GPU; the default group (None) where that is gloo already."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def all_reduce_on_host(values: list[float],
+                       op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+    """Combine host `values` over the ranks (one process: as they are), device untouched."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=op, group=host_group())
+    return tensor.tolist()
+
+
+def agree_across_ranks(nonfinite: float, signum: int, clock: float) -> tuple[bool, int, float]:
+    """Any rank's nan/inf loss or stop signal stops all, and all take the latest clock (one
+    schedule, one last step), agreed on the hosts. -> (nonfinite, signal, clock)"""
+    nonfinite, signum, clock = all_reduce_on_host([nonfinite, signum, clock], dist.ReduceOp.MAX)
     return bool(nonfinite), int(signum), clock
 
 

@@ -92,6 +92,25 @@ def sync(device: torch.device) -> None:
         getattr(torch, device.type).synchronize()
 
 
+def read_later(value: torch.Tensor) -> Callable[[], float]:
+    """A 0-d tensor's value for the host, without waiting for the device now: on CUDA a copy is
+    queued behind the work that computes it, and calling the result waits for that copy alone
+    (long done a step later); elsewhere the value is read at once."""
+    if value.device.type != "cuda":
+        now = value.item()
+        return lambda: now
+    host = torch.empty((), dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait_and_read() -> float:
+        copied.synchronize()
+        return host.item()
+
+    return wait_and_read
+
+
 BF16_PEAK_GATE = 1.5    # bf16 matmul peak / fp32's below which a CPU's bf16 is not used
 BF16_MIN_SPEEDUP = 1.3  # how much faster (median step) bf16 must train this model to be chosen
 BUSY_SHARE = 0.1        # others' share of the CPUs during the timing above which it is not kept

@@ -27,17 +27,16 @@ from tqdm import tqdm
 from checkpoints import (adopt_pretrained, check_outputs, check_tokenizer, load_checkpoint,
                          load_weights)
 from data import IGNORE_INDEX, TokenWindows, epoch_loader, epoch_order, token_byte_lengths
-from distributed import (agree_across_ranks, all_reduce, broadcast_rank_0s, gradient_sync,
-                         is_rank_0, prepare_data_once_per_node, require_same_on_all_ranks,
-                         shard_model_across_ranks, wrap_model)
+from distributed import (agree_across_ranks, all_reduce, all_reduce_on_host, broadcast_rank_0s,
+                         gradient_sync, is_rank_0, prepare_data_once_per_node,
+                         require_same_on_all_ranks, shard_model_across_ranks, wrap_model)
 from evaluation import evaluate_and_keep_best_across_ranks, fixed_val_batches
 from files import claim
 from model import Transformer, meta_model
 from optim import (configure_optimizers, forward_backward, lr_at, optimizer_step, skip_update,
                    step_seconds)
-from runtime import (decide_cpu_precision, decide_newton_schulz_dtype,
-                     keep_freed_memory, measure_peak_flops, pick_device, setup_precision,
-                     use_compile)
+from runtime import (decide_cpu_precision, decide_newton_schulz_dtype, keep_freed_memory,
+                     measure_peak_flops, pick_device, read_later, setup_precision, use_compile)
 from snapshots import (RunState, batch_plan, check_shared_across_ranks, load_snapshot,
                        save_snapshot_across_ranks, snapshot_exists, snapshot_record)
 from tasks import load_tasks
@@ -119,28 +118,24 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
     stop = catch_stop_signals()
     batches = training_batches(train_set, config, state, rank, world_size, per_epoch, device)
     step_loss, loss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-    targets_sum = torch.zeros((), device=device)
+    targets_sum, last_nonfinite = 0.0, read_later(torch.zeros((), device=device))
     run_start, earlier_seconds = time.perf_counter(), state.train_seconds
     log_time, log_step, finished = run_start, state.step, False
     while not finished:
         step_batches = [next(batches) for _ in range(t.grad_accum_steps)]
-        # Every rank's trained targets of this step, counted on the host; torch.full fills the
-        # device tensor by a kernel, where a copy from host memory would wait for the device.
-        step_targets = all_reduce(torch.full((), float(sum(
-            int((y != IGNORE_INDEX).sum()) for _, y in step_batches)), device=device))
+        # Every rank's trained targets of this step, counted and summed on the hosts.
+        (step_targets,) = all_reduce_on_host([sum(int((y != IGNORE_INDEX).sum())
+                                                  for _, y in step_batches)])
         targets_sum += step_targets
-        # A host read that waits on nothing but that all-reduce: the last step's agreement
-        # synced the device.
-        update_weights = step_targets.item() > 0
         # DDP and FSDP average the ranks' gradients: world_size / step_targets makes it a sum.
-        loss_scale = world_size / step_targets.clamp(min=1)
+        loss_scale = world_size / max(1.0, step_targets)
         for micro_step, (x, y) in enumerate(step_batches):
             # Gradients are reduced over the ranks once per optimizer step: on its last micro-step.
             with gradient_sync(wrapped, micro_step == t.grad_accum_steps - 1):
                 step_loss += forward_backward(train_model, x, y, device, precision, scaler,
                                               loss_scale)
         lr = lr_at(state.step, schedule_progress(state, t, total_steps), t)
-        if update_weights:
+        if step_targets > 0:
             grad_norm = optimizer_step(optimizers, scaler, lr, t.grad_clip)
         else:  # momentum and weight decay would still move the weights on zero gradients
             grad_norm = skip_update(optimizers)
@@ -149,20 +144,23 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
                 "the step still counts")
         state.step += 1
         clock = earlier_seconds + time.perf_counter() - run_start
-        nonfinite, signum, state.train_seconds = agree_across_ranks(step_loss, stop["signum"],
-                                                                    clock)
-        if nonfinite:
-            bar.close()
-            raise UserError(f"training loss became nan/inf at step {state.step} (lr {lr:.3g}, "
-                            f"{precision}); nothing from this step was saved — lower training.lr "
-                            "or raise warmup_steps, keep grad_clip on, prefer bf16/fp32 to fp16")
+        # The device is not waited for: the nan/inf check reads the previous step's loss, done
+        # by now, except before anything is written, where it reads this step's.
+        nonfinite, signum, state.train_seconds = agree_across_ranks(last_nonfinite(),
+                                                                    stop["signum"], clock)
+        last_nonfinite = read_later((~torch.isfinite(step_loss)).float())
+        check_finite(nonfinite, state.step - 1, lr, precision, bar)
+        finished = run_is_over(state, t, total_steps)
+        writes = state.step % t.eval_every == 0 or state.step % t.save_every == 0 or signum
+        if writes or finished:
+            check_finite(agree_across_ranks(last_nonfinite(), signum, clock)[0], state.step, lr,
+                         precision, bar)
         loss_sum += step_loss
         step_loss.zero_()
-        finished = run_is_over(state, t, total_steps)
         bar.update(1)
         if state.step % t.log_every == 0 or finished:
             now, steps = time.perf_counter(), state.step - log_step
-            train_loss = all_reduce(loss_sum).item() / max(1.0, targets_sum.item())
+            train_loss = all_reduce(loss_sum).item() / max(1.0, targets_sum)
             tokens_per_sec = steps * tokens_per_step / (now - log_time)  # training time only
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
                             tok_s=f"{tokens_per_sec:,.0f}")
@@ -172,7 +170,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
                 "1_train/grad_norm": grad_norm.item(), "4_perf/tokens_per_sec": tokens_per_sec,
                 "4_perf/mfu": mfu})
             loss_sum.zero_()
-            targets_sum.zero_()
+            targets_sum = 0.0
             log_time, log_step = now, state.step
         paused_at = time.perf_counter()  # evaluation and snapshots count in no logged rate
         if state.step % t.eval_every == 0 or finished:
@@ -202,6 +200,14 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
         print(f"done: {state.step} steps in {state.train_seconds:.0f} s, best val loss "
               f"{state.best_val_loss:.4f} ({state.best_val_bpb:.4f} bits/byte) in "
               f"{t.checkpoint_path}; snapshot {t.snapshot_path}", flush=True)
+
+
+def check_finite(nonfinite: bool, step: int, lr: float, precision: str, bar: tqdm) -> None:
+    if nonfinite:
+        bar.close()
+        raise UserError(f"training loss became nan/inf at step {step} (lr {lr:.3g}, {precision});"
+                        " nothing since the last snapshot was saved — lower training.lr or raise "
+                        "warmup_steps, keep grad_clip on, prefer bf16/fp32 to fp16")
 
 
 def build_model(config: Config, device: torch.device, rank: int) -> Transformer:

@@ -45,6 +45,25 @@ def test_training_on_cuda_learns_in_each_precision(tmp_path, corpus, precision, 
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0] - 1.0, losses
 
 
+def test_steps_that_neither_log_evaluate_nor_save_never_wait_for_the_gpu(tmp_path, corpus,
+                                                                          monkeypatch):
+    """From the third step to the last (which ends the run, so it evaluates and saves), CUDA's
+    sync debug mode turns any wait of the host for the device into an error."""
+    batches_of = train.training_batches
+
+    def watched(*args, **kwargs):
+        for index, batch in enumerate(batches_of(*args, **kwargs)):
+            torch.cuda.set_sync_debug_mode("error" if 2 <= index < 11 else "default")
+            yield batch
+
+    monkeypatch.setattr(train, "training_batches", watched)
+    try:
+        train_losses(tmp_path, corpus, max_steps=12, log_every=1000, eval_every=1000,
+                     save_every=1000, precision="bf16")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_flash_attention_serves_the_training_step():
     config = ModelConfig(
         vocab_size=4096,
