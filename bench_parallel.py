@@ -12,7 +12,8 @@ width 384 (6 heads, SwiGLU 1,024), context 256, batch 8.
 sharding runs 2 ranks under torchrun (gloo on a CPU, NCCL on 2 GPUs) with DDP and with FSDP: the
 median optimizer step at that shape, and the bytes of parameters, gradients and optimizer state
 each rank holds after a step (its local shards' numel x element size) for a model of ~100M
-parameters (14 blocks of width 768) under AdamW and under Muon.
+parameters (14 blocks of width 768) under AdamW and under Muon, beside what train.py's memory
+check counts for it (optim.training_bytes_per_rank).
 
 Numbers are printed, not asserted: compare ratios taken in one run.
 """
@@ -35,7 +36,8 @@ from torch.distributed.tensor import DTensor
 from distributed import (checkpoint_activations, gradient_sync, shard_model_across_ranks,
                          wrap_model)
 from model import Transformer, meta_model
-from optim import configure_optimizers, forward_backward, optimizer_step
+from optim import (configure_optimizers, forward_backward, optimizer_step,
+                   training_bytes_per_rank)
 from runtime import autocast_context, cpu_name, pick_device, setup_precision, sync
 from utils import ArgumentParser, Config, UserError, load_config, run_cli
 
@@ -189,17 +191,19 @@ def bench_sharding(config_path: str, overrides: list[str], steps: int) -> None:
           f"{step['fsdp']['step_seconds'] * 1e3:,.0f} ms "
           f"({step['fsdp']['step_seconds'] / step['ddp']['step_seconds']:.2f}x)")
     print(f"{'held per rank, MiB':<28}{'parameters':>12}{'gradients':>11}{'optimizer':>11}"
-          f"{'total':>9}{'/ DDP':>8}")
+          f"{'total':>9}{'/ DDP':>8}{'check':>8}")
     for optimizer in ("adamw", "muon"):
-        state = {kind: run_ranks(config_path, STATE_SHAPE + overrides + [
-            f"training.parallelism={kind}", f"training.optimizer={optimizer}"], 1)["held"]
-            for kind in ("ddp", "fsdp")}
+        settings = {kind: STATE_SHAPE + overrides + [f"training.parallelism={kind}",
+                                                     f"training.optimizer={optimizer}"]
+                    for kind in ("ddp", "fsdp")}
+        state = {kind: run_ranks(config_path, settings[kind], 1)["held"] for kind in settings}
         for kind, held in state.items():
             total, ddp_total = sum(held.values()), sum(state["ddp"].values())
+            check = training_bytes_per_rank(load_config(config_path, settings[kind]), RANKS)
             print(f"{kind.upper() + ', ' + optimizer:<28}"
                   + "".join(f"{held[part] / 2**20:>{width},.0f}" for part, width in
                             (("parameters", 12), ("gradients", 11), ("optimizer state", 11)))
-                  + f"{total / 2**20:>9,.0f}{total / ddp_total:>8.2f}")
+                  + f"{total / 2**20:>9,.0f}{total / ddp_total:>8.2f}{check / 2**20:>8,.0f}")
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from data import IGNORE_INDEX
-from model import Transformer
-from runtime import autocast_context, sync
-from utils import Config, TrainingConfig
+from model import Transformer, meta_model
+from runtime import autocast_context, memory_per_process, sync
+from utils import Config, TrainingConfig, require
 
 FUSED_ADAMW = ("cuda", "cpu")  # device types where fused AdamW beats foreach, as bench.py measures
 
@@ -25,8 +25,7 @@ def configure_optimizers(model: Transformer, t: TrainingConfig, device: torch.de
     matrices (q/k/v/o, gate/up/down), orthogonalising in `newton_schulz_dtype`, and AdamW on the
     rest (embedding, head, norms). Weight decay applies to matrices only. Muon's update is
     scaled to AdamW's RMS, so one learning rate and one schedule serve both."""
-    muon = ([p for layer in model.layers for p in layer.parameters() if p.dim() == 2]
-            if t.optimizer == "muon" else [])
+    muon = muon_matrices(model, t)
     muon_ids = {id(p) for p in muon}
     rest = [p for p in model.parameters() if id(p) not in muon_ids]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
@@ -37,6 +36,40 @@ def configure_optimizers(model: Transformer, t: TrainingConfig, device: torch.de
         optimizers.append(Muon(muon, lr=t.lr, weight_decay=t.weight_decay,
                                newton_schulz_dtype=newton_schulz_dtype))
     return optimizers
+
+
+def muon_matrices(model: Transformer, t: TrainingConfig) -> list[torch.nn.Parameter]:
+    """The parameters Muon updates: the blocks' weight matrices (none under AdamW)."""
+    return ([p for layer in model.layers for p in layer.parameters() if p.dim() == 2]
+            if t.optimizer == "muon" else [])
+
+
+def training_bytes_per_rank(config: Config, world_size: int) -> int:
+    """Bytes one rank holds of fp32 weights, their gradients and the optimizer state (AdamW's
+    two moments, Muon's one momentum), counted on the meta device: all of it under DDP, a
+    1/world_size shard of each under FSDP. Activations are not counted: they scale with the
+    batch, and activation checkpointing cuts them."""
+    model = meta_model(config.model)
+    params = model.num_params()
+    muon = sum(p.numel() for p in muon_matrices(model, config.training))
+    floats_per_model = 2 * params + 2 * (params - muon) + muon
+    shards = world_size if config.training.parallelism == "fsdp" else 1
+    return 4 * math.ceil(floats_per_model / shards)
+
+
+def check_training_fits(config: Config, device: torch.device, world_size: int) -> None:
+    """Refuse, before anything is built, a run whose training state per rank
+    (training_bytes_per_rank) exceeds the memory each process has: its GPU's, or on a CPU this
+    host's shared by the processes torchrun started on it."""
+    t, need = config.training, training_bytes_per_rank(config, world_size)
+    have, where = memory_per_process(device)
+    more_ranks = ("launch more processes" if t.parallelism == "fsdp" else
+                  "set training.parallelism=fsdp to shard it over the processes")
+    cheaper = ", set training.optimizer=muon (one moment per matrix)" * (t.optimizer == "adamw")
+    require(need <= have, f"training this model takes {need / 2**30:,.1f} GiB per process "
+            f"(fp32 weights, gradients and {t.optimizer} state, before activations), more than "
+            f"the {have / 2**30:,.1f} GiB each process has of {where} — {more_ranks}{cheaper}, "
+            "or lower embed_dim, ff_dim, num_layers or vocab_size")
 
 
 NEWTON_SCHULZ_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -46,6 +46,16 @@ def setup_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def memory_per_process(device: torch.device) -> tuple[int, str]:
+    """The bytes one training process may fill, and whose they are: a GPU's own memory, or
+    this host's, shared by the processes torchrun started on it (MPS shares it too)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, "its GPU"
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // processes, f"this host's memory ({processes} process(es) share it)"
+
+
 def keep_freed_memory() -> None:
     """Keep freed blocks of up to 32 MiB in the process (glibc malloc): by default it returns
     them to the OS at once, so each CPU training step page-faults its activations back in,

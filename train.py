@@ -33,8 +33,8 @@ from distributed import (agree_across_ranks, all_reduce, all_reduce_on_host, bro
 from evaluation import evaluate_and_keep_best_across_ranks, fixed_val_batches
 from files import claim
 from model import Transformer, meta_model
-from optim import (configure_optimizers, forward_backward, lr_at, optimizer_step, skip_update,
-                   step_seconds)
+from optim import (check_training_fits, configure_optimizers, forward_backward, lr_at,
+                   optimizer_step, skip_update, step_seconds)
 from runtime import (decide_cpu_precision, decide_newton_schulz_dtype, keep_freed_memory,
                      measure_peak_flops, pick_device, read_later, setup_precision, use_compile)
 from snapshots import (RunState, batch_plan, check_shared_across_ranks, load_snapshot,
@@ -68,6 +68,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
         check_outputs(t)
     tasks = load_tasks(t.eval_tasks)
     keep_freed_memory()
+    broadcast_rank_0s(lambda: check_training_fits(config, device, world_size))
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
     model = build_model(config, device, rank)
     peak_flops = functools.cache(functools.partial(measure_peak_flops, device))  # FLOP/s by dtype

@@ -3,12 +3,14 @@ import copy
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
 from distributed import checkpoint_activations
 from model import Transformer
-from utils import ModelConfig
+from optim import training_bytes_per_rank
+from utils import ModelConfig, config_from_dict
 
 
 RANK_0S = """
@@ -86,8 +88,13 @@ weights = full_weights_across_ranks(sharded)
 x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(rank))
 sharded(x)[0].sum().backward()  # each rank its own batch: the gradients are their mean
 grads = {name: p.grad.full_tensor() for name, p in sharded.named_parameters()}
+local = [*sharded.parameters(), *(p.grad for p in sharded.parameters())]
+adamw = torch.optim.AdamW(sharded.parameters())
+adamw.step()
+local += [value for state in adamw.state.values() for value in state.values()]
+held = sum(t.to_local().numel() * t.element_size() for t in local if t.dim())  # not steps
 if rank == 0:
-    torch.save({"weights": weights, "grads": grads}, sys.argv[2])
+    torch.save({"weights": weights, "grads": grads, "held": held}, sys.argv[2])
 dist.destroy_process_group()
 """
 
@@ -95,7 +102,8 @@ dist.destroy_process_group()
 def test_fsdp_starts_from_rank_0s_weights_and_averages_the_ranks_gradients(tmp_path):
     """Every rank's shards hold one process's seeded weights, and a backward on two ranks gives
     the mean of the two batches' gradients: gloo has been seen to sum where FSDP asks it to
-    average (pytorch#162338)."""
+    average (pytorch#162338). Rank 0 holds the half of the training state the memory check
+    counts (its shards may be a row longer than rank 1's)."""
     script, out = tmp_path / "sharded.py", tmp_path / "sharded.pt"
     script.write_text(SHARDED)
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -113,3 +121,8 @@ def test_fsdp_starts_from_rank_0s_weights_and_averages_the_ranks_gradients(tmp_p
         (model(x)[0].sum() / 2).backward()
     for name, param in model.named_parameters():
         assert torch.allclose(sharded["grads"][name], param.grad, rtol=1e-5, atol=1e-6), name
+    config = config_from_dict({}, overrides=[
+        "model.vocab_size=97", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.ff_dim=96", "model.num_layers=2", "model.max_seq_len=16", "data.context_length=16",
+        "training.optimizer=adamw", "training.parallelism=fsdp"])
+    assert sharded["held"] == pytest.approx(training_bytes_per_rank(config, 2), rel=0.02)

@@ -48,7 +48,10 @@ def test_training_on_cuda_learns_in_each_precision(tmp_path, corpus, precision, 
 def test_steps_that_neither_log_evaluate_nor_save_never_wait_for_the_gpu(tmp_path, corpus,
                                                                           monkeypatch):
     """From the third step to the last (which ends the run, so it evaluates and saves), CUDA's
-    sync debug mode turns any wait of the host for the device into an error."""
+    sync debug mode turns any wait of the host for the device into an error: a stream or device
+    synchronize, or a blocking copy such as .item(). Waiting on an event is not one of them
+    (c10's CUDAEvent::synchronize reports nothing), which is what runtime.read_later does for
+    the previous step's nan/inf flag, with this step already queued behind it."""
     batches_of = train.training_batches
 
     def watched(*args, **kwargs):
@@ -94,8 +97,17 @@ def test_pinned_non_blocking_copies_arrive_intact():
     assert torch.equal(on_gpu.cpu(), x)
 
 
-def test_torchrun_one_process_with_nccl(tmp_path, corpus):
-    config = tiny_config(tmp_path, corpus, training={"max_steps": 20, "device": "cuda"})
+@pytest.mark.parametrize("settings", [
+    {},
+    {"parallelism": "fsdp", "precision": "bf16", "activation_checkpointing": True,
+     "compile": True, "optimizer": "muon", "snapshot_dir": "snapshot"},
+], ids=["ddp", "fsdp-bf16-checkpointed-compiled-muon"])
+def test_torchrun_one_process_with_nccl(tmp_path, corpus, settings):
+    """Prints the run's last tokens/s and MFU (TensorBoard's 4_perf) for the GPU check's notes."""
+    training = {"max_steps": 40, "log_every": 10, "device": "cuda", **settings}
+    if "snapshot_dir" in training:  # FSDP snapshots are directories of shards
+        training["snapshot_path"] = str(tmp_path / "ckpt" / training.pop("snapshot_dir"))
+    config = tiny_config(tmp_path, corpus, training=training)
     command = [
         sys.executable,
         "-m",
@@ -107,7 +119,13 @@ def test_torchrun_one_process_with_nccl(tmp_path, corpus):
     ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 process(es) on cuda" in result.stdout and "done: 20 steps" in result.stdout
+    assert "1 process(es) on cuda" in result.stdout and "done: 40 steps" in result.stdout
+    events = EventAccumulator(str(tmp_path / "runs" / "test"))
+    events.Reload()
+    tokens_per_sec, mfu = (events.Scalars(f"4_perf/{name}")[-1].value
+                           for name in ("tokens_per_sec", "mfu"))
+    print(f"\n{settings or 'ddp'}: {tokens_per_sec:,.0f} tokens/s, MFU {mfu:.4f}")
+    assert tokens_per_sec > 0 and 0 < mfu < 1
 
 
 def test_bench_gpu_table_reports_mfu_against_the_measured_bf16_peak():

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from conftest import make_model
-from optim import Muon, configure_optimizers, lr_at, optimizer_step
-from utils import TrainingConfig
+from model import Transformer
+from optim import (Muon, configure_optimizers, forward_backward, lr_at, optimizer_step,
+                   training_bytes_per_rank)
+from utils import TrainingConfig, config_from_dict
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
@@ -54,6 +56,29 @@ def test_muon_takes_exactly_the_block_matrices_and_adamw_the_rest():
     assert muon.param_groups[0]["newton_schulz_dtype"] == "fp32"
     adamw_only = TrainingConfig(optimizer="adamw")
     assert len(configure_optimizers(model, adamw_only, torch.device("cpu"), "fp32")) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_memory_check_counts_what_training_holds_after_a_step(optimizer):
+    config = config_from_dict({}, overrides=[
+        "model.vocab_size=97", "model.embed_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.ff_dim=96", "model.num_layers=2", f"training.optimizer={optimizer}"])
+    model = Transformer(config.model).train()
+    optimizers = configure_optimizers(model, config.training, torch.device("cpu"), "fp32")
+    x = torch.randint(0, 97, (2, 16))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    forward_backward(model, x, x, torch.device("cpu"), "fp32", scaler, 1 / x.numel())
+    tensors = [*model.parameters(), *(p.grad for p in model.parameters())]
+    optimizer_step(optimizers, scaler, 1e-3, 1.0)
+    tensors += [value for optimizer in optimizers for state in optimizer.state.values()
+                for value in state.values() if isinstance(value, torch.Tensor)]
+    held = sum(t.numel() * t.element_size() for t in tensors)
+    assert training_bytes_per_rank(config, 1) == pytest.approx(held, rel=0.01)
+    sharded = config_from_dict({}, overrides=[f"training.optimizer={optimizer}",
+                                              "training.parallelism=fsdp"])
+    assert training_bytes_per_rank(sharded, 4) == pytest.approx(
+        training_bytes_per_rank(config_from_dict({}, overrides=[
+            f"training.optimizer={optimizer}"]), 1) / 4, abs=4)
 
 
 def test_an_inf_gradient_under_fp16_skips_the_step_and_halves_the_scale():

@@ -23,6 +23,7 @@ import torch
 import bench
 import export
 import infer
+import optim
 import train
 from conftest import (
     REPO,
@@ -166,6 +167,22 @@ def test_a_model_too_big_for_this_machines_memory_is_refused_before_allocating()
     sizes = ["model.vocab_size=16000000", "model.embed_dim=65536", "model.num_heads=64"]
     with pytest.raises(UserError, match="fp32 weights alone take .* GiB, more than this machine"):
         Transformer(config_from_dict({}, overrides=sizes).model)
+
+
+def test_training_state_too_big_for_each_process_is_refused_before_any_training(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    """The check counts what one process will hold (weights, gradients, optimizer state),
+    against the memory each has, and names sharding as the way out."""
+    monkeypatch.setattr(optim, "memory_per_process", lambda device: (2**20, "a small machine"))
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus))
+    args = [str(config), "training.optimizer=adamw"]
+    code, stdout, stderr = run_main(train.main, args, tmp_path, monkeypatch, capsys)
+    assert_one_error_line(code, stderr, r"training this model takes .* GiB per process \(fp32 "
+                          r"weights, gradients and adamw state.*more than the 0.0 GiB each "
+                          r"process has of a small machine — set training.parallelism=fsdp.*"
+                          "training.optimizer=muon")
+    assert "parameters" not in stdout and not (tmp_path / "ckpt").exists()
 
 
 @pytest.mark.parametrize(
