@@ -520,6 +520,9 @@ def test_a_yaml_key_given_twice_is_refused(tmp_path, text, message):
         ("export.py", [], "the following arguments are required: --out"),
         ("bench.py", ["configs.yaml", "--steps"], "argument --steps: expected one argument"),
         ("data_parallel_train.py", [], "the following .* — see data_parallel_train.py --help"),
+        ("bench_data.py", ["configs.yaml", "1", "--formats", "csv"],
+         "--formats csv names a format this benchmark does not write — choose among txt,"),
+        ("bench_data.py", ["configs.yaml", "0"], r"MB must be in \[1, 1e\+06\], got 0"),
     ],
 )
 def test_a_command_line_mistake_is_the_same_one_error_line(
