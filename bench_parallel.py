@@ -10,10 +10,11 @@ backward) both ways, alternating, the median of --steps each, at the issue's sha
 width 384 (6 heads, SwiGLU 1,024), context 256, batch 8.
 
 sharding runs 2 ranks under torchrun (gloo on a CPU, NCCL on 2 GPUs) with DDP and with FSDP: the
-median optimizer step at that shape, and the bytes of parameters, gradients and optimizer state
-each rank holds after a step (its local shards' numel x element size) for a model of ~100M
-parameters (14 blocks of width 768) under AdamW and under Muon, beside what train.py's memory
-check counts for it (optim.training_bytes_per_rank).
+median optimizer step at that shape under AdamW and under Muon (Newton-Schulz in fp32), and the
+bytes of parameters, gradients and optimizer state each rank holds after a step (its local
+shards' numel x element size) for a model of ~100M parameters (14 blocks of width 768) under
+AdamW and under Muon, beside what train.py's memory check counts for it
+(optim.training_bytes_per_rank).
 
 Numbers are printed, not asserted: compare ratios taken in one run.
 """
@@ -142,12 +143,14 @@ def measure_on_rank(config: Config, steps: int) -> dict:
     shape = (config.data.batch_size, config.data.context_length)
     generator = torch.Generator().manual_seed(rank)
     x, y = (torch.randint(config.model.vocab_size, shape, generator=generator) for _ in "xy")
-    seconds, held = [], {}
+    seconds, update_seconds, held = [], [], {}
     for _ in range(1 + steps):
         sync(device)
         start = time.perf_counter()
         with gradient_sync(wrapped, True):
             forward_backward(wrapped, x, y, device, precision, scaler, 1 / y.numel())
+        sync(device)
+        update_start = time.perf_counter()
         params = list(model.parameters())
         held = {"parameters": local_bytes(params),
                 "gradients": local_bytes([p.grad for p in params if p.grad is not None]),
@@ -158,8 +161,10 @@ def measure_on_rank(config: Config, steps: int) -> dict:
         optimizer_step(optimizers, scaler, t.lr, t.grad_clip)
         sync(device)
         seconds.append(time.perf_counter() - start)
+        update_seconds.append(time.perf_counter() - update_start)
     dist.destroy_process_group()
-    return {"step_seconds": statistics.median(seconds[1:]), "held": held}
+    return {"step_seconds": statistics.median(seconds[1:]),
+            "update_seconds": statistics.median(update_seconds[1:]), "held": held}
 
 
 def run_ranks(config_path: str, overrides: list[str], steps: int) -> dict:
@@ -183,13 +188,15 @@ def bench_sharding(config_path: str, overrides: list[str], steps: int) -> None:
     where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"{RANKS} ranks ({'gloo' if device.type == 'cpu' else 'NCCL'}) on {where}, "
           f"torch {torch.__version__}")
-    step = {kind: run_ranks(config_path, ISSUE_SHAPE + overrides + [
-        f"training.parallelism={kind}", "training.optimizer=adamw"], steps)
-        for kind in ("ddp", "fsdp")}
-    print(f"optimizer step (AdamW), 6 x 384, context 256, batch 8 per rank: DDP "
-          f"{step['ddp']['step_seconds'] * 1e3:,.0f} ms, FSDP "
-          f"{step['fsdp']['step_seconds'] * 1e3:,.0f} ms "
-          f"({step['fsdp']['step_seconds'] / step['ddp']['step_seconds']:.2f}x)")
+    for optimizer in ("adamw", "muon"):
+        step = {kind: run_ranks(config_path, ISSUE_SHAPE + overrides + [
+            f"training.parallelism={kind}", f"training.optimizer={optimizer}"], steps)
+            for kind in ("ddp", "fsdp")}
+        print(f"optimizer step ({optimizer}), 6 x 384, context 256, batch 8 per rank: " + ", ".join(
+            f"{kind.upper()} {step[kind]['step_seconds'] * 1e3:,.0f} ms (update "
+            f"{step[kind]['update_seconds'] * 1e3:,.0f})" for kind in step)
+            + f"; FSDP / DDP {step['fsdp']['step_seconds'] / step['ddp']['step_seconds']:.2f}x",
+            flush=True)
     print(f"{'held per rank, MiB':<28}{'parameters':>12}{'gradients':>11}{'optimizer':>11}"
           f"{'total':>9}{'/ DDP':>8}{'check':>8}")
     for optimizer in ("adamw", "muon"):

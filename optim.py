@@ -8,6 +8,7 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -98,33 +99,58 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # closure: Optimizer.step's signature; unused
+        """Under FSDP a collective: the matrices go in rounds of one per rank, each
+        orthogonalised by its own rank (orthogonalize_across_ranks), largest first, so the
+        matrices of a round are alike in size and no rank waits long for another."""
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for param in (p for p in group["params"] if p.grad is not None):
-                grad, state = param.grad, self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = orthogonalize_whole(update, group)
-                param.mul_(1 - lr * group["weight_decay"])
-                rms_match = 0.2 * math.sqrt(max(param.shape[:2]))  # AdamW's update RMS
-                param.add_(update, alpha=-lr * rms_match)
+            params = [p for p in group["params"] if p.grad is not None]
+            sharded = bool(params) and isinstance(params[0], DTensor)
+            per_round = dist.get_world_size() if sharded else 1
+            if sharded:
+                params.sort(key=lambda param: param.numel(), reverse=True)  # stable: ranks agree
+            for first in range(0, len(params), per_round):
+                chunk = params[first:first + per_round]
+                updates = [self.momentum_update(param, group) for param in chunk]
+                updates = (orthogonalize_across_ranks(updates, group) if sharded else
+                           [orthogonalize_as(group, updates[0])])
+                for param, update in zip(chunk, updates):
+                    param.mul_(1 - group["lr"] * group["weight_decay"])
+                    rms_match = 0.2 * math.sqrt(max(param.shape[:2]))  # AdamW's update RMS
+                    param.add_(update, alpha=-group["lr"] * rms_match)
+
+    def momentum_update(self, param: torch.nn.Parameter, group: dict) -> torch.Tensor:
+        """The momentum buffer moved toward this gradient, and the (Nesterov) update from it."""
+        grad, state, momentum = param.grad, self.state[param], group["momentum"]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        buffer = state["momentum_buffer"]
+        buffer.lerp_(grad, 1 - momentum)
+        return grad.lerp(buffer, momentum) if group["nesterov"] else buffer
 
 
-def orthogonalize_whole(update: torch.Tensor, group: dict) -> torch.Tensor:
-    """Orthogonalise `update` as one matrix, as `group` says. Under FSDP it is this rank's rows
-    (a DTensor): the whole matrix is gathered (one at a time, so the extra memory is one matrix),
-    orthogonalised, and this rank keeps its rows."""
-    def whole(matrix: torch.Tensor) -> torch.Tensor:
-        return orthogonalize(matrix, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                             NEWTON_SCHULZ_DTYPES[group["newton_schulz_dtype"]])
+def orthogonalize_as(group: dict, matrix: torch.Tensor) -> torch.Tensor:
+    """`matrix` orthogonalised with `group`'s coefficients, steps, eps and dtype."""
+    return orthogonalize(matrix, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                         NEWTON_SCHULZ_DTYPES[group["newton_schulz_dtype"]])
 
-    if not isinstance(update, DTensor):
-        return whole(update)
-    return distribute_tensor(whole(update.full_tensor()), update.device_mesh, update.placements,
-                             src_data_rank=None)  # every rank holds the same matrix
+
+def orthogonalize_across_ranks(updates: list[DTensor], group: dict) -> list[DTensor]:
+    """FSDP's shards of up to one update per rank, each orthogonalised as one whole matrix by
+    the rank of its position: every update is gathered whole (one at a time; a rank that does
+    not own it drops it at once), its owner orthogonalises it, and each rank receives its rows
+    of every result from the owner. So the results are one process's, the Newton-Schulz work
+    per rank is 1/N of the matrices, and the extra memory is about one whole matrix."""
+    rank, owned = dist.get_rank(), None
+    for owner, update in enumerate(updates):  # every gather before any compute: no rank waits
+        whole = update.full_tensor()
+        if owner == rank:
+            owned = whole
+    if owned is not None:
+        owned = orthogonalize_as(group, owned)
+    dtype = NEWTON_SCHULZ_DTYPES[group["newton_schulz_dtype"]]
+    return [distribute_tensor(owned if owner == rank else torch.empty(
+        update.shape, dtype=dtype, device=update.to_local().device), update.device_mesh,
+        update.placements, src_data_rank=owner) for owner, update in enumerate(updates)]
 
 
 def orthogonalize(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
