@@ -8,7 +8,6 @@ Face's LlamaForCausalLM.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from unittest import mock
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import ModelConfig, require
+from utils import ModelConfig, host_memory_bytes, require
 
 
 class RMSNorm(nn.Module):
@@ -203,7 +202,7 @@ def check_fits_in_memory(config: ModelConfig) -> None:
     """Refuse a model whose fp32 weights alone exceed this machine's memory before allocating
     any: its parameters are counted on the meta device, so the count is the model's own."""
     weight_bytes = 4 * meta_model(config).num_params()
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = host_memory_bytes()
     require(weight_bytes <= memory, f"this model's fp32 weights alone take "
             f"{weight_bytes / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB "
             "of memory — lower embed_dim, ff_dim, num_layers or vocab_size")

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 import torch
 
 from files import atomic_write
-from utils import Config, UserError, require, warn
+from utils import Config, UserError, host_memory_bytes, require, warn
 
 
 def pick_device(name: str) -> torch.device:
@@ -52,8 +52,7 @@ def memory_per_process(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory, "its GPU"
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host // processes, f"this host's memory ({processes} process(es) share it)"
+    return host_memory_bytes() // processes, f"this host's memory ({processes} process(es) share it)"
 
 
 def keep_freed_memory() -> None:

@@ -27,6 +27,11 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def host_memory_bytes() -> int:
+    """This machine's physical memory, in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def require(ok: bool, message: str) -> None:
     """Raise UserError(message) unless `ok`: the one-line form of every input check."""
     if not ok:
