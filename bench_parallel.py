@@ -14,7 +14,10 @@ median optimizer step at that shape under AdamW and under Muon (Newton-Schulz in
 bytes of parameters, gradients and optimizer state each rank holds after a step (its local
 shards' numel x element size) for a model of ~100M parameters (14 blocks of width 768) under
 AdamW and under Muon, beside what train.py's memory check counts for it
-(optim.training_bytes_per_rank).
+(optim.training_bytes_per_rank); and for that model's FSDP snapshot under AdamW, the seconds of
+DCP's save alone, of a save with its manifest (every rank reading back its files for their
+CRC-32s), of the check before a resume, and of DCP's load. The files are fresh in the page
+cache: from a cold disk the check also waits for the disk's read speed.
 
 Numbers are printed, not asserted: compare ratios taken in one run.
 """
@@ -23,23 +26,28 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from distributed import (checkpoint_activations, gradient_sync, shard_model_across_ranks,
-                         wrap_model)
+from distributed import (broadcast_rank_0s, checkpoint_activations, gradient_sync,
+                         shard_model_across_ranks, wrap_model)
 from model import Transformer, meta_model
 from optim import (configure_optimizers, forward_backward, optimizer_step,
                    training_bytes_per_rank)
 from runtime import autocast_context, cpu_name, pick_device, setup_precision, sync
+from saves import find_snapshot_across_ranks
+from snapshots import save_shards, sharded_state
 from utils import ArgumentParser, Config, UserError, load_config, run_cli
 
 ISSUE_SHAPE = ["model.num_layers=6", "model.embed_dim=384", "model.num_heads=6",
@@ -162,9 +170,41 @@ def measure_on_rank(config: Config, steps: int) -> dict:
         sync(device)
         seconds.append(time.perf_counter() - start)
         update_seconds.append(time.perf_counter() - update_start)
+    snapshot = measure_snapshot(model, optimizers) if t.parallelism == "fsdp" else {}
     dist.destroy_process_group()
     return {"step_seconds": statistics.median(seconds[1:]),
-            "update_seconds": statistics.median(update_seconds[1:]), "held": held}
+            "update_seconds": statistics.median(update_seconds[1:]), "held": held,
+            "snapshot": snapshot}
+
+
+def measure_snapshot(model: Transformer, optimizers: list[torch.optim.Optimizer]) -> dict:
+    """Seconds of a sharded snapshot's save with DCP alone, its save with the manifest, the
+    check before a resume and DCP's load; the save's bytes."""
+    path = broadcast_rank_0s(tempfile.mkdtemp)
+
+    def seconds_of(work: Callable[[], object]) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        work()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    save = os.path.join(path, "step-00000001")
+    try:
+        measured = {
+            "dcp_save": seconds_of(lambda: dcp.save(sharded_state(model, optimizers),
+                                                    checkpoint_id=os.path.join(path, "plain"))),
+            "save": seconds_of(lambda: save_shards(path, model, optimizers,
+                                                   {"progress": {"step": 1}}, keep=1)),
+            "check": seconds_of(lambda: find_snapshot_across_ranks(path)),
+            "dcp_load": seconds_of(lambda: dcp.load(sharded_state(model, optimizers),
+                                                    checkpoint_id=save)),
+            "bytes": sum(os.path.getsize(os.path.join(save, name)) for name in os.listdir(save))}
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(path)
+    return measured
 
 
 def run_ranks(config_path: str, overrides: list[str], steps: int) -> dict:
@@ -203,7 +243,8 @@ def bench_sharding(config_path: str, overrides: list[str], steps: int) -> None:
         settings = {kind: STATE_SHAPE + overrides + [f"training.parallelism={kind}",
                                                      f"training.optimizer={optimizer}"]
                     for kind in ("ddp", "fsdp")}
-        state = {kind: run_ranks(config_path, settings[kind], 1)["held"] for kind in settings}
+        runs = {kind: run_ranks(config_path, settings[kind], 1) for kind in settings}
+        state = {kind: run["held"] for kind, run in runs.items()}
         for kind, held in state.items():
             total, ddp_total = sum(held.values()), sum(state["ddp"].values())
             check = training_bytes_per_rank(load_config(config_path, settings[kind]), RANKS)
@@ -211,6 +252,13 @@ def bench_sharding(config_path: str, overrides: list[str], steps: int) -> None:
                   + "".join(f"{held[part] / 2**20:>{width},.0f}" for part, width in
                             (("parameters", 12), ("gradients", 11), ("optimizer state", 11)))
                   + f"{total / 2**20:>9,.0f}{total / ddp_total:>8.2f}{check / 2**20:>8,.0f}")
+        if optimizer == "adamw":
+            snapshot = runs["fsdp"]["snapshot"]
+    gib = snapshot["bytes"] / 2**30
+    print(f"FSDP snapshot (adamw), {gib * 1024:,.0f} MiB on {RANKS} ranks: DCP save "
+          f"{snapshot['dcp_save']:.2f} s, save with manifest {snapshot['save']:.2f} s; check "
+          f"before resume {snapshot['check']:.2f} s ({gib / snapshot['check']:.2f} GiB/s), DCP "
+          f"load {snapshot['dcp_load']:.2f} s")
 
 
 def main() -> None:

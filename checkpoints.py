@@ -3,13 +3,14 @@ directory), weights loaded into the model, a trained model loaded for use (infer
 the best checkpoint, and a fine-tuning run's adoption of its pretrained source. Files are
 written crash-safely by files.py; snapshots.py writes and resumes snapshots.
 
-A best checkpoint is {"model", "config", "tokenizer", "chat", "step", "val_loss", "val_bpb"}.
-"tokenizer" is the fingerprint of the tokenizer the weights were trained with, "chat" the chat
-template and special tokens (chat.ChatFormat).
+A best checkpoint is {"model", "config", "tokenizer", "chat", "step", "run_id", "val_loss",
+"val_bpb"}. "tokenizer" is the fingerprint of the tokenizer the weights were trained with,
+"chat" the chat template and special tokens (chat.ChatFormat), "run_id" the run that wrote it.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 from dataclasses import dataclass
 from typing import Collection
@@ -29,13 +30,19 @@ from utils import (Config, ModelConfig, TrainingConfig, UserError, config_to_dic
 SHARDED_LATEST = "latest"  # in a sharded snapshot's directory: its newest complete save
 
 
+def is_sharded_snapshot(path: str) -> bool:
+    """A directory of an FSDP run's saves: LATEST, or a save directory (step-*) in it."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, SHARDED_LATEST)) or bool(
+        glob.glob(os.path.join(glob.escape(path), "step-*", ""))))
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
                     weights: bool = True) -> dict:
     """What `path` holds, as a checkpoint dict with "config" and, if `weights`, "model": a
     Hugging Face Llama directory (read by hf.py, in fp32), else an SLM checkpoint or snapshot
     file, read with weights_only=True (tensors and plain containers, never code). Without
     `weights`, no weight is read into memory."""
-    require(not os.path.isfile(os.path.join(path, SHARDED_LATEST)), f"{path} is a sharded "
+    require(not is_sharded_snapshot(path), f"{path} is a sharded "
             "training snapshot (an FSDP run's) — use the run's best checkpoint "
             "(training.checkpoint_path), one file, or resume training from the snapshot")
     if os.path.isdir(path):
@@ -67,9 +74,8 @@ def save_checkpoint(contents: dict, path: str) -> None:
 
 
 def check_outputs(t: TrainingConfig) -> None:
-    """Before any work: the output directories can be written, the best checkpoint and
-    snapshot paths name files, and an existing one is SLM's own: training overwrites them, so
-    anything else there is refused rather than lost."""
+    """Before any work, reading nothing: the output directories can be written, and the best
+    checkpoint and snapshot paths name files (an FSDP snapshot: a directory)."""
     check_writable(os.path.dirname(os.path.abspath(t.checkpoint_path)),
                    os.path.dirname(os.path.abspath(t.snapshot_path)), t.logdir)
     example = os.path.join(t.checkpoint_path, os.path.basename(TrainingConfig.checkpoint_path))
@@ -80,19 +86,28 @@ def check_outputs(t: TrainingConfig) -> None:
                 f"'{t.snapshot_path}' is a file, where an FSDP run keeps a directory of shards — "
                 "resume a single-file snapshot with training.parallelism=ddp, or give a new path")
     else:
-        require(not os.path.isdir(t.snapshot_path) or os.path.isfile(os.path.join(
-            t.snapshot_path, SHARDED_LATEST)), f"training.snapshot_path '{t.snapshot_path}' is "
-            "a directory — give a file path, e.g. "
-            f"{os.path.join(t.snapshot_path, os.path.basename(TrainingConfig.snapshot_path))}")
-    if os.path.isfile(t.checkpoint_path):  # an existing snapshot is checked as it is resumed
-        try:
-            load_checkpoint(t.checkpoint_path, weights=False)
-        except UserError:
-            raise UserError(f"training.checkpoint_path '{t.checkpoint_path}' exists and is not "
-                            "an SLM checkpoint (or is damaged) — move it away or choose another "
-                            "path; training would overwrite it") from None
+        require(not os.path.isdir(t.snapshot_path) or is_sharded_snapshot(t.snapshot_path),
+                f"training.snapshot_path '{t.snapshot_path}' is a directory — give a file path, "
+                "e.g. "
+                f"{os.path.join(t.snapshot_path, os.path.basename(TrainingConfig.snapshot_path))}")
 
 
+def check_best_checkpoint(path: str, run_id: str, resumed: bool) -> None:
+    """training.checkpoint_path holds nothing yet, or this run's own best model: training
+    replaces it, and a run that lost its history (a fresh start) must not replace another
+    run's. `run_id`: this run's, kept in its snapshot and its best checkpoint."""
+    if not os.path.isfile(path):
+        return
+    try:
+        best = load_checkpoint(path, weights=False)
+    except UserError:
+        raise UserError(f"training.checkpoint_path '{path}' exists and is not an SLM checkpoint "
+                        "(or is damaged) — move it away or choose another path; training would "
+                        "overwrite it") from None
+    how = "resuming its snapshot" if resumed else "starting from step 0"
+    require(best.get("run_id", "") == run_id, f"training.checkpoint_path '{path}' holds "
+            f"another run's best model (its step {best.get('step')}), which this run, {how}, "
+            "would replace — move the file away, or set another training.checkpoint_path")
 def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
     """Load checkpoint["model"], refusing another architecture with the differences named."""
     stored = checkpoint["config"] if isinstance(checkpoint.get("config"), dict) else {}

@@ -8,13 +8,16 @@ built on first use.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fnmatch
 import glob
 import gzip
 import io
 import itertools
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
@@ -311,20 +314,120 @@ def reading_key(files: list[str], data: DataConfig) -> str:
                      for name in fmt.settings)
 
 
+Matcher = Callable[[str], bool] | str
+RECURSIVE = "**"  # the glob segment that matches zero or more directories
+
+
+def segment_matcher(segment: str) -> Matcher:
+    """Whether a name matches one segment of a glob, as glob.glob(recursive=True) decides: `**`
+    is RECURSIVE; a wildcard matches no hidden name (one starting with '.') unless the segment
+    starts with '.' too; a segment without wildcards matches the name it spells."""
+    if segment == RECURSIVE:
+        return RECURSIVE
+    if not glob.has_magic(segment):
+        return segment.__eq__
+    match, hidden_too = re.compile(fnmatch.translate(segment)).match, segment.startswith(".")
+    return lambda name: (hidden_too or not name.startswith(".")) and match(name) is not None
+
+
+def split_glob(pattern: str) -> tuple[str, list[Matcher]]:
+    """A glob as the directory it starts in (what comes before its first wildcard, written as
+    glob writes it in the paths it gives) and a matcher for each segment below it."""
+    parts = pattern.split("/")
+    first = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+    top = pattern[:sum(len(part) + 1 for part in parts[:first])]
+    segments = [part for part in parts[first:-1] if part] + parts[-1:]  # glob skips a "//"
+    return top.rstrip("/") or top, [segment_matcher(part) for part in segments]
+
+
+def walk_matching(top: str, matchers: list[Matcher]
+                  ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """What glob.glob(recursive=True) finds below directory `top` for a pattern of segments
+    `matchers`, walking each directory once (once per place in the pattern) however many paths
+    lead to it: (path, real path) of every file, the broken symlinks, and the paths of
+    directories passed over as walked already (a symlink loop, or a second path to one).
+    Directories are walked in the sorted order of their paths, so by the first path to each."""
+    end = len(matchers)
+    # onward[i]: place i in the pattern and those after it that RECURSIVE segments reach by
+    # matching no directory
+    onward = [frozenset(range(i, next((k for k in range(i, end) if matchers[k] is not RECURSIVE),
+                                      end) + 1)) for i in range(end + 1)]
+    files, broken, repeats, walked = [], [], [], set()
+    try:
+        stat = os.stat(top or os.curdir)
+    except OSError:
+        return files, broken, repeats
+    pending = [(top, os.path.realpath(top or os.curdir), (stat.st_dev, stat.st_ino),
+                onward[0] - {end})]
+    while pending:
+        path, real, identity, states = pending.pop()
+        if (identity, states) in walked:
+            repeats.append(path)
+            continue
+        walked.add((identity, states))
+        try:
+            with os.scandir(path or os.curdir) as listing:
+                entries = list(listing)
+        except OSError:  # unreadable or gone: glob passes over it too
+            continue
+        below = []
+        for entry in entries:
+            reached = frozenset()
+            for state in states:
+                matcher = matchers[state]
+                if matcher is RECURSIVE and not entry.name.startswith("."):
+                    reached |= onward[state]
+                elif matcher is not RECURSIVE and matcher(entry.name):
+                    reached |= onward[state + 1]
+            if not reached:
+                continue
+            listed = os.path.join(path, entry.name)
+            try:  # they stat a symlink only, and once
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:  # a symlink to itself
+                is_dir = is_file = False
+            if is_dir:
+                if reached - {end}:
+                    below.append((listed, entry, reached - {end}))
+            elif end in reached and is_file:
+                files.append((listed, os.path.realpath(listed) if entry.is_symlink()
+                              else os.path.join(real, entry.name)))
+            elif end in reached and entry.is_symlink() and not os.path.exists(listed):
+                broken.append(listed)
+        for listed, entry, rest in sorted(below, key=lambda d: d[0] + "/", reverse=True):
+            with contextlib.suppress(OSError):
+                stat = entry.stat()
+                real_path = (os.path.realpath(listed) if entry.is_symlink()
+                             else os.path.join(real, entry.name))
+                pending.append((listed, real_path, (stat.st_dev, stat.st_ino), rest))
+    return files, broken, repeats
+
+
 def resolve_corpus_files(raw_text_path: str) -> list[str]:
     """A file, a directory (its files of every format, recursively) or a glob; the default
-    corpus is built on first use."""
+    corpus is built on first use. The paths are the ones glob.glob(recursive=True) gives,
+    sorted, but each real file once, by the first of its paths, and each directory walked once:
+    a symlink loop, or a link to a directory reached another way too, adds nothing."""
     if raw_text_path == DEFAULT_CORPUS and not os.path.exists(raw_text_path):
         build_default_corpus(raw_text_path)
     if os.path.isfile(raw_text_path):
         return [raw_text_path]
-    patterns = ([os.path.join(raw_text_path, "**", f"*{fmt.suffix}") for fmt in FORMATS]
-                if os.path.isdir(raw_text_path) else [raw_text_path])
-    matches = sorted(path for pattern in patterns for path in glob.glob(pattern, recursive=True))
-    files = [path for path in matches if os.path.isfile(path)]  # regular files, links resolved
-    broken = [path for path in matches if os.path.islink(path) and not os.path.exists(path)]
+    if os.path.isdir(raw_text_path):  # as the globs <dir>/**/*<suffix>, one per format
+        known = tuple(fmt.suffix for fmt in FORMATS)
+        matches, broken, repeats = walk_matching(raw_text_path.rstrip("/") or raw_text_path, [
+            RECURSIVE, lambda name: not name.startswith(".") and name.endswith(known)])
+    else:
+        matches, broken, repeats = walk_matching(*split_glob(raw_text_path))
+    files, real_paths, duplicates = [], set(), []
+    for path, real_path in sorted(matches):
+        (duplicates if real_path in real_paths else files).append(path)
+        real_paths.add(real_path)
     if broken:
-        warn(f"skipping {len(broken)} broken symlink(s) in the corpus, e.g. {broken[0]}")
+        warn(f"skipping {len(broken)} broken symlink(s) in the corpus, e.g. {min(broken)}")
+    if duplicates or repeats:
+        warn(f"skipped {len(duplicates)} duplicate path(s) of files already in the corpus and "
+             f"{len(repeats)} path(s) to directories already walked (symlink loops, or a second "
+             f"path to one directory), e.g. {min(repeats) if repeats else duplicates[0]}")
     require(bool(files), f"no text found at data.raw_text_path='{raw_text_path}' — give a UTF-8 "
             f"file, a directory of {suffixes()} files or a glob")
     return files

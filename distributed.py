@@ -54,13 +54,19 @@ def broadcast_rank_0s(decide: Callable[[], T]) -> T:
     return value
 
 
+def all_gather_objects(value: T) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank (one process: [value])."""
+    if not dist.is_initialized():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def require_same_on_all_ranks(value: object, what: str, fix: str) -> None:
     """Stop every rank with one line, naming the ranks that differ, unless `value` (`what`
     each rank holds) is the same on all (one process: nothing to compare)."""
-    if not dist.is_initialized():
-        return
-    values: list = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values = all_gather_objects(value)
     differing = [rank for rank, other in enumerate(values) if other != values[0]]
     if differing:
         shown = "; ".join(f"rank {rank}: {values[rank]}" for rank in [0, *differing])

@@ -10,8 +10,7 @@ import re
 import socket
 import tempfile
 import time
-import typing
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from utils import UserError, require
 
@@ -115,27 +114,26 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.close(dir_fd)
 
 
-_claimed: dict[str, typing.TextIO] = {}
-
-
-def claim(path: str, setting: str) -> None:
-    """Hold a lock on output `path` for the rest of this process, so no second run writes it
-    meanwhile. The OS drops the lock when the process ends, however it ends (kill -9 too)."""
+@contextlib.contextmanager
+def claimed(path: str, setting: str) -> Iterator[None]:
+    """Hold a lock on output `path` while inside, so no second run writes it meanwhile; the OS
+    drops it too when the process ends, however it ends (kill -9 included). The lock file,
+    `.<name>.lock` beside the path, holds the holder's pid and stays: removing it could let a
+    second run lock a new file while the first still holds the old one."""
     directory, name = os.path.split(os.path.abspath(path))
-    lock_path = os.path.join(directory, f".{name}.lock")
-    if lock_path in _claimed:
-        return
     os.makedirs(directory, exist_ok=True)
-    lock = open(lock_path, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise UserError(f"another run (pid {holder}) is writing {path} — wait for it to end, or "
-                        f"give this run another {setting}") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    _claimed[lock_path] = lock
+    with open(os.path.join(directory, f".{name}.lock"), "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise UserError(f"another run (pid {holder}) is writing {path} — wait for it to end, "
+                            f"or give this run another {setting}") from None
+        try:
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

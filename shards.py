@@ -1,4 +1,5 @@
-"""The token cache: a corpus as shards of tokens, built once, by N worker processes.
+"""The token cache: a corpus as shards of tokens, built once, by N worker processes that end
+with the process that started them.
 
     corpus files --plan--> shards: small files packed together, a large file cut at line starts
     --workers tokenize--> <key>.tokens.bin (+ <key>.mask.bin for conversations) + <key>.json
@@ -15,16 +16,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import functools
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import queue
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from typing import BinaryIO, Callable, Iterator
 
@@ -47,6 +52,8 @@ CUTTABLE = (".txt", ".jsonl", ".parquet")  # formats a large file of is cut into
 CACHE_VERSION = "shards-1"   # part of every key: a change of layout rebuilds every cache
 LOCK_FILE = ".building.lock"
 UPDATE_SECONDS = 0.2         # how often a worker reports its progress
+WATCH_SECONDS = 1.0          # how often a worker checks that the process it works for runs
+PR_SET_PDEATHSIG = 1         # prctl(2): the signal this process gets when its parent ends
 Progress = Callable[[int, int, int], None]  # (file bytes, text bytes, tokens) just done
 
 
@@ -316,8 +323,35 @@ def build_shard(shard: Shard, tokenizer: Tokenizer, reading: Reading, directory:
 _worker: dict = {}  # a worker process's tokenizer, reading and progress queue
 
 
-def _start_worker(tokenizer_json: str, reading: Reading, updates: multiprocessing.Queue,
-                  threads: int) -> None:
+def _die_with(owner: int) -> None:
+    """End this worker process when process `owner` ends, kill -9 included. The worker's
+    parent is the forkserver, which ends when the last copy of its "alive" pipe closes: with
+    the worker's copy closed, it ends with `owner`, and Linux's parent-death signal kills the
+    worker at once. A thread also polls `owner`, every WATCH_SECONDS and first right away:
+    the one way on other systems, and on Linux the way out where the forkserver outlives
+    `owner` (a child forked from `owner` holds the pipe too) or ended before the signal was
+    asked for."""
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_alive_fd", None) is not None:  # a worker starts no process
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    with contextlib.suppress(AttributeError, OSError):  # no prctl: not Linux
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        # PermissionError: the pid is another user's process now, so `owner` ended
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            while True:
+                os.kill(owner, 0)
+                time.sleep(WATCH_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _start_worker(owner: int, tokenizer_json: str, reading: Reading,
+                  updates: multiprocessing.Queue, threads: int) -> None:
+    _die_with(owner)
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read at the tokenizer's first use
     _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), reading=reading,
                    updates=updates)
@@ -385,12 +419,14 @@ def build_shards(shards: list[Shard], tokenizer: Tokenizer, reading: Reading, di
 def _build_in_pool(todo: list[Shard], tokenizer: Tokenizer, reading: Reading, directory: str,
                    workers: int, progress: Progress) -> dict[Shard, str]:
     """Build in worker processes (forkserver: a clean, single-threaded start whatever this
-    process holds); -> each shard's outcome. A worker's error stops the others at once."""
+    process holds), which end with this one, kill -9 included; -> each shard's outcome. A
+    worker's error stops the others at once."""
     context = multiprocessing.get_context("forkserver")
     updates = context.Queue()
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=context, initializer=_start_worker,
-        initargs=(tokenizer.to_str(), reading, updates, max(1, cpu_cores() // workers)))
+        initargs=(os.getpid(), tokenizer.to_str(), reading, updates,
+                  max(1, cpu_cores() // workers)))
 
     def show_progress() -> None:
         with contextlib.suppress(queue.Empty):

@@ -6,10 +6,9 @@ the data order deals the same windows to each global step whatever the split, so
 position in the epoch is rescaled (dropout's masks are drawn per rank, so they differ then).
 
 A file snapshot is a best checkpoint's record plus "optimizer", "scaler", "precision",
-"progress" (RunState), "batch_plan" and every rank's "rng". A sharded snapshot directory holds
-LATEST, naming its newest complete save, and that save's directory: DCP's files of the model
-and optimizer state, and "run.pth" with the rest of the record. LATEST is replaced only once a
-save is whole, so a crash at any point leaves the previous snapshot intact.
+"progress" (RunState), "batch_plan" and every rank's "rng". A sharded save holds DCP's files of
+the model and optimizer state and saves.RUN_RECORD, the rest of the record. saves.py keeps the
+last training.keep_snapshots saves and checks one before it is resumed.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import dataclasses
 import math
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -31,22 +31,26 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
 from torch.distributed.fsdp import FSDPModule
 
 from chat import chat_format
-from checkpoints import SHARDED_LATEST, load_checkpoint, load_weights, save_checkpoint
+from checkpoints import (SHARDED_LATEST, check_best_checkpoint, load_checkpoint, load_weights,
+                         save_checkpoint)
 from data import TokenWindows, corpus_fingerprint, tokenizer_fingerprint
-from distributed import broadcast_rank_0s, is_rank_0, require_same_on_all_ranks
+from distributed import (all_gather_objects, broadcast_rank_0s, is_rank_0,
+                         require_same_on_all_ranks)
 from files import atomic_write
 from model import Transformer
-from utils import Config, UserError, config_to_dict, require
+from saves import (RUN_RECORD, START_OVER, find_snapshot_across_ranks, remove_old_saves,
+                   save_file, save_name, snapshot_record, write_manifest_across_ranks)
+from utils import Config, TrainingConfig, UserError, config_to_dict, require
 
 SNAPSHOT_KEYS = ("progress", "optimizer", "batch_plan")
 RESHARDABLE = ("processes", "data.batch_size", "training.grad_accum_steps")  # global batch kept
-RUN_RECORD = "run.pth"
 
 
 @dataclass
 class RunState:
     """Where a run stands: a snapshot's "progress", restored from it as a whole."""
     run_name: str                    # TensorBoard sub-directory
+    run_id: str = ""                 # also in its best checkpoint ("" in an older SLM's snapshot)
     step: int = 0                    # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0          # micro-batches of this epoch each rank has consumed
@@ -66,26 +70,6 @@ def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict
             "data.context_length": d.context_length, "data.val_split": d.val_split,
             "training.seed": t.seed, "training.optimizer": t.optimizer,
             "corpus": corpus_fingerprint(train_set.tokens, train_set.mask)}
-
-
-def snapshot_exists(path: str) -> bool:
-    """A file snapshot at `path`, or a sharded one with a complete save."""
-    return os.path.isfile(path) or os.path.isfile(os.path.join(path, SHARDED_LATEST))
-
-
-def snapshot_record(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """A snapshot without its weights and optimizer state (a file snapshot's are mapped, not
-    read, unless the caller uses them)."""
-    if os.path.isfile(path):
-        return load_checkpoint(path, map_location=map_location, weights=False)
-    with open(os.path.join(path, SHARDED_LATEST), encoding="utf-8") as f:
-        save = os.path.join(path, f.read().strip())
-    try:
-        return {**torch.load(os.path.join(save, RUN_RECORD), map_location=map_location,
-                             weights_only=True), "save": save}
-    except Exception as err:  # a missing or damaged record, by the kind of damage
-        raise UserError(f"cannot read the sharded snapshot {save} ({type(err).__name__}) — "
-                        "point training.snapshot_path at a new path to start over") from None
 
 
 def check_shared_across_ranks(directory: str, setting: str) -> None:
@@ -113,42 +97,67 @@ def save_snapshot_across_ranks(path: str, model: Transformer,
                                precision: str, progress: dict, plan: dict) -> None:
     """All that continuing needs, every rank's RNG state and the precision the run chose
     included: rank 0 writes a file, or under FSDP every rank writes its shards. Every rank
-    returns once the snapshot is in place."""
+    returns once the snapshot is in place and the saves beyond training.keep_snapshots are gone."""
     rng = {"torch": torch.get_rng_state(),
            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    ranks_rng = [rng]
-    if dist.is_initialized():
-        ranks_rng = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks_rng, rng)
     record = {"config": config_to_dict(config), "tokenizer": tokenizer_fingerprint(tokenizer),
               "chat": dataclasses.asdict(chat_format(config.data.tokenizer_path)),
               "scaler": scaler.state_dict(), "precision": precision, "progress": progress,
-              "batch_plan": plan, "rng": ranks_rng}
+              "batch_plan": plan, "rng": all_gather_objects(rng)}
+    keep = config.training.keep_snapshots
     if isinstance(model, FSDPModule):
-        save_shards(path, model, optimizers, record)
+        save_shards(path, model, optimizers, record, keep)
     elif is_rank_0():
-        save_checkpoint({**record, "model": model.state_dict(),
-                         "optimizer": [optimizer.state_dict() for optimizer in optimizers]}, path)
+        save_file(path, {**record, "model": model.state_dict(),
+                         "optimizer": [optimizer.state_dict() for optimizer in optimizers]}, keep)
     if dist.is_initialized():
         dist.barrier()
 
 
 def save_shards(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
-                record: dict) -> None:
+                record: dict, keep: int) -> None:
     """A sharded snapshot's save: every rank's shards into a new save directory, then the
-    record, then LATEST is pointed at it, then older saves go."""
-    name = f"step-{record['progress']['step']:08d}"
-    save = os.path.join(path, name)
-    if is_rank_0():
-        shutil.rmtree(save, ignore_errors=True)  # a save of this step that was cut short
+    record, then the manifest of every file's checksum, then LATEST is pointed at it, then
+    saves beyond `keep` go."""
+    step = record["progress"]["step"]
+    save = os.path.join(path, save_name(step))
+    if is_rank_0():  # a save of this step that was cut short, or failed its check
+        shutil.rmtree(save, ignore_errors=True)
     dist.barrier()
-    dcp.save(sharded_state(model, optimizers), checkpoint_id=save)
+    metadata = dcp.save(sharded_state(model, optimizers), checkpoint_id=save)
     if is_rank_0():
         save_checkpoint(record, os.path.join(save, RUN_RECORD))
-        atomic_write(os.path.join(path, SHARDED_LATEST), lambda f: f.write(name.encode()))
-        for other in os.listdir(path):
-            if other.startswith("step-") and other != name:
-                shutil.rmtree(os.path.join(path, other), ignore_errors=True)
+    write_manifest_across_ranks(save, metadata)
+    if is_rank_0():
+        atomic_write(os.path.join(path, SHARDED_LATEST),
+                     lambda f: f.write(save_name(step).encode()))
+        remove_old_saves(path, step, keep)
+
+
+def find_resume_point(t: TrainingConfig) -> tuple[str | None, dict | None, str]:
+    """(the save to resume or None, its record without weights, the run's id), every rank
+    agreeing; the best checkpoint, if there is one, must be this run's."""
+    if t.parallelism == "fsdp":  # every rank writes its shards there
+        check_shared_across_ranks(os.path.abspath(t.snapshot_path), "training.snapshot_path")
+    save = find_snapshot_across_ranks(t.snapshot_path)
+    snapshot = snapshot_record(save) if save else None
+    run_id = snapshot.get("progress", {}).get("run_id", "") if snapshot else broadcast_rank_0s(
+        lambda: uuid.uuid4().hex)
+    broadcast_rank_0s(lambda: check_best_checkpoint(t.checkpoint_path, run_id, save is not None))
+    return save, snapshot, run_id
+
+
+def resume_or_start(t: TrainingConfig, save: str | None, run_id: str, model: Transformer,
+                    optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
+                    device: torch.device, plan: dict) -> RunState:
+    """The run's state: restored from `save`, or a fresh one."""
+    if not save:
+        return RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"), run_id=run_id)
+    state = RunState(**load_snapshot(save, model, optimizers, scaler, device, plan))
+    if is_rank_0():
+        print(f"resuming from {t.snapshot_path}: step {state.step}, epoch {state.epoch}, "
+              f"batch {state.batch_in_epoch} of that epoch", flush=True)
+    return state
 
 
 def sharded_state(model: Transformer, optimizers: list[torch.optim.Optimizer]) -> dict:
@@ -156,28 +165,28 @@ def sharded_state(model: Transformer, optimizers: list[torch.optim.Optimizer]) -
             "optimizer": get_optimizer_state_dict(model, optimizers)}
 
 
-def load_snapshot(path: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
+def load_snapshot(save: str, model: Transformer, optimizers: list[torch.optim.Optimizer],
                   scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> dict:
-    """Restore weights, optimizer, scaler and (on as many ranks as wrote it) this rank's RNG;
-    returns the stored progress, its position rescaled to this run's split of the global
-    batch. A snapshot whose batches this run would not replay is refused."""
+    """Restore from `save` (find_snapshot_across_ranks's choice) weights, optimizer, scaler and
+    (on as many ranks as wrote it) this rank's RNG; returns the stored progress, its position
+    rescaled to this run's split of the global batch. A snapshot whose batches this run would
+    not replay is refused."""
     sharded = isinstance(model, FSDPModule)
-    require(sharded == os.path.isdir(path), f"{path} is a "
+    require(sharded == os.path.isdir(save), f"{save} is a "
             f"{'single-file' if sharded else 'sharded (FSDP)'} snapshot — resume it with "
-            f"training.parallelism={'ddp' if sharded else 'fsdp'}, or point "
-            "training.snapshot_path at a new path to start over")
-    snapshot = snapshot_record(path, device) if sharded else load_checkpoint(path, device)
+            f"training.parallelism={'ddp' if sharded else 'fsdp'}, or {START_OVER}")
+    snapshot = snapshot_record(save) if sharded else load_checkpoint(save, device)
     require(all(key in snapshot for key in SNAPSHOT_KEYS if key != "optimizer" or not sharded),
-            f"{path} is not a training snapshot (a best-model checkpoint, or from an older SLM) "
-            "— point training.snapshot_path at a snapshot, or at a new path to start over")
-    saved_plan = resumable_plan(snapshot["batch_plan"], plan, path)
+            f"{save} is not a training snapshot (a best-model checkpoint, or from an older SLM) "
+            f"— point training.snapshot_path at a snapshot, or {START_OVER}")
+    saved_plan = resumable_plan(snapshot["batch_plan"], plan, save)
     if sharded:
         state = sharded_state(model, optimizers)
-        dcp.load(state, checkpoint_id=snapshot["save"])
+        dcp.load(state, checkpoint_id=save)
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizers, state["optimizer"])
     else:
-        load_weights(model, snapshot, path)
+        load_weights(model, snapshot, save)
         for optimizer, saved in zip(optimizers, snapshot["optimizer"]):
             optimizer.load_state_dict(saved)
     scaler.load_state_dict(snapshot["scaler"])
@@ -215,5 +224,5 @@ def resumable_plan(saved: dict, plan: dict, path: str) -> dict:
         "corpus": ("was saved while training on other text or with another tokenizer",
                    "restore them")}.get(key, (f"was saved with {key}={was} and this run has {now}",
                                               f"set {key} back to {was}"))
-    raise UserError(f"{path} {what}, so its batches cannot be replayed — {fix}, or point "
-                    "training.snapshot_path at a new path to start over")
+    raise UserError(f"{path} {what}, so its batches cannot be replayed — {fix}, or "
+                    f"{START_OVER}")

@@ -7,6 +7,7 @@ such, rank 0 writing.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -28,17 +29,18 @@ from checkpoints import (adopt_pretrained, check_outputs, check_tokenizer, load_
                          load_weights)
 from data import IGNORE_INDEX, TokenWindows, epoch_loader, epoch_order, token_byte_lengths
 from distributed import (agree_across_ranks, all_reduce, all_reduce_on_host, broadcast_rank_0s,
-                         gradient_sync, is_rank_0, prepare_data_once_per_node,
-                         require_same_on_all_ranks, shard_model_across_ranks, wrap_model)
+                         gradient_sync, prepare_data_once_per_node, shard_model_across_ranks,
+                         wrap_model)
 from evaluation import evaluate_and_keep_best_across_ranks, fixed_val_batches
-from files import claim
+from files import claimed
 from model import Transformer, meta_model
 from optim import (check_training_fits, configure_optimizers, forward_backward, lr_at,
                    optimizer_step, skip_update, step_seconds)
 from runtime import (decide_cpu_precision, decide_newton_schulz_dtype, keep_freed_memory,
                      measure_peak_flops, pick_device, read_later, setup_precision, use_compile)
-from snapshots import (RunState, batch_plan, check_shared_across_ranks, load_snapshot,
-                       save_snapshot_across_ranks, snapshot_exists, snapshot_record)
+from saves import START_OVER
+from snapshots import (RunState, batch_plan, find_resume_point, resume_or_start,
+                       save_snapshot_across_ranks)
 from tasks import load_tasks
 from utils import (Config, TrainingConfig, UserError, config_to_dict, format_config,
                    parse_config_cli, require, run_cli)
@@ -53,45 +55,54 @@ def main() -> None:
 def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) -> None:
     """Train as `config` says, resuming from its snapshot, else starting from its init_from
     if it has one; under torchrun, as one DDP rank. `cli_keys`: the keys (section.key) the
-    command line set, which a pretrained model's must not contradict."""
+    command line set, which a pretrained model's must not contradict. What the run takes from
+    the process, its outputs' locks and the stop signals' handlers, is given back when it
+    returns or raises."""
+    with contextlib.ExitStack() as held:
+        train_holding(config, device, cli_keys, held)
+
+
+def train_holding(config: Config, device: torch.device, cli_keys: Collection[str],
+                  held: contextlib.ExitStack) -> None:
     distributed = dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    is_main = rank == 0
-    config, source = adopt_pretrained(config, cli_keys, is_main)
-    t = config.training
+    is_main, t = rank == 0, config.training
     require(distributed or t.parallelism == "ddp", "training.parallelism=fsdp shards the model "
             "over torchrun's processes — launch torchrun --standalone --nproc_per_node=1 "
             "data_parallel_train.py configs.yaml (or more processes), or set "
             "training.parallelism=ddp")
+    broadcast_rank_0s(lambda: claim_outputs(t, held))  # before anything reads them
+    config, source = adopt_pretrained(config, cli_keys, is_main)
     if is_main:
         print(format_config(config), flush=True)
-        check_outputs(t)
     tasks = load_tasks(t.eval_tasks)
+    save, snapshot, run_id = find_resume_point(t)
     keep_freed_memory()
     broadcast_rank_0s(lambda: check_training_fits(config, device, world_size))
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
     model = build_model(config, device, rank)
     peak_flops = functools.cache(functools.partial(measure_peak_flops, device))  # FLOP/s by dtype
     newton_schulz = choose_newton_schulz_dtype(t, device, peak_flops)
-    precision = choose_precision(config, device, model, peak_flops, newton_schulz)
+    precision = choose_precision(config, device, model, peak_flops, newton_schulz, snapshot)
     require(t.parallelism == "ddp" or precision != "fp16", "training.parallelism=fsdp does not "
             "train in fp16: the GradScaler would look for inf in each rank's shard alone — use "
             "training.precision=bf16 or fp32")
-    load_pretrained(config, model, tokenizer, source)
+    if source and not save:  # a snapshot wins: init_from's weights are never read
+        load_pretrained(config, model, tokenizer, source)
     if t.parallelism == "fsdp":
         model = shard_model_across_ranks(model, device, precision)
     optimizers = configure_optimizers(model, t, device, newton_schulz)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     plan = batch_plan(config, train_set, world_size)
-    state = resume_or_start(config, model, optimizers, scaler, device, plan)
+    state = resume_or_start(t, save, run_id, model, optimizers, scaler, device, plan)
     wrapped = wrap_model(model, t)  # DDP, activation checkpointing
     train_model = torch.compile(wrapped) if use_compile(t.compile, device) else wrapped
     per_epoch, total_steps, length = run_length(config, len(train_set) // world_size)
     if run_is_over(state, t, total_steps):
         if is_main:
             print(f"{t.snapshot_path} is at the end of this run (step {state.step}): nothing to "
-                  "train — raise training.max_steps/epochs/time_budget_s to go on, or delete the "
-                  "snapshot to start over", flush=True)
+                  "train — raise training.max_steps/epochs/time_budget_s to go on, or "
+                  f"{START_OVER}", flush=True)
         return
     context = config.data.context_length
     tokens_per_step = world_size * t.grad_accum_steps * config.data.batch_size * context
@@ -116,7 +127,7 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
         if is_main:
             bar.write(lines)
 
-    stop = catch_stop_signals()
+    stop = held.enter_context(stop_signals_caught())
     batches = training_batches(train_set, config, state, rank, world_size, per_epoch, device)
     step_loss, loss_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     targets_sum, last_nonfinite = 0.0, read_later(torch.zeros((), device=device))
@@ -234,19 +245,18 @@ def choose_newton_schulz_dtype(t: TrainingConfig, device: torch.device,
 
 
 def choose_precision(config: Config, device: torch.device, model: Transformer,
-                     peak_flops: Callable[[str], float], newton_schulz: str) -> str:
+                     peak_flops: Callable[[str], float], newton_schulz: str,
+                     snapshot: dict | None) -> str:
     """The run's precision, rank 0's on every rank. A resume keeps its snapshot's (an explicit
     other one is refused: the run would not continue exactly). A fresh CPU run with `auto`
     takes runtime.decide_cpu_precision's. Otherwise runtime.setup_precision's rule."""
     t = config.training
 
     def decide() -> str:
-        stored = (snapshot_record(t.snapshot_path).get("precision")
-                  if snapshot_exists(t.snapshot_path) else None)
+        stored = snapshot.get("precision") if snapshot else None
         require(stored is None or t.precision in ("auto", stored), f"training.precision="
                 f"{t.precision} but {t.snapshot_path} was trained in {stored} — set "
-                f"training.precision={stored} (or auto) to resume exactly, or point "
-                "training.snapshot_path at a new path")
+                f"training.precision={stored} (or auto) to resume exactly, or {START_OVER}")
         if stored or t.precision != "auto" or device.type != "cpu":
             return stored or t.precision
         choice, line = decide_cpu_precision(config, newton_schulz, peak_flops, lambda: step_seconds(
@@ -258,42 +268,22 @@ def choose_precision(config: Config, device: torch.device, model: Transformer,
 
 
 def load_pretrained(config: Config, model: Transformer, tokenizer: Tokenizer,
-                    source: dict | None) -> None:
+                    source: dict) -> None:
     """init_from's weights into the fresh model (where it holds weights: not on the meta
-    device), unless a snapshot will be resumed: it wins, and init_from's weights are never read."""
+    device)."""
     t = config.training
-    if not source or snapshot_exists(t.snapshot_path):
-        return
     check_tokenizer(source, tokenizer, config.data.tokenizer_path, t.init_from,
                     "restore the tokenizer it was trained with")
     if model.embed_tokens.weight.device.type != "meta":
         load_weights(model, load_checkpoint(t.init_from), t.init_from)
 
 
-def resume_or_start(config: Config, model: Transformer, optimizers: list[torch.optim.Optimizer],
-                    scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> RunState:
-    """Resume from the snapshot if there is one, once every rank has found the same one. Then
-    hold the run's two output files (rank 0): until this process ends, no other run may write
-    them."""
-    t, is_main = config.training, is_rank_0()
-    if t.parallelism == "fsdp":  # every rank writes its shards there
-        check_shared_across_ranks(os.path.abspath(t.snapshot_path), "training.snapshot_path")
-    found = snapshot_exists(t.snapshot_path)
-    at = snapshot_record(t.snapshot_path).get("progress", {}).get("step") if found else None
-    require_same_on_all_ranks(f"step {at}" if found else f"no snapshot at {t.snapshot_path}",
-                              "the snapshot to resume", "put training.snapshot_path on storage "
-                              "every rank can see, at the same path")
-    state = RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    if found:
-        state = RunState(**load_snapshot(t.snapshot_path, model, optimizers, scaler, device,
-                                         plan))
-        if is_main:
-            print(f"resuming from {t.snapshot_path}: step {state.step}, epoch {state.epoch}, "
-                  f"batch {state.batch_in_epoch} of that epoch", flush=True)
-    if is_main:
-        claim(t.snapshot_path, "training.snapshot_path")
-        claim(t.checkpoint_path, "training.checkpoint_path")
-    return state
+def claim_outputs(t: TrainingConfig, held: contextlib.ExitStack) -> None:
+    """The outputs can be written, and this run holds them (rank 0) until `held` closes: no
+    other run may read or write them meanwhile."""
+    check_outputs(t)
+    held.enter_context(claimed(t.snapshot_path, "training.snapshot_path"))
+    held.enter_context(claimed(t.checkpoint_path, "training.checkpoint_path"))
 
 
 def run_length(config: Config, windows_per_rank: int) -> tuple[int, int | None, str]:
@@ -345,9 +335,11 @@ def training_batches(train_set: TokenWindows, config: Config, state: RunState, r
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
-def catch_stop_signals() -> dict[str, int]:
-    """SIGINT/SIGTERM: finish the step, save a snapshot, exit 130/143. A repeat over 2 s later quits
-    at once (the last snapshot stays intact); torchrun's near-double of a Ctrl-C is ignored."""
+@contextlib.contextmanager
+def stop_signals_caught() -> Iterator[dict[str, int]]:
+    """While inside, SIGINT/SIGTERM set the request's "signum": the loop finishes the step, saves
+    a snapshot and exits 130/143. A repeat over 2 s later quits at once (the last snapshot stays
+    intact); torchrun's near-double of a Ctrl-C is ignored. The handlers before are restored."""
     request = {"signum": 0, "at": 0.0}
 
     def handler(signum: int, frame: object) -> None:
@@ -358,9 +350,13 @@ def catch_stop_signals() -> dict[str, int]:
                   "(repeat to quit without saving)", file=sys.stderr, flush=True)
             request.update(signum=signum, at=time.monotonic())
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
-    return request
+    previous = {signum: signal.signal(signum, handler)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, restored in previous.items():
+            signal.signal(signum, restored)
 
 
 def open_writer(config: Config, run_name: str) -> SummaryWriter:

@@ -194,6 +194,7 @@ class TrainingConfig(Section):
     eval_batches: int = within(20, 1, 1 << 20)
     eval_tasks: list[str] = field(default_factory=list)  # scored at each eval: names or JSONL
     save_every: int = within(100, 1, MAX_COUNT)
+    keep_snapshots: int = within(2, 1, 1000)  # complete saves kept: a damaged newest falls back
     checkpoint_path: str = "checkpoints/best_model.pth"
     snapshot_path: str = "checkpoints/snapshot.pth"
     logdir: str = "runs"

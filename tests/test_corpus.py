@@ -1,10 +1,13 @@
 """corpus.py: the format table, its readers (plain, compressed, parquet), the file resolver and
 the default corpus."""
+import glob
 import gzip
 import io
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +17,7 @@ import zstandard
 
 import corpus
 import data
-from conftest import TOKENIZER, assert_one_error_line, run_script, write_conversations
+from conftest import REPO, TOKENIZER, assert_one_error_line, run_script, write_conversations
 from corpus import (
     LINE_END_BYTES,
     READ_CHUNK_BYTES,
@@ -246,3 +249,95 @@ def test_text_with_newlines_is_read_in_the_same_pieces_as_before():
         before.append(piece)
     assert len(before) >= 3 and max(map(len, before)) > READ_CHUNK_BYTES + 100_000  # long lines
     assert pieces(raw) == before
+
+
+def glob_listing(raw_text_path: str) -> list[str]:
+    """The files the resolver listed when it was glob.glob(recursive=True): a loop-free tree
+    must keep this list, path for path, so that no cache is rebuilt."""
+    patterns = ([os.path.join(raw_text_path, "**", f"*{fmt.suffix}") for fmt in corpus.FORMATS]
+                if os.path.isdir(raw_text_path) else [raw_text_path])
+    matches = sorted(path for pattern in patterns
+                     for path in glob.glob(pattern, recursive=True))
+    return [path for path in matches if os.path.isfile(path)]
+
+
+def write_tree(root: Path, bulk: int = 30) -> Path:
+    """Nested directories of files of every format, `bulk` of them in a tree of their own, and
+    the names a walker gets wrong: hidden files and directories, a sibling whose name sorts
+    between a directory and its files (`a-b` between `a` and `a/`), a directory named like a
+    file, an unknown suffix, a glob character, links to a file and a directory outside."""
+    names = ["a/1.txt", "a/b/2.jsonl", "a/b/c/3.parquet", "a-b/4.txt.gz", "a.txt", ".hid/5.txt",
+             ".h.txt", "sub/.inner/6.txt", "sub/7.jsonl.zst", "sub/shard-1.jsonl.gz",
+             "sub/shard-2.jsonl.gz", "sub/notes.md", "we[ird]/8.txt", "x.txt.d/9.txt.zst",
+             *(f"bulk/{i % 7}/{i % 3}/doc{i}{corpus.FORMATS[i % 7].suffix}" for i in range(bulk))]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    (root / "folder.txt").mkdir()
+    outside = root.parent / f"{root.name}-outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "10.txt").write_text("outside")
+    (root.parent / f"{root.name}-outside.txt").write_text("outside")
+    (root / "linked.txt").symlink_to(root.parent / f"{root.name}-outside.txt")
+    (root / "a" / "linked").symlink_to(outside)
+    return root
+
+
+RECURSIVE_GLOBS = ["**/*.txt", "**/shard-*.jsonl.gz", "**", "*/**/*.txt", "**/.inner/*.txt",
+                   "a/**/c/*", "**/b/**", "sub/*.jsonl.gz"]
+
+
+def test_a_corpus_without_duplicates_lists_the_same_files_in_the_same_order_as_before(tmp_path):
+    root = write_tree(tmp_path / "corpus", bulk=3000)
+    files = resolve_corpus_files(str(root))
+    assert len(files) == 3000 + 12 and files == glob_listing(str(root))
+    for pattern in RECURSIVE_GLOBS:
+        assert resolve_corpus_files(f"{root}/{pattern}") == glob_listing(f"{root}/{pattern}")
+
+
+def test_a_symlink_loop_in_a_corpus_directory_reads_each_file_once_and_says_so(tmp_path,
+                                                                               capsys):
+    root = write_tree(tmp_path / "corpus")
+    before = resolve_corpus_files(str(root))
+    (root / "loop").symlink_to(".")
+    assert resolve_corpus_files(str(root)) == before
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert warnings == [f"warning: skipped 0 duplicate path(s) of files already in the corpus "
+                        f"and 1 path(s) to directories already walked (symlink loops, or a "
+                        f"second path to one directory), e.g. {root}/loop"]
+
+
+def test_a_corpus_with_two_symlink_loops_resolves_at_once_reading_each_file_once(tmp_path):
+    root = write_tree(tmp_path / "corpus")
+    before = resolve_corpus_files(str(root))
+    (root / "loop").symlink_to(".")
+    (root / "a" / "b" / "up").symlink_to("../..")
+    listing = subprocess.run(  # a separate process: a walker that loops fails here, not hangs
+        [sys.executable, "-c", "import sys, corpus\nfor path in corpus.resolve_corpus_files("
+         "sys.argv[1]): print(path)", str(root)], cwd=REPO, capture_output=True, text=True,
+        timeout=120)
+    assert listing.stdout.splitlines() == before
+    assert "and 2 path(s) to directories already walked" in listing.stderr
+
+
+def test_a_directory_also_reached_through_a_link_is_read_once_by_its_first_sorted_path(
+        tmp_path, capsys):
+    root = tmp_path / "corpus"
+    (root / "middle").mkdir(parents=True)
+    (root / "middle" / "play.txt").write_text("to be")
+    (root / "middle" / "poem.jsonl").write_text('{"text": "or not"}\n')
+    (root / "link").symlink_to("middle")
+    (root / "link-2").symlink_to("middle")  # "link-2/" sorts before "link/"
+    (root / "z-copy.txt").symlink_to(root / "middle" / "play.txt")
+    assert resolve_corpus_files(str(root)) == [f"{root}/link-2/play.txt",
+                                               f"{root}/link-2/poem.jsonl"]
+    assert "skipped 1 duplicate path(s) of files already in the corpus and 2 path(s) to " \
+           "directories already walked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pattern", ["**/*.txt", "**/shard-*.jsonl.gz", "*/**/*.jsonl.zst"])
+def test_a_recursive_glob_over_a_tree_with_a_loop_matches_each_file_once(tmp_path, pattern):
+    root = write_tree(tmp_path / "corpus")
+    before = glob_listing(f"{root}/{pattern}")
+    (root / "sub" / "loop").symlink_to("..")
+    assert resolve_corpus_files(f"{root}/{pattern}") == before

@@ -20,33 +20,21 @@ from conftest import (
     pause_at_snapshot,
     run_main,
     run_script,
+    sharded_weights,
     signal_tree,
     tiny_config,
+    torchrun_command,
     write_config,
     write_conversations,
     write_task,
 )
 from checkpoints import load_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from data import IGNORE_INDEX, epoch_order, load_tokenizer, prepare_tokens, split_tokens
 from model import Transformer
 from utils import ModelConfig, config_from_dict
 
 DDP_STEPS = {"max_steps": 20, "eval_every": 10, "save_every": 10}
-
-
-def torchrun_command(config: Path, nproc: int = 2, *flags: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *flags,
-        str(REPO / "data_parallel_train.py"),
-        str(config),
-    ]
 
 
 def torchrun(config: Path, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -105,14 +93,6 @@ def with_eval_task(workdir: Path) -> dict:
     unequal shares must not hang."""
     task = write_task(workdir / "romeo.jsonl", 9)
     return {**DDP_STEPS, "eval_tasks": [str(task)], "eval_batches": 3}
-
-
-def sharded_weights(snapshot: Path) -> dict:
-    """The model weights of a sharded (FSDP) snapshot, consolidated."""
-    with open(snapshot / "latest", encoding="utf-8") as f:
-        save = snapshot / f.read()
-    dcp_to_torch_save(save, save.parent / "consolidated.pt")
-    return torch.load(save.parent / "consolidated.pt", weights_only=True)["model"]
 
 
 def logged_losses(workdir: Path) -> list[float]:
@@ -388,9 +368,10 @@ def test_ranks_that_see_different_snapshots_stop_with_one_line(ddp_run, tmp_path
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert ours == ["error: ranks disagree on the snapshot to resume (rank 0: step 20; rank 1: "
-                    "no snapshot at elsewhere/snapshot.pth) — put training.snapshot_path on "
-                    "storage every rank can see, at the same path"], result.stderr[-3000:]
+    assert ours == ["error: ranks disagree on the snapshot to resume (rank 0: snapshot.pth; "
+                    "rank 1: no snapshot at elsewhere/snapshot.pth) — put "
+                    "training.snapshot_path on storage every rank can see, at the same path"], \
+        result.stderr[-3000:]
 
 
 def test_a_time_budget_ends_every_rank_on_the_same_step_inside_the_budget(tmp_path, corpus):

@@ -1,6 +1,7 @@
 """files.py: crash-safe writes, start-up output checks and safe checkpoint loading (the hostile
 cases, real full disks and racing runs, are in test_reliability.py)."""
 
+import fcntl
 import math
 import os
 import pickle
@@ -13,7 +14,7 @@ import torch
 
 from conftest import REPO
 from checkpoints import load_checkpoint, save_checkpoint
-from files import atomic_write, check_writable
+from files import atomic_write, check_writable, claimed
 from utils import UserError
 
 
@@ -114,3 +115,15 @@ def test_checkpoint_loading_refuses_code_and_damage(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(str(tmp_path / "nope.pth"))
     assert math.isfinite(load_checkpoint(str(good))["model"]["w"].sum().item())
+
+
+def test_a_claim_refuses_a_second_holder_and_is_released_when_its_holder_leaves(tmp_path):
+    path = str(tmp_path / "out" / "snapshot.pth")
+    with claimed(path, "training.snapshot_path"):
+        with pytest.raises(UserError, match=r"another run \(pid \d+\) is writing .*snapshot.pth "
+                           "— wait for it to end, or give this run another "
+                           "training.snapshot_path"):
+            with claimed(path, "training.snapshot_path"):
+                pass
+    with open(tmp_path / "out" / ".snapshot.pth.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again: this raises if it is not

@@ -98,7 +98,9 @@ def test_a_full_disk_inside_torch_save_is_one_error_and_keeps_the_old_file(tmp_p
 
 def test_a_full_disk_during_training_keeps_checkpoint_and_snapshot(trained_run, tmp_path, corpus):
     with tmpfs(tmp_path / "disk", 8192) as disk:
-        shutil.copytree(trained_run / "ckpt", disk / "ckpt")
+        (disk / "ckpt").mkdir()
+        for name in ("best.pth", "snapshot.pth"):  # not the save before: it would not fit
+            shutil.copy(trained_run / "ckpt" / name, disk / "ckpt")
         saved = snapshot_bytes(disk / "ckpt" / "best.pth", disk / "ckpt" / "snapshot.pth")
         fill(disk, 200_000)  # less than one more snapshot needs
         config = tiny_config(disk, corpus, training={"max_steps": 60, "logdir": str(tmp_path)})
@@ -182,7 +184,8 @@ def test_training_state_too_big_for_each_process_is_refused_before_any_training(
                           r"weights, gradients and adamw state.*more than the 0.0 GiB each "
                           r"process has of a small machine — set training.parallelism=fsdp.*"
                           "training.optimizer=muon")
-    assert "parameters" not in stdout and not (tmp_path / "ckpt").exists()
+    assert "parameters" not in stdout
+    assert all(path.name.endswith(".lock") for path in (tmp_path / "ckpt").iterdir())
 
 
 @pytest.mark.parametrize(
@@ -554,7 +557,8 @@ def test_an_output_under_a_file_is_refused_before_any_training(
     args = [str(config), f"{setting}={tmp_path / 'a_file' / 'out'}"]
     code, stdout, stderr = run_main(train.main, args, tmp_path, monkeypatch, capsys)
     assert_one_error_line(code, stderr, "a_file is a file — choose a writable output path")
-    assert "parameters" not in stdout and not (tmp_path / "ckpt").exists()
+    assert "parameters" not in stdout
+    assert all(path.name.endswith(".lock") for path in (tmp_path / "ckpt").iterdir())
 
 
 def test_an_output_on_a_read_only_file_system_is_refused_before_any_training(

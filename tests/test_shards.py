@@ -14,7 +14,8 @@ import torch
 
 import data
 import shards
-from conftest import REPO, TOKENIZER, assert_one_error_line, tiny_config, write_config
+from conftest import (REPO, TOKENIZER, assert_one_error_line, parent_pid, tiny_config,
+                      write_config)
 from data import TokenStream
 from utils import DataConfig, UserError
 
@@ -32,6 +33,22 @@ shards.tokenize_shard = slow_tokenize
 import data, utils
 sys.argv = ["data.py", *sys.argv[2:]]
 utils.run_cli(data.main)
+"""
+
+SLOW_WORKERS = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+import shards
+shards.SHARD_BYTES = shards.GROUP_MAX_BYTES = {SHARD_BYTES}
+tokenize = shards.tokenize_shard
+def slow_tokenize(*args):
+    time.sleep(0.3)  # the forkserver imports this file before it forks the workers: they too
+    tokenize(*args)
+shards.tokenize_shard = slow_tokenize
+if __name__ == "__main__":
+    import data, utils
+    sys.argv = ["data.py", *sys.argv[1:]]
+    utils.run_cli(data.main)
 """
 
 
@@ -157,6 +174,71 @@ def test_a_kill_during_prepare_keeps_finished_shards_and_the_next_does_only_the_
     assert built_now(capsys) == 6 - kept
     assert tokens.tolist() == prepare(corpus, tokenizer, cache=tmp_path / "fresh")[0].tolist()
     assert not [name for name in os.listdir(shard_directory(corpus)) if ".tmp-" in name]
+
+
+def process_start(pid: int) -> str | None:
+    """A running process's start time, which tells it from a later one given the same pid;
+    None when there is none, or only a zombie (ended, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """The processes below `pid` (children, their children, ...), with their start times."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            children.setdefault(parent_pid(int(entry)), []).append(int(entry))
+    family = list(children.get(pid, []))
+    for member in family:
+        family.extend(children.get(member, []))
+    return {member: start for member in family if (start := process_start(member))}
+
+
+def cache_files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())
+            if path.name != shards.LOCK_FILE}
+
+
+def test_kill_9_of_prepare_ends_its_workers_and_the_next_prepare_builds_the_same_cache(
+        tmp_path, tokenizer):
+    corpus = write_books(tmp_path / "books", 12)
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, corpus))
+    (tmp_path / "slow_prepare.py").write_text(SLOW_WORKERS)
+    process = subprocess.Popen([sys.executable, str(tmp_path / "slow_prepare.py"), "prepare",
+                                str(config), "--workers=2"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    family: dict[int, str] = {}  # the forkserver, its workers, multiprocessing's tracker
+
+    def survivors() -> list[int]:
+        return [pid for pid, start in family.items() if process_start(pid) == start]
+
+    try:
+        deadline, workers = time.time() + 120, []
+        while (time.time() < deadline and process.poll() is None
+               and not (len(workers) == 2 and finished_shards(corpus))):
+            family = descendants(process.pid)
+            workers = [pid for pid in family if parent_pid(pid) in family]
+            time.sleep(0.02)
+        process.kill()
+        process.wait()
+        deadline = time.time() + 5
+        while time.time() < deadline and survivors():
+            time.sleep(0.05)
+        assert len(workers) == 2 and not survivors()
+    finally:  # nothing outlives the test, whatever failed
+        process.kill()
+        for pid in survivors():
+            os.kill(pid, signal.SIGKILL)
+    assert 1 <= len(finished_shards(corpus)) < 12, "the kill landed while shards were built"
+    prepare(corpus, tokenizer, 2)
+    prepare(corpus, tokenizer, 1, tmp_path / "fresh")
+    (fresh,) = (tmp_path / "fresh").glob("*.shards/bpe_4096-*")
+    assert cache_files(shard_directory(corpus)) == cache_files(fresh)
 
 
 def test_two_processes_on_one_cache_build_each_shard_once(tmp_path):

@@ -1,3 +1,4 @@
+import fcntl
 import json
 import math
 import os
@@ -83,6 +84,7 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
         "tokenizer",
         "chat",
         "step",
+        "run_id",
         "val_loss",
         "val_bpb",
     }  # weights only, no optimizer
@@ -94,6 +96,7 @@ def test_tiny_run_learns_and_logs_everything(trained_run):
     }
     assert snapshot["precision"] == "fp32"
     assert snapshot["progress"]["step"] == 50 and snapshot["progress"]["run_name"] == "test"
+    assert snapshot["progress"]["run_id"] == best["run_id"] and len(best["run_id"]) == 32
     assert (
         snapshot["batch_plan"]["processes"] == 1 and len(snapshot["rng"]) == 1
     )  # the format torchrun writes too
@@ -258,6 +261,52 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_saved_files(tmp_path, trained_
 def test_finished_run_is_not_trained_again(trained_run):
     result = run_script("train.py", str(trained_run / "tiny.yaml"), cwd=trained_run)
     assert result.returncode == 0 and "nothing to train" in result.stdout
+    assert ("point training.snapshot_path and training.checkpoint_path at new paths to start "
+            "over") in result.stdout  # a new snapshot path alone meets another run's best model
+
+
+def test_a_fresh_run_never_replaces_another_runs_best_model(trained_run, tmp_path, corpus):
+    (tmp_path / "ckpt").mkdir()
+    shutil.copy(trained_run / "ckpt" / "best.pth", tmp_path / "ckpt")  # its snapshot is gone
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, corpus))
+    before = file_tree(tmp_path)
+    result = run_script("train.py", str(config), cwd=tmp_path)
+    assert_one_error_line(
+        result.returncode, result.stderr,
+        r"training.checkpoint_path '.*best.pth' holds another run's best model \(its step \d+\), "
+        "which this run, starting from step 0, would replace — move the file away, or set "
+        "another training.checkpoint_path")
+    assert file_tree(tmp_path) == before
+    elsewhere = run_script("train.py", str(config), "training.max_steps=5",
+                           f"training.checkpoint_path={tmp_path / 'new' / 'best.pth'}",
+                           cwd=tmp_path)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-2000:]
+
+
+def test_train_gives_back_the_signal_handlers_and_output_locks_it_took(tmp_path, short_corpus):
+    """As a notebook, a sweep script or pytest calls it: Ctrl-C and SIGTERM work afterwards,
+    whether train() returned or raised."""
+
+    def callers_handler(signum: int, frame: object) -> None:
+        pass
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, callers_handler) for signum in signals}
+    try:
+        config = tiny_config(tmp_path, short_corpus, training={
+            "max_steps": 4, "eval_every": 4, "save_every": 4})
+        train.train(config_from_dict(config), torch.device("cpu"))
+        assert [signal.getsignal(signum) for signum in signals] == [callers_handler] * 2
+        config["training"].update(max_steps=100, lr=1000.0, min_lr=0.0, grad_clip=0.0)
+        with pytest.raises(UserError, match="training loss became nan/inf"):
+            train.train(config_from_dict(config), torch.device("cpu"))
+        assert [signal.getsignal(signum) for signum in signals] == [callers_handler] * 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for lock in (tmp_path / "ckpt").glob(".*.lock"):
+        with open(lock, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a lock is still held
 
 
 def write_text(name: str, content: bytes) -> Callable[[Path, Path], None]:
@@ -273,12 +322,11 @@ def make_directory(name: str) -> Callable[[Path, Path], None]:
 
 
 def resumable(damage: bool = False) -> Callable[[Path, Path], None]:
-    """Put trained_run's checkpoints in place (optionally with the snapshot cut short)."""
+    """Put trained_run's checkpoints in place (optionally with every kept save cut short)."""
 
     def setup(workdir: Path, trained_run: Path) -> None:
         shutil.copytree(trained_run / "ckpt", workdir / "ckpt")
-        if damage:
-            snapshot = workdir / "ckpt" / "snapshot.pth"
+        for snapshot in (workdir / "ckpt").glob("snapshot*.pth") if damage else ():
             snapshot.write_bytes(snapshot.read_bytes()[:4000])
 
     return setup
@@ -384,7 +432,8 @@ def resumable(damage: bool = False) -> Callable[[Path, Path], None]:
         (
             ["tiny.yaml", "training.max_steps=80"],
             resumable(damage=True),
-            "cannot load checkpoint .* corrupt, truncated",
+            r"no save at .*snapshot.pth can be resumed \(.*snapshot.pth cannot be read \(File is "
+            r"not a zip file\)",
         ),
         (
             ["tiny.yaml", "training.checkpoint_path=/proc/self/ckpt/best.pth"],
