@@ -108,6 +108,8 @@ def check_best_checkpoint(path: str, run_id: str, resumed: bool) -> None:
     require(best.get("run_id", "") == run_id, f"training.checkpoint_path '{path}' holds "
             f"another run's best model (its step {best.get('step')}), which this run, {how}, "
             "would replace — move the file away, or set another training.checkpoint_path")
+
+
 def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
     """Load checkpoint["model"], refusing another architecture with the differences named."""
     stored = checkpoint["config"] if isinstance(checkpoint.get("config"), dict) else {}

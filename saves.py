@@ -67,12 +67,14 @@ def sharded_saves(path: str) -> dict[int, str]:
 
 
 def saves_seen(path: str) -> str:
-    """The saves this process sees at snapshot `path`, by name, for the ranks to compare."""
+    """The saves this process sees at snapshot `path`, by name (a file's with its size), for
+    the ranks to compare."""
     if os.path.isdir(path):
         names = [os.path.basename(save) for _, save in sorted(sharded_saves(path).items())]
     else:
-        names = [os.path.basename(older) for _, older in sorted(older_files(path).items())]
-        names += [os.path.basename(path)] if os.path.isfile(path) else []
+        files = [older for _, older in sorted(older_files(path).items())]
+        files += [path] if os.path.isfile(path) else []
+        names = [f"{os.path.basename(file)} ({os.path.getsize(file):,} bytes)" for file in files]
     return ", ".join(names) or f"no snapshot at {path}"
 
 
@@ -90,15 +92,15 @@ def find_snapshot_across_ranks(path: str) -> str | None:
 
 
 def find_file_save(path: str) -> str | None:
-    candidates = [older for _, older in sorted(older_files(path).items(), reverse=True)]
+    """The file snapshot itself if it passes its check, else the newest earlier save that does."""
+    candidates = sorted(older_files(path).items(), reverse=True)
     if os.path.isfile(path):
-        candidates.insert(0, path)
+        candidates.insert(0, (None, path))
     problems = [] if os.path.isfile(path) else [f"{path} is missing"]
-    for candidate in candidates:
+    for step, candidate in candidates:
         problem = file_save_problem(candidate)
         if problem is None:
             if candidate != path:
-                step = snapshot_record(candidate)["progress"]["step"]
                 warn(f"{'; '.join(problems)} — resuming from {candidate}, step {step}")
             return candidate
         problems.append(problem)
@@ -137,7 +139,8 @@ def find_sharded_save_across_ranks(path: str) -> str | None:
                  for problem in problems_of_rank]
         if not found:
             if latest != os.path.basename(save) and is_rank_0():
-                warn(f"{path}: {'; '.join(problems)} — resuming from {save}, step {step}")
+                reasons = problems or [f"latest names {latest}, an older save"]
+                warn(f"{path}: {'; '.join(reasons)} — resuming from {save}, step {step}")
             return save
         problems.append(f"{os.path.basename(save)} {found[0]}")
     raise UserError(f"no save in {path} can be resumed ({'; '.join(problems)}) — {START_OVER}")
@@ -152,29 +155,37 @@ def read_latest(path: str) -> str | None:
         return None
 
 
+def is_complete(save: str, latest: str | None) -> bool:
+    """Whether a sharded save was completed: it has its manifest, or it is the save LATEST
+    names with a record, which an SLM from before manifests wrote (loaded unchecked)."""
+    return os.path.isfile(os.path.join(save, MANIFEST)) or (
+        os.path.basename(save) == latest and os.path.isfile(os.path.join(save, RUN_RECORD)))
+
+
 def save_problems(save: str, latest: str | None) -> list[str]:
-    """What this rank finds wrong with its share of a sharded save's files. A save without a
-    manifest was cut short, unless LATEST names it: an older SLM's, loaded unchecked."""
-    manifest = os.path.join(save, MANIFEST)
-    if not os.path.isfile(manifest):
-        older = os.path.basename(save) == latest and os.path.isfile(os.path.join(save, RUN_RECORD))
-        return [] if older else ["was cut short (it has no manifest)"]
+    """What this rank finds wrong with its share of a sharded save's files."""
+    if not is_complete(save, latest):
+        return ["was cut short (it has no manifest)"]
+    if not os.path.isfile(os.path.join(save, MANIFEST)):
+        return []
     try:
-        with open(manifest, encoding="utf-8") as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        with open(os.path.join(save, MANIFEST), encoding="utf-8") as f:
+            files = {name: (int(entry["bytes"]), int(entry["crc32"]))
+                     for name, entry in json.load(f)["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return [f"has a damaged {MANIFEST}"]
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     problems = []
     for name in sorted(files)[rank::world_size]:
+        saved_size, saved_crc = files[name]
         try:
             size, crc = checksum(os.path.join(save, name))
         except OSError as err:
             problems.append(f"has no readable {name} ({err.strerror})")
             continue
-        if size != files[name]["bytes"]:
-            problems.append(f"has {name} of {size:,} bytes, {files[name]['bytes']:,} when saved")
-        elif crc != files[name]["crc32"]:
+        if size != saved_size:
+            problems.append(f"has {name} of {size:,} bytes, {saved_size:,} when saved")
+        elif crc != saved_crc:
             problems.append(f"fails its check ({name} is not the data that was saved)")
     return problems
 
@@ -201,8 +212,8 @@ def snapshot_record(save: str) -> dict:
 
 
 def save_file(path: str, snapshot: dict, keep: int) -> None:
-    """Write file snapshot `path`. While `keep` > 1 the save it replaces is first linked under
-    its step's name (so it stays whole, whenever a crash comes), and once the new one is in
+    """Write file snapshot `path`. While `keep` > 1 the save it replaces is first hard-linked
+    under its step's name (so it stays whole, whenever a crash comes), and once the new one is in
     place the oldest beyond `keep` go; a later step's never does."""
     step = snapshot["progress"]["step"]
     if keep > 1 and os.path.isfile(path):
@@ -248,13 +259,12 @@ def writer_rank(file: str) -> int:
     return int(match[1]) if match else 0
 
 
-def remove_old_saves(path: str, step: int, keep: int) -> None:
+def remove_old_saves(path: str, step: int, keep: int, latest: str | None) -> None:
     """Once save `step` is complete: the saves cut short go, and the complete ones before it
-    beyond `keep`; a later complete save never does. A save loses its manifest first, so one
-    half removed reads as cut short."""
+    beyond `keep`; a later complete save never does. `latest`: what LATEST named before this
+    save. A save loses its manifest first, so one half removed reads as cut short."""
     saves = sharded_saves(path)
-    complete = sorted(other for other, save in saves.items()
-                      if os.path.isfile(os.path.join(save, MANIFEST)))
+    complete = sorted(other for other, save in saves.items() if is_complete(save, latest))
     earlier = [other for other in complete if other < step]
     kept = {*earlier[max(0, len(earlier) - (keep - 1)):], *[other for other in complete
                                                             if other >= step]}

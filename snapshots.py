@@ -39,7 +39,8 @@ from distributed import (all_gather_objects, broadcast_rank_0s, is_rank_0,
 from files import atomic_write
 from model import Transformer
 from saves import (RUN_RECORD, START_OVER, find_snapshot_across_ranks, remove_old_saves,
-                   save_file, save_name, snapshot_record, write_manifest_across_ranks)
+                   read_latest, save_file, save_name, snapshot_record,
+                   write_manifest_across_ranks)
 from utils import Config, TrainingConfig, UserError, config_to_dict, require
 
 SNAPSHOT_KEYS = ("progress", "optimizer", "batch_plan")
@@ -129,22 +130,26 @@ def save_shards(path: str, model: Transformer, optimizers: list[torch.optim.Opti
         save_checkpoint(record, os.path.join(save, RUN_RECORD))
     write_manifest_across_ranks(save, metadata)
     if is_rank_0():
+        latest = read_latest(path)
         atomic_write(os.path.join(path, SHARDED_LATEST),
                      lambda f: f.write(save_name(step).encode()))
-        remove_old_saves(path, step, keep)
+        remove_old_saves(path, step, keep, latest)
 
 
-def find_resume_point(t: TrainingConfig) -> tuple[str | None, dict | None, str]:
-    """(the save to resume or None, its record without weights, the run's id), every rank
-    agreeing; the best checkpoint, if there is one, must be this run's."""
+def find_resume_point(t: TrainingConfig) -> tuple[str | None, str | None, str]:
+    """(the save to resume or None, the precision it trained in, the run's id), every rank
+    agreeing; the best checkpoint, if there is one, must be this run's. Nothing of the save is
+    kept mapped: a kept save deleted later would hold its disk space until the run ends."""
     if t.parallelism == "fsdp":  # every rank writes its shards there
         check_shared_across_ranks(os.path.abspath(t.snapshot_path), "training.snapshot_path")
     save = find_snapshot_across_ranks(t.snapshot_path)
-    snapshot = snapshot_record(save) if save else None
-    run_id = snapshot.get("progress", {}).get("run_id", "") if snapshot else broadcast_rank_0s(
-        lambda: uuid.uuid4().hex)
+    snapshot = snapshot_record(save) if save else {}
+    precision, run_id = snapshot.get("precision"), snapshot.get("progress", {}).get("run_id", "")
+    if not save:
+        run_id = broadcast_rank_0s(lambda: uuid.uuid4().hex)
+    del snapshot
     broadcast_rank_0s(lambda: check_best_checkpoint(t.checkpoint_path, run_id, save is not None))
-    return save, snapshot, run_id
+    return save, precision, run_id
 
 
 def resume_or_start(t: TrainingConfig, save: str | None, run_id: str, model: Transformer,

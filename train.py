@@ -76,14 +76,15 @@ def train_holding(config: Config, device: torch.device, cli_keys: Collection[str
     if is_main:
         print(format_config(config), flush=True)
     tasks = load_tasks(t.eval_tasks)
-    save, snapshot, run_id = find_resume_point(t)
+    save, stored_precision, run_id = find_resume_point(t)
     keep_freed_memory()
     broadcast_rank_0s(lambda: check_training_fits(config, device, world_size))
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
     model = build_model(config, device, rank)
     peak_flops = functools.cache(functools.partial(measure_peak_flops, device))  # FLOP/s by dtype
     newton_schulz = choose_newton_schulz_dtype(t, device, peak_flops)
-    precision = choose_precision(config, device, model, peak_flops, newton_schulz, snapshot)
+    precision = choose_precision(config, device, model, peak_flops, newton_schulz,
+                                 stored_precision)
     require(t.parallelism == "ddp" or precision != "fp16", "training.parallelism=fsdp does not "
             "train in fp16: the GradScaler would look for inf in each rank's shard alone — use "
             "training.precision=bf16 or fp32")
@@ -246,14 +247,13 @@ def choose_newton_schulz_dtype(t: TrainingConfig, device: torch.device,
 
 def choose_precision(config: Config, device: torch.device, model: Transformer,
                      peak_flops: Callable[[str], float], newton_schulz: str,
-                     snapshot: dict | None) -> str:
-    """The run's precision, rank 0's on every rank. A resume keeps its snapshot's (an explicit
-    other one is refused: the run would not continue exactly). A fresh CPU run with `auto`
-    takes runtime.decide_cpu_precision's. Otherwise runtime.setup_precision's rule."""
+                     stored: str | None) -> str:
+    """The run's precision, rank 0's on every rank. A resume keeps its snapshot's, `stored` (an
+    explicit other one is refused: the run would not continue exactly). A fresh CPU run with
+    `auto` takes runtime.decide_cpu_precision's. Otherwise runtime.setup_precision's rule."""
     t = config.training
 
     def decide() -> str:
-        stored = snapshot.get("precision") if snapshot else None
         require(stored is None or t.precision in ("auto", stored), f"training.precision="
                 f"{t.precision} but {t.snapshot_path} was trained in {stored} — set "
                 f"training.precision={stored} (or auto) to resume exactly, or {START_OVER}")
@@ -355,8 +355,8 @@ def stop_signals_caught() -> Iterator[dict[str, int]]:
     try:
         yield request
     finally:
-        for signum, restored in previous.items():
-            signal.signal(signum, restored)
+        for signum, restored in previous.items():  # None: set outside Python, unknown here
+            signal.signal(signum, signal.SIG_DFL if restored is None else restored)
 
 
 def open_writer(config: Config, run_name: str) -> SummaryWriter:

@@ -286,7 +286,7 @@ def file_tree(root: Path) -> dict[str, tuple[int, int] | None]:
         str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
         for p in root.rglob("*")
         if not p.name.endswith(".lock")
-        and not (p.is_dir() and all(q.name.endswith(".lock") for q in p.rglob("*")))
+        and not (p.is_dir() and {q.suffix for q in p.rglob("*")} == {".lock"})
     }
 
 

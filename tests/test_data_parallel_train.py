@@ -368,8 +368,9 @@ def test_ranks_that_see_different_snapshots_stop_with_one_line(ddp_run, tmp_path
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert ours == ["error: ranks disagree on the snapshot to resume (rank 0: snapshot.pth; "
-                    "rank 1: no snapshot at elsewhere/snapshot.pth) — put "
+    size = (tmp_path / "ckpt" / "snapshot.pth").stat().st_size
+    assert ours == [f"error: ranks disagree on the snapshot to resume (rank 0: snapshot.pth "
+                    f"({size:,} bytes); rank 1: no snapshot at elsewhere/snapshot.pth) — put "
                     "training.snapshot_path on storage every rank can see, at the same path"], \
         result.stderr[-3000:]
 

@@ -208,9 +208,41 @@ def test_a_new_save_removes_saves_cut_short_and_complete_ones_beyond_keep(tmp_pa
         save.mkdir()
         if complete:
             (save / MANIFEST).write_text("{}")
-    remove_old_saves(str(tmp_path), 25, keep=2)  # a run resumed from 20 while 40 failed
+    remove_old_saves(str(tmp_path), 25, 2, "step-00000020")  # resumed from 20 as 40 failed
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "step-00000020", "step-00000025", "step-00000040"]
+
+
+def test_the_first_new_save_keeps_an_older_slms_save_it_resumed_from(tmp_path):
+    for step in (60, 70):
+        (tmp_path / f"step-{step:08d}").mkdir()
+        (tmp_path / f"step-{step:08d}" / "run.pth").write_bytes(b"")  # no manifest: before them
+    (tmp_path / "step-00000080").mkdir()
+    (tmp_path / "step-00000080" / MANIFEST).write_text("{}")
+    remove_old_saves(str(tmp_path), 80, 2, "step-00000070")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000070", "step-00000080"]
+
+
+def test_a_sharded_run_keeps_its_last_two_saves(sharded_run):
+    assert sorted(path.name for path in (sharded_run / "ckpt" / "snapshot").iterdir()) == [
+        "latest", "step-00000010", "step-00000020"]
+
+
+def test_a_complete_save_newer_than_latest_is_resumed(sharded_run, tmp_path, capsys):
+    """A kill between a save's manifest and latest: that save is whole."""
+    snapshot = copy_run(sharded_run, tmp_path) / "snapshot"
+    (snapshot / "latest").write_text("step-00000010")
+    assert find_snapshot_across_ranks(str(snapshot)) == str(snapshot / "step-00000020")
+    assert capsys.readouterr().err == (
+        f"warning: {snapshot}: latest names step-00000010, an older save — resuming from "
+        f"{snapshot / 'step-00000020'}, step 20\n")
+
+
+def test_a_damaged_manifest_makes_its_save_unusable(sharded_run, tmp_path, capsys):
+    snapshot = copy_run(sharded_run, tmp_path) / "snapshot"
+    (snapshot / "step-00000020" / MANIFEST).write_text('{"files": {"run.pth": {"bytes": 2}}}')
+    assert find_snapshot_across_ranks(str(snapshot)) == str(snapshot / "step-00000010")
+    assert "step-00000020 has a damaged manifest.json" in capsys.readouterr().err
 
 
 def test_two_ranks_resume_a_damaged_sharded_snapshot_from_the_save_before_exactly(
