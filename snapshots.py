@@ -75,21 +75,28 @@ def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict
 
 def check_shared_across_ranks(directory: str, setting: str) -> None:
     """Stop every rank with one line unless all of them see `directory` as the same storage:
-    rank 0 writes a file there that every other rank must find."""
-    probe = broadcast_rank_0s(lambda: write_probe(directory))
+    rank 0 writes a file there that every other rank must find. Nothing is left behind."""
+    probe, made = broadcast_rank_0s(lambda: write_probe(directory))
     require_same_on_all_ranks(os.path.isfile(probe), f"whether they see {setting}'s directory "
                               f"{directory}", f"put {setting} on storage every node mounts at "
                               "the same path")
     dist.barrier()
     if is_rank_0():
         os.unlink(probe)
+        for empty in made:
+            os.rmdir(empty)
 
 
-def write_probe(directory: str) -> str:
+def write_probe(directory: str) -> tuple[str, list[str]]:
+    """(a new file in `directory`, the directories made for it, innermost first)."""
+    made, missing = [], directory
+    while not os.path.isdir(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
     os.makedirs(directory, exist_ok=True)
     probe = os.path.join(directory, f".probe-{uuid.uuid4().hex}")
     open(probe, "w").close()
-    return probe
+    return probe, made
 
 
 def save_snapshot_across_ranks(path: str, model: Transformer,
