@@ -85,6 +85,7 @@ def check_shared_across_ranks(directory: str, setting: str) -> None:
         os.unlink(probe)
         for empty in made:
             os.rmdir(empty)
+    dist.barrier()  # no rank looks at the directory while rank 0 removes what it made
 
 
 def write_probe(directory: str) -> tuple[str, list[str]]:
