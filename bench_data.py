@@ -2,11 +2,12 @@
 
     python bench_data.py configs.yaml [MB] [--formats txt,jsonl.gz,parquet]
 
-MB megabytes of text (default 200) made of the default corpus's paragraphs, as DATA_FILES files
-per format. Each format is prepared three ways: one worker and one worker per core, each
-worker's tokenizer on one thread (RAYON_NUM_THREADS=1); then one process whose tokenizer uses
-every core. Each row gives MB/s of text, tokens/s and the peak RSS of the largest process.
-Beside them it prints the tokenizer's encode_batch on the same documents in memory, and a
+MB megabytes of real text (default 200): the default corpus's plays, then the Python sources
+and docs of the installed packages, as DATA_FILES files per format. Each format is prepared
+three ways: one worker and one worker per core, each worker's tokenizer on one thread
+(RAYON_NUM_THREADS=1); then one process whose tokenizer uses every core. Each row gives MB/s of
+text, tokens/s and the peak RSS of the largest process. Beside them it prints the fast encoder
+(tiktoken) and Hugging Face tokenizers' encode_batch_fast on the same documents in memory, and a
 re-prepare after adding a DATA_ADDED_MB file. Numbers are printed, not asserted: compare ratios
 taken in one run.
 """
@@ -19,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
@@ -28,28 +30,34 @@ from tokenizers import Tokenizer
 
 from data import load_tokenizer
 from plays import DEFAULT_CORPUS, build_default_corpus
-from shards import cpu_cores, encode_batch
+from bpe import hf_encode_batch, text_encoder
+from shards import cpu_cores
 from utils import ArgumentParser, Config, load_config, require, require_within, run_cli
 
 DATA_FILES = 16              # files per format, as datasets ship shards
-DATA_DOCUMENT_BYTES = 4000   # about this much text per document
 DATA_ADDED_MB = 10           # the file added to time an incremental prepare
 DATA_FORMATS = ("txt", "jsonl.gz", "parquet")
 
 
-def data_documents(size_mb: float, text: str) -> list[str]:
-    """Documents of about DATA_DOCUMENT_BYTES, `size_mb` MB of them in all, made of `text`'s
-    paragraphs in a varying order and numbered, so none repeats another."""
-    paragraphs = [part for part in text.split("\n\n") if part.strip()]
-    documents, size = [], 0
-    while size < size_mb * 1e6:
-        document = f"{len(documents)}\n"
-        while len(document) < DATA_DOCUMENT_BYTES:
-            document += paragraphs[(len(documents) * 7919 + len(document)) % len(paragraphs)]
-            document += "\n\n"
-        documents.append(document)
-        size += len(document.encode())
-    return documents
+def real_documents(size_mb: float, plays: str) -> tuple[list[str], int]:
+    """About `size_mb` MB of real, varied text: the plays, then the Python sources and docs of
+    the installed packages, a file a document, in path order (never repeated paragraphs, which
+    Hugging Face tokenizers' word cache would make unrealistically fast); -> (documents, how
+    many files they came from)."""
+    documents, size, files = [plays], len(plays.encode()), 1
+    for root, directories, names in os.walk(sysconfig.get_paths()["purelib"]):
+        directories.sort()
+        for name in sorted(names):
+            if size >= size_mb * 1e6:
+                return documents, files
+            if name.endswith((".py", ".md", ".rst", ".txt")):
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    with open(os.path.join(root, name), encoding="utf-8") as f:
+                        text = f.read()
+                    if text.strip():
+                        documents.append(text)
+                        size, files = size + len(text.encode()), files + 1
+    return documents, files
 
 
 def write_data_corpus(directory: str, documents: list[str],
@@ -116,12 +124,20 @@ def time_prepare(config_path: str, corpus: str, cache: str, workers: int, thread
             "tokens": int(ready.group(1).replace(",", "")), "peak_rss_mb": peak_rss_mb}
 
 
-def bench_encode_batch(tokenizer: Tokenizer, texts: list[str]) -> float:
-    """The tokenizer's own MB/s on texts held in memory, on all its threads."""
-    start = time.perf_counter()
-    for first in range(0, len(texts), 1000):
-        encode_batch(tokenizer, texts[first:first + 1000])
-    return sum(len(text.encode()) for text in texts) / 1e6 / (time.perf_counter() - start)
+def encode_rates(tokenizer: Tokenizer, texts: list[str]) -> dict[str, tuple[float, float]]:
+    """(MB/s, tokens/s) of the fast encoder (tiktoken) and of Hugging Face tokenizers'
+    encode_batch_fast on `texts` held in memory, each on every core."""
+    fast = text_encoder(tokenizer, cpu_cores())
+    require(fast.fast is not None, f"the tokenizer takes no fast path: {fast.why_not_fast}")
+    text_mb, rates = sum(len(text.encode()) for text in texts) / 1e6, {}
+    for name, encode in (("tiktoken", fast.encode_batch),
+                         ("HF encode_batch_fast", lambda batch: hf_encode_batch(tokenizer, batch))):
+        start, tokens = time.perf_counter(), 0
+        for first in range(0, len(texts), 1000):
+            tokens += sum(len(ids) for ids in encode(texts[first:first + 1000]))
+        seconds = time.perf_counter() - start
+        rates[name] = (text_mb / seconds, tokens / seconds)
+    return rates
 
 
 def bench_data(config_path: str, config: Config, size_mb: float, formats: list[str]) -> None:
@@ -132,16 +148,20 @@ def bench_data(config_path: str, config: Config, size_mb: float, formats: list[s
     if not os.path.exists(default_corpus):  # built on first use, as a default run builds it
         build_default_corpus(default_corpus)
     with open(default_corpus, encoding="utf-8") as f:
-        documents = data_documents(size_mb, f.read())
+        documents, sources = real_documents(size_mb, f.read())
     text_mb = sum(len(document.encode()) for document in documents) / 1e6
     with tempfile.TemporaryDirectory(prefix="slm-bench-data-") as scratch:
         folders = write_data_corpus(scratch, documents, formats)
-        encode_mb_per_sec = bench_encode_batch(load_tokenizer(config.data.tokenizer_path),
-                                               documents)
-        added = "".join(documents[:len(documents) * DATA_ADDED_MB // int(text_mb)])
+        rates = encode_rates(load_tokenizer(config.data.tokenizer_path), documents)
+        added = "".join(documents[:max(1, len(documents) * DATA_ADDED_MB // int(text_mb))])
         del documents
-        print(f"\n{text_mb:,.0f} MB of text, {DATA_FILES} files per format; the tokenizer's "
-              f"encode_batch on it in memory, {cores} threads: {encode_mb_per_sec:.2f} MB/s")
+        print(f"\n{text_mb:,.0f} MB of text ({sources:,} files: the plays and installed "
+              f"packages' sources and docs), {DATA_FILES} files per format")
+        print(f"in memory, {cores} threads: " + "; ".join(
+            f"{name} {mb_per_sec:.2f} MB/s, {tokens_per_sec:,.0f} tokens/s"
+            for name, (mb_per_sec, tokens_per_sec) in rates.items())
+            + f"; tiktoken / HF {rates['tiktoken'][0] / rates['HF encode_batch_fast'][0]:.2f}x")
+        encode_mb_per_sec = rates["HF encode_batch_fast"][0]
         print(f"{'prepare':<12}{'workers':>8}{'threads':>8}{'seconds':>9}{'MB/s':>7}"
               f"{'tokens/s':>11}{'peak RSS MB':>12}")
         for kind in formats:
@@ -154,7 +174,7 @@ def bench_data(config_path: str, config: Config, size_mb: float, formats: list[s
                       f"{row['peak_rss_mb']:>12,.0f}")
             print(f"  {cores} workers / 1 worker, one thread each: "
                   f"{rows[0]['seconds'] / rows[1]['seconds']:.2f}x; {cores} workers / "
-                  f"encode_batch: {text_mb / rows[1]['seconds'] / encode_mb_per_sec:.2f}x")
+                  f"HF in memory: {text_mb / rows[1]['seconds'] / encode_mb_per_sec:.2f}x")
             if kind == "txt":
                 with open(os.path.join(folders["txt"], "added.txt"), "w", encoding="utf-8") as f:
                     f.write(added)

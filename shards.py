@@ -35,13 +35,15 @@ from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from bpe import TextEncoder, text_encoder
 from tqdm import tqdm
 
 from chat import ChatFormat, assistant_spans, trained_mask
 from corpus import (FORMATS, LINE_END_BYTES, WHITESPACE, Chunk, format_of, read_corpus_file,
                     reading_key, row_group_starts)
 from files import atomic_write, check_writable
-from utils import DataConfig, UserError, require
+from utils import DataConfig, UserError, require, warn
 
 SHARD_BYTES = 1 << 25        # a shard's share of the corpus: many for the workers, few memmaps
 GROUP_MAX_BYTES = 2 * SHARD_BYTES  # small files packed together stop at this
@@ -180,29 +182,23 @@ def line_start_near(f: BinaryIO, target: int, text: bool) -> int | None:
     return target - 1 + cut if cut > 0 else None
 
 
-def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list:
-    """Encodings of `texts` in parallel, without offsets where this tokenizers version can."""
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    return encode(texts, add_special_tokens=False)
-
-
-def _encode_pieces(tokenizer: Tokenizer, text: str) -> np.ndarray:
+def _encode_pieces(encoder: TextEncoder, text: str) -> np.ndarray:
     pieces, start = [], 0
     while start < len(text):  # cut after a newline so no word is split between two pieces
         end = text.find("\n", start + PIECE_BYTES)
         end = len(text) if end < 0 else end + 1
         pieces.append(text[start:end])
         start = end
-    ids = [np.asarray(encoding.ids, dtype=np.int64)
-           for encoding in encode_batch(tokenizer, pieces)]
+    ids = encoder.encode_batch(pieces)
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
-def _encode_chunk(tokenizer: Tokenizer, reading: Reading,
+def _encode_chunk(encoder: TextEncoder, reading: Reading,
                   chunk: Chunk) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A chunk's token ids, and for conversations per id whether it is the assistant's. A whole
-    document ends with the end-of-text token; conversations are rendered by the chat template."""
-    dtype = np.dtype(reading.dtype)
+    document ends with the end-of-text token; conversations are rendered by the chat template
+    and encoded by Hugging Face tokenizers, whose offsets place the assistant's tokens."""
+    dtype, tokenizer = np.dtype(reading.dtype), encoder.tokenizer
     if chunk.conversations:
         rendered = [assistant_spans(reading.chat, messages) for messages in chunk.conversations]
         encodings = tokenizer.encode_batch([text for text, _ in rendered],
@@ -212,13 +208,13 @@ def _encode_chunk(tokenizer: Tokenizer, reading: Reading,
                  for encoding, (_, spans) in zip(encodings, rendered)])
     if chunk.whole_documents:
         eot_ids = np.array([tokenizer.token_to_id(reading.eot)], dtype=dtype)
-        return [np.append(np.asarray(encoding.ids, dtype=dtype), eot_ids)
-                for encoding in encode_batch(tokenizer, chunk.texts)], []
-    # part of a long document: split further for the tokenizer's threads
-    return [_encode_pieces(tokenizer, text).astype(dtype) for text in chunk.texts], []
+        return [np.append(ids.astype(dtype), eot_ids)
+                for ids in encoder.encode_batch(chunk.texts)], []
+    # part of a long document: split further for the encoder's threads
+    return [_encode_pieces(encoder, text).astype(dtype) for text in chunk.texts], []
 
 
-def tokenize_shard(shard: Shard, tokenizer: Tokenizer, reading: Reading, directory: str,
+def tokenize_shard(shard: Shard, encoder: TextEncoder, reading: Reading, directory: str,
                    progress: Progress) -> None:
     """Write a shard's tokens, its mask for conversations, then its .json, which marks it done.
     The mask (a byte per token) goes to a spool file as it is made: memory stays flat."""
@@ -238,7 +234,7 @@ def tokenize_shard(shard: Shard, tokenizer: Tokenizer, reading: Reading, directo
                     raise UserError(f"{kinds[True]} holds conversations and {kinds[False]} text "
                                     "— a run trains on text or on conversations, never a mix: "
                                     "give data.raw_text_path one kind")
-                ids, masks = _encode_chunk(tokenizer, reading, chunk)
+                ids, masks = _encode_chunk(encoder, reading, chunk)
                 out.write(b"".join(part.tobytes() for part in ids))
                 mask_spool.write(b"".join(mask.tobytes() for mask in masks))
                 chunk_tokens = sum(map(len, ids))
@@ -307,7 +303,7 @@ def shard_lock(directory: str, key: str, wait: bool) -> Iterator[bool]:
         fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
 
 
-def build_shard(shard: Shard, tokenizer: Tokenizer, reading: Reading, directory: str,
+def build_shard(shard: Shard, encoder: TextEncoder, reading: Reading, directory: str,
                 progress: Progress, wait: bool = False) -> str:
     """Build a shard unless it is finished, or (without `wait`) another process is building it:
     -> "built", "found" (finished by another process) or "busy"."""
@@ -316,11 +312,11 @@ def build_shard(shard: Shard, tokenizer: Tokenizer, reading: Reading, directory:
             return "busy"
         if finished(directory, shard) is not None:
             return "found"
-        tokenize_shard(shard, tokenizer, reading, directory, progress)
+        tokenize_shard(shard, encoder, reading, directory, progress)
         return "built"
 
 
-_worker: dict = {}  # a worker process's tokenizer, reading and progress queue
+_worker: dict = {}  # a worker process's encoder, reading and progress queue
 
 
 def _die_with(owner: int) -> None:
@@ -353,7 +349,8 @@ def _start_worker(owner: int, tokenizer_json: str, reading: Reading,
                   updates: multiprocessing.Queue, threads: int) -> None:
     _die_with(owner)
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read at the tokenizer's first use
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), reading=reading,
+    _worker.update(encoder=text_encoder(Tokenizer.from_str(tokenizer_json), threads),
+                   reading=reading,
                    updates=updates)
 
 
@@ -372,7 +369,7 @@ def _build_in_worker(shard: Shard, directory: str) -> str:
             send()
 
     try:
-        return build_shard(shard, _worker["tokenizer"], _worker["reading"], directory, progress)
+        return build_shard(shard, _worker["encoder"], _worker["reading"], directory, progress)
     finally:
         send()
 
@@ -395,9 +392,14 @@ def build_shards(shards: list[Shard], tokenizer: Tokenizer, reading: Reading, di
     os.makedirs(directory, exist_ok=True)
     todo.sort(key=lambda shard: -shard.num_bytes)
     workers = min(workers, len(todo))
+    # RAYON_NUM_THREADS: the tokenizer threads asked of this process (Hugging Face's variable)
+    encoder = text_encoder(tokenizer, int(os.environ.get("RAYON_NUM_THREADS") or cpu_cores()))
+    if encoder.fast is None:
+        warn(f"tokenizing with Hugging Face tokenizers, not tiktoken: {encoder.why_not_fast}")
     totals = [0, 0]  # text bytes, tokens
     with tqdm(total=sum(shard.num_bytes for shard in todo), unit="B", unit_scale=True,
-              desc=f"tokenizing ({workers} worker{'s' * (workers > 1)})") as bar:
+              desc=f"tokenizing ({workers} worker{'s' * (workers > 1)}, "
+                   f"{'tiktoken' if encoder.fast else 'HF tokenizers'})") as bar:
         def progress(file_bytes: int, text_bytes: int, tokens: int) -> None:
             totals[0] += text_bytes
             totals[1] += tokens
@@ -406,13 +408,13 @@ def build_shards(shards: list[Shard], tokenizer: Tokenizer, reading: Reading, di
             bar.update(file_bytes)
 
         if workers == 1:
-            outcomes = {shard: build_shard(shard, tokenizer, reading, directory, progress)
+            outcomes = {shard: build_shard(shard, encoder, reading, directory, progress)
                         for shard in todo}
         else:
             outcomes = _build_in_pool(todo, tokenizer, reading, directory, workers, progress)
         for shard in [shard for shard, outcome in outcomes.items() if outcome == "busy"]:
             # another process held it: wait for it, then build it if that process died
-            outcomes[shard] = build_shard(shard, tokenizer, reading, directory, progress, True)
+            outcomes[shard] = build_shard(shard, encoder, reading, directory, progress, True)
     return sum(outcome == "built" for outcome in outcomes.values())
 
 

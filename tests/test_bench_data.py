@@ -18,6 +18,8 @@ def test_bench_data_times_prepare_with_one_worker_and_one_per_core(tmp_path, cor
         ("1", "1"), (cores, "1"), ("1", cores)]
     assert all(float(mb_per_sec) > 0 and int(rss.replace(",", "")) > 50
                for *_, mb_per_sec, _, rss in rows)
-    assert re.search(r"encode_batch on it in memory, \d+ threads: [\d.]+ MB/s", result.stdout)
+    assert re.search(r"in memory, \d+ threads: tiktoken [\d.]+ MB/s, [\d,]+ tokens/s; HF "
+                     r"encode_batch_fast [\d.]+ MB/s, [\d,]+ tokens/s; tiktoken / HF [\d.]+x",
+                     result.stdout)
     assert re.search(r"a 10 MB file added, re-prepared by \d+ workers: [\d.]+ s", result.stdout)
     assert not list(tmp_path.glob("slm-bench-data-*")), "the generated corpus is removed"

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tokenizers import Tokenizer, normalizers
 
 import data
 import shards
@@ -111,6 +112,21 @@ def test_one_and_two_workers_write_the_same_tokens(tmp_path, tokenizer):
     eot = tokenizer.token_to_id(data.EOT)
     whole = [i for k in range(200) for i in tokenizer.encode(lines(3, k)).ids + [eot]]
     assert one.tolist()[-len(whole):] == whole, "a JSONL file cut at line starts reads the same"
+
+
+def test_prepare_encodes_with_tiktoken_and_a_tokenizer_it_cannot_follow_falls_back_in_one_line(
+        tmp_path, tokenizer, capsys):
+    corpus = write_books(tmp_path / "books", 3)
+    fast, _ = prepare(corpus, tokenizer, 1, tmp_path / "fast")
+    progress = capsys.readouterr().err
+    assert "tiktoken)" in progress and "warning:" not in progress
+    normalized = Tokenizer.from_str(tokenizer.to_str())
+    normalized.normalizer = normalizers.NFC()  # changes nothing in this text, but is no BPE step
+    slow, _ = prepare(corpus, normalized, 1, tmp_path / "slow")
+    progress = capsys.readouterr().err
+    assert ("warning: tokenizing with Hugging Face tokenizers, not tiktoken: it has a "
+            "normalizer") in progress and "HF tokenizers)" in progress
+    assert slow.tolist() == fast.tolist()
 
 
 def test_the_default_sized_shard_holds_the_file_as_one_read_gives_it(tmp_path, tokenizer,
