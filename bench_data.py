@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 from data import load_tokenizer
 from plays import DEFAULT_CORPUS, build_default_corpus
 from bpe import hf_encode_batch, text_encoder
-from shards import cpu_cores
+from shards import cpu_cores, text_pieces
 from utils import ArgumentParser, Config, load_config, require, require_within, run_cli
 
 DATA_FILES = 16              # files per format, as datasets ship shards
@@ -126,7 +126,9 @@ def time_prepare(config_path: str, corpus: str, cache: str, workers: int, thread
 
 def encode_rates(tokenizer: Tokenizer, texts: list[str]) -> dict[str, tuple[float, float]]:
     """(MB/s, tokens/s) of the fast encoder (tiktoken) and of Hugging Face tokenizers'
-    encode_batch_fast on `texts` held in memory, each on every core."""
+    encode_batch_fast on `texts` held in memory, each on every core; a long text is cut into
+    pieces as prepare cuts it, so that no thread is left with one large file."""
+    texts = [piece for text in texts for piece in text_pieces(text)]
     fast = text_encoder(tokenizer, cpu_cores())
     require(fast.fast is not None, f"the tokenizer takes no fast path: {fast.why_not_fast}")
     text_mb, rates = sum(len(text.encode()) for text in texts) / 1e6, {}

@@ -182,14 +182,20 @@ def line_start_near(f: BinaryIO, target: int, text: bool) -> int | None:
     return target - 1 + cut if cut > 0 else None
 
 
-def _encode_pieces(encoder: TextEncoder, text: str) -> np.ndarray:
+def text_pieces(text: str) -> list[str]:
+    """A long text in pieces of about PIECE_BYTES for the encoder's threads, each cut after a
+    newline so no word is split between two."""
     pieces, start = [], 0
-    while start < len(text):  # cut after a newline so no word is split between two pieces
+    while start < len(text):
         end = text.find("\n", start + PIECE_BYTES)
         end = len(text) if end < 0 else end + 1
         pieces.append(text[start:end])
         start = end
-    ids = encoder.encode_batch(pieces)
+    return pieces
+
+
+def _encode_pieces(encoder: TextEncoder, text: str) -> np.ndarray:
+    ids = encoder.encode_batch(text_pieces(text))
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
