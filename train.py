@@ -64,6 +64,8 @@ def train(config: Config, device: torch.device, cli_keys: Collection[str] = ()) 
 
 def train_holding(config: Config, device: torch.device, cli_keys: Collection[str],
                   held: contextlib.ExitStack) -> None:
+    """train()'s run: whatever it takes from the process goes into `held`, which train()
+    closes."""
     distributed = dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     is_main, t = rank == 0, config.training
