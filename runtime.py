@@ -52,7 +52,8 @@ def memory_per_process(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory, "its GPU"
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return host_memory_bytes() // processes, f"this host's memory ({processes} process(es) share it)"
+    return (host_memory_bytes() // processes,
+            f"this host's memory ({processes} process(es) share it)")
 
 
 def keep_freed_memory() -> None:
