@@ -26,12 +26,11 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tokenizers import Tokenizer
 
-from data import load_tokenizer
+from bpe import BPETokenizer, hf_encode_batch, load_tokenizer
 from plays import DEFAULT_CORPUS, build_default_corpus
-from bpe import hf_encode_batch, text_encoder
-from shards import cpu_cores, text_pieces
+from pool import cpu_cores
+from shards import text_pieces
 from utils import ArgumentParser, Config, load_config, require, require_within, run_cli
 
 DATA_FILES = 16              # files per format, as datasets ship shards
@@ -124,16 +123,18 @@ def time_prepare(config_path: str, corpus: str, cache: str, workers: int, thread
             "tokens": int(ready.group(1).replace(",", "")), "peak_rss_mb": peak_rss_mb}
 
 
-def encode_rates(tokenizer: Tokenizer, texts: list[str]) -> dict[str, tuple[float, float]]:
+def encode_rates(tokenizer: BPETokenizer, texts: list[str]) -> dict[str, tuple[float, float]]:
     """(MB/s, tokens/s) of the fast encoder (tiktoken) and of Hugging Face tokenizers'
-    encode_batch_fast on `texts` held in memory, each on every core; a long text is cut into
-    pieces as prepare cuts it, so that no thread is left with one large file."""
+    encode_batch_fast on `texts` held in memory, each on the tokenizer's threads (Hugging
+    Face's: RAYON_NUM_THREADS); a long text is cut into pieces as prepare cuts it, so that no
+    thread is left with one large file."""
     texts = [piece for text in texts for piece in text_pieces(text)]
-    fast = text_encoder(tokenizer, cpu_cores())
-    require(fast.fast is not None, f"the tokenizer takes no fast path: {fast.why_not_fast}")
+    require(tokenizer.fast is not None, f"the tokenizer takes no fast path: "
+            f"{tokenizer.why_not_fast}")
     text_mb, rates = sum(len(text.encode()) for text in texts) / 1e6, {}
-    for name, encode in (("tiktoken", fast.encode_batch),
-                         ("HF encode_batch_fast", lambda batch: hf_encode_batch(tokenizer, batch))):
+    for name, encode in (("tiktoken", tokenizer.encode_batch),
+                         ("HF encode_batch_fast",
+                          lambda batch: hf_encode_batch(tokenizer.hf, batch))):
         start, tokens = time.perf_counter(), 0
         for first in range(0, len(texts), 1000):
             tokens += sum(len(ids) for ids in encode(texts[first:first + 1000]))
@@ -154,7 +155,8 @@ def bench_data(config_path: str, config: Config, size_mb: float, formats: list[s
     text_mb = sum(len(document.encode()) for document in documents) / 1e6
     with tempfile.TemporaryDirectory(prefix="slm-bench-data-") as scratch:
         folders = write_data_corpus(scratch, documents, formats)
-        rates = encode_rates(load_tokenizer(config.data.tokenizer_path), documents)
+        rates = encode_rates(load_tokenizer(config.data.tokenizer_path, threads=cores),
+                             documents)
         added = "".join(documents[:max(1, len(documents) * DATA_ADDED_MB // int(text_mb))])
         del documents
         print(f"\n{text_mb:,.0f} MB of text ({sources:,} files: the plays and installed "

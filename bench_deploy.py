@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from tokenizers.decoders import DecodeStream
 
+from bpe import load_tokenizer
 from checkpoints import TrainedModel, load_trained, save_checkpoint
-from data import load_tokenizer, prepare_data, tokenizer_fingerprint
+from data import prepare_data
 from generate import generate
 from gguf_export import DTYPES
 from model import Transformer
@@ -74,7 +75,7 @@ def bench_gguf(config: Config, ckpt_path: str) -> None:
                         "install -r requirements-dev.txt") from None
     trained = load_trained(ckpt_path, device_name="cpu")
     context, threads = trained.context_length, torch.get_num_threads()
-    data = dataclasses.replace(config.data, tokenizer_path=trained.tokenizer_path,
+    data = dataclasses.replace(config.data, tokenizer_path=trained.tokenizer.path,
                                context_length=context)
     val_set = prepare_data(Config(trained.model.config, data, config.training))[2]
     windows = [window[:GGUF_WINDOW_TOKENS].tolist()
@@ -136,11 +137,11 @@ def random_checkpoint(directory: str, shape: str) -> str:
     torch.manual_seed(0)
     model = Transformer(model_config)
     with torch.no_grad():  # rows past the tokenizer score 0, so greedy picks real tokens' text
-        model.embed_tokens.weight[tokenizer.get_vocab_size():] = 0
+        model.embed_tokens.weight[tokenizer.vocab_size:] = 0
     path = os.path.join(directory, f"random-{shape}.pth")
     save_checkpoint({"model": model.state_dict(),
                      "config": config_to_dict(config),
-                     "tokenizer": tokenizer_fingerprint(tokenizer)}, path)
+                     "tokenizer": tokenizer.fingerprint}, path)
     return path
 
 
@@ -152,9 +153,9 @@ def generate_timing(trained: TrainedModel, prompt: list[int], new_tokens: int) -
     with autocast_context(trained.device, trained.precision):
         tokens = generate(trained.model, torch.tensor([prompt], device=trained.device),
                           new_tokens, trained.context_length, temperature=0.0)
-        pieces.step(trained.tokenizer, int(next(tokens)))
+        pieces.step(trained.tokenizer.hf, int(next(tokens)))
         first = time.perf_counter()
-        count = sum(1 for token in tokens if pieces.step(trained.tokenizer, int(token)) or 1)
+        count = sum(1 for token in tokens if pieces.step(trained.tokenizer.hf, int(token)) or 1)
     return {"first_token_ms": 1000 * (first - start),
             "tokens_per_sec": count / (time.perf_counter() - first)}
 
@@ -211,7 +212,7 @@ def bench_serve(ckpt_path: str | None, shape: str, prompt_tokens: int, new_token
         require(prompt_tokens + new_tokens - 1 <= trained.context_length, f"--prompt-tokens "
                 f"{prompt_tokens} + --new-tokens {new_tokens} do not fit the model's "
                 f"{trained.context_length}-token window — ask for fewer")
-        prompt = torch.randint(trained.tokenizer.get_vocab_size(), (prompt_tokens,),
+        prompt = torch.randint(trained.tokenizer.vocab_size, (prompt_tokens,),
                                generator=torch.Generator().manual_seed(0)).tolist()
         rows = {"generate (infer.py's path)": [generate_timing(trained, prompt, new_tokens)
                                                for _ in range(RUNS)]}

@@ -1,6 +1,8 @@
-"""The fast encoder: a byte-level BPE tokenizer JSON of Hugging Face tokenizers mapped onto a
-tiktoken Encoding that gives exactly its ids, `encode(text, add_special_tokens=False).ids`, and
-Hugging Face tokenizers where the tokenizer is not one that maps exactly.
+"""The tokenizer, loaded once per process (load_tokenizer) as a BPETokenizer that encodes,
+decodes, and carries its end-of-text token, chat format and fingerprint.
+
+It encodes through tiktoken where that gives exactly Hugging Face tokenizers' ids,
+`encode(text, add_special_tokens=False).ids`, and through Hugging Face tokenizers elsewhere.
 
 The mapping: tiktoken's mergeable ranks are the vocabulary's byte strings (ByteLevel writes each
 byte as one printable character: the inverse of GPT-2's bytes_to_unicode) ranked by id, its
@@ -12,12 +14,18 @@ That is checked at load, with every structure of the JSON; anything else falls b
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
 from tokenizers import Tokenizer
+
+from chat import ChatFormat, chat_format
+from utils import UserError, require
 
 # The regexes of ByteLevel(use_regex=True) (GPT-2's) and of Llama-3's Split pre-tokenizer
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -34,31 +42,50 @@ def require_exact(ok: object, why: str) -> None:
         raise NotExact(why)
 
 
-@dataclass
-class TextEncoder:
-    """Text to the tokenizer's ids: through `fast` where it is exact, else Hugging Face's."""
-    tokenizer: Tokenizer
-    fast: tiktoken.Encoding | None
-    why_not_fast: str  # "" on the fast path
-    threads: int = 1
+@dataclass(frozen=True)
+class BPETokenizer:
+    """A tokenizer as a process loads it once and passes it along: its encoders, what ends a
+    document, its chat format and the fingerprint checkpoints record."""
+    path: str                       # its JSON file
+    hf: Tokenizer                   # Hugging Face tokenizers: decoding, offsets, the fallback
+    fast: tiktoken.Encoding | None  # the same ids, where the JSON maps onto tiktoken exactly
+    why_not_fast: str               # "" on the fast path
+    chat: ChatFormat                # how its conversations render as text
+    end_of_text: str                # the token that ends a document
+    end_of_text_id: int
+    fingerprint: str
+    threads: int = 1                # encode_batch's threads
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Each text's ids (int64), added tokens inside the text matched as Hugging Face does."""
-        if self.fast is None:
-            return hf_encode_batch(self.tokenizer, texts)
-        try:
-            ids = self.fast.encode_batch(texts, num_threads=self.threads, allowed_special="all")
-        except ValueError:  # tiktoken's regex gives up on a run of ~1M spaces: one text at a time
-            return [self.encode(text) for text in texts]
-        return [np.asarray(text_ids, dtype=np.int64) for text_ids in ids]
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
 
-    def encode(self, text: str) -> np.ndarray:
+    def token_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """The text's ids, as transformers' encode(add_special_tokens=False) gives them: added
+        tokens inside the text are matched, none is added around it."""
         if self.fast is not None:
             try:
-                return np.asarray(self.fast.encode(text, allowed_special="all"), dtype=np.int64)
-            except ValueError:  # as above: this text goes to Hugging Face tokenizers
+                return self.fast.encode(text, allowed_special="all")
+            except ValueError:  # tiktoken's regex gives up on a run of ~1M spaces
                 pass
-        return hf_encode_batch(self.tokenizer, [text])[0]
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's ids (int64), as encode gives them, on `threads` threads."""
+        if self.fast is None:
+            return hf_encode_batch(self.hf, texts)
+        try:
+            ids = self.fast.encode_batch(texts, num_threads=self.threads, allowed_special="all")
+        except ValueError:  # as in encode: one text at a time, the one that fails on HF's
+            ids = [self.encode(text) for text in texts]
+        return [np.asarray(text_ids, dtype=np.int64) for text_ids in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        """Exact inverse of encode: special tokens are kept, not silently dropped."""
+        return self.hf.decode(ids, skip_special_tokens=False)
 
 
 def hf_encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
@@ -68,13 +95,65 @@ def hf_encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
             for encoding in encode(texts, add_special_tokens=False)]
 
 
-def text_encoder(tokenizer: Tokenizer, threads: int = 1) -> TextEncoder:
-    """The tokenizer's encoder: tiktoken where the JSON maps onto it exactly."""
+def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "",
+                   threads: int = 1) -> BPETokenizer:
+    """The tokenizer at `path`, with the chat format and end-of-text token of its directory's
+    settings (chat.py); with `vocab_size`, one larger than it is refused with `fix` (a model's
+    embedding may be padded beyond its tokenizer)."""
+    require(os.path.isfile(path), f"tokenizer '{path}' not found — set data.tokenizer_path to a "
+            "tokenizer JSON (e.g. tokenizer/bpe_4096.json) or train one (python data.py "
+            "train-tokenizer FILES --vocab-size N --out PATH)")
     try:
-        return TextEncoder(tokenizer, exact_encoding(json.loads(tokenizer.to_str())), "",
-                           threads)
+        tokenizer = Tokenizer.from_file(path)
+    except Exception:  # the Rust side raises a bare Exception for any parse failure
+        raise UserError(f"'{path}' is not a tokenizer JSON — point data.tokenizer_path at one"
+                        ) from None
+    chat = chat_format(path)
+    end_of_text_id = tokenizer.token_to_id(chat.end_of_turn)
+    require(end_of_text_id is not None, f"tokenizer '{path}' has no {chat.end_of_turn} token "
+            "to end documents with — train one with python data.py train-tokenizer")
+    require(vocab_size is None or tokenizer.get_vocab_size() <= vocab_size,
+            f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but model.vocab_size is "
+            f"{vocab_size} — {fix or 'use the tokenizer the model was trained with'}")
+    spec = json.loads(tokenizer.to_str())
+    try:
+        fast, why_not_fast = exact_encoding(spec), ""
     except NotExact as reason:
-        return TextEncoder(tokenizer, None, str(reason), threads)
+        fast, why_not_fast = None, str(reason)
+    return BPETokenizer(path, tokenizer, fast, why_not_fast, chat, chat.end_of_turn,
+                        end_of_text_id, tokenizer_fingerprint(spec), threads)
+
+
+def tokenizer_fingerprint(spec: dict) -> str:
+    """An identity of what a tokenizer (its JSON, parsed) maps text to and from: checkpoints
+    record it, so a model is never paired with another tokenizer, even one of the same size."""
+    canonical = json.dumps(spec, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for: turns nats/token into bits/byte. Special
+    tokens (document separators, not text) count 0 and are left out of bits/byte; an added
+    token that is text counts the bytes of its content."""
+    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    kinds = {decoder.get("type")} | {step.get("type") for step in decoder.get("decoders", [])}
+    byte_level = "ByteLevel" in kinds
+    require(byte_level or bool(kinds & {"Metaspace", "ByteFallback"}), f"the tokenizer's "
+            f"decoder ({decoder.get('type')}) is neither byte-level nor SentencePiece-style, so "
+            "the bytes its tokens stand for are unknown and bits/byte would be wrong — use a "
+            "byte-level BPE tokenizer (python data.py train-tokenizer ...)")
+    added = tokenizer.get_added_tokens_decoder()
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token_id in added:
+            lengths[token_id] = 0 if added[token_id].special else len(token.encode("utf-8"))
+        elif byte_level:  # ByteLevel maps each byte to exactly one printable character
+            lengths[token_id] = len(token)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):  # SentencePiece's byte fallback
+            lengths[token_id] = 1
+        else:  # SentencePiece marks a space with "▁"
+            lengths[token_id] = len(token.replace("\u2581", " ").encode("utf-8"))
+    return lengths
 
 
 def byte_of_char() -> dict[str, int]:

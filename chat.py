@@ -13,11 +13,11 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Callable
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
 
 from utils import UserError, require
 
@@ -89,11 +89,12 @@ def chat_format(tokenizer_path: str) -> ChatFormat:
     return ChatFormat(template if isinstance(template, str) else DEFAULT_TEMPLATE, tokens)
 
 
-def stored_chat_format(stored: object, tokenizer_path: str) -> ChatFormat:
-    """A checkpoint's "chat" entry as a ChatFormat; the tokenizer's when it records none."""
+def stored_chat_format(stored: object, own: ChatFormat) -> ChatFormat:
+    """A checkpoint's "chat" entry as a ChatFormat; `own` (the tokenizer's) when it records
+    none."""
     if isinstance(stored, dict) and isinstance(stored.get("template"), str):
         return ChatFormat(stored["template"], dict(stored.get("special_tokens") or {}))
-    return chat_format(tokenizer_path)
+    return own
 
 
 @functools.lru_cache(maxsize=8)
@@ -129,11 +130,6 @@ def render(chat: ChatFormat, messages: list[dict], add_generation_prompt: bool =
     except jinja2.exceptions.TemplateError as err:
         raise UserError(f"the chat template refused the conversation ({err}) — fix the "
                         "conversation or the template") from None
-
-
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """A rendered conversation's token ids, as transformers tokenizes it: no added specials."""
-    return tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def conversation_problem(record: object) -> str:
@@ -180,15 +176,15 @@ def trained_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -
             for start, end in offsets]
 
 
-def chat_prompt(chat: ChatFormat, tokenizer: Tokenizer, system: str, history: list[dict],
-                window: int) -> tuple[list[int], int]:
+def chat_prompt(chat: ChatFormat, encode: Callable[[str], list[int]], system: str,
+                history: list[dict], window: int) -> tuple[list[int], int]:
     """The ids that ask for the next reply to `history` (user and assistant turns, ending with a
     user turn) under the system turn, if any, and how many oldest user+assistant pairs were
     dropped so that the prompt takes at most half the window, leaving the reply the rest."""
     head = [{"role": "system", "content": system}] if system else []
     dropped = 0
     while True:
-        ids = encode(tokenizer, render(chat, head + history[2 * dropped:], True))
+        ids = encode(render(chat, head + history[2 * dropped:], True))
         if len(ids) <= window // 2 or 2 * dropped + 1 >= len(history):
             return ids, dropped
         dropped += 1

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Collection
 
 import torch
-from tokenizers import Tokenizer
 
-from chat import ChatFormat, chat_format, stored_chat_format
-from data import load_tokenizer, tokenizer_fingerprint
+from bpe import BPETokenizer, load_tokenizer
+from chat import stored_chat_format
 from files import atomic_write, check_writable
 from hf import load_hf_directory
 from model import Transformer
@@ -61,12 +60,12 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
     return checkpoint
 
 
-def model_record(weights: dict[str, torch.Tensor], config: Config, tokenizer: Tokenizer) -> dict:
+def model_record(weights: dict[str, torch.Tensor], config: Config,
+                 tokenizer: BPETokenizer) -> dict:
     """What every checkpoint holds: the weights, the config, the tokenizer's fingerprint and
     the chat format (template and special tokens) conversations are rendered with."""
     return {"model": weights, "config": config_to_dict(config),
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "chat": dataclasses.asdict(chat_format(config.data.tokenizer_path))}
+            "tokenizer": tokenizer.fingerprint, "chat": dataclasses.asdict(tokenizer.chat)}
 
 
 def save_checkpoint(contents: dict, path: str) -> None:
@@ -129,15 +128,14 @@ def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
                         "the checkpoint is damaged or from another program") from None
 
 
-def check_tokenizer(checkpoint: dict, tokenizer: Tokenizer, tokenizer_path: str, source: str,
-                    fix: str) -> None:
+def check_tokenizer(checkpoint: dict, tokenizer: BPETokenizer, source: str, fix: str) -> None:
     """`tokenizer` is the one `source`'s weights were trained with: its fingerprint matches, or,
     for a checkpoint that records none, its vocabulary is the model's size."""
     vocab_size = checkpoint["config"]["model"]["vocab_size"]
     saved = checkpoint.get("tokenizer")
-    same = (saved == tokenizer_fingerprint(tokenizer) if saved is not None
-            else tokenizer.get_vocab_size() == vocab_size)
-    require(same, f"{tokenizer_path} is not the tokenizer {source} was trained with (its ids "
+    same = (saved == tokenizer.fingerprint if saved is not None
+            else tokenizer.vocab_size == vocab_size)
+    require(same, f"{tokenizer.path} is not the tokenizer {source} was trained with (its ids "
             f"would decode to other text) — {fix}")
 
 
@@ -145,12 +143,10 @@ def check_tokenizer(checkpoint: dict, tokenizer: Tokenizer, tokenizer_path: str,
 class TrainedModel:
     """A model ready to use (eval mode, on its device) with what reading it takes."""
     model: Transformer
-    tokenizer: Tokenizer
-    tokenizer_path: str
+    tokenizer: BPETokenizer  # its chat format: the one the checkpoint records
     context_length: int  # the window it was trained on: the most it ever sees
     device: torch.device
     precision: str
-    chat: ChatFormat  # how its conversations are rendered
 
 
 def load_trained(path: str, config_path: str | None = None,
@@ -167,12 +163,13 @@ def load_trained(path: str, config_path: str | None = None,
     precision = setup_precision(config.training.precision, device)
     fix = "pass --config with the tokenizer the checkpoint was trained on"
     tokenizer = load_tokenizer(config.data.tokenizer_path, stored.model.vocab_size, fix)
-    check_tokenizer(checkpoint, tokenizer, config.data.tokenizer_path, path, fix)
+    check_tokenizer(checkpoint, tokenizer, path, fix)
     model = Transformer(stored.model)
     load_weights(model, checkpoint, path)
-    chat = stored_chat_format(checkpoint.get("chat"), config.data.tokenizer_path)
-    return TrainedModel(model.to(device).eval(), tokenizer, config.data.tokenizer_path,
-                        stored.data.context_length, device, precision, chat)
+    tokenizer = dataclasses.replace(
+        tokenizer, chat=stored_chat_format(checkpoint.get("chat"), tokenizer.chat))
+    return TrainedModel(model.to(device).eval(), tokenizer, stored.data.context_length, device,
+                        precision)
 
 
 def adopt_pretrained(config: Config, cli_keys: Collection[str],

@@ -15,9 +15,8 @@ from typing import Callable, Iterator
 import torch
 from tokenizers.decoders import DecodeStream
 
-from chat import ROLES, encode, render
+from chat import ROLES, render
 from checkpoints import TrainedModel
-from data import decode, end_of_text
 from generate import generate
 from runtime import autocast_context
 from utils import MAX_SEED, UserError
@@ -172,18 +171,19 @@ def chat_completion(body: dict, trained: TrainedModel) -> Completion:
         raise ApiError(400, "logprobs are served by /v1/completions only", "logprobs",
                        "unsupported_parameter")
     try:
-        prompt = encode(trained.tokenizer, render(trained.chat, conversation, True))
+        prompt = trained.tokenizer.encode(render(trained.tokenizer.chat, conversation, True))
     except UserError as err:
         raise ApiError(400, str(err), "messages", "invalid_value") from None
     return Completion([prompt], [_fitted(trained, prompt, _max_tokens(body), "messages")],
-                      trained.tokenizer.token_to_id(trained.chat.end_of_turn), **_settings(body))
+                      trained.tokenizer.token_id(trained.tokenizer.chat.end_of_turn),
+                      **_settings(body))
 
 
 def _prompts(prompt: object, trained: TrainedModel) -> list[list[int]]:
     """`prompt` as token ids: a string, a list of strings, a list of ids, or a list of such."""
     def ids(one: object) -> list[int]:
         if isinstance(one, str):
-            return trained.tokenizer.encode(one, add_special_tokens=False).ids
+            return trained.tokenizer.encode(one)
         vocab = trained.model.config.vocab_size
         if isinstance(one, list) and one and all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in one):
@@ -200,7 +200,7 @@ def _prompts(prompt: object, trained: TrainedModel) -> list[list[int]]:
 
 def text_completion(body: dict, trained: TrainedModel) -> Completion:
     """A /v1/completions request; an empty prompt is the end-of-text token, as in infer.py."""
-    end_id = trained.tokenizer.token_to_id(end_of_text(trained.tokenizer_path))
+    end_id = trained.tokenizer.end_of_text_id
     prompts = [prompt or [end_id] for prompt in _prompts(body.get("prompt", ""), trained)]
     settings = _settings(body)
     logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
@@ -239,7 +239,7 @@ def generate_choice(trained: TrainedModel, completion: Completion, index: int,
             if ids[-1] == completion.end_id:
                 reason = "stop"
                 break
-            text += pieces.step(tokenizer, ids[-1]) or ""
+            text += pieces.step(tokenizer.hf, ids[-1]) or ""
             found = [text.find(stop, sent) for stop in stops]  # no sent text begins one
             if any(at >= 0 for at in found):
                 reason, cut = "stop", min(at for at in found if at >= 0)
@@ -252,7 +252,7 @@ def generate_choice(trained: TrainedModel, completion: Completion, index: int,
                 reason = "cancelled"
                 break
     if cut is None:  # what is left: held-back text, and bytes that never formed a character
-        text = decode(tokenizer, ids[:-1] if reason == "stop" else ids)
+        text = tokenizer.decode(ids[:-1] if reason == "stop" else ids)
         cut = min([len(text), *(at for stop in stops if (at := text.find(stop, sent)) >= 0)])
     if cut > sent:
         yield text[sent:cut]
@@ -278,11 +278,11 @@ def logprobs(trained: TrainedModel, completion: Completion, index: int) -> dict:
         if position >= first:
             row = log_probs[position - 1] if position else None
             top = row.topk(completion.logprobs) if row is not None else None
-            result["tokens"].append(decode(trained.tokenizer, [token]))
+            result["tokens"].append(trained.tokenizer.decode([token]))
             result["token_logprobs"].append(None if row is None else row[token].item())
             result["top_logprobs"].append(None if top is None else {
-                decode(trained.tokenizer, [int(i)]): value.item()
+                trained.tokenizer.decode([int(i)]): value.item()
                 for value, i in zip(top.values, top.indices)})
             result["text_offset"].append(offset)
-        offset += len(pieces.step(trained.tokenizer, token) or "") if position >= first else 0
+        offset += len(pieces.step(trained.tokenizer.hf, token) or "") if position >= first else 0
     return result

@@ -69,11 +69,7 @@ def read_text(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
             break
         rest = b""
         if len(piece) == READ_CHUNK_BYTES + LINE_END_BYTES and not piece.endswith(b"\n"):
-            cut = max(piece.rfind(byte, 1) for byte in WHITESPACE)
-            if cut < 1:  # no whitespace: cut before the lead byte of the last character
-                cut = len(piece) - 1
-                while cut > len(piece) - 4 and piece[cut] & 0xC0 == 0x80:  # a continuation
-                    cut -= 1
+            cut = text_cut(piece)
             piece, rest = piece[:cut], piece[cut:]
         try:
             yield Chunk([piece.decode("utf-8")], False, len(piece))
@@ -82,6 +78,19 @@ def read_text(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:
                             "re-encode it as UTF-8, e.g. iconv -t UTF-8") from None
         offset += len(piece)
     yield Chunk([""], True, 0)
+
+
+def text_cut(piece: bytes) -> int:
+    """Where UTF-8 text that runs on without a line end is cut: before its last whitespace
+    byte after the first (the tokenizer's words begin with their space; an ASCII byte is never
+    part of a longer character), else before the lead byte of its last character; 0: nowhere."""
+    cut = max(piece.rfind(byte, 1) for byte in WHITESPACE)
+    if cut > 0:
+        return cut
+    cut = len(piece) - 1
+    while cut > max(0, len(piece) - 4) and piece[cut] & 0xC0 == 0x80:  # a continuation byte
+        cut -= 1
+    return max(cut, 0)
 
 
 def read_jsonl(f: BinaryIO, path: str, data: DataConfig) -> Iterator[Chunk]:

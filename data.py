@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
-import re
 import signal
 import time
 from typing import Iterator
@@ -24,12 +22,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from chat import EOT, chat_format, special_tokens
+from bpe import BPETokenizer, load_tokenizer
+from chat import EOT
+from checkpoints import adopt_pretrained
 from corpus import read_corpus_file, resolve_corpus_files, suffixes
 from files import atomic_write, check_writable
 from plays import write_play_conversations
-from shards import (Reading, build_shards, cpu_cores, finished, plan_shards, remove_if_empty,
-                    remove_stale)
+from pool import cpu_cores
+from shards import Reading, build_shards, finished, plan_shards, remove_if_empty, remove_stale
 from utils import (ArgumentParser, Config, DataConfig, UserError, load_config, require,
                    require_within, run_cli, warn)
 
@@ -69,69 +69,6 @@ def train_tokenizer(files: list[str], out_path: str, vocab_size: int,
     return tokenizer
 
 
-def end_of_text(tokenizer_path: str) -> str:
-    """The token that ends a document and a chat turn: the eos_token of a Hugging Face
-    directory's tokenizer (e.g. </s>), else <|endoftext|>."""
-    return special_tokens(tokenizer_path).get("eos_token", EOT)
-
-
-def load_tokenizer(path: str, vocab_size: int | None = None, fix: str = "") -> Tokenizer:
-    """The tokenizer at `path`; with `vocab_size`, one larger than it is refused with `fix` (a
-    model's embedding may be padded beyond its tokenizer)."""
-    require(os.path.isfile(path), f"tokenizer '{path}' not found — set data.tokenizer_path to a "
-            "tokenizer JSON (e.g. tokenizer/bpe_4096.json) or train one (python data.py "
-            "train-tokenizer FILES --vocab-size N --out PATH)")
-    try:
-        tokenizer = Tokenizer.from_file(path)
-    except Exception:  # the Rust side raises a bare Exception for any parse failure
-        raise UserError(f"'{path}' is not a tokenizer JSON — point data.tokenizer_path at one"
-                        ) from None
-    eot = end_of_text(path)
-    require(tokenizer.token_to_id(eot) is not None, f"tokenizer '{path}' has no {eot} token to "
-            "end documents with — train one with python data.py train-tokenizer")
-    require(vocab_size is None or tokenizer.get_vocab_size() <= vocab_size,
-            f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but model.vocab_size is "
-            f"{vocab_size} — {fix or 'use the tokenizer the model was trained with'}")
-    return tokenizer
-
-
-def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
-    """An identity of what the tokenizer maps text to and from: checkpoints record it, so a
-    model is never paired with another tokenizer, even one of the same size."""
-    canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
-    """Exact inverse of encode: special tokens are kept, not silently dropped."""
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
-    """UTF-8 bytes of text each token id stands for: turns nats/token into bits/byte. Special
-    tokens (document separators, not text) count 0 and are left out of bits/byte; an added
-    token that is text counts the bytes of its content."""
-    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
-    kinds = {decoder.get("type")} | {step.get("type") for step in decoder.get("decoders", [])}
-    byte_level = "ByteLevel" in kinds
-    require(byte_level or bool(kinds & {"Metaspace", "ByteFallback"}), f"the tokenizer's "
-            f"decoder ({decoder.get('type')}) is neither byte-level nor SentencePiece-style, so "
-            "the bytes its tokens stand for are unknown and bits/byte would be wrong — use a "
-            "byte-level BPE tokenizer (python data.py train-tokenizer ...)")
-    added = tokenizer.get_added_tokens_decoder()
-    lengths = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.int64)
-    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
-        if token_id in added:
-            lengths[token_id] = 0 if added[token_id].special else len(token.encode("utf-8"))
-        elif byte_level:  # ByteLevel maps each byte to exactly one printable character
-            lengths[token_id] = len(token)
-        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):  # SentencePiece's byte fallback
-            lengths[token_id] = 1
-        else:  # SentencePiece marks a space with "▁"
-            lengths[token_id] = len(token.replace("\u2581", " ").encode("utf-8"))
-    return lengths
-
-
 def _cache_prefix(data: DataConfig, files: list[str]) -> str:
     """Beside the text, or in data.cache_dir under a name that says which corpus it holds."""
     path = data.raw_text_path
@@ -147,7 +84,7 @@ def _cache_prefix(data: DataConfig, files: list[str]) -> str:
     return os.path.join(os.path.dirname(files[0]), f"glob-{pattern_id}")
 
 
-def prepare_tokens(data: DataConfig, tokenizer: Tokenizer, workers: int = 0
+def prepare_tokens(data: DataConfig, tokenizer: BPETokenizer, workers: int = 0
                    ) -> tuple[TokenStream, TokenStream | None]:
     """The token stream of the whole corpus, and for conversations the mask of the assistant's
     tokens beside it (else None): the cache's shards end to end (shards.py), those missing
@@ -155,11 +92,10 @@ def prepare_tokens(data: DataConfig, tokenizer: Tokenizer, workers: int = 0
     files = resolve_corpus_files(data.raw_text_path)
     require(sum(map(os.path.getsize, files)) > 0, f"the corpus at '{data.raw_text_path}' is "
             "empty — point data.raw_text_path at some text")
-    dtype = "uint16" if tokenizer.get_vocab_size() <= 65535 else "uint32"
-    reading = Reading(tokenizer.to_str(), end_of_text(data.tokenizer_path),
-                      chat_format(data.tokenizer_path), data, dtype)
+    dtype = "uint16" if tokenizer.vocab_size <= 65535 else "uint32"
+    reading = Reading(tokenizer.hf.to_str(), tokenizer.end_of_text, tokenizer.chat, data, dtype)
     shards = plan_shards(files, reading)
-    tokenizer_name = os.path.splitext(os.path.basename(data.tokenizer_path))[0]
+    tokenizer_name = os.path.splitext(os.path.basename(tokenizer.path))[0]
     directory = os.path.join(_cache_prefix(data, files) + ".shards",
                              f"{tokenizer_name}-{reading.name}")
     try:
@@ -303,7 +239,7 @@ def split_tokens(tokens: np.ndarray, data: DataConfig,
     return train, val
 
 
-def prepare_data(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
+def prepare_data(config: Config) -> tuple[BPETokenizer, TokenWindows, TokenWindows]:
     """The tokenizer (checked against model.vocab_size) and the train and validation windows."""
     tokenizer = load_tokenizer(config.data.tokenizer_path, config.model.vocab_size,
                                "set model.vocab_size to its size or use the matching tokenizer")
@@ -344,8 +280,6 @@ def _ignore_sigint(worker_id: int) -> None:
 def prepare_corpus(config_path: str, overrides: list[str], workers: int) -> None:
     """`prepare`: the token cache of the corpus a training run with this config reads, built
     with the tokenizer it will use (training.init_from's, when it names one)."""
-    from checkpoints import adopt_pretrained  # it imports this module: imported when used
-
     require_within("--workers", workers, 0, 4096)
     config, _ = adopt_pretrained(load_config(config_path, overrides),
                                  {item.partition("=")[0] for item in overrides}, True)

@@ -17,13 +17,13 @@ from typing import Callable, ContextManager, TypeVar
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      set_model_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from bpe import BPETokenizer
 from data import TokenWindows, prepare_data
 from model import Block, Transformer, meta_model
 from utils import Config, TrainingConfig, UserError
@@ -73,7 +73,8 @@ def require_same_on_all_ranks(value: object, what: str, fix: str) -> None:
         raise UserError(f"ranks disagree on {what} ({shown}) — {fix}")
 
 
-def prepare_data_once_per_node(config: Config) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
+def prepare_data_once_per_node(
+        config: Config) -> tuple[BPETokenizer, TokenWindows, TokenWindows]:
     """Local rank 0 builds the corpus and token cache; the node's other ranks then read them.
     Under torchrun the ranks wait for each other by polling the process group's store, not in a
     collective, which would fail after training.dist_timeout_s however long tokenizing takes."""

@@ -60,7 +60,7 @@ def main() -> None:
         tasks = [with_fewshot(task, args.fewshot) for task in load_tasks(args.tasks)]
         tasks = [Task(task.name, task.examples[:args.limit]) for task in tasks]
         trained = load_trained(args.ckpt_path, args.config, args.device)
-        encoder = Encoder(trained.tokenizer, trained.tokenizer_path)
+        encoder = Encoder(trained.tokenizer)
         rows = [f"{'task':<24} {'n':>6} {'acc':>17} {'acc_norm':>17} {'examples/s':>9}"]
         for task in tasks:
             start = time.perf_counter()

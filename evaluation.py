@@ -9,11 +9,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
-from chat import chat_format, encode, render
+from bpe import BPETokenizer
+from chat import render
 from checkpoints import model_record, save_checkpoint
-from data import IGNORE_INDEX, TokenWindows, decode
+from data import IGNORE_INDEX, TokenWindows
 from distributed import all_reduce, full_weights_across_ranks, is_rank_0
 from generate import generate
 from model import Transformer
@@ -68,7 +68,7 @@ def evaluate_across_ranks(model: Transformer, batches: list[tuple[torch.Tensor, 
 
 
 def evaluate_and_keep_best_across_ranks(
-        model: Transformer, tokenizer: Tokenizer, batches: list, token_bytes: torch.Tensor,
+        model: Transformer, tokenizer: BPETokenizer, batches: list, token_bytes: torch.Tensor,
         tasks: list[Task], config: Config, precision: str, state: RunState,
         conversations: bool) -> tuple[str, dict[str, float], str | None]:
     """Val loss and bits/byte (of a conversation run: on the assistant's tokens), the eval
@@ -76,7 +76,7 @@ def evaluate_and_keep_best_across_ranks(
     best checkpoint. -> (the lines to print, TensorBoard scalars, the sample)"""
     device, t = model.embed_tokens.weight.device, config.training
     val_loss, val_bpb = evaluate_across_ranks(model, batches, token_bytes, precision)
-    encoder = Encoder(tokenizer, config.data.tokenizer_path)
+    encoder = Encoder(tokenizer)
     scores = {task.name: score_task_across_ranks(model, encoder, task,
                                                  config.data.context_length, device, precision)
               for task in tasks}
@@ -101,14 +101,14 @@ def evaluate_and_keep_best_across_ranks(
     return lines, scalars, text
 
 
-def sample(model: Transformer, tokenizer: Tokenizer, config: Config, precision: str,
+def sample(model: Transformer, tokenizer: BPETokenizer, config: Config, precision: str,
            conversations: bool) -> str:
     """TensorBoard's text sample, drawn with its own generator (so every rank draws the same
     one): text after the end-of-text token, or in a conversation run the reply to SAMPLE_TURN,
     up to its end of turn."""
-    device, chat = model.embed_tokens.weight.device, chat_format(config.data.tokenizer_path)
-    eot_id = tokenizer.token_to_id(chat.end_of_turn)
-    prompt = (encode(tokenizer, render(chat, [{"role": "user", "content": SAMPLE_TURN}], True))
+    device, chat = model.embed_tokens.weight.device, tokenizer.chat
+    eot_id = tokenizer.token_id(chat.end_of_turn)
+    prompt = (tokenizer.encode(render(chat, [{"role": "user", "content": SAMPLE_TURN}], True))
               if conversations else [eot_id])
     model.eval()
     with autocast_context(device, precision):
@@ -118,4 +118,4 @@ def sample(model: Transformer, tokenizer: Tokenizer, config: Config, precision: 
             eos_id=eot_id if conversations else None,
             generator=torch.Generator(device=device).manual_seed(0))]
     model.train()
-    return decode(tokenizer, prompt + ids) if conversations else decode(tokenizer, ids)
+    return tokenizer.decode(prompt + ids if conversations else ids)

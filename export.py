@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 
+from bpe import load_tokenizer
 from checkpoints import check_tokenizer, load_checkpoint, load_weights
 from chat import stored_chat_format
-from data import load_tokenizer
 from files import check_writable
 from gguf_export import DTYPES, llama_cpp_pre_tokenizer, write_gguf
 from hf import directory_contents, write_directory
@@ -54,18 +54,18 @@ def export(ckpt_path: str, out: str, tokenizer_path: str | None = None, force: b
     tokenizer_path = tokenizer_path or config.data.tokenizer_path
     fix = "pass --tokenizer with the one the checkpoint was trained on"
     tokenizer = load_tokenizer(tokenizer_path, config.model.vocab_size, fix)
-    check_tokenizer(checkpoint, tokenizer, tokenizer_path, ckpt_path, fix)
+    check_tokenizer(checkpoint, tokenizer, ckpt_path, fix)
     check_out(out, out_format, force)
     pre_tokenizer = ""
     if out_format == "gguf":  # a tokenizer llama.cpp cannot reproduce is refused first
-        pre_tokenizer = llama_cpp_pre_tokenizer(tokenizer, tokenizer_path)
+        pre_tokenizer = llama_cpp_pre_tokenizer(tokenizer.hf, tokenizer_path)
     model = Transformer(config.model)
     load_weights(model, checkpoint, ckpt_path)  # refuses bad weights before writing anything
-    chat = stored_chat_format(checkpoint.get("chat"), tokenizer_path)
+    chat = stored_chat_format(checkpoint.get("chat"), tokenizer.chat)
     if out_format == "gguf":
-        write_gguf(out, model.state_dict(), config, tokenizer, pre_tokenizer, chat, dtype)
+        write_gguf(out, model.state_dict(), config, tokenizer.hf, pre_tokenizer, chat, dtype)
     else:
-        write_directory(out, directory_contents(model.state_dict(), config, tokenizer, chat))
+        write_directory(out, directory_contents(model.state_dict(), config, tokenizer.hf, chat))
 
 
 def main() -> None:

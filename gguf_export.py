@@ -187,7 +187,8 @@ def write_gguf(out_path: str, state: dict[str, torch.Tensor], config: Config,
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
             raise UserError(f"the chat format's special token {token!r} is not in the "
-                            "tokenizer's vocabulary — fix the tokenizer_config.json that names it")
+                            "tokenizer's vocabulary — fix the tokenizer_config.json that names "
+                            "it")
         add_id(token_id)
     writer.add_add_bos_token(False)  # SLM trains without a bos token before each document
     writer.add_add_eos_token(False)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save
 
 from tokenizers import Tokenizer
 
+from bpe import tokenizer_fingerprint
 from chat import ChatFormat
-from data import tokenizer_fingerprint
 from files import check_writable
 from utils import (Config, DataConfig, ModelConfig, UserError, config_to_dict, require,
                    stored_config)
@@ -246,4 +246,5 @@ def load_hf_directory(directory: str, weights: bool = True) -> dict:
         raise UserError(f"{config.data.tokenizer_path} is not a tokenizer JSON — fetch or export "
                         "the directory again") from None
     return {**({"model": state} if weights else {}), "config": config_to_dict(config),
-            "tokenizer": tokenizer_fingerprint(tokenizer), "directory": directory}
+            "tokenizer": tokenizer_fingerprint(json.loads(tokenizer.to_str())),
+            "directory": directory}

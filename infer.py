@@ -14,7 +14,6 @@ from tokenizers.decoders import DecodeStream
 
 from chat import chat_prompt
 from checkpoints import TrainedModel, load_trained
-from data import decode, end_of_text
 from generate import generate
 from runtime import autocast_context
 from utils import MAX_SEED, ArgumentParser, UserError, require_within, run_cli, warn
@@ -89,11 +88,11 @@ def stream(trained: TrainedModel, args: argparse.Namespace, prompt_ids: list[int
                 ended = True
                 break
             new_ids.append(int(token))
-            piece = pieces.step(trained.tokenizer, new_ids[-1])
+            piece = pieces.step(trained.tokenizer.hf, new_ids[-1])
             if piece:
                 print(piece, end="", flush=True)
                 printed += len(piece)
-    text = decode(trained.tokenizer, new_ids)  # bytes that never formed a character: U+FFFD
+    text = trained.tokenizer.decode(new_ids)  # bytes that never formed a character: U+FFFD
     print(text[printed:], flush=True)
     return text, ended
 
@@ -102,7 +101,7 @@ def chat(trained: TrainedModel, args: argparse.Namespace, generator: torch.Gener
     """One reply to --prompt, or a conversation of stdin's lines: the whole history is rendered
     again each turn, the replies kept as their decoded text."""
     tokenizer, context = trained.tokenizer, trained.context_length
-    eos_id = tokenizer.token_to_id(trained.chat.end_of_turn)
+    eos_id = tokenizer.token_id(tokenizer.chat.end_of_turn)
     if not args.prompt and sys.stdin.isatty():
         print("chat: type a turn and press Enter; Ctrl-D ends", file=sys.stderr, flush=True)
     history: list[dict] = []
@@ -113,7 +112,8 @@ def chat(trained: TrainedModel, args: argparse.Namespace, generator: torch.Gener
             continue
         check_utf8(line, "--prompt" if args.prompt else f"line {number} of stdin")
         history.append({"role": "user", "content": line.rstrip("\r\n")})
-        prompt_ids, dropped = chat_prompt(trained.chat, tokenizer, args.system, history, context)
+        prompt_ids, dropped = chat_prompt(tokenizer.chat, tokenizer.encode, args.system, history,
+                                          context)
         del history[:2 * dropped]
         if len(prompt_ids) >= context:
             warn(f"the system and user turns take {len(prompt_ids)} tokens and fill the "
@@ -138,8 +138,7 @@ def main() -> None:
         chat(trained, args, generator)
         return
     tokenizer, context = trained.tokenizer, trained.context_length
-    eot_id = tokenizer.token_to_id(end_of_text(trained.tokenizer_path))
-    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids or [eot_id]
+    prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.end_of_text_id]
     if len(prompt_ids) > context:
         warn(f"prompt has {len(prompt_ids)} tokens, more than the {context} the model was "
              f"trained on; it sees the last {context}")
@@ -147,7 +146,8 @@ def main() -> None:
         if sample:
             print("\n" + "-" * 40)
         print(args.prompt, end="")
-        stream(trained, args, prompt_ids, args.max_length, eot_id, generator)
+        stream(trained, args, prompt_ids, args.max_length, tokenizer.end_of_text_id, generator)
+
 
 if __name__ == "__main__":
     run_cli(main)

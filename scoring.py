@@ -18,11 +18,9 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from chat import special_tokens
-from data import decode, end_of_text
+from bpe import BPETokenizer
 from distributed import all_reduce
 from model import Transformer
 from runtime import autocast_context
@@ -115,17 +113,27 @@ class Encoder:
     special tokens are added (a post-processor that adds bos adds it), except to text that
     already starts with the prefix token (bos, else eos), which an empty context becomes."""
 
-    def __init__(self, tokenizer: Tokenizer, tokenizer_path: str):
+    def __init__(self, tokenizer: BPETokenizer):
         self.tokenizer = tokenizer
-        prefix = special_tokens(tokenizer_path).get("bos_token") or end_of_text(tokenizer_path)
-        self.prefix_id = tokenizer.token_to_id(prefix)
-        require(self.prefix_id is not None, f"{tokenizer_path} has no {prefix} token to start "
+        prefix = tokenizer.chat.special_tokens.get("bos_token") or tokenizer.end_of_text
+        self.prefix_id = tokenizer.token_id(prefix)
+        require(self.prefix_id is not None, f"{tokenizer.path} has no {prefix} token to start "
                 "an empty context with — use the tokenizer the model was trained with")
-        self.prefix_text = decode(tokenizer, [self.prefix_id])
+        self.prefix_text = tokenizer.decode([self.prefix_id])
+        # what the post-processor adds around a text's ids: the same around every text
+        marked = tokenizer.hf.encode("a", add_special_tokens=True).ids
+        plain = tokenizer.encode("a")
+        start = next((i for i in range(len(marked) - len(plain) + 1)
+                      if marked[i:i + len(plain)] == plain), None)
+        require(start is not None, f"{tokenizer.path}'s post-processor changes a text's own ids "
+                "— use a tokenizer whose post-processor only adds special tokens around them")
+        self.before, self.after = marked[:start], marked[start + len(plain):]
 
     def encode(self, text: str, special_tokens: bool = True) -> list[int]:
-        special_tokens = special_tokens and not text.startswith(self.prefix_text)
-        return self.tokenizer.encode(text, add_special_tokens=special_tokens).ids
+        ids = self.tokenizer.encode(text)
+        if special_tokens and not text.startswith(self.prefix_text):
+            return self.before + ids + self.after
+        return ids
 
     def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids): the context's trailing whitespace moves to the

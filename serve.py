@@ -35,7 +35,6 @@ from starlette.exceptions import HTTPException
 from checkpoints import TrainedModel, load_trained
 from completions import (ApiError, Completion, chat_completion, generate_choice, logprobs,
                          text_completion)
-from data import decode, end_of_text
 from utils import ArgumentParser, UserError, require_within, run_cli
 
 MAX_BODY_BYTES = 4 << 20
@@ -306,7 +305,7 @@ def make_app(server: Server) -> FastAPI:
         await finished(job)
         choices = []
         for index, prompt in enumerate(completion.prompts):
-            echoed = decode(tokenizer, prompt) if completion.echo else ""
+            echoed = tokenizer.decode(prompt) if completion.echo else ""
             choices.append({"index": index, "text": echoed + completion.texts[index],
                             "finish_reason": completion.finish_reasons[index], "logprobs":
                             completion.choice_logprobs[index] if completion.choice_logprobs
@@ -327,11 +326,11 @@ def make_app(server: Server) -> FastAPI:
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
-        special = {"bos_token": trained.chat.special_tokens.get("bos_token"),
-                   "eos_token": end_of_text(trained.tokenizer_path),
-                   "pad_token": trained.chat.special_tokens.get("pad_token")}
+        special = {"bos_token": tokenizer.chat.special_tokens.get("bos_token"),
+                   "eos_token": tokenizer.end_of_text,
+                   "pad_token": tokenizer.chat.special_tokens.get("pad_token")}
         return {**{key: token for key, token in special.items() if token},
-                "chat_template": trained.chat.template,
+                "chat_template": tokenizer.chat.template,
                 "model_max_length": trained.context_length}
 
     @app.post("/tokenize")
@@ -339,7 +338,7 @@ def make_app(server: Server) -> FastAPI:
         text = (await read_json(request)).get("prompt")
         if not isinstance(text, str):
             raise ApiError(400, "prompt must be a string", "prompt", "invalid_type")
-        return {"tokens": tokenizer.encode(text, add_special_tokens=False).ids}
+        return {"tokens": tokenizer.encode(text)}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
@@ -349,7 +348,7 @@ def make_app(server: Server) -> FastAPI:
                                               for i in ids)):
             raise ApiError(400, f"tokens must be a list of token ids in [0, {vocab})", "tokens",
                            "invalid_value")
-        return {"prompt": decode(tokenizer, ids)}
+        return {"prompt": tokenizer.decode(ids)}
 
     @app.get("/")
     async def page() -> FileResponse:

@@ -14,35 +14,26 @@ the shard) before building it, and passes over a shard another process holds.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import functools
 import hashlib
 import json
-import multiprocessing
-import multiprocessing.forkserver
 import os
-import queue
 import shutil
-import signal
 import tempfile
-import threading
-import time
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
-from tokenizers import Tokenizer
-
-from bpe import TextEncoder, text_encoder
 from tqdm import tqdm
 
+from bpe import BPETokenizer
 from chat import ChatFormat, assistant_spans, trained_mask
-from corpus import (FORMATS, LINE_END_BYTES, WHITESPACE, Chunk, format_of, read_corpus_file,
-                    reading_key, row_group_starts)
+from corpus import (FORMATS, LINE_END_BYTES, Chunk, format_of, read_corpus_file, reading_key,
+                    row_group_starts, text_cut)
 from files import atomic_write, check_writable
+from pool import cpu_cores, read_ahead, run_in_workers
 from utils import DataConfig, UserError, require, warn
 
 SHARD_BYTES = 1 << 25        # a shard's share of the corpus: many for the workers, few memmaps
@@ -53,9 +44,6 @@ CUT_READ_BYTES = 1 << 16     # read at a time looking for a line start to cut a 
 CUTTABLE = (".txt", ".jsonl", ".parquet")  # formats a large file of is cut into pieces
 CACHE_VERSION = "shards-1"   # part of every key: a change of layout rebuilds every cache
 LOCK_FILE = ".building.lock"
-UPDATE_SECONDS = 0.2         # how often a worker reports its progress
-WATCH_SECONDS = 1.0          # how often a worker checks that the process it works for runs
-PR_SET_PDEATHSIG = 1         # prctl(2): the signal this process gets when its parent ends
 Progress = Callable[[int, int, int], None]  # (file bytes, text bytes, tokens) just done
 
 
@@ -146,7 +134,7 @@ def plan_shards(files: list[str], reading: Reading) -> list[Shard]:
 def cut_file(path: str, size: int, mtime_ns: int) -> list[Piece]:
     """Pieces of a large file, each cut after a multiple of SHARD_BYTES: a parquet file where
     the next row group begins; text or JSONL at the first line start within LINE_END_BYTES,
-    text with no newline there before the last whitespace (as corpus.read_text cuts it), a
+    text with no newline there where corpus.text_cut cuts it (as corpus.read_text does), a
     JSONL line that long not at all."""
     starts = [0]
     with open(path, "rb") as f:
@@ -167,7 +155,7 @@ def cut_file(path: str, size: int, mtime_ns: int) -> list[Piece]:
 
 def line_start_near(f: BinaryIO, target: int, text: bool) -> int | None:
     """The first line start at or after byte `target` within LINE_END_BYTES; for `text` with no
-    newline there, the last whitespace in that span; None: no cut here."""
+    newline there, where corpus.text_cut cuts that span; None: no cut here."""
     f.seek(target - 1)
     window = b""  # read on from the byte before the target until a newline
     while b"\n" not in window and len(window) <= LINE_END_BYTES:
@@ -178,7 +166,7 @@ def line_start_near(f: BinaryIO, target: int, text: bool) -> int | None:
     window = window[:LINE_END_BYTES + 1]
     cut = window.find(b"\n") + 1
     if cut == 0 and text:
-        cut = max(window.rfind(byte, 1) for byte in WHITESPACE)
+        cut = text_cut(window)
     return target - 1 + cut if cut > 0 else None
 
 
@@ -194,58 +182,63 @@ def text_pieces(text: str) -> list[str]:
     return pieces
 
 
-def _encode_pieces(encoder: TextEncoder, text: str) -> np.ndarray:
-    ids = encoder.encode_batch(text_pieces(text))
+def _encode_pieces(tokenizer: BPETokenizer, text: str) -> np.ndarray:
+    ids = tokenizer.encode_batch(text_pieces(text))
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
-def _encode_chunk(encoder: TextEncoder, reading: Reading,
+def _encode_chunk(tokenizer: BPETokenizer, reading: Reading,
                   chunk: Chunk) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A chunk's token ids, and for conversations per id whether it is the assistant's. A whole
     document ends with the end-of-text token; conversations are rendered by the chat template
     and encoded by Hugging Face tokenizers, whose offsets place the assistant's tokens."""
-    dtype, tokenizer = np.dtype(reading.dtype), encoder.tokenizer
+    dtype = np.dtype(reading.dtype)
     if chunk.conversations:
         rendered = [assistant_spans(reading.chat, messages) for messages in chunk.conversations]
-        encodings = tokenizer.encode_batch([text for text, _ in rendered],
+        encodings = tokenizer.hf.encode_batch([text for text, _ in rendered],
                                            add_special_tokens=False)
         return ([np.asarray(encoding.ids, dtype=dtype) for encoding in encodings],
                 [np.asarray(trained_mask(encoding.offsets, spans), dtype=np.uint8)
                  for encoding, (_, spans) in zip(encodings, rendered)])
     if chunk.whole_documents:
-        eot_ids = np.array([tokenizer.token_to_id(reading.eot)], dtype=dtype)
+        eot_ids = np.array([tokenizer.token_id(reading.eot)], dtype=dtype)
         return [np.append(ids.astype(dtype), eot_ids)
-                for ids in encoder.encode_batch(chunk.texts)], []
+                for ids in tokenizer.encode_batch(chunk.texts)], []
     # part of a long document: split further for the encoder's threads
-    return [_encode_pieces(encoder, text).astype(dtype) for text in chunk.texts], []
+    return [_encode_pieces(tokenizer, text).astype(dtype) for text in chunk.texts], []
 
 
-def tokenize_shard(shard: Shard, encoder: TextEncoder, reading: Reading, directory: str,
+def tokenize_shard(shard: Shard, tokenizer: BPETokenizer, reading: Reading, directory: str,
                    progress: Progress) -> None:
     """Write a shard's tokens, its mask for conversations, then its .json, which marks it done.
-    The mask (a byte per token) goes to a spool file as it is made: memory stays flat."""
+    The mask (a byte per token) goes to a spool file as it is made: memory stays flat. The
+    next chunk is read (and decompressed) on a thread of its own while this one is encoded."""
     kinds, num_tokens = {}, 0  # kinds: is a conversation -> the first file of it
     mask_spool = tempfile.TemporaryFile(dir=directory)
 
-    def write(out: BinaryIO) -> None:
-        nonlocal num_tokens
+    def chunks() -> Iterator[tuple[str, Chunk]]:
         for piece in shard.pieces:
             stat = os.stat(piece.path)
             require((stat.st_size, stat.st_mtime_ns) == (piece.size, piece.mtime_ns),
                     f"{piece.path} changed while the corpus was tokenized — run again once "
                     "nothing writes to it")
             for chunk in read_corpus_file(piece.path, reading.data, piece.start, piece.end):
-                kinds.setdefault(bool(chunk.conversations), piece.path)
-                if len(kinds) > 1:
-                    raise UserError(f"{kinds[True]} holds conversations and {kinds[False]} text "
-                                    "— a run trains on text or on conversations, never a mix: "
-                                    "give data.raw_text_path one kind")
-                ids, masks = _encode_chunk(encoder, reading, chunk)
-                out.write(b"".join(part.tobytes() for part in ids))
-                mask_spool.write(b"".join(mask.tobytes() for mask in masks))
-                chunk_tokens = sum(map(len, ids))
-                num_tokens += chunk_tokens
-                progress(chunk.num_bytes, chunk.text_bytes, chunk_tokens)
+                yield piece.path, chunk
+
+    def write(out: BinaryIO) -> None:
+        nonlocal num_tokens
+        for path, chunk in read_ahead(chunks()):
+            kinds.setdefault(bool(chunk.conversations), path)
+            if len(kinds) > 1:
+                raise UserError(f"{kinds[True]} holds conversations and {kinds[False]} text — "
+                                "a run trains on text or on conversations, never a mix: give "
+                                "data.raw_text_path one kind")
+            ids, masks = _encode_chunk(tokenizer, reading, chunk)
+            out.write(b"".join(part.tobytes() for part in ids))
+            mask_spool.write(b"".join(mask.tobytes() for mask in masks))
+            chunk_tokens = sum(map(len, ids))
+            num_tokens += chunk_tokens
+            progress(chunk.num_bytes, chunk.text_bytes, chunk_tokens)
 
     with mask_spool:
         atomic_write(_path(directory, shard.key, "tokens.bin"), write)
@@ -309,7 +302,7 @@ def shard_lock(directory: str, key: str, wait: bool) -> Iterator[bool]:
         fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
 
 
-def build_shard(shard: Shard, encoder: TextEncoder, reading: Reading, directory: str,
+def build_shard(shard: Shard, tokenizer: BPETokenizer, reading: Reading, directory: str,
                 progress: Progress, wait: bool = False) -> str:
     """Build a shard unless it is finished, or (without `wait`) another process is building it:
     -> "built", "found" (finished by another process) or "busy"."""
@@ -318,74 +311,24 @@ def build_shard(shard: Shard, encoder: TextEncoder, reading: Reading, directory:
             return "busy"
         if finished(directory, shard) is not None:
             return "found"
-        tokenize_shard(shard, encoder, reading, directory, progress)
+        tokenize_shard(shard, tokenizer, reading, directory, progress)
         return "built"
 
 
-_worker: dict = {}  # a worker process's encoder, reading and progress queue
+_worker: dict = {}  # a worker process's tokenizer and reading
 
 
-def _die_with(owner: int) -> None:
-    """End this worker process when process `owner` ends, kill -9 included. The worker's
-    parent is the forkserver, which ends when the last copy of its "alive" pipe closes: with
-    the worker's copy closed, it ends with `owner`, and Linux's parent-death signal kills the
-    worker at once. A thread also polls `owner`, every WATCH_SECONDS and first right away:
-    the one way on other systems, and on Linux the way out where the forkserver outlives
-    `owner` (a child forked from `owner` holds the pipe too) or ended before the signal was
-    asked for."""
-    server = multiprocessing.forkserver._forkserver
-    if getattr(server, "_forkserver_alive_fd", None) is not None:  # a worker starts no process
-        os.close(server._forkserver_alive_fd)
-        server._forkserver_alive_fd = None
-    with contextlib.suppress(AttributeError, OSError):  # no prctl: not Linux
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    def watch() -> None:
-        # PermissionError: the pid is another user's process now, so `owner` ended
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            while True:
-                os.kill(owner, 0)
-                time.sleep(WATCH_SECONDS)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
+def _start_worker(tokenizer: BPETokenizer, reading: Reading) -> None:
+    # read at Hugging Face tokenizers' first use
+    os.environ.setdefault("RAYON_NUM_THREADS", str(tokenizer.threads))
+    _worker.update(tokenizer=tokenizer, reading=reading)
 
 
-def _start_worker(owner: int, tokenizer_json: str, reading: Reading,
-                  updates: multiprocessing.Queue, threads: int) -> None:
-    _die_with(owner)
-    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read at the tokenizer's first use
-    _worker.update(encoder=text_encoder(Tokenizer.from_str(tokenizer_json), threads),
-                   reading=reading,
-                   updates=updates)
+def _build_in_worker(directory: str, shard: Shard, progress: Progress) -> str:
+    return build_shard(shard, _worker["tokenizer"], _worker["reading"], directory, progress)
 
 
-def _build_in_worker(shard: Shard, directory: str) -> str:
-    """build_shard in a worker: its progress goes to the queue every UPDATE_SECONDS at most."""
-    sums, sent_at = [0, 0, 0], time.monotonic()
-
-    def send() -> None:
-        nonlocal sums, sent_at
-        _worker["updates"].put(tuple(sums))
-        sums, sent_at = [0, 0, 0], time.monotonic()
-
-    def progress(*done: int) -> None:
-        sums[:] = [total + part for total, part in zip(sums, done)]
-        if time.monotonic() - sent_at >= UPDATE_SECONDS:
-            send()
-
-    try:
-        return build_shard(shard, _worker["encoder"], _worker["reading"], directory, progress)
-    finally:
-        send()
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on (all of them where the OS cannot say)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def build_shards(shards: list[Shard], tokenizer: Tokenizer, reading: Reading, directory: str,
+def build_shards(shards: list[Shard], tokenizer: BPETokenizer, reading: Reading, directory: str,
                  workers: int) -> int:
     """Build the shards not yet finished, with `workers` processes (the largest first, so they
     end together), behind one progress bar; -> how many this process built. A worker's error
@@ -399,13 +342,14 @@ def build_shards(shards: list[Shard], tokenizer: Tokenizer, reading: Reading, di
     todo.sort(key=lambda shard: -shard.num_bytes)
     workers = min(workers, len(todo))
     # RAYON_NUM_THREADS: the tokenizer threads asked of this process (Hugging Face's variable)
-    encoder = text_encoder(tokenizer, int(os.environ.get("RAYON_NUM_THREADS") or cpu_cores()))
-    if encoder.fast is None:
-        warn(f"tokenizing with Hugging Face tokenizers, not tiktoken: {encoder.why_not_fast}")
+    tokenizer = dataclasses.replace(
+        tokenizer, threads=int(os.environ.get("RAYON_NUM_THREADS") or cpu_cores()))
+    if tokenizer.fast is None:
+        warn(f"tokenizing with Hugging Face tokenizers, not tiktoken: {tokenizer.why_not_fast}")
     totals = [0, 0]  # text bytes, tokens
     with tqdm(total=sum(shard.num_bytes for shard in todo), unit="B", unit_scale=True,
               desc=f"tokenizing ({workers} worker{'s' * (workers > 1)}, "
-                   f"{'tiktoken' if encoder.fast else 'HF tokenizers'})") as bar:
+                   f"{'tiktoken' if tokenizer.fast else 'HF tokenizers'})") as bar:
         def progress(file_bytes: int, text_bytes: int, tokens: int) -> None:
             totals[0] += text_bytes
             totals[1] += tokens
@@ -414,50 +358,17 @@ def build_shards(shards: list[Shard], tokenizer: Tokenizer, reading: Reading, di
             bar.update(file_bytes)
 
         if workers == 1:
-            outcomes = {shard: build_shard(shard, encoder, reading, directory, progress)
+            outcomes = {shard: build_shard(shard, tokenizer, reading, directory, progress)
                         for shard in todo}
         else:
-            outcomes = _build_in_pool(todo, tokenizer, reading, directory, workers, progress)
+            outcomes = run_in_workers(
+                functools.partial(_build_in_worker, directory), todo, workers, _start_worker,
+                (dataclasses.replace(tokenizer, threads=max(1, cpu_cores() // workers)),
+                 reading), progress)
         for shard in [shard for shard, outcome in outcomes.items() if outcome == "busy"]:
             # another process held it: wait for it, then build it if that process died
-            outcomes[shard] = build_shard(shard, encoder, reading, directory, progress, True)
+            outcomes[shard] = build_shard(shard, tokenizer, reading, directory, progress, True)
     return sum(outcome == "built" for outcome in outcomes.values())
-
-
-def _build_in_pool(todo: list[Shard], tokenizer: Tokenizer, reading: Reading, directory: str,
-                   workers: int, progress: Progress) -> dict[Shard, str]:
-    """Build in worker processes (forkserver: a clean, single-threaded start whatever this
-    process holds), which end with this one, kill -9 included; -> each shard's outcome. A
-    worker's error stops the others at once."""
-    context = multiprocessing.get_context("forkserver")
-    updates = context.Queue()
-    pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker,
-        initargs=(os.getpid(), tokenizer.to_str(), reading, updates,
-                  max(1, cpu_cores() // workers)))
-
-    def show_progress() -> None:
-        with contextlib.suppress(queue.Empty):
-            while True:
-                progress(*updates.get_nowait())
-
-    try:
-        futures = {pool.submit(_build_in_worker, shard, directory): shard for shard in todo}
-        pending = set(futures)
-        while pending:
-            done, pending = concurrent.futures.wait(
-                pending, UPDATE_SECONDS, concurrent.futures.FIRST_COMPLETED)
-            show_progress()
-            for future in done:
-                future.result()  # a worker's error ends the build here
-    except BaseException:
-        for process in list(pool._processes.values()):  # the pool's own API waits for them
-            process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)  # the workers' last updates are in the queue once they exit
-    show_progress()
-    return {shard: future.result() for future, shard in futures.items()}
 
 
 def remove_stale(directory: str, shards: list[Shard]) -> None:

@@ -23,17 +23,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
-from chat import chat_format
+from bpe import BPETokenizer
 from checkpoints import (SHARDED_LATEST, check_best_checkpoint, load_checkpoint, load_weights,
                          save_checkpoint)
-from data import TokenWindows, corpus_fingerprint, tokenizer_fingerprint
+from data import TokenWindows, corpus_fingerprint
 from distributed import (all_gather_objects, broadcast_rank_0s, is_rank_0,
                          require_same_on_all_ranks)
 from files import atomic_write
@@ -102,15 +101,16 @@ def write_probe(directory: str) -> tuple[str, list[str]]:
 
 def save_snapshot_across_ranks(path: str, model: Transformer,
                                optimizers: list[torch.optim.Optimizer],
-                               scaler: torch.amp.GradScaler, config: Config, tokenizer: Tokenizer,
-                               precision: str, progress: dict, plan: dict) -> None:
+                               scaler: torch.amp.GradScaler, config: Config,
+                               tokenizer: BPETokenizer, precision: str, progress: dict,
+                               plan: dict) -> None:
     """All that continuing needs, every rank's RNG state and the precision the run chose
     included: rank 0 writes a file, or under FSDP every rank writes its shards. Every rank
     returns once the snapshot is in place and the saves beyond training.keep_snapshots are gone."""
     rng = {"torch": torch.get_rng_state(),
            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    record = {"config": config_to_dict(config), "tokenizer": tokenizer_fingerprint(tokenizer),
-              "chat": dataclasses.asdict(chat_format(config.data.tokenizer_path)),
+    record = {"config": config_to_dict(config), "tokenizer": tokenizer.fingerprint,
+              "chat": dataclasses.asdict(tokenizer.chat),
               "scaler": scaler.state_dict(), "precision": precision, "progress": progress,
               "batch_plan": plan, "rng": all_gather_objects(rng)}
     keep = config.training.keep_snapshots

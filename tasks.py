@@ -13,8 +13,9 @@ import os
 import random
 from typing import Callable
 
+from bpe import load_tokenizer
+from data import prepare_tokens
 from plays import Speech, build_default_corpus, speeches
-from data import decode, load_tokenizer, prepare_tokens
 from scoring import Example, Task, read_task_file
 from utils import DataConfig, UserError
 
@@ -34,7 +35,7 @@ def validation_text() -> str:
     tokenizer = load_tokenizer(data.tokenizer_path)
     tokens, _ = prepare_tokens(data, tokenizer)
     num_val = int(len(tokens) * data.val_split)
-    return decode(tokenizer, tokens[len(tokens) - num_val:].tolist())
+    return tokenizer.decode(tokens[len(tokens) - num_val:].tolist())
 
 
 def multiple_choice(pairs: list[tuple[str, str]], name: str) -> list[Example]:

@@ -20,14 +20,14 @@ from typing import Callable, Collection, Iterator
 
 import torch
 import torch.distributed as dist
-from tokenizers import Tokenizer
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from tqdm import tqdm
 
+from bpe import BPETokenizer, token_byte_lengths
 from checkpoints import (adopt_pretrained, check_outputs, check_tokenizer, load_checkpoint,
                          load_weights)
-from data import IGNORE_INDEX, TokenWindows, epoch_loader, epoch_order, token_byte_lengths
+from data import IGNORE_INDEX, TokenWindows, epoch_loader, epoch_order
 from distributed import (agree_across_ranks, all_reduce, all_reduce_on_host, broadcast_rank_0s,
                          gradient_sync, prepare_data_once_per_node, shard_model_across_ranks,
                          wrap_model)
@@ -120,7 +120,7 @@ def train_holding(config: Config, device: torch.device, cli_keys: Collection[str
               f"({per_epoch} steps per epoch); measured peak {peak / 1e9:.0f} GFLOP/s", flush=True)
 
     val_batches = fixed_val_batches(val_set, config, rank, world_size)
-    token_bytes = token_byte_lengths(tokenizer).to(device)
+    token_bytes = torch.from_numpy(token_byte_lengths(tokenizer.hf)).to(device)
     writer = open_writer(config, state.run_name) if is_main else None
     bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                desc=f"rank {rank}" if distributed else "training", position=rank,
@@ -269,13 +269,12 @@ def choose_precision(config: Config, device: torch.device, model: Transformer,
     return setup_precision(broadcast_rank_0s(decide), device)
 
 
-def load_pretrained(config: Config, model: Transformer, tokenizer: Tokenizer,
+def load_pretrained(config: Config, model: Transformer, tokenizer: BPETokenizer,
                     source: dict) -> None:
     """init_from's weights into the fresh model (where it holds weights: not on the meta
     device)."""
     t = config.training
-    check_tokenizer(source, tokenizer, config.data.tokenizer_path, t.init_from,
-                    "restore the tokenizer it was trained with")
+    check_tokenizer(source, tokenizer, t.init_from, "restore the tokenizer it was trained with")
     if model.embed_tokens.weight.device.type != "meta":
         load_weights(model, load_checkpoint(t.init_from), t.init_from)
 

@@ -5,8 +5,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
 
+from bpe import load_tokenizer
 from chat import (
     DEFAULT_TEMPLATE,
     EOT,
@@ -14,7 +14,6 @@ from chat import (
     assistant_spans,
     chat_format,
     chat_prompt,
-    encode,
     render,
     trained_mask,
 )
@@ -86,12 +85,12 @@ def test_text_and_ids_equal_transformers_apply_chat_template(
     if generation_prompt:  # asking for the reply to the last user turn
         messages = messages[:-1]
     chat = chat_format(str(directory / "tokenizer.json"))
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer = load_tokenizer(str(directory / "tokenizer.json"))
     text = render(chat, messages, generation_prompt)
     assert text == hf.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=generation_prompt
     )
-    assert encode(tokenizer, text) == hf_ids(
+    assert tokenizer.encode(text) == hf_ids(
         hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
     )
 
@@ -119,9 +118,9 @@ def test_the_trained_tokens_are_each_assistant_turn_through_its_end_of_turn(
     directory, hf = template_dir
     messages = CONVERSATIONS[conversation]
     chat = chat_format(str(directory / "tokenizer.json"))
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer = load_tokenizer(str(directory / "tokenizer.json"))
     text, spans = assistant_spans(chat, messages)
-    encoding = tokenizer.encode(text, add_special_tokens=False)
+    encoding = tokenizer.hf.encode(text, add_special_tokens=False)  # with offsets
     mask = trained_mask(encoding.offsets, spans)
     assert mask == reference_mask(hf, messages)
     assert encoding.ids[max(i for i, m in enumerate(mask) if m)] == hf.eos_token_id
@@ -143,10 +142,10 @@ def test_the_template_comes_from_its_file_its_config_or_the_default_named_one(tm
 
 
 def test_slm_default_template_uses_only_tokens_the_tokenizer_has():
-    tokenizer = Tokenizer.from_file(TOKENIZER)
+    tokenizer = load_tokenizer(TOKENIZER)
     chat = chat_format(TOKENIZER)
-    ids = encode(tokenizer, render(chat, CONVERSATIONS["multi-turn with system"]))
-    assert max(ids) < 4096 and ids.count(tokenizer.token_to_id(EOT)) == 7  # one per turn
+    ids = tokenizer.encode(render(chat, CONVERSATIONS["multi-turn with system"]))
+    assert max(ids) < 4096 and ids.count(tokenizer.token_id(EOT)) == 7  # one per turn
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_in_one_line():
@@ -164,16 +163,16 @@ def test_raise_exception_in_a_template_is_one_error_naming_its_message():
 
 
 def test_the_history_drops_its_oldest_pairs_to_fit_half_the_window_never_the_system_turn():
-    tokenizer, chat = Tokenizer.from_file(TOKENIZER), chat_format(TOKENIZER)
+    tokenizer, chat = load_tokenizer(TOKENIZER), chat_format(TOKENIZER)
     history = []
     for turn in range(6):
         history += [{"role": "user", "content": f"question {turn} " * 3},
                     {"role": "assistant", "content": f"answer {turn} " * 3}]
     history.append({"role": "user", "content": "last question"})
     whole = render(chat, [{"role": "system", "content": "Be brief."}, *history], True)
-    window = len(encode(tokenizer, whole))
-    ids, dropped = chat_prompt(chat, tokenizer, "Be brief.", history, window)
+    window = len(tokenizer.encode(whole))
+    ids, dropped = chat_prompt(chat, tokenizer.encode, "Be brief.", history, window)
     kept = [{"role": "system", "content": "Be brief."}, *history[2 * dropped:]]
-    assert dropped > 0 and ids == encode(tokenizer, render(chat, kept, True))
-    assert len(ids) <= window // 2 < len(encode(tokenizer, render(
+    assert dropped > 0 and ids == tokenizer.encode(render(chat, kept, True))
+    assert len(ids) <= window // 2 < len(tokenizer.encode(render(
         chat, [kept[0], *history[2 * dropped - 2:]], True)))

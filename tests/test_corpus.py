@@ -17,6 +17,7 @@ import zstandard
 
 import corpus
 import data
+from bpe import load_tokenizer
 from conftest import REPO, TOKENIZER, assert_one_error_line, run_script, write_conversations
 from corpus import (
     LINE_END_BYTES,
@@ -28,6 +29,7 @@ from corpus import (
     read_text,
     reading_key,
     resolve_corpus_files,
+    text_cut,
 )
 from utils import DataConfig, UserError
 
@@ -88,7 +90,7 @@ def compress(path: Path, plain: Path) -> Path:
 def tokens_of(path: Path) -> tuple[list[int], list[int]]:
     """The tokens of one corpus file and the mask of its assistant tokens (empty for text)."""
     config = DataConfig(tokenizer_path=TOKENIZER, raw_text_path=str(path), context_length=8)
-    tokens, mask = data.prepare_tokens(config, data.load_tokenizer(TOKENIZER))
+    tokens, mask = data.prepare_tokens(config, load_tokenizer(TOKENIZER))
     return tokens.tolist(), [] if mask is None else mask.tolist()
 
 
@@ -238,6 +240,17 @@ def test_text_without_newlines_is_read_in_bounded_pieces_that_join_back_to_it(sp
     assert max(map(len, read)) <= READ_CHUNK_BYTES + LINE_END_BYTES
     if spaced:  # cut before whitespace: no word is split between two pieces
         assert all(piece[:1].isspace() for piece in read[1:])
+
+
+def test_text_is_cut_before_its_last_whitespace_else_between_two_characters():
+    assert text_cut(b"thou art\tfair") == 8  # before the tab: "fair" keeps its space
+    assert text_cut(b" leading") == 7  # a space first only: before the last character
+    for char in ("a", "ü", "日", "🎭"):
+        run = (char * 5).encode("utf-8")
+        cut = text_cut(run)
+        assert cut == len(run) - len(char.encode("utf-8"))  # before the last character
+        assert run[:cut].decode("utf-8") + run[cut:].decode("utf-8") == char * 5
+    assert text_cut("🎭".encode("utf-8")) == 0 and text_cut(b"") == 0
 
 
 def test_text_with_newlines_is_read_in_the_same_pieces_as_before():

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models
 
 import data
+from bpe import load_tokenizer
 from chat import DEFAULT_TEMPLATE, assistant_spans, chat_format, trained_mask
 from conftest import TOKENIZER, assert_one_error_line, run_main, write_conversations
 from plays import DEFAULT_CORPUS
@@ -18,12 +18,9 @@ from data import (
     IGNORE_INDEX,
     TokenWindows,
     corpus_fingerprint,
-    decode,
     epoch_order,
-    load_tokenizer,
     prepare_tokens,
     split_tokens,
-    token_byte_lengths,
     train_tokenizer,
 )
 from utils import DataConfig, UserError
@@ -39,60 +36,6 @@ SAMPLES = [
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer(TOKENIZER)
-
-
-@pytest.mark.parametrize("text", SAMPLES)
-def test_shipped_tokenizer_round_trips_any_utf8(tokenizer, text):
-    assert tokenizer.get_vocab_size() == 4096
-    assert decode(tokenizer, tokenizer.encode(text).ids) == text
-
-
-def test_train_tokenizer_round_trips_and_has_eot(tmp_path, corpus):
-    out = tmp_path / "tok.json"
-    trained = train_tokenizer([str(corpus)], str(out), vocab_size=600)
-    assert out.exists() and trained.get_vocab_size() == 600
-    reloaded = load_tokenizer(str(out))
-    assert reloaded.token_to_id(EOT) is not None
-    for text in SAMPLES:  # bytes never seen in training still round-trip through the byte alphabet
-        assert decode(reloaded, reloaded.encode(text).ids) == text
-
-
-def test_tokenizer_of_another_size_is_refused_with_the_fix():
-    assert load_tokenizer(TOKENIZER, 4096).get_vocab_size() == 4096
-    with pytest.raises(
-        UserError, match=r"has 4096 tokens but model.vocab_size is 100 — retrain it$"
-    ):
-        load_tokenizer(TOKENIZER, 100, "retrain it")
-
-
-def test_token_byte_lengths_count_utf8_bytes(tokenizer):
-    lengths = token_byte_lengths(tokenizer)
-    for text in SAMPLES:
-        assert lengths[tokenizer.encode(text).ids].sum().item() == len(text.encode("utf-8"))
-    assert lengths[tokenizer.token_to_id(EOT)] == 0
-
-
-def test_added_tokens_that_are_text_count_their_bytes_and_specials_none(tokenizer):
-    extended = Tokenizer.from_str(tokenizer.to_str())
-    extended.add_tokens(["<|user|>", "naïve café"])  # text, as chat templates add
-    extended.add_special_tokens(["<|pad|>"])
-    lengths = token_byte_lengths(extended)
-    text = "<|user|> said naïve café, then <|user|> left\n"
-    ids = extended.encode(text).ids
-    assert extended.token_to_id("<|user|>") in ids and extended.token_to_id("naïve café") in ids
-    assert lengths[ids].sum().item() == len(text.encode("utf-8"))
-    assert lengths[extended.token_to_id("<|pad|>")] == 0
-
-
-def test_sentencepiece_style_pieces_count_their_bytes_and_others_are_refused():
-    pieces = {"<|endoftext|>": 0, "<0xC3>": 1, "<0xA9>": 2, "\u2581caf": 3, "\u2581the": 4, "s": 5}
-    spm = Tokenizer(models.BPE(pieces, [], byte_fallback=True))
-    spm.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback()])
-    lengths = token_byte_lengths(spm)
-    assert lengths.tolist() == [len(EOT), 1, 1, 4, 4, 1]  # EOT is a plain token here, not added
-    spm.decoder = decoders.WordPiece()
-    with pytest.raises(UserError, match=r"decoder \(WordPiece\) is neither byte-level nor"):
-        token_byte_lengths(spm)
 
 
 def write_jsonl(path: Path, records: list, blank_lines: bool = False) -> Path:
@@ -111,17 +54,17 @@ def test_jsonl_lines_are_documents_each_ended_by_end_of_text(tmp_path, tokenizer
     tokens, _ = prepare_tokens(
         DataConfig(raw_text_path=str(corpus), context_length=2, val_split=0.5), tokenizer
     )
-    eot = tokenizer.token_to_id(EOT)
-    expected = [i for doc in DOCUMENTS for i in tokenizer.encode(doc).ids + [eot]]
+    eot = tokenizer.token_id(EOT)
+    expected = [i for doc in DOCUMENTS for i in tokenizer.encode(doc) + [eot]]
     assert tokens.tolist() == expected
 
 
 def test_text_field_names_where_the_document_is(tmp_path, tokenizer):
     corpus = write_jsonl(tmp_path / "docs.jsonl", [{"body": doc} for doc in DOCUMENTS])
     data = DataConfig(raw_text_path=str(corpus), context_length=2, val_split=0.5, text_field="body")
-    eot = tokenizer.token_to_id(EOT)
+    eot = tokenizer.token_id(EOT)
     assert prepare_tokens(data, tokenizer)[0].tolist() == [
-        i for doc in DOCUMENTS for i in tokenizer.encode(doc).ids + [eot]
+        i for doc in DOCUMENTS for i in tokenizer.encode(doc) + [eot]
     ]
 
 
@@ -134,7 +77,7 @@ def test_a_directory_mixes_text_and_jsonl_files(tmp_path, tokenizer):
         DataConfig(raw_text_path=str(tmp_path / "mixed"), context_length=2, val_split=0.5),
         tokenizer,
     )
-    assert int((np.asarray(tokens) == tokenizer.token_to_id(EOT)).sum()) == len(DOCUMENTS) + 1
+    assert int((np.asarray(tokens) == tokenizer.token_id(EOT)).sum()) == len(DOCUMENTS) + 1
 
 
 @pytest.mark.parametrize(
@@ -174,9 +117,9 @@ def test_token_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     first, _ = prepare_tokens(config, tokenizer)
     (bin_path,) = Path(str(text_path) + ".shards").glob("bpe_4096-*/*.tokens.bin")
     assert np.array_equal(
-        first[:-1], tokenizer.encode(text_path.read_text()).ids
+        first[:-1], tokenizer.encode(text_path.read_text())
     )
-    assert first[-1] == tokenizer.token_to_id(EOT)
+    assert first[-1] == tokenizer.token_id(EOT)
     stamp = bin_path.stat().st_mtime_ns
     assert np.array_equal(prepare_tokens(config, tokenizer)[0], first)
     assert bin_path.stat().st_mtime_ns == stamp, "unchanged text and tokenizer must reuse the cache"
@@ -187,10 +130,11 @@ def test_token_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     assert not bin_path.exists(), "the changed file's old shard is removed"
 
     other_path = tmp_path / "other.json"
-    other = train_tokenizer([str(text_path)], str(other_path), vocab_size=300)
+    train_tokenizer([str(text_path)], str(other_path), vocab_size=300)
+    other = load_tokenizer(str(other_path))
     retokenized, _ = prepare_tokens(config, other)
     assert np.array_equal(
-        retokenized[:-1], other.encode(text_path.read_text()).ids
+        retokenized[:-1], other.encode(text_path.read_text())
     ), "new tokenizer must re-tokenize"
 
 
@@ -205,7 +149,7 @@ def test_directory_and_glob_corpora(tmp_path, tokenizer):
         DataConfig(raw_text_path=str(tmp_path / "books" / "b*.txt"), context_length=8), tokenizer
     )
     assert np.array_equal(from_dir, from_glob)
-    eots = np.asarray(from_dir) == tokenizer.token_to_id(EOT)
+    eots = np.asarray(from_dir) == tokenizer.token_id(EOT)
     assert int(eots.sum()) == 3  # one boundary after each file
 
 
@@ -308,10 +252,10 @@ def test_train_tokenizer_command_reads_text_and_jsonl(tmp_path, monkeypatch, cap
     assert f"wrote {out} (300 tokens from 2 file(s)); train with data.tokenizer_path=" in stdout
     trained = load_tokenizer(str(out), vocab_size=300)
     for text in [*DOCUMENTS, *SAMPLES]:
-        assert decode(trained, trained.encode(text).ids) == text
+        assert trained.decode(trained.encode(text)) == text
     # merges were learned from both files: words that only one of them holds are compressed
-    assert len(trained.encode("First document").ids) <= len("First document") // 2
-    assert len(trained.encode("plain words").ids) <= len("plain words") // 2
+    assert len(trained.encode("First document")) <= len("First document") // 2
+    assert len(trained.encode("plain words")) <= len("plain words") // 2
 
 
 @pytest.mark.parametrize(
@@ -394,7 +338,7 @@ def test_conversations_cache_a_mask_of_the_assistant_tokens_checked_like_the_tok
     expected_tokens, expected_mask = [], []
     for line in corpus.read_text().splitlines():
         text, spans = assistant_spans(chat, json.loads(line)["messages"])
-        encoding = tokenizer.encode(text, add_special_tokens=False)
+        encoding = tokenizer.hf.encode(text, add_special_tokens=False)
         expected_tokens += encoding.ids
         expected_mask += trained_mask(encoding.offsets, spans)
     assert tokens.tolist() == expected_tokens and (np.asarray(mask) > 0).tolist() == expected_mask
@@ -415,5 +359,5 @@ def test_conversations_cache_a_mask_of_the_assistant_tokens_checked_like_the_tok
     (tmp_path / "chat_template.jinja").write_text(lower)
     moved = dataclasses.replace(data, tokenizer_path=str(tmp_path / "tok.json"))
     shutil.copy(TOKENIZER, tmp_path / "tok.json")
-    retemplated, _ = prepare_tokens(moved, tokenizer)
+    retemplated, _ = prepare_tokens(moved, load_tokenizer(moved.tokenizer_path))
     assert not np.array_equal(retemplated, tokens), "another template must re-tokenize"

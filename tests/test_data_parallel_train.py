@@ -30,7 +30,8 @@ from conftest import (
 )
 from checkpoints import load_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from data import IGNORE_INDEX, epoch_order, load_tokenizer, prepare_tokens, split_tokens
+from bpe import load_tokenizer
+from data import IGNORE_INDEX, epoch_order, prepare_tokens, split_tokens
 from model import Transformer
 from utils import ModelConfig, config_from_dict
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from data import IGNORE_INDEX, TokenWindows, load_tokenizer, token_byte_lengths
+from bpe import load_tokenizer, token_byte_lengths
+from data import IGNORE_INDEX, TokenWindows
 from evaluation import evaluate_across_ranks, fixed_val_batches
 from model import Transformer
 from utils import ModelConfig, config_from_dict
@@ -19,11 +20,12 @@ def test_evaluate_reports_bits_per_byte_consistent_with_loss():
         )
     )
     ids = torch.tensor(
-        tokenizer.encode("But, soft! what light through yonder window breaks? " * 3).ids[:33]
+        tokenizer.encode("But, soft! what light through yonder window breaks? " * 3)[:33]
     )
     batches = [(ids[None, :-1], ids[None, 1:])]
-    loss, bpb = evaluate_across_ranks(model, batches, token_byte_lengths(tokenizer), "fp32")
-    num_bytes = token_byte_lengths(tokenizer)[ids[1:]].sum().item()
+    token_bytes = torch.from_numpy(token_byte_lengths(tokenizer.hf))
+    loss, bpb = evaluate_across_ranks(model, batches, token_bytes, "fp32")
+    num_bytes = token_bytes[ids[1:]].sum().item()
     assert bpb == pytest.approx(loss * 32 / (num_bytes * 0.6931471805599453), rel=1e-6)
 
 

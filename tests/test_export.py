@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 import export as export_script
 import infer
-from chat import DEFAULT_TEMPLATE, ChatFormat, chat_format, encode, render
+from bpe import load_tokenizer
+from chat import DEFAULT_TEMPLATE, EOT, ChatFormat, chat_format, render
 from conftest import (
     CONVERSATIONS,
     TOKENIZER,
@@ -21,7 +22,6 @@ from conftest import (
     run_script,
     write_config,
 )
-from data import EOT, load_tokenizer
 from export import export
 from hf import load_hf_directory
 from model import Transformer
@@ -104,7 +104,7 @@ def test_transformers_logits_match_slm(exported):
 def test_greedy_generation_matches_transformers_generate(exported):
     ckpt, out = exported
     ours, theirs = slm_model(ckpt), LlamaForCausalLM.from_pretrained(out).eval()
-    prompt = torch.tensor([load_tokenizer(TOKENIZER).encode("ROMEO:\nWhat light").ids])
+    prompt = torch.tensor([load_tokenizer(TOKENIZER).encode("ROMEO:\nWhat light")])
     ids_ours = torch.stack(
         list(generate(ours, prompt, 50, ours.config.max_seq_len, temperature=0.0)), dim=1
     )
@@ -117,14 +117,14 @@ def test_greedy_generation_matches_transformers_generate(exported):
     assert ids_theirs[0, prompt.shape[1] :].tolist() == ids_ours[0].tolist()
 
 
-def test_autotokenizer_encodes_and_decodes_like_data_py(tmp_path, trained_run):
+def test_autotokenizer_encodes_and_decodes_like_bpe_py(tmp_path, trained_run):
     export(str(trained_run / "ckpt" / "best.pth"), str(tmp_path / "hf"))
     ours, theirs = load_tokenizer(TOKENIZER), AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "ROMEO: — Ça va? Größe, 東京, Москва, مرحبا, 🌹\ttabs\n  spaces"
-    ids = ours.encode(text).ids
+    ids = ours.encode(text)
     assert theirs(text)["input_ids"] == ids and theirs.encode(text) == ids
     assert theirs.decode(ids) == text == ours.decode(ids)
-    assert theirs.eos_token == EOT and theirs.eos_token_id == ours.token_to_id(EOT)
+    assert theirs.eos_token == EOT and theirs.eos_token_id == ours.token_id(EOT)
 
 
 def test_the_chat_template_and_special_tokens_travel_into_the_export(tmp_path, trained_run):
@@ -142,7 +142,7 @@ def test_the_chat_template_and_special_tokens_travel_into_the_export(tmp_path, t
         assert theirs.apply_chat_template(
             messages[:-1], tokenize=False, add_generation_prompt=True) == text, name
         ids = theirs.apply_chat_template(messages[:-1], add_generation_prompt=True)
-        assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == encode(tokenizer, text)
+        assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == tokenizer.encode(text)
     assert theirs.eos_token == theirs.bos_token == theirs.pad_token == EOT
     assert load_hf_directory(str(tmp_path / "hf"), weights=False)["config"]  # reads back
     assert chat_format(str(tmp_path / "hf" / "tokenizer.json")).template == template

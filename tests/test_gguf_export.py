@@ -260,7 +260,7 @@ def test_llama_cpp_computes_slms_logits_and_greedy_continuation_in_f32(
     ckpt = str(trained_run / "ckpt" / "best.pth" if source == "trained" else padded_llama)
     export(ckpt, str(tmp_path / "m.gguf"), out_format="gguf")
     trained = load_trained(ckpt, device_name="cpu")
-    ids = trained.tokenizer.encode("ROMEO:\nBut soft, what light").ids
+    ids = trained.tokenizer.encode("ROMEO:\nBut soft, what light")
     llm = llama_cpp_model(llama_cpp, tmp_path / "m.gguf", trained.context_length)
     llm.eval(ids)
     with torch.no_grad():
@@ -348,5 +348,5 @@ def test_llama_cpp_chats_as_infer_chat_and_continues_as_slm_at_temperature_zero(
         assert reply["choices"][0]["message"]["content"] + "\n" == shown
         replies.add(stdout)
     assert len(replies) == 3  # the replies depend on the prompt
-    ids = trained.tokenizer.encode("<|im_start|>user\nWhat news?<|im_end|>\n").ids
+    ids = trained.tokenizer.encode("<|im_start|>user\nWhat news?<|im_end|>\n")
     assert llama_cpp_greedy(llm, ids, 40) == slm_greedy(str(ckpt), ids, 40)

@@ -30,7 +30,8 @@ from conftest import (
     write_config,
     write_conversations,
 )
-from data import epoch_order, load_tokenizer, prepare_tokens, split_tokens
+from bpe import load_tokenizer
+from data import epoch_order, prepare_tokens, split_tokens
 from checkpoints import load_checkpoint
 from hf import load_hf_directory
 from checkpoints import load_weights
@@ -110,15 +111,15 @@ def test_infer_reads_any_hf_llama_directory_and_decodes_greedily_as_transformers
     directory, hf_model, shape = llama
     tokenizer = load_tokenizer(str(directory / "tokenizer.json"))
     prompt = "ROMEO: But soft"
-    ids = torch.tensor([tokenizer.encode(prompt).ids])
-    eos = tokenizer.token_to_id(shape["eos"] or "<|endoftext|>")
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    eos = tokenizer.token_id(shape["eos"] or "<|endoftext|>")
     with torch.no_grad():
         for _ in range(12):  # transformers' greedy choice, one token at a time
             next_id = hf_model(ids).logits[0, -1].argmax()
             if next_id == eos:
                 break
             ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-    expected = tokenizer.decode(ids[0].tolist(), skip_special_tokens=False)
+    expected = tokenizer.decode(ids[0].tolist())  # special tokens kept
     argv = ["--ckpt_path", str(directory), "--prompt", prompt, "--temperature", "0"]
     code, stdout, stderr = run_main(
         infer.main, argv + ["--max-length", "12"], directory, monkeypatch, capsys

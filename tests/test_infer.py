@@ -166,8 +166,8 @@ def test_chat_on_an_slm_checkpoint_keeps_the_system_turn_and_ends_replies_at_the
     rendered = []
     original = infer.chat_prompt
 
-    def spy(chat, tokenizer, system, history, window):
-        ids, dropped = original(chat, tokenizer, system, history, window)
+    def spy(chat, encode, system, history, window):
+        ids, dropped = original(chat, encode, system, history, window)
         rendered.append(render(chat, [{"role": "system", "content": system},
                                       *history[2 * dropped:]], True))
         return ids, dropped

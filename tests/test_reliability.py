@@ -34,7 +34,8 @@ from conftest import (
     tiny_config,
     write_config,
 )
-from data import load_tokenizer, prepare_tokens
+from bpe import load_tokenizer
+from data import prepare_tokens
 from generate import sample_next
 from model import Transformer
 from checkpoints import save_checkpoint
@@ -451,7 +452,8 @@ def test_two_runs_preparing_one_new_corpus_both_succeed(tmp_path, corpus):
     big = tmp_path / "big.txt"
     big.write_text(corpus.read_text(encoding="utf-8") * 8, encoding="utf-8")
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from data import *; from utils import *; "
+        "import sys; sys.path.insert(0, sys.argv[1]); from bpe import *; from data import *; "
+        "from utils import *; "
         "print(len(prepare_tokens(DataConfig(raw_text_path=sys.argv[2]), "
         "load_tokenizer(sys.argv[3]))[0]))"
     )

@@ -13,9 +13,9 @@ import torch
 from tokenizers import Tokenizer, processors
 
 import eval as eval_script
+from bpe import load_tokenizer
 from checkpoints import load_trained, save_checkpoint
 from conftest import REPO, TOKENIZER, make_decisive_model, run_main
-from data import tokenizer_fingerprint
 from export import export
 from scoring import (Encoder, Example, Task, choice_scores, continuation_logprobs,
                      forwards_needed, read_task_file, task_metrics, task_requests, with_fewshot)
@@ -33,7 +33,7 @@ def decisive_export(out_dir: Path) -> Path:
                     data=DataConfig(tokenizer_path=TOKENIZER, context_length=WINDOW))
     checkpoint = out_dir / "decisive.pth"
     save_checkpoint({"model": model.state_dict(), "config": config_to_dict(config),
-                     "tokenizer": tokenizer_fingerprint(Tokenizer.from_file(TOKENIZER))},
+                     "tokenizer": load_tokenizer(TOKENIZER).fingerprint},
                     str(checkpoint))
     export(str(checkpoint), str(out_dir / "hf"))
     return out_dir / "hf"
@@ -83,7 +83,7 @@ def parity(tmp_path_factory, corpus) -> dict:
 def our_scores(model_dir: Path, task_file: Path) -> tuple[Task, list[list[float]]]:
     trained = load_trained(str(model_dir), device_name="cpu")
     task = read_task_file(str(task_file))
-    encoder = Encoder(trained.tokenizer, trained.tokenizer_path)
+    encoder = Encoder(trained.tokenizer)
     return task, choice_scores(trained.model, encoder, task, trained.context_length,
                                trained.device, "fp32")
 
@@ -121,7 +121,7 @@ def test_kv_shared_context_scores_equal_one_forward_per_choice(parity):
     gives what a whole forward of each (truncated) input gives."""
     trained = load_trained(str(parity["model_dir"]), device_name="cpu")
     task = Task("parity", read_task_file(str(parity["task_file"])).examples[:30])
-    requests = task_requests(task, Encoder(trained.tokenizer, trained.tokenizer_path), WINDOW)
+    requests = task_requests(task, Encoder(trained.tokenizer), WINDOW)
     shared = continuation_logprobs(trained.model, requests, trained.device, "fp32")
     with torch.no_grad():
         for (inputs, continuation), score in zip(requests, shared):
@@ -137,7 +137,7 @@ def test_a_rank_with_fewer_requests_runs_as_many_forwards_as_asked(parity):
     and its scores stay the same."""
     trained = load_trained(str(parity["model_dir"]), device_name="cpu")
     task = Task("parity", read_task_file(str(parity["task_file"])).examples[:5])
-    requests = task_requests(task, Encoder(trained.tokenizer, trained.tokenizer_path), WINDOW)
+    requests = task_requests(task, Encoder(trained.tokenizer), WINDOW)
     calls = []
     trained.model.register_forward_hook(lambda *_: calls.append(1))
     alone = continuation_logprobs(trained.model, requests, trained.device, "fp32")
@@ -149,13 +149,13 @@ def test_a_rank_with_fewer_requests_runs_as_many_forwards_as_asked(parity):
 
 
 def test_trailing_whitespace_moves_to_the_continuation_and_empty_contexts_start_from_eot():
-    tokenizer = Tokenizer.from_file(TOKENIZER)
-    encoder = Encoder(tokenizer, TOKENIZER)
+    tokenizer = load_tokenizer(TOKENIZER)
+    encoder = Encoder(tokenizer)
     context, continuation = encoder.pair("Good morrow, ", " sir")
-    assert context == tokenizer.encode("Good morrow,").ids
-    assert context + continuation == tokenizer.encode("Good morrow,  sir").ids
-    eot = tokenizer.token_to_id("<|endoftext|>")
-    assert encoder.pair("", " sir") == ([eot], tokenizer.encode(" sir").ids)
+    assert context == tokenizer.encode("Good morrow,")
+    assert context + continuation == tokenizer.encode("Good morrow,  sir")
+    eot = tokenizer.token_id("<|endoftext|>")
+    assert encoder.pair("", " sir") == ([eot], tokenizer.encode(" sir"))
 
 
 def test_a_tokenizer_that_adds_bos_adds_it_to_the_context_only(tmp_path):
@@ -168,13 +168,13 @@ def test_a_tokenizer_that_adds_bos_adds_it_to_the_context_only(tmp_path):
     path = tmp_path / "tokenizer.json"
     tokenizer.save(str(path))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>"}))
-    encoder = Encoder(Tokenizer.from_file(str(path)), str(path))
+    encoder = Encoder(load_tokenizer(str(path)))
     context, continuation = encoder.pair("Good morrow,", " sir")
-    plain = Tokenizer.from_file(TOKENIZER)
-    assert context == [eot] + plain.encode("Good morrow,").ids
-    assert continuation == plain.encode(" sir").ids
-    assert encoder.pair("", " sir") == ([eot], plain.encode(" sir").ids)
-    assert encoder.pair("<|endoftext|>Hi", " sir")[0] == plain.encode("<|endoftext|>Hi").ids
+    plain = load_tokenizer(TOKENIZER)
+    assert context == [eot] + plain.encode("Good morrow,")
+    assert continuation == plain.encode(" sir")
+    assert encoder.pair("", " sir") == ([eot], plain.encode(" sir"))
+    assert encoder.pair("<|endoftext|>Hi", " sir")[0] == plain.encode("<|endoftext|>Hi")
 
 
 def test_metrics_take_the_first_best_choice_and_the_sample_standard_error():
@@ -189,11 +189,11 @@ def test_metrics_take_the_first_best_choice_and_the_sample_standard_error():
 
 
 def test_a_long_input_keeps_its_newest_tokens():
-    tokenizer = Tokenizer.from_file(TOKENIZER)
-    encoder = Encoder(tokenizer, TOKENIZER)
+    tokenizer = load_tokenizer(TOKENIZER)
+    encoder = Encoder(tokenizer)
     task = Task("t", [Example("word " * 100 + "end", ("one two", "three"), 0, "t")])
     (inputs, continuation), _ = task_requests(task, encoder, 16)
-    whole = tokenizer.encode("word " * 100 + "end one two").ids
+    whole = tokenizer.encode("word " * 100 + "end one two")
     assert len(inputs) == 16 and inputs + continuation[-1:] == whole[-17:]
 
 

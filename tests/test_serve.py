@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 import infer
-from chat import encode, render
+from chat import render
 from checkpoints import load_trained
 from conftest import REPO, chat_llama, run_main
 from test_scoring import decisive_export, parity_examples
@@ -126,7 +126,8 @@ def test_a_stop_string_or_max_tokens_end_the_reply_with_their_reason_and_usage(c
         model="served", messages=messages, temperature=0, max_tokens=24)
     text = full.choices[0].message.content
     trained = load_trained(str(chat_server["directory"]), device_name="cpu")
-    prompt_tokens = len(encode(trained.tokenizer, render(trained.chat, messages, True)))
+    tokenizer = trained.tokenizer
+    prompt_tokens = len(tokenizer.encode(render(tokenizer.chat, messages, True)))
     assert full.usage.prompt_tokens == prompt_tokens
     assert full.usage.total_tokens == prompt_tokens + full.usage.completion_tokens
     stop = text[6:9]

@@ -17,6 +17,7 @@ import data
 import shards
 from conftest import (REPO, TOKENIZER, assert_one_error_line, parent_pid, tiny_config,
                       write_config)
+from bpe import load_tokenizer
 from data import TokenStream
 from utils import DataConfig, UserError
 
@@ -61,7 +62,7 @@ def small_shards(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.load_tokenizer(TOKENIZER)
+    return load_tokenizer(TOKENIZER)
 
 
 def lines(count: int, first: int = 0) -> str:
@@ -109,8 +110,8 @@ def test_one_and_two_workers_write_the_same_tokens(tmp_path, tokenizer):
     two, _ = prepare(corpus, tokenizer, 2, tmp_path / "two")
     assert len(list((tmp_path / "two").rglob("*.tokens.bin"))) > 10
     assert one.tolist() == two.tolist()
-    eot = tokenizer.token_to_id(data.EOT)
-    whole = [i for k in range(200) for i in tokenizer.encode(lines(3, k)).ids + [eot]]
+    eot = tokenizer.token_id(data.EOT)
+    whole = [i for k in range(200) for i in tokenizer.encode(lines(3, k)) + [eot]]
     assert one.tolist()[-len(whole):] == whole, "a JSONL file cut at line starts reads the same"
 
 
@@ -120,9 +121,11 @@ def test_prepare_encodes_with_tiktoken_and_a_tokenizer_it_cannot_follow_falls_ba
     fast, _ = prepare(corpus, tokenizer, 1, tmp_path / "fast")
     progress = capsys.readouterr().err
     assert "tiktoken)" in progress and "warning:" not in progress
-    normalized = Tokenizer.from_str(tokenizer.to_str())
+    normalized = Tokenizer.from_file(TOKENIZER)
     normalized.normalizer = normalizers.NFC()  # changes nothing in this text, but is no BPE step
-    slow, _ = prepare(corpus, normalized, 1, tmp_path / "slow")
+    normalized.save(str(tmp_path / "normalized.json"))
+    slow, _ = prepare(corpus, load_tokenizer(str(tmp_path / "normalized.json")), 1,
+                      tmp_path / "slow")
     progress = capsys.readouterr().err
     assert ("warning: tokenizing with Hugging Face tokenizers, not tiktoken: it has a "
             "normalizer") in progress and "HF tokenizers)" in progress
@@ -136,8 +139,8 @@ def test_the_default_sized_shard_holds_the_file_as_one_read_gives_it(tmp_path, t
     text.write_text(lines(2000))
     tokens, _ = prepare(text, tokenizer)
     assert len(finished_shards(text)) == 1
-    assert tokens.tolist() == tokenizer.encode(text.read_text()).ids + [
-        tokenizer.token_to_id(data.EOT)]
+    assert tokens.tolist() == tokenizer.encode(text.read_text()) + [
+        tokenizer.token_id(data.EOT)]
 
 
 def test_a_new_file_tokenizes_only_itself_and_a_changed_ones_old_shard_goes(tmp_path, tokenizer,
@@ -334,10 +337,10 @@ def test_a_large_text_file_is_cut_at_line_starts_and_ends_its_document_once(tmp_
     assert len(pieces) == len(finished_shards(text)) >= 5
     assert all(raw[piece.start - 1:piece.start] == b"\n" for piece in pieces[1:])
     assert [piece.start for piece in pieces[1:]] == [piece.end for piece in pieces[:-1]]
-    eot = tokenizer.token_to_id(data.EOT)
+    eot = tokenizer.token_id(data.EOT)
     assert tokens.tolist().count(eot) == 1 and tokens.tolist()[-1] == eot
     pieces_read = [i for piece in pieces
-                   for i in tokenizer.encode(raw[piece.start:piece.end].decode()).ids]
+                   for i in tokenizer.encode(raw[piece.start:piece.end].decode())]
     assert tokens.tolist() == pieces_read + [eot]
 
 
@@ -345,17 +348,21 @@ def test_a_large_text_file_is_cut_at_line_starts_and_ends_its_document_once(tmp_
     (b"a" * 4095 + b"\n" + b"b" * 200, 4096),        # a newline just before the target
     (b"a" * 4200 + b"\n" + b"b" * 200, 4201),        # the first newline after it
     (b"word " * 2000, None),                        # no newline: before the last whitespace
-    (b"x" * 9000, None),                            # nothing to cut at: one piece
+    (("日本語" * 1000).encode(), None),              # no whitespace: between two characters
 ])
 def test_where_a_large_file_is_cut(tmp_path, monkeypatch, content, cut):
     monkeypatch.setattr(shards, "LINE_END_BYTES", 1024)
     path = tmp_path / "long.txt"
     path.write_bytes(content)
-    starts = [piece.start for piece in shards.cut_file(str(path), len(content), 0)]
+    pieces = shards.cut_file(str(path), len(content), 0)
+    starts = [piece.start for piece in pieces]
     if content.startswith(b"word"):
         assert len(starts) > 1 and all(content[start:start + 1] == b" " for start in starts[1:])
+    elif cut is None:  # as corpus.read_text cuts such text: no character is split
+        assert len(starts) > 1
+        assert "".join(content[p.start:p.end].decode() for p in pieces) == content.decode()
     else:
-        assert starts == [0] + ([cut] if cut else [])
+        assert starts == [0, cut]
 
 
 def test_windows_and_their_masks_span_shard_boundaries_as_over_one_array():

@@ -32,7 +32,8 @@ from conftest import (
     write_task,
 )
 from chat import chat_format, render
-from data import IGNORE_INDEX, epoch_order, load_tokenizer, prepare_tokens, split_tokens
+from bpe import load_tokenizer
+from data import IGNORE_INDEX, epoch_order, prepare_tokens, split_tokens
 from model import Transformer
 from checkpoints import load_checkpoint
 from optim import lr_at
