@@ -153,10 +153,11 @@ def bench_data(config_path: str, config: Config, size_mb: float, formats: list[s
     with open(default_corpus, encoding="utf-8") as f:
         documents, sources = real_documents(size_mb, f.read())
     text_mb = sum(len(document.encode()) for document in documents) / 1e6
+    # first: the kernel writing the corpus's files back to disk would take CPU from it
+    rates = encode_rates(load_tokenizer(config.data.tokenizer_path, threads=cores), documents)
     with tempfile.TemporaryDirectory(prefix="slm-bench-data-") as scratch:
         folders = write_data_corpus(scratch, documents, formats)
-        rates = encode_rates(load_tokenizer(config.data.tokenizer_path, threads=cores),
-                             documents)
+        os.sync()
         added = "".join(documents[:max(1, len(documents) * DATA_ADDED_MB // int(text_mb))])
         del documents
         print(f"\n{text_mb:,.0f} MB of text ({sources:,} files: the plays and installed "
