@@ -21,6 +21,8 @@ from model import Transformer
 # without Python, and memory planning takes the step's intermediates from one allocation.
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True}
 MIN_CACHE_POSITIONS = 64
+GREEDY_BELOW = 1e-3   # sample_rows: a lower temperature is greedy (dividing by it overflows)
+MASK32 = 0xFFFFFFFF
 
 
 def cache_positions(prompt_length: int, max_new_tokens: int, context_length: int) -> int:
@@ -48,6 +50,42 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """logits (B, vocab) -> (B,) ids, every row by its own settings in one set of tensor
+    operations: temperature (B,) (below GREEDY_BELOW: greedy), top_k (B,) (<= 0: off), top_p
+    (B,) (>= 1: off), and uniform (B,), each row's draw in [0, 1), picked by the inverse of its
+    cumulative distribution."""
+    vocab = logits.shape[-1]
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.clamp(
+        min=GREEDY_BELOW)[:, None]
+    sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
+    ranks = torch.arange(vocab, device=logits.device)
+    kept = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    sorted_logits = sorted_logits.masked_fill(ranks >= kept[:, None], float("-inf"))
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already cover top_p; the best one stays.
+    dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None]
+    cumulative = sorted_probs.masked_fill(dropped, 0.0).double().cumsum(dim=-1)
+    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+    sampled = order.gather(-1, picked.clamp(max=vocab - 1)).squeeze(-1)
+    return torch.where(temperature < GREEDY_BELOW, logits.argmax(dim=-1), sampled)
+
+
+def row_uniforms(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """(B,) uniforms in [0, 1): row b's draw number draws[b] from the stream of seeds[b] (int64,
+    both). A hash of the two, not a generator's state, so a row's draws depend on nothing else
+    in the batch. Values stay below 2**32 between the steps, so no product overflows int64."""
+    def mix(x: torch.Tensor) -> torch.Tensor:
+        x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+        x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+        return (x >> 16) ^ x
+
+    first = mix(mix(seeds & MASK32) ^ mix((seeds >> 32) & MASK32) ^ (draws & MASK32))
+    second = mix(first ^ 0x5BD1E995)
+    return ((first >> 8).double() * 2 ** 24 + (second >> 8).double()) / 2 ** 48
 
 
 @torch.inference_mode()

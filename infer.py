@@ -1,22 +1,29 @@
 """Prompt-based generation from a trained checkpoint, streamed to stdout as it is produced; with
---chat, a conversation through the model's chat template (chat.py).
+--chat, a conversation through the model's chat template (chat.py); with --prompts, a file of
+prompts generated together by the engine (engine.py), one JSON line out per prompt.
 
     python infer.py --ckpt_path checkpoints/best_model.pth --prompt "ROMEO:" --max-length 100
     python infer.py --ckpt_path checkpoints/chat_model.pth --chat   # a turn per line of stdin
+    python infer.py --ckpt_path checkpoints/best_model.pth --prompts prompts.txt --out out.jsonl
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 import torch
 from tokenizers.decoders import DecodeStream
+from tqdm import tqdm
 
-from chat import chat_prompt
+from chat import ROLES, chat_prompt, render
 from checkpoints import TrainedModel, load_trained
+from engine import Engine, Request
+from files import atomic_write, check_writable
 from generate import generate
 from runtime import autocast_context
-from utils import MAX_SEED, ArgumentParser, UserError, require_within, run_cli, warn
+from utils import MAX_SEED, ArgumentParser, UserError, require, require_within, run_cli, warn
 
 WINDOW_RULE = ("The model sees at most the context it was trained on (data.context_length in the "
                "checkpoint): a longer prompt keeps its newest tokens, and a full window drops to "
@@ -52,15 +59,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step: seconds to compile once, then more "
                         "tokens/s (README, Performance); pays off for long or many samples")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="generate for every prompt of FILE together: a prompt per line, or "
+                        "a .jsonl file of {\"prompt\": text} or {\"messages\": [...]} lines; "
+                        "one JSON line out per prompt, in order")
+    parser.add_argument("--out", metavar="FILE", help="with --prompts: write the JSON lines "
+                        "here (default: stdout)")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="with --prompts: the most prompts generated at once")
     args = parser.parse_args()
     for flag, low, high in (("max_length", 1, 1 << 20), ("top_k", 1, 1 << 24),
                             ("temperature", 0, 100), ("seed", 0, MAX_SEED),
-                            ("num_samples", 1, 1 << 16)):
+                            ("num_samples", 1, 1 << 16), ("max_batch", 1, 4096)):
         if getattr(args, flag) is not None:
             require_within(f"--{flag.replace('_', '-')}", getattr(args, flag), low, high)
     require_within("--top-p", args.top_p, 0, 1, open_low=True)
     for flag in ("prompt", "system"):
         check_utf8(getattr(args, flag), f"--{flag}")
+    if args.prompts:
+        clash = [flag for flag, given in (("--prompt", args.prompt), ("--chat", args.chat),
+                                          ("--num-samples", args.num_samples > 1),
+                                          ("--no-cache", args.no_cache),
+                                          ("--compile", args.compile)) if given]
+        require(not clash, f"--prompts generates every prompt of its file, with neither "
+                f"{', '.join(clash)} — leave those out (a chat prompt is a JSONL line with "
+                "\"messages\")")
+    require(args.out is None or args.prompts, "--out is where --prompts writes, and no "
+            "--prompts was given — give --prompts FILE too, or leave --out out")
     return args
 
 
@@ -129,10 +154,79 @@ def chat(trained: TrainedModel, args: argparse.Namespace, generator: torch.Gener
         history.append({"role": "assistant", "content": reply})
 
 
+def read_prompts(path: str) -> list[dict]:
+    """The prompts of --prompts FILE as {"prompt": text} or {"messages": [...]}: each line of a
+    text file (empty lines too: the end-of-text token), each line of a .jsonl file."""
+    require(os.path.isfile(path), f"--prompts {path} not found — give a file of prompts")
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.read().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        check_utf8(line, f"line {number} of {path}")
+        if not path.endswith(".jsonl"):
+            records.append({"prompt": line})
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UserError(f"line {number} of {path} is not JSON — write one JSON object per "
+                            "line, or use a .txt file of prompts") from None
+        text, messages = (record.get("prompt"), record.get("messages")) if isinstance(
+            record, dict) else (None, None)
+        turns_ok = isinstance(messages, list) and all(
+            isinstance(turn, dict) and turn.get("role") in ROLES
+            and isinstance(turn.get("content"), str) for turn in messages)
+        require(isinstance(text, str) or turns_ok, f"line {number} of {path} has neither "
+                "\"prompt\" (a string) nor \"messages\" (a list of {\"role\": system, user "
+                "or assistant, \"content\": text}) — give it one")
+        records.append({"prompt": text} if isinstance(text, str) else {"messages": messages})
+    require(records, f"--prompts {path} holds no prompt — write one per line")
+    return records
+
+
+def generate_file(trained: TrainedModel, args: argparse.Namespace, records: list[dict],
+                  seed: int) -> None:
+    """--prompts: every prompt of the file (`records`) through the engine, --max-batch at a
+    time; a JSON line per prompt, in the file's order."""
+    tokenizer, context = trained.tokenizer, trained.context_length
+    requests = []
+    for index, record in enumerate(records):
+        if "messages" in record:
+            ids = tokenizer.encode(render(tokenizer.chat, record["messages"], True))
+            end_id = tokenizer.token_id(tokenizer.chat.end_of_turn)
+        else:
+            ids = tokenizer.encode(record["prompt"]) or [tokenizer.end_of_text_id]
+            end_id = tokenizer.end_of_text_id
+        requests.append(Request(ids[-context:], args.max_length, end_id, args.temperature,
+                                args.top_k or 0, args.top_p, (seed + index) % MAX_SEED))
+    engine = Engine(trained.model, context, trained.precision, args.max_batch)
+    with tqdm(total=len(requests), unit="prompt", desc="generating") as bar:
+        for request in requests:
+            engine.submit(request)
+        while engine.rows or engine.waiting:
+            done = sum(request.done.is_set() for request in requests)
+            engine.step()
+            bar.update(sum(request.done.is_set() for request in requests) - done)
+    lines = "".join(json.dumps({**record, "text": tokenizer.decode(
+        request.tokens[:-1] if request.finish_reason == "stop" else request.tokens),
+        "finish_reason": request.finish_reason, "completion_tokens": len(request.tokens)},
+        ensure_ascii=False) + "\n" for record, request in zip(records, requests))
+    if args.out:
+        atomic_write(args.out, lambda f: f.write(lines.encode("utf-8")))
+    else:
+        print(lines, end="", flush=True)
+
+
 def main() -> None:
     args = parse_args()
+    records = read_prompts(args.prompts) if args.prompts else []  # checked before the model loads
+    if args.out:
+        check_writable(os.path.dirname(os.path.abspath(args.out)))
     trained = load_trained(args.ckpt_path, args.config, args.device)
     seed = args.seed if args.seed is not None else torch.seed()  # torch.seed(): a fresh one
+    if args.prompts:
+        generate_file(trained, args, records, seed)
+        return
     generator = torch.Generator(device=trained.device).manual_seed(seed)
     if args.chat:
         chat(trained, args, generator)

@@ -48,14 +48,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @dataclass
 class KVCache:
     """One layer's keys and values by position, (B, kv_heads, length, head_dim): fixed shapes,
-    so a compiled decode step never recompiles; unwritten positions are masked."""
+    so a compiled decode step never recompiles; unwritten positions are masked. Positions are
+    the same for every row (input_pos (T,)) or each row's own (input_pos (B, T))."""
     k: torch.Tensor
     v: torch.Tensor
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+        else:  # row b's T new keys go to its positions input_pos[b]: (B, T, kv_heads, head_dim)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, input_pos] = k.transpose(1, 2)
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
 
 
@@ -142,8 +148,8 @@ class Transformer(nn.Module):
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, vocab) and the mean loss against targets; last_only: the
         last position's logits, all sampling needs. Without caches idx holds positions 0..T-1;
-        with them, its keys/values go to positions input_pos (T,), and each token attends to
-        every cached position up to its own."""
+        with them, its keys/values go to positions input_pos, (T,) for every row or (B, T) for
+        each row its own, and each token attends to every cached position up to its own."""
         T = idx.shape[1]
         if caches is None:
             if T > self.config.max_seq_len:
@@ -151,7 +157,9 @@ class Transformer(nn.Module):
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            mask = torch.arange(caches[0].k.shape[2], device=idx.device) <= input_pos[:, None]
+            mask = torch.arange(caches[0].k.shape[2], device=idx.device) <= input_pos[..., None]
+            if input_pos.dim() == 2:  # per row: (B, 1, T, ...) broadcasts over the heads
+                cos, sin, mask = cos[:, None], sin[:, None], mask[:, None]
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, caches[i] if caches is not None else None, input_pos, mask)

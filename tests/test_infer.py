@@ -1,4 +1,5 @@
 import io
+import json
 import re
 import shutil
 
@@ -113,6 +114,15 @@ def damaged_copy(trained_run, workdir):
             damaged_copy,
             "cannot load checkpoint 'bad.pth'.* corrupt, truncated",
         ),
+        (["--prompts", "nope.txt"], None, "--prompts nope.txt not found"),
+        (["--prompts", "p.jsonl"], lambda run, workdir: (workdir / "p.jsonl").write_text(
+            '{"prompt": "a"}\nnot json\n'), "line 2 of p.jsonl is not JSON"),
+        (["--prompts", "p.jsonl"], lambda run, workdir: (workdir / "p.jsonl").write_text(
+            '{"messages": [{"role": "robot", "content": "hi"}]}\n'),
+         'line 1 of p.jsonl has neither "prompt"'),
+        (["--prompts", "p.txt", "--chat", "--compile"], None,
+         "--prompts generates every prompt of its file, with neither --chat, --compile"),
+        (["--out", "o.jsonl"], None, "--out is where --prompts writes"),
         (
             ["--ckpt_path", "ckpt/best.pth", "--config", "other.yaml"],
             lambda run, workdir: (workdir / "other.yaml").write_text(
@@ -180,3 +190,29 @@ def test_chat_on_an_slm_checkpoint_keeps_the_system_turn_and_ends_replies_at_the
     assert len(rendered) == 2, "the empty line is no turn"
     assert rendered[1].startswith("SYSTEM:\nBe kind.") and "What news?" not in rendered[1]
     assert stderr.count("warning: the reply filled the 32-token window and ends here") == 2
+
+
+def test_infer_prompts_generates_a_file_of_prompts_together_in_their_order(trained_run, tmp_path):
+    (tmp_path / "prompts.txt").write_text("ROMEO:\nJULIET:\n\nMACBETH:\n", encoding="utf-8")
+    (tmp_path / "prompts.jsonl").write_text(
+        '{"prompt": "ROMEO:"}\n{"messages": [{"role": "user", "content": "Who is there?"}]}\n',
+        encoding="utf-8")
+    common = ["--ckpt_path", str(trained_run / "ckpt" / "best.pth"), "--max-length", "12",
+              "--seed", "3", "--max-batch", "2"]
+    result = run_script("infer.py", *common, "--prompts", str(tmp_path / "prompts.txt"),
+                        "--out", str(tmp_path / "out.jsonl"), cwd=trained_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == ["ROMEO:", "JULIET:", "", "MACBETH:"]
+    assert all(line["finish_reason"] in ("stop", "length") and 0 < line["completion_tokens"]
+               <= 12 and isinstance(line["text"], str) for line in lines)
+    again = run_script("infer.py", *common, "--prompts", str(tmp_path / "prompts.txt"),
+                       "--max-batch", "4", cwd=trained_run)  # to stdout, another batch
+    assert [json.loads(line) for line in again.stdout.splitlines()] == lines
+    chat = run_script("infer.py", *common, "--prompts", str(tmp_path / "prompts.jsonl"),
+                      "--temperature", "0", cwd=trained_run)
+    records = [json.loads(line) for line in chat.stdout.splitlines()]
+    assert records[0]["prompt"] == "ROMEO:" and records[1]["messages"][0]["role"] == "user"
+    greedy = run_script("infer.py", *common, "--prompt", "ROMEO:", "--temperature", "0",
+                        cwd=trained_run)
+    assert greedy.stdout == "ROMEO:" + records[0]["text"] + "\n"  # as --prompt streams it

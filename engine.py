@@ -1,0 +1,218 @@
+"""The engine: every active request stepped together. A batch-1 decode step reads every weight
+to make one token; one step for all rows reads them once for all of them.
+
+    engine = Engine(model, context_length, precision, max_batch=16)
+    engine.submit(Request(prompt_ids, max_tokens=64, end_id=eot_id, temperature=0.0))
+    engine.run_until_idle()     # or engine.run(stop) on the thread that owns the model
+
+Each step it admits waiting requests while rows are free (each prefilled alone into its row of
+the cache), runs one forward for every active row, samples each row by its own settings, and
+retires the rows that finished (end token, max_tokens, cancelled). A request joins at the next
+step; nobody waits for the batch.
+
+The cache is one buffer per layer, (rows, kv_heads, positions, head_dim), each row at its own
+positions (model.KVCache). Its positions cover the longest active row's reach, a power of two
+as generate.cache_positions sizes it, and grow when a longer request joins; its rows are as many
+as `max_batch` and the memory bound allow. Active rows are rows 0..n-1: a finished row is
+replaced by the last one. The window rule applies per row: a row that fills the window drops to
+its newest half and is prefilled again, as generate.py does for one sequence.
+
+Rows are independent: a row's tokens are those of the same request alone, up to rounding (a
+batched product sums in another order), and its samples come from its own seeded stream
+(generate.row_uniforms), whatever else is in the batch.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from generate import cache_positions, row_uniforms, sample_rows
+from model import KVCache, Transformer
+from runtime import autocast_context
+from utils import host_memory_bytes
+
+IDLE_WAIT_SECONDS = 0.1   # how long run() sleeps with nothing to do before it looks at `stop`
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's state: its prompt and settings, then the tokens it made and how it
+    finished ("stop": its end token, "length": max_tokens, "cancelled")."""
+    prompt: list[int]
+    max_tokens: int
+    end_id: int | None = None  # the token that ends the reply (None: only max_tokens does)
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # <= 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+    on_token: Callable[[Request], None] | None = None  # after each token, on the engine thread
+    tokens: list[int] = field(default_factory=list)  # sampled, the end token included
+    finish_reason: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    window: list[int] = field(default_factory=list)  # what the model sees now (the engine's)
+
+
+class Engine:
+    """Owns the model and its cache; call step(), run() or run_until_idle() from one thread,
+    submit() from any."""
+
+    def __init__(self, model: Transformer, context_length: int, precision: str = "fp32",
+                 max_batch: int = 16, cache_bytes: int | None = None):
+        self.model, self.context_length, self.precision = model, context_length, precision
+        self.max_batch = max_batch
+        self.device = model.embed_tokens.weight.device
+        c = model.config
+        itemsize = 2 if precision in ("bf16", "fp16") else 4
+        # keys and values of every layer, one position of one row
+        self.position_bytes = 2 * c.num_layers * c.num_kv_heads * (c.embed_dim // c.num_heads
+                                                                    ) * itemsize
+        self.cache_bytes = cache_bytes or host_memory_bytes() // 4
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.arrived = threading.Condition()
+        self.rows: list[Request] = []
+        self.caches: list[KVCache] = []
+        self.positions = 0  # the cache's positions per row (0: no cache yet)
+        self.refill: set[Request] = set()  # rows that dropped to half a window: prefill again
+        self.steps = 0
+
+    def submit(self, request: Request) -> None:
+        """Queue `request` for the next step. Its prompt holds 1..context_length tokens."""
+        if not 0 < len(request.prompt) <= self.context_length or request.max_tokens < 1:
+            raise ValueError(f"a request needs 1..{self.context_length} prompt tokens and "
+                             f"max_tokens >= 1, got {len(request.prompt)} and "
+                             f"{request.max_tokens}")
+        request.window = list(request.prompt)
+        with self.arrived:
+            self.waiting.append(request)
+            self.arrived.notify()
+
+    def run(self, stop: threading.Event) -> None:
+        """Step while there is work, and wait for requests while there is none, until `stop`."""
+        while not stop.is_set():
+            with self.arrived:
+                if not self.rows and not self.waiting:
+                    self.arrived.wait(IDLE_WAIT_SECONDS)
+            self.step()
+
+    def run_until_idle(self) -> None:
+        while self.rows or self.waiting:
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit, prefill, one forward for all rows, sample, retire."""
+        with autocast_context(self.device, self.precision):
+            for row in [row for row in self.rows if row.cancelled.is_set()]:
+                self._finish(row, "cancelled")
+            self._admit()
+            for row in list(self.refill):
+                self.refill.discard(row)
+                self._prefill(row)
+            if self.rows:
+                self._decode()
+        if not self.rows:  # idle: the cache's memory goes back, the next request sizes its own
+            self.caches, self.positions = [], 0
+        self.steps += 1
+
+    def _rows_allowed(self, positions: int) -> int:
+        return max(1, min(self.max_batch, self.cache_bytes // (positions * self.position_bytes)))
+
+    def _reach(self, request: Request) -> int:
+        return cache_positions(len(request.prompt), request.max_tokens, self.context_length)
+
+    def _admit(self) -> None:
+        """Take waiting requests (cancelled ones finish unstarted) while rows are free."""
+        while True:
+            with self.arrived:
+                if not self.waiting:
+                    return
+                request = self.waiting[0]
+                if request.cancelled.is_set():
+                    self.waiting.popleft()
+                    self._finish(request, "cancelled")
+                    continue
+                positions = max(self.positions, self._reach(request))
+                if len(self.rows) >= self._rows_allowed(positions):
+                    return  # it waits for a row to free
+                self.waiting.popleft()
+            if positions != self.positions or not self.caches:
+                self._resize(positions)
+            self.rows.append(request)
+            self._prefill(request)
+
+    def _resize(self, positions: int) -> None:
+        """A cache of `positions` per row, as many rows as allowed; the active rows kept."""
+        old, kept = self.caches, min(self.positions, positions)
+        self.caches = self.model.new_caches(self._rows_allowed(positions), positions)
+        for new_cache, old_cache in zip(self.caches, old):
+            rows = len(self.rows)
+            new_cache.k[:rows, :, :kept] = old_cache.k[:rows, :, :kept]
+            new_cache.v[:rows, :, :kept] = old_cache.v[:rows, :, :kept]
+        self.positions = positions
+
+    def _prefill(self, row: Request) -> None:
+        """Fill the row's cache with its window alone and sample its next token."""
+        index, length = self.rows.index(row), len(row.window)
+        views = [KVCache(cache.k[index:index + 1], cache.v[index:index + 1])
+                 for cache in self.caches]
+        logits = self.model(torch.tensor([row.window], device=self.device), caches=views,
+                            input_pos=torch.arange(length, device=self.device),
+                            last_only=True)[0]
+        self._take([row], self._sample([row], logits[:, -1]))
+
+    def _decode(self) -> None:
+        """One forward for every active row: each feeds its last token at its own position."""
+        rows = list(self.rows)
+        count = len(rows)
+        views = [KVCache(cache.k[:count], cache.v[:count]) for cache in self.caches]
+        last = torch.tensor([[row.window[-1]] for row in rows], device=self.device)
+        positions = torch.tensor([[len(row.window) - 1] for row in rows], device=self.device)
+        logits = self.model(last, caches=views, input_pos=positions)[0]
+        self._take(rows, self._sample(rows, logits[:, -1]))
+
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+        """Every row's next token by its own settings, with one transfer to the host."""
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        uniform = row_uniforms(column([row.seed for row in rows], torch.int64),
+                               column([len(row.tokens) for row in rows], torch.int64))
+        return sample_rows(logits.float(), column([row.temperature for row in rows],
+                                                  torch.float32),
+                           column([row.top_k for row in rows], torch.int64),
+                           column([row.top_p for row in rows], torch.float32),
+                           uniform).tolist()
+
+    def _take(self, rows: list[Request], tokens: list[int]) -> None:
+        """Record each row's new token; finish the rows it ends, apply the window rule."""
+        for row, token in zip(rows, tokens):
+            row.tokens.append(token)
+            row.window.append(token)
+            if row.on_token is not None:
+                row.on_token(row)
+            if token == row.end_id:
+                self._finish(row, "stop")
+            elif len(row.tokens) >= row.max_tokens:
+                self._finish(row, "length")
+            elif len(row.window) > self.context_length:  # full: go on from the newest half
+                row.window = row.window[-max(1, self.context_length // 2):]
+                self.refill.add(row)
+
+    def _finish(self, row: Request, reason: str) -> None:
+        """Retire a row: the last active row takes its place in the cache."""
+        if row in self.rows:
+            index, last = self.rows.index(row), len(self.rows) - 1
+            if index != last:
+                for cache in self.caches:
+                    cache.k[index] = cache.k[last]
+                    cache.v[index] = cache.v[last]
+                self.rows[index] = self.rows[last]
+            self.rows.pop()
+            self.refill.discard(row)
+        row.finish_reason = reason
+        row.done.set()
