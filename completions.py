@@ -1,29 +1,36 @@
 """Completions in the shape of OpenAI's API, for serve.py: a request's parameters checked into
 one `Completion`, its prompts built (chat messages through the model's own template, or text
-and token ids), its generation run through generate.py, and the logprobs lm-evaluation-harness
-reads. A bad parameter is an `ApiError`: the status, what to fix, the parameter and a code.
+and token ids), each prompt a `Choice` the engine steps (engine.py), and the logprobs
+lm-evaluation-harness reads. A bad parameter is an `ApiError`: the status, what to fix, the
+parameter and a code.
 
-Streamed text is decoded a token at a time and never splits a character; text that could still
-begin a stop string is held back until it cannot, so no part of a stop string is ever sent.
+A choice's text is decoded a token at a time and never splits a character; text that could
+still begin a stop string is held back until it cannot, so no part of a stop string is ever
+sent. Stop strings are matched as the text grows, in time linear in the text and the stops'
+length (a Knuth-Morris-Pratt automaton per stop).
 """
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from tokenizers.decoders import DecodeStream
 
+from bpe import BPETokenizer
 from chat import ROLES, render
 from checkpoints import TrainedModel
-from generate import generate
+from engine import Request
 from runtime import autocast_context
 from utils import MAX_SEED, UserError
 
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}  # only these values
 REFUSED = ("tools", "tool_choice", "functions", "function_call", "response_format")
 MAX_STOPS = 16
+MAX_STOP_CHARS = 256     # per stop string: matching costs the stops' total length per character
+MAX_PROMPTS = 64         # prompts in one /v1/completions request: each is a row of the engine
 MAX_LOGPROBS = 20
 
 
@@ -37,30 +44,113 @@ class ApiError(Exception):
 
     @property
     def kind(self) -> str:
-        return {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+        return {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                405: "invalid_request_error", 413: "invalid_request_error",
                 503: "server_busy"}.get(self.status, "invalid_request_error")
 
 
-@dataclass
+class StopMatcher:
+    """Finds the first stop string in a text fed as it grows, and says how many characters at
+    its end could still begin one: per stop, the length of the longest prefix of it that the
+    text ends with, advanced a character at a time through the stop's failure table."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.matched = stops, [0] * len(stops)
+        self.failure = []
+        for stop in stops:  # failure[i]: the longest proper prefix of stop[:i+1] it ends with
+            table, length = [0] * len(stop), 0
+            for i in range(1, len(stop)):
+                while length and stop[i] != stop[length]:
+                    length = table[length - 1]
+                length += stop[i] == stop[length]
+                table[i] = length
+            self.failure.append(table)
+
+    def feed(self, text: str, start: int) -> int:
+        """Take text[start:] (text[:start] was fed before); -> where the first stop string
+        completed in it begins, or -1."""
+        for position in range(start, len(text)):
+            char = text[position]
+            for i, stop in enumerate(self.stops):
+                length = self.matched[i]
+                while length and stop[length] != char:
+                    length = self.failure[i][length - 1]
+                length += stop[length] == char
+                if length == len(stop):
+                    return position + 1 - length
+                self.matched[i] = length
+        return -1
+
+    @property
+    def held_back(self) -> int:
+        return max(self.matched, default=0)
+
+
+@dataclass(eq=False)
+class Choice(Request):
+    """One prompt of a request as the engine steps it (engine.Request: its tokens, settings and
+    how it finished), and its text as it grows: what may be sent is text[:sendable]."""
+    index: int = 0
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher([]))
+    pieces: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=False))
+    text: str = ""
+    sendable: int = 0
+    final: bool = False  # finished, its text complete
+    logprobs: dict | None = None
+
+
+@dataclass(eq=False)
 class Completion:
-    """One request: its prompts (one choice each) and sampling settings, then per choice what
-    generation made: `sampled` ids (the ending token included), `text`, `finish_reason`."""
-    prompts: list[list[int]]
-    max_tokens: list[int]  # per prompt: what was asked, or the rest of the window
-    end_id: int  # the token that ends a reply: end of turn (chat) or of text
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    """One request: its choices (one per prompt) and what to send back. The engine updates the
+    choices on its thread and calls `notify`; the HTTP side reads them under `lock`."""
+    choices: list[Choice]
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
     logprobs: int | None = None
-    sampled: list[list[int]] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    finish_reasons: list[str] = field(default_factory=list)
-    choice_logprobs: list[dict] = field(default_factory=list)  # when `logprobs` is asked
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    notify: Callable[[], None] = lambda: None  # on the engine's thread, after each update
+    on_finished: Callable[[Completion], None] = lambda completion: None  # once, when all are
+
+    def attach(self, tokenizer: BPETokenizer) -> None:
+        """Make each choice's text as the engine steps it."""
+        for choice in self.choices:
+            choice.on_update = lambda choice: self._update(choice, tokenizer)
+
+    def _update(self, choice: Choice, tokenizer: BPETokenizer) -> None:
+        with self.lock:
+            if choice.final:  # a stop string ended it; this is the engine retiring it
+                return
+            if choice.finish_reason is None:  # a new token
+                if choice.tokens[-1] != choice.end_id:
+                    self._grow(choice, tokenizer)
+            else:  # ended by its end token, length, cancel or shutdown
+                # the text held back, and bytes that never formed a character (U+FFFD)
+                ids = choice.tokens[:-1] if choice.tokens[-1:] == [choice.end_id] else (
+                    choice.tokens)
+                text = tokenizer.decode(ids)
+                found = [at for stop in choice.stops.stops
+                         if (at := text.find(stop, choice.sendable)) >= 0]
+                choice.text = text[:min(found)] if found else text
+                choice.sendable = len(choice.text)
+            choice.final = choice.finish_reason is not None
+            finished = choice.final and all(other.final for other in self.choices)
+        self.notify()
+        if finished:
+            self.on_finished(self)
+
+    @staticmethod
+    def _grow(choice: Choice, tokenizer: BPETokenizer) -> None:
+        """The choice's last token decoded onto its text; a stop string in it ends the choice."""
+        start = len(choice.text)
+        choice.text += choice.pieces.step(tokenizer.hf, choice.tokens[-1]) or ""
+        stop_at = choice.stops.feed(choice.text, start)
+        if stop_at >= 0:
+            choice.text, choice.sendable = choice.text[:stop_at], stop_at
+            choice.finish_reason = "stop"  # the engine retires it
+        else:
+            choice.sendable = len(choice.text) - choice.stops.held_back
+
 
 
 def _number(body: dict, name: str, default: float | None, low: float, high: float,
@@ -81,9 +171,11 @@ def _stops(body: dict) -> list[str]:
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not (isinstance(stops, list) and len(stops) <= MAX_STOPS
-            and all(isinstance(text, str) and text for text in stops)):
-        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOPS} "
-                       f"of them, got {stop!r}", "stop", "invalid_value")
+            and all(isinstance(text, str) and 0 < len(text) <= MAX_STOP_CHARS
+                    for text in stops)):
+        raise ApiError(400, f"stop must be a string of 1 to {MAX_STOP_CHARS} characters or a "
+                       f"list of at most {MAX_STOPS} of them, got {str(stop)[:100]!r}", "stop",
+                       "invalid_value")
     return stops
 
 
@@ -116,21 +208,41 @@ def _fitted(trained: TrainedModel, prompt: list[int], max_tokens: int | None,
     return room if max_tokens is None else max_tokens
 
 
-def _settings(body: dict) -> dict:
-    """The sampling settings both endpoints share."""
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be true or false, got {value!r}", name, "invalid_type")
+    return value
+
+
+def _completion(body: dict, trained: TrainedModel, prompts: list[list[int]], param: str,
+                end_id: int, **fields: object) -> Completion:
+    """The request's choices, one per prompt, with the sampling settings both endpoints share;
+    choice i samples from seed + i."""
     _check_supported(body)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream",
-                       "invalid_type")
+    stream = _flag(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
-    return {"temperature": _number(body, "temperature", 1.0, 0, 2),
-            "top_p": _number(body, "top_p", 1.0, 0, 1), "seed": _number(
-                body, "seed", None, 0, MAX_SEED, integer=True),
-            "top_k": _number(body, "top_k", 0, 0, 1 << 24, integer=True), "stop": _stops(body),
-            "stream": stream, "include_usage": stream and bool(options.get("include_usage"))}
+    top_p = _number(body, "top_p", 1.0, 0, 1)
+    if top_p == 0:
+        raise ApiError(400, "top_p must be in (0, 1], got 0 — for the likeliest token every "
+                       "time, set temperature to 0", "top_p", "invalid_value")
+    seed = _number(body, "seed", None, 0, MAX_SEED, integer=True)
+    seed = int(torch.randint(MAX_SEED, ())) if seed is None else seed
+    settings = {"temperature": _number(body, "temperature", 1.0, 0, 2), "top_p": top_p,
+                "top_k": _number(body, "top_k", 0, 0, 1 << 24, integer=True)}
+    stops, max_tokens = _stops(body), _max_tokens(body)
+    end_id = None if _flag(body, "ignore_eos") else end_id
+    choices = [Choice(prompt, _fitted(trained, prompt, max_tokens, param), end_id,
+                      seed=(seed + index) % MAX_SEED, index=index, stops=StopMatcher(stops),
+                      **settings)
+               for index, prompt in enumerate(prompts)]
+    completion = Completion(choices, stream=stream,
+                            include_usage=stream and bool(options.get("include_usage")),
+                            **fields)
+    completion.attach(trained.tokenizer)
+    return completion
 
 
 def _max_tokens(body: dict) -> int | None:
@@ -170,13 +282,16 @@ def chat_completion(body: dict, trained: TrainedModel) -> Completion:
     if body.get("logprobs"):
         raise ApiError(400, "logprobs are served by /v1/completions only", "logprobs",
                        "unsupported_parameter")
+    if body.get("echo"):
+        raise ApiError(400, "echo is served by /v1/completions only", "echo",
+                       "unsupported_parameter")
     try:
         prompt = trained.tokenizer.encode(render(trained.tokenizer.chat, conversation, True))
     except UserError as err:
         raise ApiError(400, str(err), "messages", "invalid_value") from None
-    return Completion([prompt], [_fitted(trained, prompt, _max_tokens(body), "messages")],
-                      trained.tokenizer.token_id(trained.tokenizer.chat.end_of_turn),
-                      **_settings(body))
+    tokenizer = trained.tokenizer
+    return _completion(body, trained, [prompt], "messages",
+                       tokenizer.token_id(tokenizer.chat.end_of_turn))
 
 
 def _prompts(prompt: object, trained: TrainedModel) -> list[list[int]]:
@@ -194,6 +309,9 @@ def _prompts(prompt: object, trained: TrainedModel) -> list[list[int]]:
 
     if isinstance(prompt, list) and prompt and all(isinstance(one, (str, list))
                                                    for one in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise ApiError(400, f"prompt holds {len(prompt)} prompts; send at most "
+                           f"{MAX_PROMPTS} in one request", "prompt", "invalid_value")
         return [ids(one) for one in prompt]
     return [ids(prompt)]
 
@@ -202,71 +320,21 @@ def text_completion(body: dict, trained: TrainedModel) -> Completion:
     """A /v1/completions request; an empty prompt is the end-of-text token, as in infer.py."""
     end_id = trained.tokenizer.end_of_text_id
     prompts = [prompt or [end_id] for prompt in _prompts(body.get("prompt", ""), trained)]
-    settings = _settings(body)
     logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
-    echo = body.get("echo", False)
-    if not isinstance(echo, bool):
-        raise ApiError(400, f"echo must be true or false, got {echo!r}", "echo", "invalid_type")
-    if logprobs is not None and settings["stream"]:
-        raise ApiError(400, "logprobs are returned by non-streaming requests only", "logprobs",
-                       "unsupported_parameter")
-    max_tokens = _max_tokens(body)
-    return Completion(prompts, [_fitted(trained, prompt, max_tokens, "prompt")
-                                for prompt in prompts], end_id, echo=echo, logprobs=logprobs,
-                      **settings)
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many characters at the end of `text` could begin a stop string."""
-    return max((size for stop in stops for size in range(1, len(stop))
-                if text.endswith(stop[:size])), default=0)
-
-
-def generate_choice(trained: TrainedModel, completion: Completion, index: int,
-                    generator: torch.Generator, cancelled: Callable[[], bool]) -> Iterator[str]:
-    """Generate choice `index`, yielding its text as it may be sent, and record its sampled ids,
-    text and finish reason ("stop": the ending token or a stop string; "length": max_tokens;
-    "cancelled": `cancelled()` became true)."""
-    tokenizer, stops = trained.tokenizer, completion.stop
-    pieces, ids, text, sent = DecodeStream(skip_special_tokens=False), [], "", 0
-    reason, cut = "length", None
-    prompt = torch.tensor([completion.prompts[index]], device=trained.device)
-    with autocast_context(trained.device, trained.precision):
-        for token in generate(trained.model, prompt, completion.max_tokens[index],
-                              trained.context_length, completion.temperature, completion.top_k,
-                              completion.top_p, completion.end_id, generator=generator):
-            ids.append(int(token))
-            if ids[-1] == completion.end_id:
-                reason = "stop"
-                break
-            text += pieces.step(tokenizer.hf, ids[-1]) or ""
-            found = [text.find(stop, sent) for stop in stops]  # no sent text begins one
-            if any(at >= 0 for at in found):
-                reason, cut = "stop", min(at for at in found if at >= 0)
-                break
-            ready = len(text) - _held_back(text, stops)
-            if ready > sent:
-                yield text[sent:ready]
-                sent = ready
-            if cancelled():
-                reason = "cancelled"
-                break
-    if cut is None:  # what is left: held-back text, and bytes that never formed a character
-        text = tokenizer.decode(ids[:-1] if reason == "stop" else ids)
-        cut = min([len(text), *(at for stop in stops if (at := text.find(stop, sent)) >= 0)])
-    if cut > sent:
-        yield text[sent:cut]
-    completion.sampled.append(ids)
-    completion.texts.append(text[:cut])
-    completion.finish_reasons.append(reason)
+    echo = _flag(body, "echo")
+    for name, asked in (("logprobs", logprobs is not None), ("echo", echo)):
+        if asked and _flag(body, "stream"):
+            raise ApiError(400, f"{name} is returned by non-streaming requests only", name,
+                           "unsupported_parameter")
+    return _completion(body, trained, prompts, "prompt", end_id, echo=echo, logprobs=logprobs)
 
 
 @torch.inference_mode()
-def logprobs(trained: TrainedModel, completion: Completion, index: int) -> dict:
-    """OpenAI's logprobs of choice `index`: per token (the prompt's too with echo; the first
-    prompt token has none), its text, its logprob, the top `completion.logprobs` alternatives
-    and its character offset in the choice's text."""
-    prompt, sampled = completion.prompts[index], completion.sampled[index]
+def logprobs(trained: TrainedModel, completion: Completion, choice: Choice) -> dict:
+    """OpenAI's logprobs of `choice`: per token (the prompt's too with echo; the first prompt
+    token has none), its text, its logprob, the top `completion.logprobs` alternatives and its
+    character offset in the choice's text. On the thread that owns the model."""
+    prompt, sampled = choice.prompt, choice.tokens
     sequence = prompt + sampled
     with autocast_context(trained.device, trained.precision):
         logits = trained.model(torch.tensor([sequence[:-1]], device=trained.device))[0][0]

@@ -24,9 +24,11 @@ batched product sums in another order), and its samples come from its own seeded
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -49,7 +51,9 @@ class Request:
     top_k: int = 0  # <= 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
-    on_token: Callable[[Request], None] | None = None  # after each token, on the engine thread
+    # on the engine thread, after each token and once more when it finished; setting
+    # finish_reason in it ends the request (a stop string)
+    on_update: Callable[[Request], None] | None = None
     tokens: list[int] = field(default_factory=list)  # sampled, the end token included
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -78,7 +82,11 @@ class Engine:
         self.caches: list[KVCache] = []
         self.positions = 0  # the cache's positions per row (0: no cache yet)
         self.refill: set[Request] = set()  # rows that dropped to half a window: prefill again
-        self.steps = 0
+        self.calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+            collections.deque())
+        # what /metrics shows: counters since the start, and the last step's
+        self.steps, self.tokens_generated, self.step_seconds_total = 0, 0, 0.0
+        self.last_step_seconds, self.last_batch_size = 0.0, 0
 
     def submit(self, request: Request) -> None:
         """Queue `request` for the next step. Its prompt holds 1..context_length tokens."""
@@ -91,11 +99,27 @@ class Engine:
             self.waiting.append(request)
             self.arrived.notify()
 
+    def call(self, work: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run work() on the engine's thread before its next step (other uses of the model,
+        such as scoring a prompt's logprobs); -> its future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.arrived:
+            self.calls.append((work, future))
+            self.arrived.notify()
+        return future
+
+    def abort_all(self, reason: str) -> None:
+        """Finish every running and waiting request with `reason` (the server is stopping)."""
+        with self.arrived:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for request in [*self.rows, *waiting]:
+            self._finish(request, reason)
+
     def run(self, stop: threading.Event) -> None:
         """Step while there is work, and wait for requests while there is none, until `stop`."""
         while not stop.is_set():
             with self.arrived:
-                if not self.rows and not self.waiting:
+                if not self.rows and not self.waiting and not self.calls:
                     self.arrived.wait(IDLE_WAIT_SECONDS)
             self.step()
 
@@ -105,18 +129,33 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, prefill, one forward for all rows, sample, retire."""
+        """Calls, then admit, prefill, one forward for all rows, sample, retire."""
+        start = time.perf_counter()
         with autocast_context(self.device, self.precision):
-            for row in [row for row in self.rows if row.cancelled.is_set()]:
+            while self.calls:
+                work, future = self.calls.popleft()
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(work())
+                    except Exception as err:  # the caller's to raise
+                        future.set_exception(err)
+            with self.arrived:
+                left = [request for request in self.waiting if request.cancelled.is_set()]
+                for request in left:
+                    self.waiting.remove(request)
+            for row in left + [row for row in self.rows if row.cancelled.is_set()]:
                 self._finish(row, "cancelled")
             self._admit()
             for row in list(self.refill):
                 self.refill.discard(row)
                 self._prefill(row)
+            self.last_batch_size = len(self.rows)
             if self.rows:
                 self._decode()
         if not self.rows:  # idle: the cache's memory goes back, the next request sizes its own
             self.caches, self.positions = [], 0
+        self.last_step_seconds = time.perf_counter() - start
+        self.step_seconds_total += self.last_step_seconds
         self.steps += 1
 
     def _rows_allowed(self, positions: int) -> int:
@@ -126,16 +165,12 @@ class Engine:
         return cache_positions(len(request.prompt), request.max_tokens, self.context_length)
 
     def _admit(self) -> None:
-        """Take waiting requests (cancelled ones finish unstarted) while rows are free."""
+        """Take waiting requests while rows are free."""
         while True:
             with self.arrived:
                 if not self.waiting:
                     return
                 request = self.waiting[0]
-                if request.cancelled.is_set():
-                    self.waiting.popleft()
-                    self._finish(request, "cancelled")
-                    continue
                 positions = max(self.positions, self._reach(request))
                 if len(self.rows) >= self._rows_allowed(positions):
                     return  # it waits for a row to free
@@ -190,12 +225,15 @@ class Engine:
 
     def _take(self, rows: list[Request], tokens: list[int]) -> None:
         """Record each row's new token; finish the rows it ends, apply the window rule."""
+        self.tokens_generated += len(tokens)
         for row, token in zip(rows, tokens):
             row.tokens.append(token)
             row.window.append(token)
-            if row.on_token is not None:
-                row.on_token(row)
-            if token == row.end_id:
+            if row.on_update is not None:
+                row.on_update(row)
+            if row.finish_reason is not None:  # its on_update ended it
+                self._finish(row, row.finish_reason)
+            elif token == row.end_id:
                 self._finish(row, "stop")
             elif len(row.tokens) >= row.max_tokens:
                 self._finish(row, "length")
@@ -215,4 +253,6 @@ class Engine:
             self.rows.pop()
             self.refill.discard(row)
         row.finish_reason = reason
+        if row.on_update is not None:
+            row.on_update(row)
         row.done.set()

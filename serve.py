@@ -3,154 +3,142 @@
     python serve.py --ckpt_path checkpoints/chat_model.pth [--host 127.0.0.1] [--port 8000]
 
 POST /v1/chat/completions and /v1/completions (streamed as server-sent events or not), GET
-/v1/models and /health, and the tokenizer endpoints lm-evaluation-harness reads (/tokenizer_info,
-/tokenize, /detokenize). Requests queue for one generation loop (in the main thread; HTTP runs
-in a thread beside it), so they never share a model state and /health answers during a long
-reply. A full queue answers 503 with Retry-After; a client that disconnects stops its generation
-at the next token.
+/v1/models, /health and /metrics (Prometheus), and the tokenizer endpoints lm-evaluation-harness
+reads (/tokenizer_info, /tokenize, /detokenize). The HTTP side parses, checks, queues and
+streams; the engine (engine.py) steps every running request together in the main thread, where
+torch's thread pool lives, and HTTP runs in a thread beside it. A full queue answers 503 with
+Retry-After; a client that disconnects frees its row at the next step; SIGTERM ends running
+streams with an error event and [DONE], answers waiting requests 503, and exits 0.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
+import ipaddress
 import json
 import os
-import queue
 import signal
 import sys
 import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (FileResponse, JSONResponse, PlainTextResponse, Response,
+                               StreamingResponse)
 from starlette.exceptions import HTTPException
 
 from checkpoints import TrainedModel, load_trained
-from completions import (ApiError, Completion, chat_completion, generate_choice, logprobs,
-                         text_completion)
-from utils import ArgumentParser, UserError, require_within, run_cli
+from completions import ApiError, Completion, chat_completion, logprobs, text_completion
+from engine import Engine
+from utils import ArgumentParser, UserError, require, require_within, run_cli
 
 MAX_BODY_BYTES = 4 << 20
+MAX_JSON_DEPTH = 64       # deeper bodies are refused: nothing in the API nests this deep
 FLUSH_SECONDS = 0.02  # streamed text goes out at least this often (sooner for a slow model)
+DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streaming request checks for its client
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
-OPEN_PATHS = ("/", "/health")  # the page (it asks for the key) and liveness need no key
-
-
-@dataclass
-class Job:
-    """A request's work for the generation loop, and the events it sends back: ("text",
-    index, piece) as text is ready, then ("done", completion) or ("error", ApiError). Text
-    gathers for up to FLUSH_SECONDS and goes out together: each wake-up of the event loop
-    takes the interpreter lock from the generation loop, so waking once per token would
-    slow a fast model's decode."""
-    work: Callable[[Callable[[], bool], Callable[..., None]], Completion]
-    loop: asyncio.AbstractEventLoop
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    pending: list = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    flush_at: float = 0.0  # when text last went out, or is due to (time.monotonic())
-
-    def emit(self, *event: Any) -> None:
-        with self.lock:
-            self.pending.append(event)
-            first = len(self.pending) == 1
-        try:
-            if event[0] != "text":
-                self.loop.call_soon_threadsafe(self.ready.set)
-            elif first:
-                now = time.monotonic()
-                delay = max(0.0, self.flush_at + FLUSH_SECONDS - now)
-                self.flush_at = now + delay
-                self.loop.call_soon_threadsafe(self.loop.call_later, delay, self.ready.set)
-        except RuntimeError:  # the event loop has closed at shutdown: no one is listening
-            self.cancelled.set()
-
-    async def events(self) -> list[tuple]:
-        """The events sent since the last call (waiting for one)."""
-        while True:
-            await self.ready.wait()
-            with self.lock:
-                events, self.pending = self.pending, []
-                self.ready.clear()
-            if events:
-                return events
+OPEN_PATHS = ("/", "/health", "/metrics")  # the page (it asks for the key), liveness, metrics
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 
 @dataclass
 class Server:
     trained: TrainedModel
+    engine: Engine
     model_name: str
     api_key: str | None
-    jobs: queue.Queue
+    max_queue: int
+    allowed_hosts: tuple[str, ...] = ()  # empty: any Host (not bound to a loopback address)
+    cors_origins: tuple[str, ...] = ()
+    stopping: bool = False
     cancelled_requests: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
+    def finished(self, completion: Completion) -> None:
+        """On the engine's thread, when a request is done: count a client's cancel."""
+        if any(choice.finish_reason == "cancelled" for choice in completion.choices):
+            self.cancelled_requests += 1
+            tokens = sum(len(choice.tokens) for choice in completion.choices)
+            print(f"a request was cancelled by its client after {tokens} tokens",
+                  file=sys.stderr, flush=True)
 
-def run_jobs(server: Server) -> None:
-    """The generation loop: one job at a time, in arrival order; None ends it."""
-    while (job := server.jobs.get()) is not None:
-        if job.cancelled.is_set():  # its client left while it waited
-            server.cancelled_requests += 1
-            continue
+
+class Wake:
+    """Wakes the HTTP side of a request from the engine's thread, at most every FLUSH_SECONDS:
+    each wake-up of the event loop takes the interpreter lock from the engine, so waking once
+    per token would slow a fast model's decode."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.ready = loop, asyncio.Event()
+        self.lock, self.scheduled, self.due = threading.Lock(), False, 0.0
+
+    def __call__(self) -> None:
+        with self.lock:
+            if self.scheduled:
+                return
+            now = time.monotonic()
+            delay = max(0.0, self.due + FLUSH_SECONDS - now)
+            self.scheduled, self.due = True, now + delay
         try:
-            completion = job.work(job.cancelled.is_set, job.emit)
-            if "cancelled" in completion.finish_reasons:
-                server.cancelled_requests += 1
-                print(f"a request was cancelled by its client after "
-                      f"{sum(map(len, completion.sampled))} tokens", file=sys.stderr, flush=True)
-            job.emit("done", completion)
-        except ApiError as err:
-            job.emit("error", err)
-        except Exception as err:  # a bug: the request gets a 500, the thread serves on
-            traceback.print_exc()
-            job.emit("error", ApiError(500, f"generation failed: {err}", None, "server_error"))
+            self.loop.call_soon_threadsafe(self.loop.call_later, delay, self._fire)
+        except RuntimeError:  # the event loop has closed at shutdown: no one is listening
+            pass
+
+    def _fire(self) -> None:
+        with self.lock:
+            self.scheduled = False
+        self.ready.set()
+
+    async def wait(self) -> None:
+        await self.ready.wait()
+        self.ready.clear()
 
 
-def completion_work(server: Server, completion: Completion) -> Callable:
-    """The job that generates every choice of `completion`, streaming text as it comes."""
-    trained = server.trained
-
-    def work(cancelled: Callable[[], bool], emit: Callable[..., None]) -> Completion:
-        seed = completion.seed if completion.seed is not None else torch.seed()
-        generator = torch.Generator(device=trained.device).manual_seed(seed)
-        for index in range(len(completion.prompts)):
-            for piece in generate_choice(trained, completion, index, generator, cancelled):
-                emit("text", index, piece)
-            if cancelled():
-                break
-            if completion.logprobs is not None:
-                completion.choice_logprobs.append(logprobs(trained, completion, index))
-        return completion
-
-    return work
-
-
-def submit(server: Server, work: Callable) -> Job:
-    job = Job(work, asyncio.get_running_loop())
-    try:
-        server.jobs.put_nowait(job)
-    except queue.Full:
-        raise ApiError(503, f"the server is busy ({server.jobs.maxsize} requests are waiting) — "
-                       "retry shortly", None, "server_busy") from None
-    return job
+def error_body(err: ApiError) -> dict:
+    return {"error": {"message": err.message, "type": err.kind, "param": err.param,
+                      "code": err.code}}
 
 
 def error_response(err: ApiError) -> JSONResponse:
     headers = {"Retry-After": "1"} if err.status == 503 else None
-    return JSONResponse({"error": {"message": err.message, "type": err.kind, "param": err.param,
-                                   "code": err.code}}, err.status, headers)
+    return JSONResponse(error_body(err), err.status, headers)
+
+
+def body_problem(body: dict) -> tuple[str, str]:
+    """(the field, what is wrong) for a body nested deeper than MAX_JSON_DEPTH or holding a
+    string with a lone surrogate (JSON's \\ud800 escapes), which is no text; ("", "") if
+    none. Walked without recursion, so no depth of input can overflow the stack."""
+    pending: list[tuple[Any, str, int]] = [(body, "body", 0)]
+    while pending:
+        value, where, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            return where, f"nests deeper than {MAX_JSON_DEPTH} levels — send a flatter body"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where, "holds a lone UTF-16 surrogate, which is no text — send valid " \
+                    "Unicode"
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+            value, list) else ()
+        pending += [(item, f"{where}[{key!r}]" if depth else str(key), depth + 1)
+                    for key, item in items]
+    return "", ""
 
 
 async def read_json(request: Request) -> dict:
-    """The request's JSON object; a body over MAX_BODY_BYTES is refused unread."""
+    """The request's JSON object; a body over MAX_BODY_BYTES is refused unread, and a body
+    that is not application/json (what a cross-site form sends without asking) is refused."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"the body must be sent as application/json, not {kind or 'none'} "
+                       "— set Content-Type: application/json", None, "unsupported_media_type")
     too_big = ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB — send less")
     declared = request.headers.get("content-length", "0")
     if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
@@ -162,15 +150,22 @@ async def read_json(request: Request) -> dict:
             raise too_big
     try:
         parsed = json.loads(body)
+    except RecursionError:  # nested past the parser's own limit
+        raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels — send a "
+                       "flatter body") from None
     except ValueError as err:
         raise ApiError(400, f"the body is not valid JSON ({err}) — send a JSON object") from None
     if not isinstance(parsed, dict):
         raise ApiError(400, "the body must be a JSON object")
+    where, problem = body_problem(parsed)
+    if problem:
+        raise ApiError(400, f"{where} {problem}", where, "invalid_value")
     return parsed
 
 
 def usage(completion: Completion) -> dict:
-    prompt, generated = sum(map(len, completion.prompts)), sum(map(len, completion.sampled))
+    prompt = sum(len(choice.prompt) for choice in completion.choices)
+    generated = sum(len(choice.tokens) for choice in completion.choices)
     return {"prompt_tokens": prompt, "completion_tokens": generated,
             "total_tokens": prompt + generated}
 
@@ -179,54 +174,138 @@ def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(job: Job, chunk: Callable[[int, str | None, str | None], dict],
-                        completion: Completion) -> AsyncIterator[str]:
-    """Server-sent events of a job: a chunk per piece of text (pieces that arrived together
-    for one choice are one chunk), a last one per choice with its finish reason, usage if
-    asked, then [DONE]. A disconnect cancels the job."""
+SHUTDOWN = ApiError(503, "the server is shutting down — retry against a running one", None,
+                    "server_shutting_down")
+
+
+async def stream_chunks(completion: Completion, wake: Wake,
+                        chunk: Callable[[int, str | None, str | None], dict]
+                        ) -> AsyncIterator[str]:
+    """Server-sent events of a request: a chunk per choice with new text, a last one per choice
+    with its finish reason, usage if asked, then [DONE]; at shutdown an error event. A client
+    that leaves cancels its choices."""
+    sent = [0] * len(completion.choices)
     try:
         while True:
-            events, texts = await job.events(), []
-            for kind, *rest in events:
-                if kind == "text" and texts and texts[-1][0] == rest[0]:
-                    texts[-1][1] += rest[1]
-                elif kind == "text":
-                    texts.append(rest)
-            out = [sse(chunk(index, text, None)) for index, text in texts]
-            kind, *rest = events[-1]
-            if kind == "error":
-                out.append(sse({"error": {"message": rest[0].message, "type": rest[0].kind,
-                                          "param": rest[0].param, "code": rest[0].code}}))
-            elif kind == "done":
-                out += [sse(chunk(index, None, reason))
-                        for index, reason in enumerate(completion.finish_reasons)
-                        if reason != "cancelled"]
-                if completion.include_usage:
-                    out.append(sse({**chunk(0, None, None), "choices": [],
-                                    "usage": usage(completion)}))
+            await wake.wait()
+            out = []
+            with completion.lock:
+                for choice in completion.choices:
+                    if choice.sendable > sent[choice.index]:
+                        out.append(sse(chunk(choice.index, choice.text[
+                            sent[choice.index]:choice.sendable], None)))
+                        sent[choice.index] = choice.sendable
+                done = all(choice.final for choice in completion.choices)
+            if done:
+                reasons = [choice.finish_reason for choice in completion.choices]
+                if "shutdown" in reasons:
+                    out.append(sse(error_body(SHUTDOWN)))
+                else:
+                    out += [sse(chunk(index, None, reason)) for index, reason in
+                            enumerate(reasons)]
+                    if completion.include_usage:
+                        out.append(sse({**chunk(0, None, None), "choices": [],
+                                        "usage": usage(completion)}))
+                out.append("data: [DONE]\n\n")
             yield "".join(out)
-            if kind != "text":
-                break
-        yield "data: [DONE]\n\n"
+            if done:
+                return
     finally:
-        job.cancelled.set()  # a no-op once the job is done; else its client has gone
+        for choice in completion.choices:
+            choice.cancelled.set()  # a no-op once it is done; else its client has gone
 
 
-async def finished(job: Job) -> Completion:
+async def finished(completion: Completion, wake: Wake, request: Request) -> None:
+    """Wait for every choice; a client that leaves meanwhile cancels them."""
     try:
-        while True:
-            kind, *rest = (await job.events())[-1]
-            if kind == "error":
-                raise rest[0]
-            if kind == "done":
-                return rest[0]
+        while not all(choice.final for choice in completion.choices):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), DISCONNECT_POLL_SECONDS)
+            if await request.is_disconnected():
+                return
     finally:
-        job.cancelled.set()  # a no-op once the job is done; else the server is stopping
+        for choice in completion.choices:
+            choice.cancelled.set()  # a no-op once it is done; else its client has gone
+    if any(choice.finish_reason == "shutdown" for choice in completion.choices):
+        raise SHUTDOWN
+
+
+def host_problem(server: Server, request: Request) -> ApiError | None:
+    """A request whose Host is not this server's names (DNS rebinding: a page's own domain
+    pointed at 127.0.0.1), or whose browser Origin is another site's, is refused."""
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if server.allowed_hosts and name.lower() not in server.allowed_hosts:
+        return ApiError(403, f"Host {host!r} is not one this server answers to — use "
+                        "http://127.0.0.1, or start it with --allowed-hosts NAME", None,
+                        "host_not_allowed")
+    origin = request.headers.get("origin")
+    own = {f"{request.url.scheme}://{host}"}
+    if origin is not None and origin not in own and origin not in server.cors_origins:
+        return ApiError(403, f"requests from the page at {origin} are refused — open the "
+                        "server's own page, or start it with --cors-origin ORIGIN", None,
+                        "origin_not_allowed")
+    return None
+
+
+class Guard:
+    """Host, Origin and key checks before any route, and CORS headers for --cors-origin pages.
+    Plain ASGI, not a BaseHTTPMiddleware, so a route still sees its client disconnect."""
+
+    def __init__(self, app: Callable, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request, server = Request(scope), self.server
+        problem = host_problem(server, request)
+        if problem is None and server.api_key and request.url.path not in OPEN_PATHS and (
+                request.method != "OPTIONS"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), server.api_key.encode()):
+                problem = ApiError(401, "missing or wrong API key — send Authorization: "
+                                   "Bearer KEY", None, "invalid_api_key")
+        if problem is not None:
+            return await error_response(problem)(scope, receive, send)
+        origin = request.headers.get("origin")
+        if origin not in server.cors_origins:
+            return await self.app(scope, receive, send)
+        cors = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin"),
+                (b"access-control-allow-headers", b"Authorization, Content-Type"),
+                (b"access-control-allow-methods", b"GET, POST")]
+        if request.method == "OPTIONS":  # a browser's preflight
+            return await Response(status_code=204, headers={
+                name.decode(): value.decode() for name, value in cors})(scope, receive, send)
+
+        async def send_with_cors(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *cors]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
+def metrics(server: Server) -> str:
+    """Prometheus' text format: no request's content, only counts and times."""
+    engine = server.engine
+    rows = [("slm_requests_waiting", "gauge", "requests waiting for a row", len(engine.waiting)),
+            ("slm_requests_running", "gauge", "requests being generated", len(engine.rows)),
+            ("slm_tokens_generated_total", "counter", "tokens sampled", engine.tokens_generated),
+            ("slm_steps_total", "counter", "engine steps", engine.steps),
+            ("slm_step_seconds_total", "counter", "seconds spent in steps",
+             engine.step_seconds_total),
+            ("slm_step_seconds", "gauge", "the last step's seconds", engine.last_step_seconds),
+            ("slm_batch_size", "gauge", "rows in the last step", engine.last_batch_size),
+            ("slm_requests_cancelled_total", "counter", "requests their client left",
+             server.cancelled_requests)]
+    return "".join(f"# HELP {name} {text}\n# TYPE {name} {kind}\n{name} {value}\n"
+                   for name, kind, text, value in rows)
 
 
 def make_app(server: Server) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    trained, tokenizer = server.trained, server.trained.tokenizer
+    trained, tokenizer, engine = server.trained, server.trained.tokenizer, server.engine
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -234,31 +313,35 @@ def make_app(server: Server) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on "
-                f"{request.url.path}"}.get(err.status_code, str(err.detail))
+        what, code = {404: (f"no route {request.url.path}", "not_found"),
+                      405: (f"{request.method} is not allowed on {request.url.path}",
+                            "method_not_allowed")}.get(err.status_code,
+                                                       (str(err.detail), "invalid_request"))
         return error_response(ApiError(err.status_code, f"{what} — see the server's docs "
-                                       "(docs/serving.md)", None, "not_found"))
+                                       "(docs/serving.md)", None, code))
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next: Callable) -> Response:
-        if server.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), server.api_key.encode()):
-                return error_response(ApiError(401, "missing or wrong API key — send "
-                                               "Authorization: Bearer KEY", None,
-                                               "invalid_api_key"))
-        return await call_next(request)
+    app.add_middleware(Guard, server=server)
 
     async def accept(request: Request, parse: Callable[[dict, TrainedModel], Completion]
-                     ) -> tuple[Completion, Job]:
-        """A completion request checked (body, model, parameters) and queued."""
+                     ) -> tuple[Completion, Wake]:
+        """A completion request checked (body, model, parameters: tokenizing and templating
+        off the event loop) and queued for the engine."""
         body = await read_json(request)
         model = body.get("model")
         if model is not None and model != server.model_name:
             raise ApiError(404, f"the model {model!r} does not exist here — this server serves "
                            f"{server.model_name!r}", "model", "model_not_found")
-        completion = parse(body, trained)
-        return completion, submit(server, completion_work(server, completion))
+        completion = await asyncio.to_thread(parse, body, trained)
+        if server.stopping:
+            raise SHUTDOWN
+        if len(engine.waiting) + len(completion.choices) > server.max_queue:
+            raise ApiError(503, f"the server is busy ({len(engine.waiting)} requests are "
+                           "waiting) — retry shortly", None, "server_busy")
+        wake = Wake(asyncio.get_running_loop())
+        completion.notify, completion.on_finished = wake, server.finished
+        for choice in completion.choices:
+            engine.submit(choice)
+        return completion, wake
 
     def head(kind: str) -> dict:
         return {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-"
@@ -267,7 +350,7 @@ def make_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        completion, job = await accept(request, chat_completion)
+        completion, wake = await accept(request, chat_completion)
         if completion.stream:
             stream_head = head("chat.completion.chunk")
 
@@ -280,19 +363,20 @@ def make_app(server: Server) -> FastAPI:
                 yield sse({**stream_head, "choices": [{"index": 0, "delta": {
                     "role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None}]})
-                async for event in stream_events(job, chunk, completion):
+                async for event in stream_chunks(completion, wake, chunk):
                     yield event
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        await finished(job)
+        await finished(completion, wake, request)
+        choice = completion.choices[0]
         return JSONResponse({**head("chat.completion"), "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": completion.texts[0]},
-            "logprobs": None, "finish_reason": completion.finish_reasons[0]}],
+            "index": 0, "message": {"role": "assistant", "content": choice.text},
+            "logprobs": None, "finish_reason": choice.finish_reason}],
             "usage": usage(completion)})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        completion, job = await accept(request, text_completion)
+        completion, wake = await accept(request, text_completion)
         if completion.stream:
             stream_head = head("text_completion")
 
@@ -300,16 +384,19 @@ def make_app(server: Server) -> FastAPI:
                 return {**stream_head, "choices": [{"index": index, "text": text or "",
                                                     "logprobs": None, "finish_reason": reason}]}
 
-            return StreamingResponse(stream_events(job, chunk, completion),
+            return StreamingResponse(stream_chunks(completion, wake, chunk),
                                      media_type="text/event-stream")
-        await finished(job)
+        await finished(completion, wake, request)
+        if completion.logprobs is not None:  # the model's work: on the engine's thread
+            scored = await asyncio.wrap_future(engine.call(lambda: [
+                logprobs(trained, completion, choice) for choice in completion.choices]))
         choices = []
-        for index, prompt in enumerate(completion.prompts):
-            echoed = tokenizer.decode(prompt) if completion.echo else ""
-            choices.append({"index": index, "text": echoed + completion.texts[index],
-                            "finish_reason": completion.finish_reasons[index], "logprobs":
-                            completion.choice_logprobs[index] if completion.choice_logprobs
-                            else None})
+        for choice in completion.choices:
+            echoed = (await asyncio.to_thread(tokenizer.decode, choice.prompt)
+                      if completion.echo else "")
+            choices.append({"index": choice.index, "text": echoed + choice.text,
+                            "finish_reason": choice.finish_reason, "logprobs":
+                            scored[choice.index] if completion.logprobs is not None else None})
         return JSONResponse({**head("text_completion"), "choices": choices,
                              "usage": usage(completion)})
 
@@ -321,8 +408,13 @@ def make_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "queued": server.jobs.qsize(),
+        return {"status": "stopping" if server.stopping else "ok",
+                "queued": len(engine.waiting), "running": len(engine.rows),
                 "cancelled_requests": server.cancelled_requests}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics(server), media_type="text/plain; version=0.0.4")
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
@@ -338,7 +430,7 @@ def make_app(server: Server) -> FastAPI:
         text = (await read_json(request)).get("prompt")
         if not isinstance(text, str):
             raise ApiError(400, "prompt must be a string", "prompt", "invalid_type")
-        return {"tokens": tokenizer.encode(text)}
+        return {"tokens": await asyncio.to_thread(tokenizer.encode, text)}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
@@ -348,7 +440,7 @@ def make_app(server: Server) -> FastAPI:
                                               for i in ids)):
             raise ApiError(400, f"tokens must be a list of token ids in [0, {vocab})", "tokens",
                            "invalid_value")
-        return {"prompt": tokenizer.decode(ids)}
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, ids)}
 
     @app.get("/")
     async def page() -> FileResponse:
@@ -372,40 +464,70 @@ def parse_args() -> argparse.Namespace:
                         help="require Authorization: Bearer KEY (default: $SLM_API_KEY; none)")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"),
                         help="default: training.device of the checkpoint's config")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="requests generated at once, each a row of the KV cache")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait; more are answered 503 with Retry-After")
+    parser.add_argument("--allowed-hosts", default="",
+                        help="comma-separated Host names to answer besides the loopback ones "
+                        "(bound to a loopback address, others are refused)")
+    parser.add_argument("--cors-origin", default="",
+                        help="comma-separated origins (https://app.example) whose pages may "
+                        "call the API from a browser (default: only the server's own page)")
     args = parser.parse_args()
     require_within("--port", args.port, 0, 65535)
+    require_within("--max-batch", args.max_batch, 1, 4096)
     require_within("--max-queue", args.max_queue, 1, 1 << 20)
+    require(args.api_key is None or args.api_key.strip(), "the API key is empty (from --api-key "
+            "or SLM_API_KEY), which would let anyone in — give a real key, or leave both unset "
+            "for a server without one")
     return args
+
+
+def allowed_hosts(bind: str, extra: str) -> tuple[str, ...]:
+    """The Host names answered: bound to a loopback address, the loopback names and `extra`;
+    bound to another, any (an empty tuple) unless `extra` names some."""
+    names = tuple(name.strip().lower() for name in extra.split(",") if name.strip())
+    try:
+        loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    return (*LOOPBACK_NAMES, *names) if loopback else names
 
 
 def main() -> None:
     args = parse_args()
     trained = load_trained(args.ckpt_path, device_name=args.device)
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt_path))
-    server = Server(trained, name, args.api_key or None, queue.Queue(args.max_queue))
-    # The model runs in the main thread, where torch's intra-op thread pool lives (a second
-    # thread would start a pool of its own and decode slower); HTTP runs in a thread beside it.
+    engine = Engine(trained.model, trained.context_length, trained.precision, args.max_batch)
+    server = Server(trained, engine, name, args.api_key, args.max_queue,
+                    allowed_hosts(args.host, args.allowed_hosts),
+                    tuple(origin.strip() for origin in args.cors_origin.split(",")
+                          if origin.strip()))
     http = uvicorn.Server(uvicorn.Config(make_app(server), host=args.host, port=args.port,
-                                         log_level="warning", timeout_graceful_shutdown=2))
-
-    def serve_http() -> None:
-        http.run()
-        server.jobs.put(None)  # ends run_jobs once the requests in flight are answered
-
-    listener = threading.Thread(target=serve_http, daemon=True)
+                                         log_level="warning", timeout_graceful_shutdown=3))
+    http.install_signal_handlers = lambda: None  # the main thread's handlers stop everything
+    listener = threading.Thread(target=http.run, daemon=True)
     listener.start()
     while not http.started:
         if not listener.is_alive():
             raise UserError(f"could not listen on {args.host}:{args.port} (see the line above) "
                             "— choose another --port, or stop what uses it")
         time.sleep(0.05)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # stop taking requests, end the streams
-        signal.signal(signum, lambda *_: setattr(http, "should_exit", True))
+    stop = threading.Event()
+
+    def stop_serving(*_: object) -> None:
+        server.stopping = True  # new requests: 503
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_serving)
     print(f"serving {name} ({trained.model.num_params():,} parameters, {trained.context_length}"
           f"-token window) at http://{args.host}:{args.port}/", flush=True)
-    run_jobs(server)
+    engine.run(stop)  # the model's thread: the main one, where torch's thread pool lives
+    engine.abort_all("shutdown")  # streams end with an error event, the waiting get 503
+    http.should_exit = True
+    listener.join(timeout=10)
     print("stopped", flush=True)
 
 

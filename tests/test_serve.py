@@ -340,3 +340,121 @@ def test_lm_eval_local_completions_scores_the_served_model_as_eval_py(tmp_path, 
     assert scores["n"] == len(served) == len(examples)
     for metric in ("acc", "acc_norm"):
         assert scores[metric] == sum(example[metric] for example in served) / len(served)
+
+
+def post_raw(url: str, body: bytes, **headers: str) -> requests.Response:
+    return requests.post(url, data=body, headers={"Content-Type": "application/json", **headers})
+
+
+CHAT = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+
+
+def test_hostile_requests_get_a_4xx_in_openai_shape_and_the_server_stays_up(chat_server):
+    url = chat_server["url"]
+    chat = f"{url}/v1/chat/completions"
+    cases = [  # (response, status, code, param)
+        (requests.get(f"{url}/v1/models", headers={"Host": "evil.example:80"}), 403,
+         "host_not_allowed", None),  # DNS rebinding: another site's name for 127.0.0.1
+        (requests.post(chat, json=CHAT, headers={"Origin": "https://evil.example"}), 403,
+         "origin_not_allowed", None),
+        (requests.post(chat, data=json.dumps(CHAT), headers={"Content-Type": "text/plain"}),
+         415, "unsupported_media_type", None),  # what a cross-site form sends
+        (post_raw(chat, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'), 400,
+         "invalid_value", "messages[0]['content']"),
+        (post_raw(f"{url}/v1/completions", b'{"prompt": ["ok", "\\udfff"]}'), 400,
+         "invalid_value", "prompt[1]"),
+        (post_raw(f"{url}/tokenize", b'{"prompt": "\\ud83d"}'), 400, "invalid_value", "prompt"),
+        (post_raw(chat, b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400, None, None),
+        (post_raw(chat, b'{"a": ' + b"[" * 80 + b"]" * 80 + b"}"), 400, "invalid_value", None),
+        (requests.get(chat), 405, "method_not_allowed", None),
+        (requests.post(f"{url}/v1/completions", json={"prompt": "x", "echo": True,
+                                                     "stream": True}), 400,
+         "unsupported_parameter", "echo"),
+        (requests.post(chat, json={**CHAT, "top_p": 0}), 400, "invalid_value", "top_p"),
+        (requests.post(chat, json={**CHAT, "stop": ["x" * 257]}), 400, "invalid_value", "stop"),
+        (requests.post(f"{url}/v1/completions", json={"prompt": ["x"] * 65}), 400,
+         "invalid_value", "prompt"),
+    ]
+    for response, status, code, param in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] and (code is None or error["code"] == code), error
+        assert param is None or error["param"] == param, error
+    own_page = requests.post(chat, json=CHAT, headers={"Origin": url})
+    assert own_page.status_code == 200  # the chat page's own requests
+    assert requests.get(f"{url}/health").status_code == 200
+    assert "Traceback" not in chat_server["log"].read_text()
+
+
+def test_metrics_count_requests_tokens_and_steps_in_prometheus_text(chat_server):
+    before = requests.get(f"{chat_server['url']}/metrics")
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    values = dict(line.split() for line in before.text.splitlines() if not line.startswith("#"))
+    assert {"slm_requests_waiting", "slm_requests_running", "slm_tokens_generated_total",
+            "slm_step_seconds", "slm_batch_size"} <= set(values)
+    requests.post(f"{chat_server['url']}/v1/chat/completions",
+                  json={**CHAT, "max_tokens": 5, "ignore_eos": True})
+    after = dict(line.split() for line in requests.get(f"{chat_server['url']}/metrics").text
+                 .splitlines() if not line.startswith("#"))
+    assert float(after["slm_tokens_generated_total"]) >= float(
+        values["slm_tokens_generated_total"]) + 5
+    assert "x" not in requests.get(f"{chat_server['url']}/metrics").text.split("slm_")[0]
+
+
+def test_ignore_eos_pins_the_reply_length(chat_server):
+    reply = chat_server["client"].completions.create(
+        model="served", prompt="x", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 40 and reply.choices[0].finish_reason == "length"
+
+
+def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(chat_server):
+    url = chat_server["url"]
+    before = requests.get(f"{url}/health").json()["cancelled_requests"]
+    with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and hangs up
+        requests.post(f"{url}/v1/completions", timeout=0.5, json={
+            "prompt": [[5] * 8] * 8, "max_tokens": 240, "ignore_eos": True})
+    deadline = time.monotonic() + 30
+    while requests.get(f"{url}/health").json()["cancelled_requests"] == before:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.1)
+    tokens = re.findall(r"cancelled by its client after (\d+) tokens",
+                        chat_server["log"].read_text())
+    assert int(tokens[-1]) < 8 * 240  # it stopped before the end
+
+
+def test_an_empty_api_key_is_refused_in_one_line(chat_server):
+    for args, env in ((["--api-key", ""], {}), ([], {"SLM_API_KEY": ""})):
+        result = subprocess.run([sys.executable, str(REPO / "serve.py"), "--ckpt_path",
+                                 str(chat_server["directory"]), *args], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, **env})
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: the API key is empty")
+
+
+def test_sigterm_ends_running_streams_with_done_and_answers_the_waiting_503(tmp_path):
+    chat_llama(tmp_path / "llama")
+    with serving(tmp_path / "llama", tmp_path / "serve.log", "--max-batch", "1") as (url,
+                                                                                   process):
+        lines, waiting = [], {}
+        response = requests.post(f"{url}/v1/completions", stream=True, json={
+            "prompt": "x", "max_tokens": 250, "ignore_eos": True, "stream": True})
+        lines_iter = response.iter_lines()
+        lines.append(next(lines_iter))
+
+        def wait() -> None:
+            reply = requests.post(f"{url}/v1/completions", json={"prompt": "y",
+                                                                 "max_tokens": 5})
+            waiting.update(status=reply.status_code, body=reply.json())
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.3)  # it waits: the one row is taken
+        process.send_signal(signal.SIGTERM)
+        lines += [line for line in lines_iter if line]
+        waiter.join(timeout=30)
+        assert process.wait(timeout=30) == 0
+    assert lines[-1] == b"data: [DONE]"
+    assert json.loads(lines[-2].removeprefix(b"data: "))["error"]["code"] == (
+        "server_shutting_down")
+    assert waiting["status"] == 503 and waiting["body"]["error"]["code"] == "server_shutting_down"
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
