@@ -11,6 +11,7 @@ length (a Knuth-Morris-Pratt automaton per stop).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from bpe import BPETokenizer
 from chat import ROLES, render
 from checkpoints import TrainedModel
 from engine import Request
+from generate import Sampling
 from runtime import autocast_context
 from utils import MAX_SEED, UserError
 
@@ -224,14 +226,15 @@ def _completion(body: dict, trained: TrainedModel, prompts: list[list[int]], par
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
-    top_p = _number(body, "top_p", 1.0, 0, 1)
-    if top_p == 0:
-        raise ApiError(400, "top_p must be in (0, 1], got 0 — for the likeliest token every "
-                       "time, set temperature to 0", "top_p", "invalid_value")
+    sampling = Sampling(**{name: default if body.get(name) is None else body[name]
+                           for name, default in (("temperature", 1.0), ("top_k", 0),
+                                                 ("top_p", 1.0))})
+    param, problem = sampling.problem()
+    if param:
+        raise ApiError(400, f"{param} {problem}", param, "invalid_value")
     seed = _number(body, "seed", None, 0, MAX_SEED, integer=True)
     seed = int(torch.randint(MAX_SEED, ())) if seed is None else seed
-    settings = {"temperature": _number(body, "temperature", 1.0, 0, 2), "top_p": top_p,
-                "top_k": _number(body, "top_k", 0, 0, 1 << 24, integer=True)}
+    settings = dataclasses.asdict(sampling)
     stops, max_tokens = _stops(body), _max_tokens(body)
     end_id = None if _flag(body, "ignore_eos") else end_id
     choices = [Choice(prompt, _fitted(trained, prompt, max_tokens, param), end_id,

@@ -11,6 +11,8 @@ from a model with a long window stays fast, and a compiled step sees few distinc
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -21,8 +23,38 @@ from model import Transformer
 # without Python, and memory planning takes the step's intermediates from one allocation.
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True}
 MIN_CACHE_POSITIONS = 64
-GREEDY_BELOW = 1e-3   # sample_rows: a lower temperature is greedy (dividing by it overflows)
+GREEDY_BELOW = 1e-3   # a lower temperature is greedy: dividing logits by it would overflow
+MAX_TEMPERATURE = 2.0  # OpenAI's bound; above it a sample is near-uniform noise
+MAX_TOP_K = 1 << 24
 MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn, checked one way for infer.py, serve.py and the training
+    loop's samples: temperature 0 (or below GREEDY_BELOW) is greedy, top_k 0 and top_p 1 are
+    off."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def problem(self) -> tuple[str, str]:
+        """(the setting, what is wrong with it and what to give instead), or ("", "")."""
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                math.isfinite(value))
+
+        if not (number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            return "temperature", (f"must be a number in [0, {MAX_TEMPERATURE:g}], got "
+                                   f"{self.temperature!r} — 0 is greedy")
+        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
+                and 0 <= self.top_k <= MAX_TOP_K):
+            return "top_k", (f"must be an integer in [0, {MAX_TOP_K}], got {self.top_k!r} — "
+                             "0 is off")
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
+            return "top_p", (f"must be in (0, 1], got {self.top_p!r} — 1 is off; for the "
+                             "likeliest token every time, set temperature to 0")
+        return "", ""
 
 
 def cache_positions(prompt_length: int, max_new_tokens: int, context_length: int) -> int:
@@ -34,8 +66,9 @@ def cache_positions(prompt_length: int, max_new_tokens: int, context_length: int
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits: (B, vocab) -> (B,) ids. top_k <= 0 and top_p >= 1 disable those filters."""
-    if temperature == 0:
+    """logits: (B, vocab) -> (B,) ids. A temperature below GREEDY_BELOW is greedy; top_k <= 0
+    and top_p >= 1 disable those filters."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     # Shifting by the max first keeps a tiny temperature from overflowing to inf (then nan).
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature

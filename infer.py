@@ -21,7 +21,7 @@ from chat import ROLES, chat_prompt, render
 from checkpoints import TrainedModel, load_trained
 from engine import Engine, Request
 from files import atomic_write, check_writable
-from generate import generate
+from generate import Sampling, generate
 from runtime import autocast_context
 from utils import MAX_SEED, ArgumentParser, UserError, require, require_within, run_cli, warn
 
@@ -49,7 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--system", default="", help="with --chat: the system turn")
     parser.add_argument("--max-length", type=int, default=200, help="number of new tokens")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sample among the k most likely (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     parser.add_argument("--num-samples", type=int, default=1, help="independent samples to print")
@@ -68,12 +69,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=16,
                         help="with --prompts: the most prompts generated at once")
     args = parser.parse_args()
-    for flag, low, high in (("max_length", 1, 1 << 20), ("top_k", 1, 1 << 24),
-                            ("temperature", 0, 100), ("seed", 0, MAX_SEED),
+    for flag, low, high in (("max_length", 1, 1 << 20), ("seed", 0, MAX_SEED),
                             ("num_samples", 1, 1 << 16), ("max_batch", 1, 4096)):
         if getattr(args, flag) is not None:
             require_within(f"--{flag.replace('_', '-')}", getattr(args, flag), low, high)
-    require_within("--top-p", args.top_p, 0, 1, open_low=True)
+    param, problem = Sampling(args.temperature, args.top_k, args.top_p).problem()
+    require(not param, f"--{param.replace('_', '-')} {problem}")
     for flag in ("prompt", "system"):
         check_utf8(getattr(args, flag), f"--{flag}")
     if args.prompts:
@@ -106,7 +107,7 @@ def stream(trained: TrainedModel, args: argparse.Namespace, prompt_ids: list[int
     new_ids, printed, ended = [], 0, False
     with autocast_context(trained.device, trained.precision):
         for token in generate(trained.model, prompt, max_new_tokens, trained.context_length,
-                              temperature=args.temperature, top_k=args.top_k or 0,
+                              temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, eos_id=eos_id, use_cache=not args.no_cache,
                               generator=generator, compile=args.compile):
             if int(token) == eos_id:
@@ -198,7 +199,7 @@ def generate_file(trained: TrainedModel, args: argparse.Namespace, records: list
             ids = tokenizer.encode(record["prompt"]) or [tokenizer.end_of_text_id]
             end_id = tokenizer.end_of_text_id
         requests.append(Request(ids[-context:], args.max_length, end_id, args.temperature,
-                                args.top_k or 0, args.top_p, (seed + index) % MAX_SEED))
+                                args.top_k, args.top_p, (seed + index) % MAX_SEED))
     engine = Engine(trained.model, context, trained.precision, args.max_batch)
     with tqdm(total=len(requests), unit="prompt", desc="generating") as bar:
         for request in requests:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_decisive_model, make_model
-from generate import cache_positions, generate, sample_next
+from generate import Sampling, cache_positions, generate, sample_next
 
 CONTEXT = 16  # shorter than the test models' max_seq_len=48: the training context rules, not RoPE
 
@@ -92,3 +92,15 @@ def test_sampling_filters():
     top2 = {sample_next(logits, 5.0, 2, 1.0, generator).item() for _ in range(200)}
     full = {sample_next(logits, 5.0, 0, 1.0, generator).item() for _ in range(200)}
     assert top1 == {0} and nucleus == {0} and top2 == {0, 1} and full == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("settings, setting", [
+    ({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 2.5}, "temperature"), ({"temperature": "hot"}, "temperature"),
+    ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"top_k": True}, "top_k"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"top_p": None}, "top_p"),
+])
+def test_sampling_settings_are_checked_one_way_for_every_caller(settings, setting):
+    param, problem = Sampling(**settings).problem()
+    assert param == setting and " — " in problem
+    assert Sampling(0.0, 0, 1.0).problem() == Sampling(2, 40, 0.5).problem() == ("", "")

@@ -36,7 +36,7 @@ from conftest import (
 )
 from bpe import load_tokenizer
 from data import prepare_tokens
-from generate import sample_next
+from generate import sample_next, sample_rows
 from model import Transformer
 from checkpoints import save_checkpoint
 import files
@@ -192,8 +192,8 @@ def test_training_state_too_big_for_each_process_is_refused_before_any_training(
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--temperature", "nan"], r"--temperature must be in \[0, 100\], got nan"),
-        (["--temperature", "inf"], r"--temperature must be in \[0, 100\], got inf"),
+        (["--temperature", "nan"], r"--temperature must be a number in \[0, 2\], got nan"),
+        (["--temperature", "inf"], r"--temperature must be a number in \[0, 2\], got inf"),
         (["--top-p", "nan"], r"--top-p must be in \(0, 1\], got nan"),
         (["--seed", str(2**70)], r"--seed must be in \[0, 9223372036854775807\]"),
         (["--seed", "-3"], r"--seed must be in \[0, "),
@@ -207,10 +207,14 @@ def test_infer_flags_are_finite_and_in_range(trained_run, monkeypatch, capsys, a
     assert stdout == ""
 
 
-def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_nan():
+@pytest.mark.parametrize("temperature", [1e-40, 1e-46, 0.0009])
+def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_nan(temperature):
     logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -6.0, 40.0]])
-    chosen = sample_next(logits, 1e-40, top_k=0, top_p=1.0, generator=torch.Generator())
+    chosen = sample_next(logits, temperature, top_k=0, top_p=1.0, generator=torch.Generator())
     assert chosen.tolist() == [1, 2]
+    rows = sample_rows(logits, torch.tensor([temperature] * 2), torch.zeros(2, dtype=torch.long),
+                       torch.ones(2), torch.tensor([0.999, 0.999], dtype=torch.float64))
+    assert rows.tolist() == [1, 2]
 
 
 @pytest.mark.parametrize(
