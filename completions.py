@@ -229,9 +229,9 @@ def _completion(body: dict, trained: TrainedModel, prompts: list[list[int]], par
     sampling = Sampling(**{name: default if body.get(name) is None else body[name]
                            for name, default in (("temperature", 1.0), ("top_k", 0),
                                                  ("top_p", 1.0))})
-    param, problem = sampling.problem()
-    if param:
-        raise ApiError(400, f"{param} {problem}", param, "invalid_value")
+    setting, problem = sampling.problem()
+    if setting:
+        raise ApiError(400, f"{setting} {problem}", setting, "invalid_value")
     seed = _number(body, "seed", None, 0, MAX_SEED, integer=True)
     seed = int(torch.randint(MAX_SEED, ())) if seed is None else seed
     settings = dataclasses.asdict(sampling)
