@@ -2,12 +2,14 @@
 
     python bench_deploy.py gguf CKPT [--config configs.yaml]
     python bench_deploy.py serve [CKPT] [--shape default|smollm2] [--prompt-tokens 32]
-                                 [--new-tokens 64] [--clients 8]
+                                 [--new-tokens 64] [--clients 1,4,8,16]
 
 gguf exports CKPT in each GGUF dtype and compares the files in llama.cpp (llama-cpp-python,
 requirements-dev.txt): size, agreement with f32 on validation text, decode tokens/s. serve starts
-serve.py on CKPT and times one streamed client (time to first token, tokens/s) and several at
-once (their total tokens/s). Without CKPT it serves a random model of the default shape with a
+serve.py on CKPT and times one streamed client (time to first token, tokens/s) beside
+generate's, one client sending 8 requests one after another, and each count of clients at once,
+every request exactly --new-tokens long (their total tokens/s, the median time to the first
+token). Without CKPT it serves a random model of the default shape with a
 256-token window, or of SmolLM2-135M's (30 x 576, 9/3 heads, vocabulary 49,152, an 8,192-token
 window). Numbers are printed, not asserted: compare ratios taken in one run.
 """
@@ -161,9 +163,11 @@ def generate_timing(trained: TrainedModel, prompt: list[int], new_tokens: int) -
 
 
 def streamed_timing(url: str, prompt: list[int], new_tokens: int) -> dict:
-    """One streamed /v1/completions request: time to its first text and tokens/s after it."""
+    """One streamed /v1/completions request of exactly `new_tokens` (ignore_eos): time to its
+    first text and tokens/s after it."""
     body = json.dumps({"prompt": [prompt], "max_tokens": new_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+                       "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     request = urllib.request.Request(f"{url}/v1/completions", body,
                                      {"Content-Type": "application/json"})
     start, first, tokens = time.perf_counter(), None, 0
@@ -181,16 +185,31 @@ def streamed_timing(url: str, prompt: list[int], new_tokens: int) -> dict:
             "seconds": end - start}
 
 
+def clients_at_once(url: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """A client per prompt, all at once: their tokens/s in all and their median first token."""
+    start, results = time.perf_counter(), []
+    threads = [threading.Thread(target=lambda prompt=prompt: results.append(
+        streamed_timing(url, prompt, new_tokens))) for prompt in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    firsts = sorted(result["first_token_ms"] for result in results)
+    return {"tokens_per_sec": sum(result["tokens"] for result in results) / (
+        time.perf_counter() - start), "first_token_ms": firsts[len(firsts) // 2]}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def start_server(ckpt_path: str) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt_path: str, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--ckpt_path",
-                                ckpt_path, "--port", str(port), "--device", "cpu"],
+                                ckpt_path, "--port", str(port), "--device", "cpu",
+                                "--max-batch", str(max_batch)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -204,7 +223,9 @@ def start_server(ckpt_path: str) -> tuple[subprocess.Popen, str]:
 
 
 def bench_serve(ckpt_path: str | None, shape: str, prompt_tokens: int, new_tokens: int,
-                clients: int) -> None:
+                clients: list[int]) -> None:
+    """infer.py's generate beside serve.py's engine: one streamed client, then N clients at
+    once (each its own prompt), and one client sending the 8 requests one after another."""
     label = ckpt_path or f"a random model of the {shape} shape"
     with tempfile.TemporaryDirectory() as directory:
         ckpt_path = ckpt_path or random_checkpoint(directory, shape)
@@ -212,35 +233,41 @@ def bench_serve(ckpt_path: str | None, shape: str, prompt_tokens: int, new_token
         require(prompt_tokens + new_tokens - 1 <= trained.context_length, f"--prompt-tokens "
                 f"{prompt_tokens} + --new-tokens {new_tokens} do not fit the model's "
                 f"{trained.context_length}-token window — ask for fewer")
-        prompt = torch.randint(trained.tokenizer.vocab_size, (prompt_tokens,),
-                               generator=torch.Generator().manual_seed(0)).tolist()
-        rows = {"generate (infer.py's path)": [generate_timing(trained, prompt, new_tokens)
+        draws = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(trained.tokenizer.vocab_size, (prompt_tokens,),
+                                 generator=draws).tolist() for _ in range(max(clients + [8]))]
+        rows = {"generate (infer.py's path)": [generate_timing(trained, prompts[0], new_tokens)
                                                for _ in range(RUNS)]}
         del trained  # the server loads its own copy
-        process, url = start_server(ckpt_path)
+        process, url = start_server(ckpt_path, max(clients))
         try:
-            rows["serve.py, 1 streamed client"] = [streamed_timing(url, prompt, new_tokens)
+            rows["serve.py, 1 streamed client"] = [streamed_timing(url, prompts[0], new_tokens)
                                                    for _ in range(RUNS)]
-            start, results = time.perf_counter(), []
-            threads = [threading.Thread(target=lambda: results.append(
-                streamed_timing(url, prompt, new_tokens))) for _ in range(clients)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            together = sum(result["tokens"] for result in results) / (time.perf_counter() - start)
+            start = time.perf_counter()
+            one_by_one = sum(streamed_timing(url, prompt, new_tokens)["tokens"]
+                             for prompt in prompts[:8]) / (time.perf_counter() - start)
+            together = {count: clients_at_once(url, prompts[:count], new_tokens)
+                        for count in clients}
         finally:
             process.terminate()
             process.wait()
-    print(f"{label}: {torch.get_num_threads()} threads, {prompt_tokens}-token prompt, "
-          f"{new_tokens} new tokens, greedy; best of {RUNS} runs")
+    print(f"{label}: {torch.get_num_threads()} threads, {prompt_tokens}-token prompts, "
+          f"exactly {new_tokens} new tokens each, greedy; best of {RUNS} runs")
     print(f"{'':<32}{'first token ms':>15}{'decode tok/s':>14}")
     for name, runs in rows.items():
         print(f"{name:<32}{min(run['first_token_ms'] for run in runs):>15.1f}"
               f"{max(run['tokens_per_sec'] for run in runs):>14,.1f}")
-    alone = max(run["tokens"] / run["seconds"] for run in rows["serve.py, 1 streamed client"])
-    print(f"serve.py, {clients} clients at once: {together:,.1f} tokens/s in all, "
-          f"{together / alone:.2f}x one client's {alone:,.1f} (prompt and decode)")
+    engine, alone = (max(run["tokens_per_sec"] for run in rows[name]) for name in rows)
+    print(f"  serve.py's engine at batch 1 / generate: {alone / engine:.2f}x")
+    print(f"{'serve.py, clients at once':<32}{'median first ms':>15}{'tokens/s in all':>16}")
+    print(f"{'1 client, 8 requests in turn':<32}{'':>15}{one_by_one:>16,.1f}")
+    for count, result in together.items():
+        print(f"{f'{count} at once':<32}{result['first_token_ms']:>15.1f}"
+              f"{result['tokens_per_sec']:>16,.1f}")
+    rates = {count: result["tokens_per_sec"] for count, result in together.items()}
+    if 8 in rates:
+        print(f"  8 at once / 8 in turn: {rates[8] / one_by_one:.2f}x" + (
+            f"; 16 at once / 8 at once: {rates[16] / rates[8]:.2f}x" if 16 in rates else ""))
 
 
 def main() -> None:
@@ -255,15 +282,20 @@ def main() -> None:
     serve.add_argument("--shape", choices=tuple(SHAPES), default="default")
     serve.add_argument("--prompt-tokens", type=int, default=32)
     serve.add_argument("--new-tokens", type=int, default=64)
-    serve.add_argument("--clients", type=int, default=8, help="clients at once")
+    serve.add_argument("--clients", default="1,4,8,16",
+                       help="comma-separated counts of clients at once (default 1,4,8,16)")
     args = parser.parse_args()
     if args.command == "gguf":
         bench_gguf(load_config(args.config), args.ckpt_path)
         return
     require_within("--prompt-tokens", args.prompt_tokens, 1, 1 << 20)
     require_within("--new-tokens", args.new_tokens, 2, 1 << 20)
-    require_within("--clients", args.clients, 1, 1024)
-    bench_serve(args.ckpt_path, args.shape, args.prompt_tokens, args.new_tokens, args.clients)
+    require(all(count.strip().isdigit() for count in args.clients.split(",")),
+            f"--clients {args.clients} is not a list of counts — give e.g. 1,4,8,16")
+    clients = [int(count) for count in args.clients.split(",")]
+    for count in clients:
+        require_within("--clients", count, 1, 1024)
+    bench_serve(args.ckpt_path, args.shape, args.prompt_tokens, args.new_tokens, clients)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -233,7 +234,7 @@ def _completion(body: dict, trained: TrainedModel, prompts: list[list[int]], par
     if setting:
         raise ApiError(400, f"{setting} {problem}", setting, "invalid_value")
     seed = _number(body, "seed", None, 0, MAX_SEED, integer=True)
-    seed = int(torch.randint(MAX_SEED, ())) if seed is None else seed
+    seed = secrets.randbelow(MAX_SEED) if seed is None else seed
     settings = dataclasses.asdict(sampling)
     stops, max_tokens = _stops(body), _max_tokens(body)
     end_id = None if _flag(body, "ignore_eos") else end_id

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from generate import cache_positions, row_uniforms, sample_rows
+from generate import GREEDY_BELOW, cache_positions, row_uniforms, sample_rows
 from model import KVCache, Transformer
 from runtime import autocast_context
 from utils import host_memory_bytes
@@ -214,6 +214,9 @@ class Engine:
         """Every row's next token by its own settings, with one transfer to the host."""
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
+
+        if all(row.temperature < GREEDY_BELOW for row in rows):  # no distribution to sort
+            return logits.argmax(dim=-1).tolist()
 
         uniform = row_uniforms(column([row.seed for row in rows], torch.int64),
                                column([len(row.tokens) for row in rows], torch.int64))

@@ -30,11 +30,14 @@ def test_bench_gguf_compares_each_dtype_with_f32_in_llama_cpp_and_slm(trained_ru
 
 def test_bench_serve_times_generate_one_streamed_client_and_several(tmp_path):
     result = run_script("bench_deploy.py", "serve", "--prompt-tokens", "16", "--new-tokens",
-                        "24", "--clients", "3", cwd=tmp_path)
+                        "24", "--clients", "3,8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = dict(re.findall(r"^(generate .*path\)|serve.py, 1 streamed client) +([\d.]+) +"
                            r"[\d,.]+$", result.stdout, re.MULTILINE))
     assert set(rows) == {"generate (infer.py's path)", "serve.py, 1 streamed client"}
     assert all(float(first_token_ms) > 0 for first_token_ms in rows.values())
-    together = re.search(r"3 clients at once: ([\d,.]+) tokens/s in all", result.stdout)
-    assert together and float(together.group(1).replace(",", "")) > 0
+    rates = dict(re.findall(r"^(1 client, 8 requests in turn|3 at once|8 at once) +(?:[\d.]+ +)?"
+                            r"([\d,.]+)$", result.stdout, re.MULTILINE))
+    assert set(rates) == {"1 client, 8 requests in turn", "3 at once", "8 at once"}
+    assert all(float(rate.replace(",", "")) > 0 for rate in rates.values())
+    assert re.search(r"8 at once / 8 in turn: [\d.]+x", result.stdout)
