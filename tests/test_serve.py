@@ -458,3 +458,75 @@ def test_sigterm_ends_running_streams_with_done_and_answers_the_waiting_503(tmp_
         "server_shutting_down")
     assert waiting["status"] == 503 and waiting["body"]["error"]["code"] == "server_shutting_down"
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+FAKE_STREAMS = """
+window.sent = []; window.streams = [];
+window.fetch = async (url, options) => {
+  window.sent.push(JSON.parse(options.body));
+  let control;
+  const body = new ReadableStream({start(stream) { control = stream; }});
+  options.signal.addEventListener("abort", () => control.error(
+    new DOMException("aborted", "AbortError")));
+  window.streams.push(control);
+  return new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}});
+};
+"""
+
+
+def chromium() -> object:
+    """Headless Chromium through selenium, or a skip saying what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium")
+    if not (driver_path and browser):
+        pytest.skip("no chromium and chromedriver (Debian: apt-get install chromium "
+                    "chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+
+
+def test_new_chat_during_a_reply_drops_everything_the_old_request_does_after(chat_server):
+    browser = chromium()
+    try:
+        browser.get(chat_server["url"] + "/")
+        browser.execute_script(FAKE_STREAMS)  # replies the test writes, chunk by chunk
+
+        def send(text: str) -> None:
+            browser.find_element("id", "input").send_keys(text)
+            browser.find_element("id", "send").click()
+
+        def push(stream: int, text: str) -> None:
+            browser.execute_script(
+                "window.streams[arguments[0]].enqueue(new TextEncoder().encode(arguments[1]))",
+                stream, f"data: {json.dumps({'choices': [{'delta': {'content': text}}]})}\n\n")
+
+        def log() -> str:
+            return browser.find_element("id", "log").text
+
+        send("Who goes there?")
+        push(0, "the old reply")
+        deadline = time.monotonic() + 10
+        while "the old reply" not in log():
+            assert time.monotonic() < deadline, log()
+            time.sleep(0.05)
+        browser.find_element("id", "new-chat").click()  # mid-reply
+        time.sleep(0.3)  # the old request's abort and its handlers run
+        assert log() == "" and browser.execute_script("return history.length") == 0
+        send("Hello")
+        push(1, "a new reply")
+        browser.execute_script("window.streams[1].enqueue(new TextEncoder().encode("
+                               "'data: [DONE]\\n\\n'))")
+        deadline = time.monotonic() + 10
+        while browser.execute_script("return history.length") < 2:
+            assert time.monotonic() < deadline, log()
+            time.sleep(0.05)
+        sent = browser.execute_script("return window.sent")
+        assert sent[1]["messages"] == [{"role": "user", "content": "Hello"}]
+        assert browser.execute_script("return history") == [
+            {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "a new reply"}]
+        assert "old" not in log() and "stopped" not in log()
+    finally:
+        browser.quit()
