@@ -70,18 +70,22 @@ class StopMatcher:
             self.failure.append(table)
 
     def feed(self, text: str, start: int) -> int:
-        """Take text[start:] (text[:start] was fed before); -> where the first stop string
-        completed in it begins, or -1."""
+        """Take text[start:] (text[:start] was fed before); -> where the first stop string to
+        complete in it begins (of two completing at one character, the longer), or -1."""
         for position in range(start, len(text)):
-            char = text[position]
+            char, found = text[position], -1
             for i, stop in enumerate(self.stops):
                 length = self.matched[i]
                 while length and stop[length] != char:
                     length = self.failure[i][length - 1]
                 length += stop[length] == char
-                if length == len(stop):
-                    return position + 1 - length
+                if length == len(stop):  # of two ending here, the one that began first
+                    at = position + 1 - length
+                    found = at if found < 0 else min(found, at)
+                    length = self.failure[i][length - 1]
                 self.matched[i] = length
+            if found >= 0:
+                return found
         return -1
 
     @property

@@ -27,6 +27,7 @@ import collections
 import concurrent.futures
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,6 +39,10 @@ from runtime import autocast_context
 from utils import host_memory_bytes
 
 IDLE_WAIT_SECONDS = 0.1   # how long run() sleeps with nothing to do before it looks at `stop`
+
+
+class Closed(Exception):
+    """The engine takes no more work: close() was called (the server is stopping)."""
 
 
 @dataclass(eq=False)
@@ -75,7 +80,9 @@ class Engine:
         # keys and values of every layer, one position of one row
         self.position_bytes = 2 * c.num_layers * c.num_kv_heads * (c.embed_dim // c.num_heads
                                                                     ) * itemsize
-        self.cache_bytes = cache_bytes or host_memory_bytes() // 4
+        self.cache_bytes = cache_bytes or (
+            torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda"
+            else host_memory_bytes() // 4)
         self.waiting: collections.deque[Request] = collections.deque()
         self.arrived = threading.Condition()
         self.rows: list[Request] = []
@@ -87,41 +94,66 @@ class Engine:
         # what /metrics shows: counters since the start, and the last step's
         self.steps, self.tokens_generated, self.step_seconds_total = 0, 0, 0.0
         self.last_step_seconds, self.last_batch_size = 0.0, 0
+        self.closed = False
 
     def submit(self, request: Request) -> None:
-        """Queue `request` for the next step. Its prompt holds 1..context_length tokens."""
+        """Queue `request` for the next step. Its prompt holds 1..context_length tokens; once
+        closed, Closed is raised."""
         if not 0 < len(request.prompt) <= self.context_length or request.max_tokens < 1:
             raise ValueError(f"a request needs 1..{self.context_length} prompt tokens and "
                              f"max_tokens >= 1, got {len(request.prompt)} and "
                              f"{request.max_tokens}")
         request.window = list(request.prompt)
         with self.arrived:
+            if self.closed:
+                raise Closed
             self.waiting.append(request)
             self.arrived.notify()
 
     def call(self, work: Callable[[], Any]) -> concurrent.futures.Future:
         """Run work() on the engine's thread before its next step (other uses of the model,
-        such as scoring a prompt's logprobs); -> its future."""
+        such as scoring a prompt's logprobs); -> its future (Closed once closed)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.arrived:
+            if self.closed:
+                future.set_exception(Closed())
+                return future
             self.calls.append((work, future))
             self.arrived.notify()
         return future
 
-    def abort_all(self, reason: str) -> None:
-        """Finish every running and waiting request with `reason` (the server is stopping)."""
+    def close(self, reason: str) -> None:
+        """Take no more work, and finish every running and waiting request with `reason`."""
         with self.arrived:
+            self.closed = True
             waiting, self.waiting = list(self.waiting), collections.deque()
-        for request in [*self.rows, *waiting]:
+            calls, self.calls = list(self.calls), collections.deque()
+        for _, future in calls:
+            future.set_exception(Closed())
+        self._fail_running(reason)
+        for request in waiting:
             self._finish(request, reason)
 
+    def _fail_running(self, reason: str) -> None:
+        for request in list(self.rows):
+            self._finish(request, reason)
+        self.caches, self.positions = [], 0
+
     def run(self, stop: threading.Event) -> None:
-        """Step while there is work, and wait for requests while there is none, until `stop`."""
+        """Step while there is work, and wait for requests while there is none, until `stop`.
+        A step that fails (out of memory, a bug) finishes its running requests as "error"; the
+        engine serves on."""
         while not stop.is_set():
             with self.arrived:
                 if not self.rows and not self.waiting and not self.calls:
                     self.arrived.wait(IDLE_WAIT_SECONDS)
-            self.step()
+                if not self.rows and not self.waiting and not self.calls:
+                    continue
+            try:
+                self.step()
+            except Exception:  # the requests in it get the error; the server serves on
+                traceback.print_exc()
+                self._fail_running("error")
 
     def run_until_idle(self) -> None:
         while self.rows or self.waiting:

@@ -87,14 +87,15 @@ async def read_json(request: Request) -> dict:
 
 
 def allowed_hosts(bind: str, extra: str) -> tuple[str, ...]:
-    """The Host names answered: bound to a loopback address, the loopback names and `extra`;
-    bound to another, any (an empty tuple) unless `extra` names some."""
+    """The Host names answered: bound to a loopback address, the loopback names, that address
+    and `extra`; bound to another, any (an empty tuple) unless `extra` names some."""
     names = tuple(name.strip().lower() for name in extra.split(",") if name.strip())
     try:
         loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
     except ValueError:  # a host name
         loopback = False
-    return (*LOOPBACK_NAMES, *names) if loopback else names
+    bound = f"[{bind}]" if ":" in bind else bind
+    return (*LOOPBACK_NAMES, bound.lower(), *names) if loopback else names
 
 
 def host_problem(allowed_hosts: tuple[str, ...], cors_origins: tuple[str, ...],
@@ -108,8 +109,9 @@ def host_problem(allowed_hosts: tuple[str, ...], cors_origins: tuple[str, ...],
                         "http://127.0.0.1, or start it with --allowed-hosts NAME", None,
                         "host_not_allowed")
     origin = request.headers.get("origin")
-    own = {f"{request.url.scheme}://{host}"}
-    if origin is not None and origin not in own and origin not in cors_origins:
+    # its own page: the same host and port, http or https (behind a proxy that ends TLS)
+    own = origin is not None and origin.partition("://")[2].lower() == host.lower()
+    if origin is not None and not own and origin not in cors_origins:
         return ApiError(403, f"requests from the page at {origin} are refused — open the "
                         "server's own page, or start it with --cors-origin ORIGIN", None,
                         "origin_not_allowed")
@@ -129,28 +131,26 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
-        problem = host_problem(self.allowed_hosts, self.cors_origins, request)
-        if problem is None and self.api_key and request.url.path not in OPEN_PATHS and (
-                request.method != "OPTIONS"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                problem = ApiError(401, "missing or wrong API key — send Authorization: "
-                                   "Bearer KEY", None, "invalid_api_key")
-        if problem is not None:
-            return await error_response(problem)(scope, receive, send)
         origin = request.headers.get("origin")
-        if origin not in self.cors_origins:
-            return await self.app(scope, receive, send)
         cors = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin"),
                 (b"access-control-allow-headers", b"Authorization, Content-Type"),
-                (b"access-control-allow-methods", b"GET, POST")]
-        if request.method == "OPTIONS":  # a browser's preflight
-            return await Response(status_code=204, headers={
-                name.decode(): value.decode() for name, value in cors})(scope, receive, send)
+                (b"access-control-allow-methods", b"GET, POST")] if (
+            origin in self.cors_origins) else []
 
-        async def send_with_cors(message: dict) -> None:
+        async def send_with_cors(message: dict) -> None:  # so the page can read any answer
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), *cors]}
             await send(message)
 
+        problem = host_problem(self.allowed_hosts, self.cors_origins, request)
+        if problem is None and cors and request.method == "OPTIONS":  # a browser's preflight
+            return await Response(status_code=204)(scope, receive, send_with_cors)
+        if problem is None and self.api_key and request.url.path not in OPEN_PATHS:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    given.strip().encode(), self.api_key.encode()):
+                problem = ApiError(401, "missing or wrong API key — send Authorization: "
+                                   "Bearer KEY", None, "invalid_api_key")
+        if problem is not None:
+            return await error_response(problem)(scope, receive, send_with_cors)
         await self.app(scope, receive, send_with_cors)

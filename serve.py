@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from checkpoints import TrainedModel, load_trained
 from completions import ApiError, Completion, chat_completion, logprobs, text_completion
-from engine import Engine
+from engine import Closed, Engine
 from guard import Guard, allowed_hosts, error_body, error_response, read_json
 from utils import ArgumentParser, UserError, require, require_within, run_cli
 
@@ -108,58 +108,81 @@ def sse(payload: Any) -> str:
 
 SHUTDOWN = ApiError(503, "the server is shutting down — retry against a running one", None,
                     "server_shutting_down")
+FAILED = ApiError(500, "generation failed on the server (its log says why) — retry, or report "
+                  "the log's error", None, "server_error")
+
+
+def ended_badly(completion: Completion) -> ApiError | None:
+    """The error a finished request answers with: the server stopped, or its step failed."""
+    reasons = {choice.finish_reason for choice in completion.choices}
+    return SHUTDOWN if "shutdown" in reasons else FAILED if "error" in reasons else None
+
+
+class CancellingStream(StreamingResponse):
+    """Server-sent events whose request is cancelled however the response ends, a client gone
+    before the first event included (the events' own code never runs then)."""
+
+    def __init__(self, events: AsyncIterator[str], completion: Completion):
+        super().__init__(events, media_type="text/event-stream")
+        self.completion = completion
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for choice in self.completion.choices:
+                choice.cancelled.set()  # a no-op once it is done; else its client has gone
 
 
 async def stream_chunks(completion: Completion, wake: Wake,
                         chunk: Callable[[int, str | None, str | None], dict]
                         ) -> AsyncIterator[str]:
     """Server-sent events of a request: a chunk per choice with new text, a last one per choice
-    with its finish reason, usage if asked, then [DONE]; at shutdown an error event. A client
-    that leaves cancels its choices."""
+    with its finish reason, usage if asked, then [DONE]; an error event instead if the server
+    stopped or the step failed."""
     sent = [0] * len(completion.choices)
-    try:
-        while True:
-            await wake.wait()
-            out = []
-            with completion.lock:
-                for choice in completion.choices:
-                    if choice.sendable > sent[choice.index]:
-                        out.append(sse(chunk(choice.index, choice.text[
-                            sent[choice.index]:choice.sendable], None)))
-                        sent[choice.index] = choice.sendable
-                done = all(choice.final for choice in completion.choices)
-            if done:
-                reasons = [choice.finish_reason for choice in completion.choices]
-                if "shutdown" in reasons:
-                    out.append(sse(error_body(SHUTDOWN)))
-                else:
-                    out += [sse(chunk(index, None, reason)) for index, reason in
-                            enumerate(reasons)]
-                    if completion.include_usage:
-                        out.append(sse({**chunk(0, None, None), "choices": [],
-                                        "usage": usage(completion)}))
-                out.append("data: [DONE]\n\n")
-            yield "".join(out)
-            if done:
-                return
-    finally:
-        for choice in completion.choices:
-            choice.cancelled.set()  # a no-op once it is done; else its client has gone
+    while True:
+        await wake.wait()
+        out = []
+        with completion.lock:
+            for choice in completion.choices:
+                if choice.sendable > sent[choice.index]:
+                    out.append(sse(chunk(choice.index, choice.text[
+                        sent[choice.index]:choice.sendable], None)))
+                    sent[choice.index] = choice.sendable
+            done = all(choice.final for choice in completion.choices)
+        if done:
+            problem = ended_badly(completion)
+            if problem is not None:
+                out.append(sse(error_body(problem)))
+            else:
+                out += [sse(chunk(choice.index, None, choice.finish_reason))
+                        for choice in completion.choices]
+                if completion.include_usage:
+                    out.append(sse({**chunk(0, None, None), "choices": [],
+                                    "usage": usage(completion)}))
+            out.append("data: [DONE]\n\n")
+        yield "".join(out)
+        if done:
+            return
 
 
-async def finished(completion: Completion, wake: Wake, request: Request) -> None:
-    """Wait for every choice; a client that leaves meanwhile cancels them."""
+async def finished(completion: Completion, wake: Wake, request: Request) -> bool:
+    """Wait for every choice; -> False when the client left first (its choices are cancelled
+    and no answer is due)."""
     try:
         while not all(choice.final for choice in completion.choices):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), DISCONNECT_POLL_SECONDS)
             if await request.is_disconnected():
-                return
+                return False
     finally:
         for choice in completion.choices:
             choice.cancelled.set()  # a no-op once it is done; else its client has gone
-    if any(choice.finish_reason == "shutdown" for choice in completion.choices):
-        raise SHUTDOWN
+    problem = ended_badly(completion)
+    if problem is not None:
+        raise problem
+    return True
 
 
 def metrics(server: Server) -> str:
@@ -211,13 +234,22 @@ def make_app(server: Server) -> FastAPI:
         completion = await asyncio.to_thread(parse, body, trained)
         if server.stopping:
             raise SHUTDOWN
+        if len(completion.choices) > server.max_queue:
+            raise ApiError(400, f"the request holds {len(completion.choices)} prompts, more "
+                           f"than the server's queue takes ({server.max_queue}) — send fewer",
+                           "prompt", "invalid_value")
         if len(engine.waiting) + len(completion.choices) > server.max_queue:
             raise ApiError(503, f"the server is busy ({len(engine.waiting)} requests are "
                            "waiting) — retry shortly", None, "server_busy")
         wake = Wake(asyncio.get_running_loop())
         completion.notify, completion.on_finished = wake, server.finished
-        for choice in completion.choices:
-            engine.submit(choice)
+        try:
+            for choice in completion.choices:
+                engine.submit(choice)
+        except Closed:  # the server began to stop since the check above
+            for choice in completion.choices:
+                choice.cancelled.set()
+            raise SHUTDOWN from None
         return completion, wake
 
     def head(kind: str) -> dict:
@@ -243,8 +275,9 @@ def make_app(server: Server) -> FastAPI:
                 async for event in stream_chunks(completion, wake, chunk):
                     yield event
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        await finished(completion, wake, request)
+            return CancellingStream(events(), completion)
+        if not await finished(completion, wake, request):
+            return Response(status_code=204)  # its client has gone: no one reads this
         choice = completion.choices[0]
         return JSONResponse({**head("chat.completion"), "choices": [{
             "index": 0, "message": {"role": "assistant", "content": choice.text},
@@ -261,12 +294,15 @@ def make_app(server: Server) -> FastAPI:
                 return {**stream_head, "choices": [{"index": index, "text": text or "",
                                                     "logprobs": None, "finish_reason": reason}]}
 
-            return StreamingResponse(stream_chunks(completion, wake, chunk),
-                                     media_type="text/event-stream")
-        await finished(completion, wake, request)
+            return CancellingStream(stream_chunks(completion, wake, chunk), completion)
+        if not await finished(completion, wake, request):
+            return Response(status_code=204)  # its client has gone: no one reads this
         if completion.logprobs is not None:  # the model's work: on the engine's thread
-            scored = await asyncio.wrap_future(engine.call(lambda: [
-                logprobs(trained, completion, choice) for choice in completion.choices]))
+            try:
+                scored = await asyncio.wrap_future(engine.call(lambda: [
+                    logprobs(trained, completion, choice) for choice in completion.choices]))
+            except Closed:
+                raise SHUTDOWN from None
         choices = []
         for choice in completion.choices:
             echoed = (await asyncio.to_thread(tokenizer.decode, choice.prompt)
@@ -391,7 +427,7 @@ def main() -> None:
     print(f"serving {name} ({trained.model.num_params():,} parameters, {trained.context_length}"
           f"-token window) at http://{args.host}:{args.port}/", flush=True)
     engine.run(stop)  # the model's thread: the main one, where torch's thread pool lives
-    engine.abort_all("shutdown")  # streams end with an error event, the waiting get 503
+    engine.close("shutdown")  # streams end with an error event, the waiting get 503
     http.should_exit = True
     listener.join(timeout=10)
     print("stopped", flush=True)

@@ -12,7 +12,7 @@ def naive(text: str, stops: list[str]) -> tuple[int, int]:
     for end in range(1, len(text) + 1):
         found = [end - len(stop) for stop in stops if text[:end].endswith(stop)]
         if found:
-            return found[0], 0
+            return min(found), 0
     held = max((size for stop in stops for size in range(1, len(stop))
                 if text.endswith(stop[:size])), default=0)
     return -1, held
@@ -41,3 +41,7 @@ def test_a_stop_that_overlaps_itself_is_found_and_its_start_held_back():
     assert matcher.feed("aba", 0) == -1 and matcher.held_back == 3
     assert matcher.feed("abaab", 3) == -1 and matcher.held_back == 2
     assert matcher.feed("abaabab", 5) == 3
+
+
+def test_of_two_stops_ending_at_one_character_the_one_that_began_first_wins():
+    assert StopMatcher(["bc", "abc"]).feed("xabc", 0) == 1

@@ -2,12 +2,14 @@
 of the solo run's logits) and its own seeded samples whatever its partners, with partners
 joining and leaving mid-generation; the window rule per row; cancelled requests free their row;
 the memory bound limits the rows, never the results."""
+import threading
+
 import pytest
 import torch
 
 from checkpoints import load_trained
 from conftest import make_decisive_model
-from engine import Engine, Request
+from engine import Closed, Engine, Request
 from generate import generate
 
 NEAR_TIE = 1e-4  # a solo run's top-2 logit margin below this: rounding may pick either
@@ -148,3 +150,46 @@ def test_a_prompt_the_window_cannot_hold_is_refused():
         engine.submit(Request(list(range(17)), 4))
     with pytest.raises(ValueError, match="max_tokens >= 1"):
         engine.submit(Request([1], 0))
+
+
+def test_a_failed_step_ends_its_rows_as_errors_and_the_engine_serves_on(monkeypatch):
+    model, window = make_decisive_model(), 48
+    engine = Engine(model, window)
+    doomed, later = Request([1, 2, 3], 10, temperature=0.0), Request([4, 5], 3, temperature=0.0)
+    engine.submit(doomed)
+    decode = engine._decode
+
+    def fail_once() -> None:
+        monkeypatch.setattr(engine, "_decode", decode)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine, "_decode", fail_once)
+    stop = threading.Event()
+    runner = threading.Thread(target=engine.run, args=(stop,))
+    runner.start()
+    try:
+        assert doomed.done.wait(10) and doomed.finish_reason == "error"
+        engine.submit(later)
+        assert later.done.wait(10) and later.finish_reason == "length"
+    finally:
+        stop.set()
+        runner.join()
+    assert later.tokens == alone(model, window, later).tokens
+
+
+def test_a_closed_engine_finishes_everything_and_takes_no_more_work():
+    engine = Engine(make_decisive_model(), 48, max_batch=1)
+    running, waiting = Request([1, 2], 30), Request([3], 30)
+    engine.submit(running)
+    engine.submit(waiting)
+    engine.step()
+    scoring = engine.call(lambda: 1)
+    engine.close("shutdown")
+    assert running.finish_reason == waiting.finish_reason == "shutdown"
+    assert running.done.is_set() and waiting.done.is_set() and not engine.rows
+    with pytest.raises(Closed):
+        engine.submit(Request([1], 3))
+    with pytest.raises(Closed):
+        scoring.result(timeout=1)
+    with pytest.raises(Closed):
+        engine.call(lambda: 1).result(timeout=1)

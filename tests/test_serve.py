@@ -275,13 +275,30 @@ def test_the_page_is_served_and_uses_only_relative_urls(chat_server, tmp_path):
 
 def test_a_key_is_required_a_full_queue_answers_503_and_sigterm_ends_cleanly(tmp_path):
     model, _ = chat_llama(tmp_path / "llama")
+    app = "https://app.example"
     with serving(tmp_path / "llama", tmp_path / "serve.log", "--api-key", "sesame",
-                 "--max-queue", "1") as (url, process):
+                 "--max-queue", "1", "--cors-origin", app) as (url, process):
         assert requests.get(f"{url}/v1/models").status_code == 401
         assert requests.get(f"{url}/v1/models", headers={
             "Authorization": "Bearer wrong"}).json()["error"]["code"] == "invalid_api_key"
+        assert requests.get(f"{url}/v1/models", headers={
+            "Authorization": "bearer sesame"}).status_code == 200  # the scheme has no case
         assert requests.get(f"{url}/health").status_code == 200
         assert requests.get(f"{url}/").status_code == 200
+        preflight = requests.options(f"{url}/v1/chat/completions", headers={"Origin": app})
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == app
+        refused = requests.get(f"{url}/v1/models", headers={"Origin": app})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == app
+        allowed = requests.get(f"{url}/v1/models", headers={
+            "Origin": app, "Authorization": "Bearer sesame"})
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == app
+        host = url.removeprefix("http://")  # its own page behind a proxy that ends TLS
+        assert requests.get(f"{url}/v1/models", headers={
+            "Origin": f"https://{host}", "Authorization": "Bearer sesame"}).status_code == 200
+        too_many = requests.post(f"{url}/v1/completions", json={"prompt": ["a", "b"]},
+                                 headers={"Authorization": "Bearer sesame"})
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "prompt"
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
         assert client.models.list().data[0].id == "served"
         statuses = []
