@@ -45,6 +45,7 @@ from utils import (ArgumentParser, Config, DataConfig, ModelConfig, UserError, c
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 RUNS = 3  # each figure is the best of this many runs: other load only ever slows one
+ECHO_TOKENS = 2048  # the echo request /health is timed beside (at most the window)
 GGUF_WINDOWS = 16  # validation windows each GGUF dtype's logits are compared on
 GGUF_WINDOW_TOKENS = 512  # at most: the logits of every position are kept
 GGUF_PROMPT = 32
@@ -185,6 +186,25 @@ def streamed_timing(url: str, prompt: list[int], new_tokens: int) -> dict:
             "seconds": end - start}
 
 
+def health_during_echo(url: str, prompt: list[int]) -> tuple[float, float]:
+    """The median and the slowest /health answer (ms) while a non-streaming echo of `prompt`
+    with logprobs is scored."""
+    body = json.dumps({"prompt": [prompt], "max_tokens": 1, "echo": True,
+                       "logprobs": 1}).encode()
+    scoring = threading.Thread(target=lambda: urllib.request.urlopen(urllib.request.Request(
+        f"{url}/v1/completions", body, {"Content-Type": "application/json"})).read())
+    scoring.start()
+    seconds = []
+    while scoring.is_alive():
+        start = time.perf_counter()
+        urllib.request.urlopen(f"{url}/health").read()
+        seconds.append(time.perf_counter() - start)
+        time.sleep(0.02)
+    scoring.join()
+    seconds.sort()
+    return 1000 * seconds[len(seconds) // 2], 1000 * seconds[-1]
+
+
 def clients_at_once(url: str, prompts: list[list[int]], new_tokens: int) -> dict:
     """A client per prompt, all at once: their tokens/s in all and their median first token."""
     start, results = time.perf_counter(), []
@@ -238,6 +258,7 @@ def bench_serve(ckpt_path: str | None, shape: str, prompt_tokens: int, new_token
                                  generator=draws).tolist() for _ in range(max(clients + [8]))]
         rows = {"generate (infer.py's path)": [generate_timing(trained, prompts[0], new_tokens)
                                                for _ in range(RUNS)]}
+        context_length, vocab_size = trained.context_length, trained.tokenizer.vocab_size
         del trained  # the server loads its own copy
         process, url = start_server(ckpt_path, max(clients))
         try:
@@ -248,6 +269,9 @@ def bench_serve(ckpt_path: str | None, shape: str, prompt_tokens: int, new_token
                              for prompt in prompts[:8]) / (time.perf_counter() - start)
             together = {count: clients_at_once(url, prompts[:count], new_tokens)
                         for count in clients}
+            echo_tokens = min(ECHO_TOKENS, context_length - 1)
+            health = health_during_echo(url, torch.randint(
+                vocab_size, (echo_tokens,), generator=draws).tolist())
         finally:
             process.terminate()
             process.wait()
@@ -264,6 +288,8 @@ def bench_serve(ckpt_path: str | None, shape: str, prompt_tokens: int, new_token
     for count, result in together.items():
         print(f"{f'{count} at once':<32}{result['first_token_ms']:>15.1f}"
               f"{result['tokens_per_sec']:>16,.1f}")
+    print(f"/health while a {echo_tokens}-token echo is scored: median {health[0]:.1f} ms, "
+          f"slowest {health[1]:.1f} ms")
     rates = {count: result["tokens_per_sec"] for count, result in together.items()}
     if 8 in rates:
         print(f"  8 at once / 8 in turn: {rates[8] / one_by_one:.2f}x" + (

@@ -310,8 +310,10 @@ def make_app(server: Server) -> FastAPI:
             choices.append({"index": choice.index, "text": echoed + choice.text,
                             "finish_reason": choice.finish_reason, "logprobs":
                             scored[choice.index] if completion.logprobs is not None else None})
-        return JSONResponse({**head("text_completion"), "choices": choices,
-                             "usage": usage(completion)})
+        answer = {**head("text_completion"), "choices": choices, "usage": usage(completion)}
+        # off the event loop: an echo's logprobs are a large body to serialise
+        return Response(await asyncio.to_thread(json.dumps, answer, ensure_ascii=False),
+                        media_type="application/json")
 
     @app.get("/v1/models")
     async def models() -> dict:
