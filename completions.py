@@ -103,7 +103,6 @@ class Choice(Request):
     text: str = ""
     sendable: int = 0
     final: bool = False  # finished, its text complete
-    logprobs: dict | None = None
 
 
 @dataclass(eq=False)
