@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,14 +75,23 @@ class BPETokenizer:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Each text's ids (int64), as encode gives them, on `threads` threads."""
+        """Each text's ids as an array of unsigned or signed integers, as encode gives them, on
+        `threads` threads."""
         if self.fast is None:
             return hf_encode_batch(self.hf, texts)
+        if self.threads == 1:
+            return [self._encode_array(text) for text in texts]
+        with ThreadPoolExecutor(self.threads) as pool:
+            return list(pool.map(self._encode_array, texts))
+
+    def _encode_array(self, text: str) -> np.ndarray:
+        # tiktoken's buffer, not a list: a Python int per id would hold the GIL, and threads
+        # would wait on each other
         try:
-            ids = self.fast.encode_batch(texts, num_threads=self.threads, allowed_special="all")
-        except ValueError:  # as in encode: one text at a time, the one that fails on HF's
-            ids = [self.encode(text) for text in texts]
-        return [np.asarray(text_ids, dtype=np.int64) for text_ids in ids]
+            ids = self.fast.encode_to_numpy(text, allowed_special="all")
+        except ValueError:  # as in encode
+            return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, np.int64)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         """Exact inverse of encode: special tokens are kept, not silently dropped."""

@@ -6,6 +6,8 @@ follow falls back."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +128,11 @@ def test_a_tokenizer_it_cannot_follow_falls_back_to_the_same_ids(corpus, tmp_pat
     assert tokenizer.encode(VARIED[4]) == hf_ids(tokenizer.hf, VARIED[4])
 
 
-def test_ids_come_as_int64_arrays(tokenizers):
-    ids = tokenizers["SLM's bpe_4096"].encode_batch(["O Romeo"])[0]
-    assert isinstance(ids, np.ndarray) and ids.dtype == np.int64 and len(ids) > 0
+def test_a_batch_on_threads_gives_each_texts_ids_in_order(tokenizers):
+    tokenizer = dataclasses.replace(tokenizers["SLM's bpe_4096"], threads=2)
+    batch = tokenizer.encode_batch(VARIED)
+    assert all(np.issubdtype(ids.dtype, np.integer) for ids in batch)
+    assert [ids.tolist() for ids in batch] == [tokenizer.encode(text) for text in VARIED]
 
 
 SAMPLES = [
