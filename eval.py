@@ -13,6 +13,7 @@ import sys
 import time
 
 from checkpoints import load_trained
+from quantize import DTYPES, resolve_dtype
 from scoring import Encoder, Task, score_task_across_ranks, with_fewshot
 from tasks import BUILTIN, load_tasks
 from utils import ArgumentParser, require_within, run_cli
@@ -33,6 +34,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON line of results on "
                         "stdout (the table goes to stderr)")
     parser.add_argument("--config", help="YAML config for tokenizer and device (default: stored)")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
+                        help="weights and products: fp32 (the default: exact scores), or "
+                        "bf16 or int8 for a quick look (docs/generation.md)")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"),
                         help="default: training.device of the config")
     args = parser.parse_args()
@@ -59,7 +63,8 @@ def main() -> None:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         tasks = [with_fewshot(task, args.fewshot) for task in load_tasks(args.tasks)]
         tasks = [Task(task.name, task.examples[:args.limit]) for task in tasks]
-        trained = load_trained(args.ckpt_path, args.config, args.device)
+        trained = resolve_dtype(load_trained(args.ckpt_path, args.config, args.device),
+                                args.dtype, args.ckpt_path)
         encoder = Encoder(trained.tokenizer)
         rows = [f"{'task':<24} {'n':>6} {'acc':>17} {'acc_norm':>17} {'examples/s':>9}"]
         for task in tasks:

@@ -20,8 +20,12 @@ import torch
 from model import Transformer
 
 # A CPU decode step is little compute, so per-call costs count: the C++ wrapper launches kernels
-# without Python, and memory planning takes the step's intermediates from one allocation.
-CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True}
+# without Python, and memory planning takes the step's intermediates from one allocation. A
+# one-row product reads its whole weight for one output row: inductor's decompose_mm_pass makes
+# it a reduction kernel of its own, which streams the weight faster than the BLAS call does
+# (quantize.py; docs/generation.md).
+CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True,
+                       "post_grad_fusion_options": {"decompose_mm_pass": {}}}
 MIN_CACHE_POSITIONS = 64
 GREEDY_BELOW = 1e-3   # a lower temperature is greedy: dividing logits by it would overflow
 MAX_TEMPERATURE = 2.0  # OpenAI's bound; above it a sample is near-uniform noise

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from chat import ROLES, chat_prompt, render
 from checkpoints import TrainedModel, load_trained
 from engine import Engine, Request
+from quantize import DTYPES, resolve_dtype
 from files import atomic_write, check_writable
 from generate import Sampling, generate
 from runtime import autocast_context
@@ -54,6 +55,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     parser.add_argument("--num-samples", type=int, default=1, help="independent samples to print")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights and products for decoding: auto (fp32 unless int8 or "
+                        "bf16 measures faster here and agrees with fp32; decided once), fp32, "
+                        "bf16 (native bf16 only), int8 (docs/generation.md)")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"),
                         help="default: training.device of the config")
     parser.add_argument("--no-cache", action="store_true", help="recompute the window each step")
@@ -223,7 +228,8 @@ def main() -> None:
     records = read_prompts(args.prompts) if args.prompts else []  # checked before the model loads
     if args.out:
         check_writable(os.path.dirname(os.path.abspath(args.out)))
-    trained = load_trained(args.ckpt_path, args.config, args.device)
+    trained = resolve_dtype(load_trained(args.ckpt_path, args.config, args.device),
+                            args.dtype, args.ckpt_path)
     seed = args.seed if args.seed is not None else torch.seed()  # torch.seed(): a fresh one
     if args.prompts:
         generate_file(trained, args, records, seed)

@@ -34,6 +34,7 @@ from checkpoints import TrainedModel, load_trained
 from completions import ApiError, Completion, chat_completion, logprobs, text_completion
 from engine import Closed, Engine
 from guard import Guard, allowed_hosts, error_response, read_json
+from quantize import DTYPES, resolve_dtype
 from utils import ArgumentParser, UserError, require, require_within, run_cli
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
@@ -253,6 +254,10 @@ def parse_args() -> argparse.Namespace:
                         "directory name)")
     parser.add_argument("--api-key", default=os.environ.get("SLM_API_KEY"),
                         help="require Authorization: Bearer KEY (default: $SLM_API_KEY; none)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights and products for decoding: auto (fp32 unless int8 or "
+                        "bf16 measures faster here and agrees with fp32; decided once), fp32, "
+                        "bf16 (native bf16 only), int8 (docs/generation.md)")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"),
                         help="default: training.device of the checkpoint's config")
     parser.add_argument("--max-batch", type=int, default=16,
@@ -277,7 +282,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    trained = load_trained(args.ckpt_path, device_name=args.device)
+    trained = resolve_dtype(load_trained(args.ckpt_path, device_name=args.device),
+                            args.dtype, args.ckpt_path)
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt_path))
     engine = Engine(trained.model, trained.context_length, trained.precision, args.max_batch)
     server = Server(trained, engine, name, args.api_key, args.max_queue,

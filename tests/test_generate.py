@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from conftest import make_decisive_model, make_model
 from generate import Sampling, cache_positions, generate, sample_next
@@ -68,10 +69,13 @@ def test_generation_stops_on_eos_and_finished_rows_repeat_it():
 def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once(batch_size):
     model = make_decisive_model(num_kv_heads=2)
     prompt = torch.randint(0, 97, (batch_size, 7))
-    eager = tokens(model, prompt, 50)  # 57 > CONTEXT: several refills too
+    eager = tokens(model, prompt, 100)  # 107 > CONTEXT: several refills too
     torch._dynamo.reset()
+    counters["inductor"].clear()
     with torch._dynamo.config.patch(error_on_recompile=True):  # a stride or position change
-        assert torch.equal(tokens(model, prompt, 50, compile=True), eager)
+        assert torch.equal(tokens(model, prompt, 100, compile=True), eager)
+    # one row: every product a reduction of its own (generate.CPU_COMPILE_OPTIONS)
+    assert (counters["inductor"]["decompose_mm"] > 0) == (batch_size == 1)
 
 
 def test_compiled_generation_without_cache_and_under_autocast():

@@ -80,7 +80,8 @@ def test_infer_keeps_the_end_of_a_prompt_longer_than_the_context(trained_run, mo
     prompt = "O Romeo, Romeo, wherefore art thou Romeo? " * 20  # far more than the 32 trained on
     code, stdout, stderr = run_main(
         infer.main,
-        ["--ckpt_path", "ckpt/best.pth", "--prompt", prompt, "--max-length", "5", "--seed", "0"],
+        ["--ckpt_path", "ckpt/best.pth", "--prompt", prompt, "--max-length", "5", "--seed", "0",
+         "--dtype", "fp32"],
         trained_run,
         monkeypatch,
         capsys,

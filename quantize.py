@@ -1,0 +1,190 @@
+"""The weights a decode step reads, and in what dtype: `--dtype auto|fp32|bf16|int8` of infer.py,
+serve.py and eval.py.
+
+A batch-1 decode step reads every weight once to make one token, so its speed is the rate at
+which weights stream from memory: a kernel that streams them faster, then fewer bytes per
+weight, are the levers (docs/generation.md has the figures and the CPU they were taken on).
+
+- fp32: the weights as trained. A compiled step has inductor turn each one-row product into a
+  reduction of its own (generate.CPU_COMPILE_OPTIONS), which streams a weight matrix faster
+  than the BLAS call F.linear makes for one row.
+- bf16: the blocks' weights in bf16, multiplied by activations rounded to bf16; the head, the
+  embedding, the norms, attention and the residual stream stay fp32 (bf16 logits would flip
+  top-1 wherever two tokens are close). Only where bf16 is native (a GPU, or a CPU with
+  AVX512-BF16 or AMX): elsewhere each product converts in software, so it is refused.
+- int8: the blocks' and the head's weights quantized when the model loads, symmetric per
+  output channel (int8 values, a scale per row), multiplied by bf16 activations
+  (aten._weight_int8pack_mm: its fp32-activation kernel is not vectorised on every CPU). A
+  quarter of fp32's bytes.
+- auto: fp32, unless int8 (or bf16, where native) decodes this model at least AUTO_MIN_SPEEDUP
+  faster and its top-1 agreement with fp32 meets its bound, measured on text the fp32 model
+  samples. Decided once per CPU, threads, torch and checkpoint, and kept (runtime.decided_once).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoints import TrainedModel
+from generate import generate
+from model import Transformer
+from runtime import (BUSY_SHARE, autocast_context, cpu_identity, decided_once, decisions_path,
+                     with_others_share)
+from utils import require
+
+DTYPES = ("auto", "fp32", "bf16", "int8")
+AGREEMENT_BOUND = {"bf16": 0.99, "int8": 0.98}  # top-1 with fp32; llama.cpp's q8_0 meets 98%
+AUTO_MIN_SPEEDUP = 1.1       # a lower precision must decode this much faster to be chosen
+AUTO_SAMPLE_TOKENS = 128     # fp32's sample that agreement is measured on
+AUTO_TIMED_STEPS = 16        # decode steps timed per dtype, in turns
+
+
+class Int8Linear(nn.Module):
+    """A Linear's weight as int8 rows and a scale per row: y = (x @ q.T) * scale."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        weight = weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class BF16Linear(nn.Module):
+    """A Linear's weight in bf16, multiplied by the input rounded to bf16; the output goes back
+    to the input's dtype, so the residual stream stays fp32."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+
+
+def products(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, name, Linear) for every block product and the head: what a step streams."""
+    return [(parent, name, child) for parent in model.modules()
+            for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    return device.type != "cpu" or torch.cpu._is_avx512_bf16_supported() or (
+        torch.cpu._is_amx_tile_supported())
+
+
+def with_dtype(trained: TrainedModel, dtype: str) -> TrainedModel:
+    """`trained` decoding in `dtype` (fp32, bf16 or int8): a copy of its model for bf16 and int8,
+    the same model for fp32. int8's head gets weights of its own (the embedding keeps fp32's)."""
+    if dtype == "fp32":
+        return dataclasses.replace(trained, precision="fp32")
+    # a copy sharing every tensor, whose Linear slots are its own to replace
+    model = copy.deepcopy(trained.model, {id(tensor): tensor for tensor in [
+        *trained.model.parameters(), *trained.model.buffers()]})
+    for parent, name, linear in products(model):
+        if dtype == "int8":
+            setattr(parent, name, Int8Linear(linear.weight))
+        elif linear is not model.lm_head:  # bf16 logits would flip the near-ties of top-1
+            setattr(parent, name, BF16Linear(linear.weight))
+    return dataclasses.replace(trained, model=model.eval(), precision="fp32")
+
+
+def resolve_dtype(trained: TrainedModel, dtype: str, checkpoint_path: str) -> TrainedModel:
+    """`trained` decoding in `dtype`; auto decided as the module's docstring says, and printed
+    on one line with what was measured."""
+    require(dtype in DTYPES, f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    if dtype == "bf16":
+        require(bf16_is_native(trained.device), "--dtype bf16 needs native bf16 (a GPU, or a "
+                "CPU with AVX512-BF16 or AMX); this CPU would convert every product in "
+                "software and decode slower than fp32 — use --dtype int8 or fp32")
+    if dtype != "auto":
+        return with_dtype(trained, dtype)
+    if trained.device.type != "cpu":  # a GPU's autocast precision (runtime.setup_precision)
+        return trained
+    stat = os.stat(checkpoint_path)
+    key = {"decision": "decode_dtype", **cpu_identity(), "model": dataclasses.asdict(
+        trained.model.config), "checkpoint": [os.path.abspath(checkpoint_path), stat.st_size,
+                                              stat.st_mtime_ns]}
+    choice, reason, kept = decided_once(key, lambda: measure_dtypes(trained))
+    where = (f"decided once for this CPU and checkpoint, kept in {decisions_path()}" if kept
+             else "not kept")
+    print(f"dtype auto: {choice} ({reason}); {where} — pin it with --dtype fp32 or int8",
+          file=sys.stderr, flush=True)
+    return with_dtype(trained, choice)
+
+
+def measure_dtypes(trained: TrainedModel) -> tuple[str, str, bool]:
+    """auto's choice: the fastest lower precision that meets its agreement bound on a sample of
+    fp32's and decodes AUTO_MIN_SPEEDUP x faster, else fp32. -> (dtype, what was measured,
+    whether to keep it: not when other processes held the CPUs during the timing)"""
+    candidates = ["int8"] + ["bf16"] * bf16_is_native(trained.device)
+    generator = torch.Generator(trained.device).manual_seed(0)
+    start = torch.tensor([[trained.tokenizer.end_of_text_id]], device=trained.device)
+    sample = torch.cat([start] + [token[:, None] for token in generate(
+        trained.model, start, min(AUTO_SAMPLE_TOKENS, trained.context_length - 1),
+        trained.context_length, temperature=1.0, generator=generator)], dim=1)
+    variants = {"fp32": trained, **{dtype: with_dtype(trained, dtype) for dtype in candidates}}
+    agreement = {dtype: top1_agreement(trained, variants[dtype], [sample[0].tolist()])
+                 for dtype in candidates}
+    seconds, others_share = with_others_share(lambda: decode_step_seconds(variants))
+    speedup = {dtype: seconds["fp32"] / seconds[dtype] for dtype in candidates}
+    passing = [dtype for dtype in candidates if agreement[dtype] >= AGREEMENT_BOUND[dtype]
+               and speedup[dtype] >= AUTO_MIN_SPEEDUP]
+    choice = max(passing, key=speedup.get, default="fp32")
+    measured = "; ".join(f"{dtype} {speedup[dtype]:.2f}x fp32's decode speed, top-1 agreement "
+                         f"{agreement[dtype]:.1%} (needs {AUTO_MIN_SPEEDUP}x, "
+                         f"{AGREEMENT_BOUND[dtype]:.0%})" for dtype in candidates)
+    return choice, measured, others_share <= BUSY_SHARE
+
+
+@torch.inference_mode()
+def top1_agreement(reference: TrainedModel, other: TrainedModel,
+                   windows: list[list[int]]) -> float:
+    """The share of positions of `windows` (token lists) where both models' likeliest next
+    token is the same."""
+    same = total = 0
+    for window in windows:
+        ids = torch.tensor([window], device=reference.device)
+        with autocast_context(reference.device, reference.precision):
+            expected = reference.model(ids)[0].argmax(-1)
+        with autocast_context(other.device, other.precision):
+            got = other.model(ids)[0].argmax(-1)
+        same, total = same + int((expected == got).sum()), total + expected.numel()
+    return same / max(1, total)
+
+
+@torch.inference_mode()
+def decode_step_seconds(variants: dict[str, TrainedModel], positions: int = 256
+                        ) -> dict[str, float]:
+    """Median seconds of an eager batch-1 decode step for each model, the models taking turns
+    so that a neighbour's burst slows them alike."""
+    positions = min([positions] + [trained.context_length for trained in variants.values()])
+    steps = {}
+    for name, trained in variants.items():
+        with autocast_context(trained.device, trained.precision):
+            caches = trained.model.new_caches(1, positions)
+        steps[name] = (trained, caches)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    token = torch.zeros(1, 1, dtype=torch.long, device=next(iter(variants.values())).device)
+    for step in range(AUTO_TIMED_STEPS + 1):
+        for name, (trained, caches) in steps.items():
+            position = torch.tensor([(positions // 2 + step) % positions], device=token.device)
+            begin = time.perf_counter()
+            with autocast_context(trained.device, trained.precision):
+                trained.model(token, caches=caches, input_pos=position)
+            if step:  # the first is a warm-up
+                times[name].append(time.perf_counter() - begin)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}

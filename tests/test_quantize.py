@@ -1,0 +1,93 @@
+"""quantize.py: --dtype. int8 and bf16 agree with fp32 on a trained model within their bounds,
+the fp32 model is left as it was, bf16 is refused where the CPU lacks it, auto is decided once
+and kept, and a compiled int8 step gives the eager one's tokens."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import quantize
+from checkpoints import load_trained
+from conftest import make_decisive_model
+from generate import generate
+from quantize import (AGREEMENT_BOUND, Int8Linear, products, resolve_dtype, top1_agreement,
+                     with_dtype)
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    return load_trained(str(trained_run / "ckpt" / "best.pth"))
+
+
+def held_out_windows(trained, corpus: str, count: int = 24) -> list[list[int]]:
+    """Windows of the model's context from the end of its corpus (its validation split)."""
+    ids = trained.tokenizer.encode(corpus[-40_000:])
+    context = trained.context_length
+    return [ids[start:start + context] for start in range(0, count * context, context)]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_a_lower_precision_agrees_with_fp32_within_its_bound(trained, corpus, dtype):
+    windows = held_out_windows(trained, corpus.read_text(encoding="utf-8"))
+    lower = with_dtype(trained, dtype)
+    assert top1_agreement(trained, lower, windows) >= AGREEMENT_BOUND[dtype]
+    # the fp32 model is untouched; int8's head has weights of its own, bf16's stays fp32
+    assert all(type(module) is nn.Linear for _, _, module in products(trained.model))
+    assert lower.model.layers[0].mlp.up_proj.weight.dtype == getattr(torch, dtype.replace(
+        "bf16", "bfloat16"))
+    head = lower.model.lm_head
+    assert head.weight.dtype == (torch.int8 if dtype == "int8" else torch.float32)
+    assert lower.model.embed_tokens.weight is trained.model.embed_tokens.weight
+
+
+def test_int8_rows_rebuild_the_weight_within_half_a_step():
+    weight = torch.randn(48, 64)
+    linear = Int8Linear(weight)
+    rebuilt = linear.weight.float() * linear.scale.float()[:, None]
+    step = weight.abs().amax(dim=1, keepdim=True) / 127
+    # half a step of rounding, and the scale's own bf16 rounding (8 bits of mantissa)
+    assert ((rebuilt - weight).abs() <= 0.5 * step + weight.abs() * 2**-8).all()
+    x = torch.randn(3, 5, 64)
+    expected = x @ rebuilt.T  # activations and products in bf16: within a percent of the range
+    assert (linear(x) - expected).abs().max() <= 0.01 * expected.abs().max()
+
+
+def test_bf16_is_refused_in_one_line_where_it_is_not_native(trained, monkeypatch):
+    monkeypatch.setattr(quantize, "bf16_is_native", lambda device: False)
+    with pytest.raises(UserError, match=r"--dtype bf16 needs native bf16 .* use --dtype int8"):
+        resolve_dtype(trained, "bf16", "ckpt.pth")
+
+
+def test_auto_is_measured_once_and_kept(trained, trained_run, monkeypatch, capsys):
+    path = str(trained_run / "ckpt" / "best.pth")
+    # a timing while other processes hold the CPUs is not kept; here, as if none did
+    monkeypatch.setattr(quantize, "with_others_share", lambda measure: (measure(), 0.0))
+    first = resolve_dtype(trained, "auto", path)
+    line = capsys.readouterr().err
+    assert re.fullmatch(r"dtype auto: (fp32|int8) \(int8 [\d.]+x fp32's decode speed, top-1 "
+                        r"agreement [\d.]+% \(needs 1.1x, 98%\)\); decided once for this CPU and "
+                        r"checkpoint, kept in .* — pin it with --dtype fp32 or int8\n", line)
+    monkeypatch.setattr(quantize, "measure_dtypes", lambda trained: pytest.fail("measured again"))
+    again = resolve_dtype(trained, "auto", path)
+    assert capsys.readouterr().err == line
+    assert type(first.model.lm_head) is type(again.model.lm_head)
+
+
+def test_a_compiled_int8_step_gives_the_eager_steps_tokens():
+    model = make_decisive_model(num_kv_heads=2)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child.weight))
+    prompt = torch.randint(0, 97, (1, 7))
+
+    def tokens(compile: bool) -> torch.Tensor:
+        return torch.stack(list(generate(model, prompt, 40, 32, temperature=0.0,
+                                         compile=compile)))
+
+    torch._dynamo.reset()
+    assert torch.equal(tokens(True), tokens(False))
