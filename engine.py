@@ -33,12 +33,24 @@ from typing import Any, Callable
 
 import torch
 
-from generate import GREEDY_BELOW, cache_positions, row_uniforms, sample_rows
+from generate import (CPU_COMPILE_OPTIONS, GREEDY_BELOW, MIN_CACHE_POSITIONS, cache_positions,
+                      row_uniforms, sample_rows)
 from model import KVCache, Transformer
 from runtime import autocast_context
 from utils import host_memory_bytes
 
 IDLE_WAIT_SECONDS = 0.1   # how long run() sleeps with nothing to do before it looks at `stop`
+
+
+def decode_widths(rows: int) -> list[int]:
+    """The batch widths a compiled decode step is built for: powers of two below `rows` (the
+    cache's rows), and `rows` itself."""
+    return [1 << power for power in range(rows.bit_length()) if 1 << power < rows] + [rows]
+
+
+def decode_width(count: int, rows: int) -> int:
+    """The narrowest of decode_widths(rows) that holds `count` active rows."""
+    return next(width for width in decode_widths(rows) if width >= count)
 
 
 class Closed(Exception):
@@ -71,10 +83,14 @@ class Engine:
     submit() from any."""
 
     def __init__(self, model: Transformer, context_length: int, precision: str = "fp32",
-                 max_batch: int = 16, cache_bytes: int | None = None):
+                 max_batch: int = 16, cache_bytes: int | None = None, compile: bool = False):
         self.model, self.context_length, self.precision = model, context_length, precision
         self.max_batch = max_batch
         self.device = model.embed_tokens.weight.device
+        # the decode step compiled once per batch width (decode_widths); the cache's positions
+        # are a dynamic dimension, so a longer request compiles nothing new
+        self.compiled = torch.compile(model, dynamic=False, options=(
+            CPU_COMPILE_OPTIONS if self.device.type == "cpu" else None)) if compile else None
         c = model.config
         itemsize = 2 if precision in ("bf16", "fp16") else 4
         # keys and values of every layer, one position of one row
@@ -235,12 +251,43 @@ class Engine:
     def _decode(self) -> None:
         """One forward for every active row: each feeds its last token at its own position."""
         rows = list(self.rows)
+        self._take(rows, self._sample(rows, self._next_logits(rows)))
+
+    def _next_logits(self, rows: list[Request]) -> torch.Tensor:
+        """(rows, vocab): each row's logits after its last token. Compiled, the batch is padded
+        to its width (decode_widths) with rows that write at position 0 of cache rows no
+        request holds."""
         count = len(rows)
-        views = [KVCache(cache.k[:count], cache.v[:count]) for cache in self.caches]
-        last = torch.tensor([[row.window[-1]] for row in rows], device=self.device)
-        positions = torch.tensor([[len(row.window) - 1] for row in rows], device=self.device)
-        logits = self.model(last, caches=views, input_pos=positions)[0]
-        self._take(rows, self._sample(rows, logits[:, -1]))
+        width = (count if self.compiled is None else decode_width(count, len(self.caches[0].k)))
+        last = torch.zeros(width, 1, dtype=torch.long, device=self.device)
+        last[:count, 0] = torch.tensor([row.window[-1] for row in rows])
+        positions = torch.zeros(width, 1, dtype=torch.long, device=self.device)
+        positions[:count, 0] = torch.tensor([len(row.window) - 1 for row in rows])
+        views = [KVCache(cache.k[:width], cache.v[:width]) for cache in self.caches]
+        forward = self.model
+        if self.compiled is not None:
+            forward = self.compiled
+            for view in views:
+                torch._dynamo.mark_dynamic(view.k, 2)
+                torch._dynamo.mark_dynamic(view.v, 2)
+        return forward(last, caches=views, input_pos=positions)[0][:count, -1]
+
+    @torch.inference_mode()
+    def warm_up(self, budget_seconds: float) -> list[int]:
+        """Compile the decode step for each batch width from 1 up while `budget_seconds` last
+        (a width not reached compiles when it is first needed); -> the widths compiled. Call
+        it before the first request."""
+        widths, start = [], time.perf_counter()
+        positions = min(MIN_CACHE_POSITIONS, self.context_length)
+        self.caches = self.model.new_caches(self._rows_allowed(positions), positions)
+        with autocast_context(self.device, self.precision):
+            for width in decode_widths(len(self.caches[0].k)):
+                if self.compiled is None or time.perf_counter() - start > budget_seconds:
+                    break
+                self._next_logits([Request([0], 1, window=[0]) for _ in range(width)])
+                widths.append(width)
+        self.caches = []
+        return widths
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
         """Every row's next token by its own settings, with one transfer to the host."""

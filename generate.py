@@ -135,17 +135,20 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
     above; temperature 0 is greedy. Stops once every row has produced eos_id (finished rows
     repeat it). compile=True compiles the decode step (without the cache, the forward)."""
     batch_size, device = prompt.shape[0], prompt.device
-    # A fresh contiguous tensor, like each later window: a compiled step sees one stride.
-    window = prompt[:, -context_length:].clone(memory_format=torch.contiguous_format)
+    # The window is the first `length` columns of one buffer, written in place: no step
+    # allocates it anew, and a compiled step always sees the same stride.
+    buffer = torch.empty(batch_size, context_length + 1, dtype=prompt.dtype, device=device)
+    length = min(prompt.shape[1], context_length)
+    buffer[:, :length] = prompt[:, -length:]
     positions = torch.arange(context_length, device=device)
-    cache_length = cache_positions(window.shape[1], max_new_tokens, context_length)
+    cache_length = cache_positions(length, max_new_tokens, context_length)
     caches = model.new_caches(batch_size, cache_length) if use_cache else None
     options = CPU_COMPILE_OPTIONS if device.type == "cpu" else None
     forward = torch.compile(model, options=options) if compile else model
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     refill = True  # the cache holds none of the window yet
     for _ in range(max_new_tokens):
-        length = window.shape[1]
+        window = buffer[:, :length]
         if not use_cache:
             logits = forward(window, last_only=True)[0]
         elif refill:  # prefill the whole window, eagerly: it happens once per half window
@@ -161,7 +164,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
         yield next_token
         if eos_id is not None and bool(finished.all()):
             return
-        window = torch.cat((window, next_token[:, None]), dim=1)
-        if window.shape[1] > context_length:  # full: go on from the newest half
-            window = window[:, -max(1, context_length // 2):].contiguous()
-            refill = True
+        buffer[:, length] = next_token
+        length += 1
+        if length > context_length:  # full: go on from the newest half
+            kept = max(1, context_length // 2)
+            buffer[:, :kept] = buffer[:, length - kept:length].clone()
+            length, refill = kept, True

@@ -34,6 +34,9 @@ WINDOW_RULE = ("The model sees at most the context it was trained on (data.conte
                "ends there.")
 
 
+COMPILE_FROM_TOKENS = 1024  # new tokens from which compiling the decode step pays by default
+
+
 def parse_args() -> argparse.Namespace:
     parser = ArgumentParser(description="Generate text from a trained SLM checkpoint.",
                             epilog=WINDOW_RULE)
@@ -62,9 +65,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"),
                         help="default: training.device of the config")
     parser.add_argument("--no-cache", action="store_true", help="recompute the window each step")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step: seconds to compile once, then more "
-                        "tokens/s (README, Performance); pays off for long or many samples")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the decode step: seconds to compile once (less from "
+                        "inductor's on-disk cache), then more tokens/s. Default: compile when "
+                        "--max-length x --num-samples (or x the prompts of --prompts) reaches "
+                        f"{COMPILE_FROM_TOKENS} tokens")
     parser.add_argument("--prompts", metavar="FILE",
                         help="generate for every prompt of FILE together: a prompt per line, or "
                         "a .jsonl file of {\"prompt\": text} or {\"messages\": [...]} lines; "
@@ -85,11 +90,12 @@ def parse_args() -> argparse.Namespace:
     if args.prompts:
         clash = [flag for flag, given in (("--prompt", args.prompt), ("--chat", args.chat),
                                           ("--num-samples", args.num_samples > 1),
-                                          ("--no-cache", args.no_cache),
-                                          ("--compile", args.compile)) if given]
+                                          ("--no-cache", args.no_cache)) if given]
         require(not clash, f"--prompts generates every prompt of its file, with neither "
                 f"{', '.join(clash)} — leave those out (a chat prompt is a JSONL line with "
                 "\"messages\")")
+    if args.compile is None and not args.prompts:  # compiling takes seconds: it pays on long
+        args.compile = args.max_length * args.num_samples >= COMPILE_FROM_TOKENS  # work only
     require(args.out is None or args.prompts, "--out is where --prompts writes, and no "
             "--prompts was given — give --prompts FILE too, or leave --out out")
     return args
@@ -205,7 +211,9 @@ def generate_file(trained: TrainedModel, args: argparse.Namespace, records: list
             end_id = tokenizer.end_of_text_id
         requests.append(Request(ids[-context:], args.max_length, end_id, args.temperature,
                                 args.top_k, args.top_p, (seed + index) % MAX_SEED))
-    engine = Engine(trained.model, context, trained.precision, args.max_batch)
+    compile = args.compile if args.compile is not None else (
+        args.max_length * len(requests) >= COMPILE_FROM_TOKENS)
+    engine = Engine(trained.model, context, trained.precision, args.max_batch, compile=compile)
     with tqdm(total=len(requests), unit="prompt", desc="generating") as bar:
         for request in requests:
             engine.submit(request)

@@ -38,6 +38,7 @@ from quantize import DTYPES, resolve_dtype
 from utils import ArgumentParser, UserError, require, require_within, run_cli
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
+WARM_UP_SECONDS = 60  # start-up compile budget: widths past it compile when first needed
 
 
 @dataclass
@@ -262,6 +263,10 @@ def parse_args() -> argparse.Namespace:
                         help="default: training.device of the checkpoint's config")
     parser.add_argument("--max-batch", type=int, default=16,
                         help="requests generated at once, each a row of the KV cache")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the decode step for each batch width at start-up, within "
+                        f"about {WARM_UP_SECONDS} s (default; later starts read inductor's "
+                        "cache); --no-compile starts at once and decodes eagerly")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait; more are answered 503 with Retry-After")
     parser.add_argument("--allowed-hosts", default="",
@@ -285,7 +290,14 @@ def main() -> None:
     trained = resolve_dtype(load_trained(args.ckpt_path, device_name=args.device),
                             args.dtype, args.ckpt_path)
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt_path))
-    engine = Engine(trained.model, trained.context_length, trained.precision, args.max_batch)
+    engine = Engine(trained.model, trained.context_length, trained.precision, args.max_batch,
+                    compile=args.compile)
+    if args.compile:
+        start = time.perf_counter()
+        widths = engine.warm_up(WARM_UP_SECONDS)
+        print(f"compiled the decode step for {', '.join(map(str, widths))} rows at once in "
+              f"{time.perf_counter() - start:.0f} s (wider batches compile when first needed)",
+              file=sys.stderr, flush=True)
     server = Server(trained, engine, name, args.api_key, args.max_queue,
                     allowed_hosts(args.host, args.allowed_hosts),
                     tuple(origin.strip() for origin in args.cors_origin.split(",")

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from checkpoints import load_trained
 from conftest import make_decisive_model
@@ -74,6 +75,27 @@ def test_greedy_rows_equal_each_request_alone_as_partners_join_and_leave():
     assert compared >= 50  # most tokens are no near tie: the rule compares them
     assert len({token for request in requests for token in request.tokens}) > 10
     assert engine.steps < sum(request.max_tokens for request in requests)  # rows shared steps
+
+
+def test_a_compiled_engine_gives_the_eager_tokens_and_compiles_only_at_warm_up():
+    model, window = make_decisive_model(num_kv_heads=2, max_seq_len=160), 160
+    generator = torch.Generator().manual_seed(1)
+    requests = [Request(torch.randint(97, (length,), generator=generator).tolist(), max_tokens,
+                        temperature=0.0)
+                for length, max_tokens in ((5, 70), (12, 4), (1, 90), (30, 9), (7, 14), (10, 30))]
+    engine = Engine(model, window, max_batch=4, compile=True)
+    torch._dynamo.reset()
+    counters["inductor"].clear()
+    assert engine.warm_up(budget_seconds=600) == [1, 2, 4]
+    assert counters["inductor"]["decompose_mm"] > 0  # width 1: products as reductions
+    # batches of 1 to 4 rows, the cache growing from 64 positions to 128: no new graph
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run_with_partners(engine, requests[:3], requests[3:], steps_between=5)
+    assert sum(len(request.tokens) for request in requests) >= 100
+    for request in requests:
+        solo = alone(model, window, request)
+        same = compared_length(model, solo)
+        assert same >= 4 and request.tokens[:same] == solo.tokens[:same]
 
 
 def test_seeded_rows_draw_their_own_samples_whatever_their_partners(trained):

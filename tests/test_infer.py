@@ -124,8 +124,8 @@ def damaged_copy(trained_run, workdir):
         (["--prompts", "p.jsonl"], lambda run, workdir: (workdir / "p.jsonl").write_text(
             '{"messages": [{"role": "robot", "content": "hi"}]}\n'),
          'line 1 of p.jsonl has neither "prompt"'),
-        (["--prompts", "p.txt", "--chat", "--compile"], None,
-         "--prompts generates every prompt of its file, with neither --chat, --compile"),
+        (["--prompts", "p.txt", "--chat", "--no-cache"], None,
+         "--prompts generates every prompt of its file, with neither --chat, --no-cache"),
         (["--out", "o.jsonl"], None, "--out is where --prompts writes"),
         (
             ["--ckpt_path", "ckpt/best.pth", "--config", "other.yaml"],
@@ -217,6 +217,18 @@ def test_infer_prompts_generates_a_file_of_prompts_together_in_their_order(train
                       "--temperature", "0", cwd=trained_run)
     records = [json.loads(line) for line in chat.stdout.splitlines()]
     assert records[0]["prompt"] == "ROMEO:" and records[1]["messages"][0]["role"] == "user"
+    compiled = run_script("infer.py", *common, "--prompts", str(tmp_path / "prompts.jsonl"),
+                          "--temperature", "0", "--compile", cwd=trained_run)
+    assert [json.loads(line) for line in compiled.stdout.splitlines()] == records
     greedy = run_script("infer.py", *common, "--prompt", "ROMEO:", "--temperature", "0",
                         cwd=trained_run)
     assert greedy.stdout == "ROMEO:" + records[0]["text"] + "\n"  # as --prompt streams it
+
+
+@pytest.mark.parametrize("flags, compiled", [
+    ([], False), (["--max-length", "1024"], True), (["--max-length", "256", "--num-samples", "4"],
+                                                  True),
+    (["--max-length", "4096", "--no-compile"], False), (["--compile"], True)])
+def test_the_decode_step_compiles_when_the_work_is_long_enough(monkeypatch, flags, compiled):
+    monkeypatch.setattr("sys.argv", ["infer.py", *flags])
+    assert infer.parse_args().compile is compiled

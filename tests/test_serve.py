@@ -46,7 +46,8 @@ def serving(ckpt: Path, log: Path, *args: str) -> Iterator[tuple[str, subprocess
     with open(log, "w") as stderr:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "serve.py"), "--ckpt_path", str(ckpt), "--port",
-             str(port), "--device", "cpu", "--model-name", "served", *args],
+             str(port), "--device", "cpu", "--model-name", "served",
+             *([] if "--compile" in args else ["--no-compile"]), *args],
             stdout=subprocess.DEVNULL, stderr=stderr, cwd=ckpt.parent)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -547,3 +548,15 @@ def test_new_chat_during_a_reply_drops_everything_the_old_request_does_after(cha
         assert "old" not in log() and "stopped" not in log()
     finally:
         browser.quit()
+
+
+def test_a_compiled_server_warms_up_then_answers_as_the_eager_one(chat_server, tmp_path):
+    request = {"model": "served", "prompt": "O Romeo", "max_tokens": 24, "temperature": 0,
+               "extra_body": {"ignore_eos": True}}
+    eager = chat_server["client"].completions.create(**request).choices[0].text
+    log = tmp_path / "serve.log"
+    with serving(chat_server["directory"], log, "--compile", "--max-batch", "2") as (url, _):
+        assert re.search(r"compiled the decode step for 1, 2 rows at once in \d+ s",
+                         log.read_text())
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        assert client.completions.create(**request).choices[0].text == eager
