@@ -69,7 +69,7 @@ def test_auto_is_measured_once_and_kept(trained, trained_run, monkeypatch, capsy
     first = resolve_dtype(trained, "auto", path)
     line = capsys.readouterr().err
     assert re.fullmatch(r"dtype auto: (fp32|int8) \(int8 [\d.]+x fp32's decode speed, top-1 "
-                        r"agreement [\d.]+% \(needs 1.1x, 98%\)\); decided once for this CPU and "
+                        r"agreement [\d.]+% \(needs 1.3x, 98%\)\); decided once for this CPU and "
                         r"checkpoint, kept in .* — pin it with --dtype fp32 or int8\n", line)
     monkeypatch.setattr(quantize, "measure_dtypes", lambda trained: pytest.fail("measured again"))
     again = resolve_dtype(trained, "auto", path)
@@ -91,3 +91,12 @@ def test_a_compiled_int8_step_gives_the_eager_steps_tokens():
 
     torch._dynamo.reset()
     assert torch.equal(tokens(True), tokens(False))
+
+
+def test_auto_keeps_fp32_and_nothing_when_others_held_the_cpus(trained, trained_run, monkeypatch,
+                                                               capsys):
+    monkeypatch.setattr(quantize, "with_others_share", lambda measure: (measure(), 0.5))
+    chosen = resolve_dtype(trained, "auto", str(trained_run / "ckpt" / "best.pth"))
+    assert chosen.model is trained.model  # fp32: the model as loaded
+    assert re.fullmatch(r"dtype auto: fp32 \(other processes took 50% of the CPUs .*\); not kept"
+                        r" — .*\n", capsys.readouterr().err)
