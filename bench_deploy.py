@@ -46,8 +46,8 @@ from checkpoints import TrainedModel, load_trained, save_checkpoint
 from data import prepare_data
 from generate import CPU_COMPILE_OPTIONS, generate
 from gguf_export import DTYPES
-from quantize import Int8Linear, bf16_is_native, products, top1_agreement, with_dtype
 from model import Transformer
+from quantize import Int8Linear, bf16_is_native, products, top1_agreement, with_dtype
 from runtime import autocast_context, cpu_name
 from utils import (ArgumentParser, Config, DataConfig, ModelConfig, UserError, config_to_dict,
                    load_config, require, require_within, run_cli)
@@ -418,6 +418,7 @@ def bench_decode(ckpt_path: str | None, shape: str, agreement_path: str | None,
 
 
 def slm_decode(trained: TrainedModel, prompt: torch.Tensor, count: int, compiled: bool) -> float:
+    """Greedy decode tokens/s of `trained` after `prompt`, as infer.py runs it."""
     with autocast_context(trained.device, trained.precision):
         return decode_tokens_per_sec(generate(trained.model, prompt, count,
                                               trained.context_length, temperature=0.0,

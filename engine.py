@@ -260,9 +260,10 @@ class Engine:
         count = len(rows)
         width = (count if self.compiled is None else decode_width(count, len(self.caches[0].k)))
         last = torch.zeros(width, 1, dtype=torch.long, device=self.device)
-        last[:count, 0] = torch.tensor([row.window[-1] for row in rows])
+        last[:count, 0] = torch.tensor([row.window[-1] for row in rows], device=self.device)
         positions = torch.zeros(width, 1, dtype=torch.long, device=self.device)
-        positions[:count, 0] = torch.tensor([len(row.window) - 1 for row in rows])
+        positions[:count, 0] = torch.tensor([len(row.window) - 1 for row in rows],
+                                            device=self.device)
         views = [KVCache(cache.k[:width], cache.v[:width]) for cache in self.caches]
         forward = self.model
         if self.compiled is not None:
@@ -277,10 +278,12 @@ class Engine:
         """Compile the decode step for each batch width from 1 up while `budget_seconds` last
         (a width not reached compiles when it is first needed); -> the widths compiled. Call
         it before the first request."""
+        if self.rows or self.waiting:
+            raise ValueError("warm_up() replaces the cache: call it before the first request")
         widths, start = [], time.perf_counter()
         positions = min(MIN_CACHE_POSITIONS, self.context_length)
-        self.caches = self.model.new_caches(self._rows_allowed(positions), positions)
-        with autocast_context(self.device, self.precision):
+        with autocast_context(self.device, self.precision):  # the cache dtype steps will use
+            self.caches = self.model.new_caches(self._rows_allowed(positions), positions)
             for width in decode_widths(len(self.caches[0].k)):
                 if self.compiled is None or time.perf_counter() - start > budget_seconds:
                     break

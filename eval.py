@@ -34,9 +34,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON line of results on "
                         "stdout (the table goes to stderr)")
     parser.add_argument("--config", help="YAML config for tokenizer and device (default: stored)")
-    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
-                        help="weights and products: fp32 (the default: exact scores), or "
-                        "bf16 or int8 for a quick look (docs/generation.md)")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="weights and products: as trained by default (fp32 on a CPU, the "
+                        "config's autocast on a GPU), or int8 or bf16 for a quick look "
+                        "(docs/generation.md)")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"),
                         help="default: training.device of the config")
     args = parser.parse_args()
@@ -63,8 +64,9 @@ def main() -> None:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         tasks = [with_fewshot(task, args.fewshot) for task in load_tasks(args.tasks)]
         tasks = [Task(task.name, task.examples[:args.limit]) for task in tasks]
-        trained = resolve_dtype(load_trained(args.ckpt_path, args.config, args.device),
-                                args.dtype, args.ckpt_path)
+        trained = load_trained(args.ckpt_path, args.config, args.device)
+        if args.dtype is not None:
+            trained = resolve_dtype(trained, args.dtype, args.ckpt_path)
         encoder = Encoder(trained.tokenizer)
         rows = [f"{'task':<24} {'n':>6} {'acc':>17} {'acc_norm':>17} {'examples/s':>9}"]
         for task in tasks:
@@ -75,7 +77,7 @@ def main() -> None:
             rows.append(format_row(task.name, result, time.perf_counter() - start))
             results[task.name] = {key: result[key] for key in ("acc", "acc_norm", "n")}
         print(f"{args.ckpt_path}, {args.fewshot}-shot, {trained.device.type} "
-              f"({trained.precision}):")
+              f"({args.dtype or trained.precision}):")
         print("\n".join(rows), flush=True)
     if args.json:
         print(json.dumps(results), flush=True)

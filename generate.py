@@ -23,7 +23,7 @@ from model import Transformer
 # without Python, and memory planning takes the step's intermediates from one allocation. A
 # one-row product reads its whole weight for one output row: inductor's decompose_mm_pass makes
 # it a reduction kernel of its own, which streams the weight faster than the BLAS call does
-# (quantize.py; docs/generation.md).
+# (for weights of at most 2,048 x 2,048, inductor's CPU rule; docs/generation.md).
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True,
                        "post_grad_fusion_options": {"decompose_mm_pass": {}}}
 MIN_CACHE_POSITIONS = 64
@@ -136,7 +136,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
     repeat it). compile=True compiles the decode step (without the cache, the forward)."""
     batch_size, device = prompt.shape[0], prompt.device
     # The window is the first `length` columns of one buffer, written in place: no step
-    # allocates it anew, and a compiled step always sees the same stride.
+    # allocates it anew, and the no-cache path's compiled forward always sees one stride.
     buffer = torch.empty(batch_size, context_length + 1, dtype=prompt.dtype, device=device)
     length = min(prompt.shape[1], context_length)
     buffer[:, :length] = prompt[:, -length:]

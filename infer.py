@@ -20,9 +20,9 @@ from tqdm import tqdm
 from chat import ROLES, chat_prompt, render
 from checkpoints import TrainedModel, load_trained
 from engine import Engine, Request
-from quantize import DTYPES, resolve_dtype
 from files import atomic_write, check_writable
 from generate import Sampling, generate
+from quantize import DTYPES, resolve_dtype
 from runtime import autocast_context
 from utils import MAX_SEED, ArgumentParser, UserError, require, require_within, run_cli, warn
 
@@ -95,7 +95,8 @@ def parse_args() -> argparse.Namespace:
                 f"{', '.join(clash)} — leave those out (a chat prompt is a JSONL line with "
                 "\"messages\")")
     if args.compile is None and not args.prompts:  # compiling takes seconds: it pays on long
-        args.compile = args.max_length * args.num_samples >= COMPILE_FROM_TOKENS  # work only
+        args.compile = not args.no_cache and (  # work only, and a step of one shape
+            args.max_length * args.num_samples >= COMPILE_FROM_TOKENS)
     require(args.out is None or args.prompts, "--out is where --prompts writes, and no "
             "--prompts was given — give --prompts FILE too, or leave --out out")
     return args

@@ -5,9 +5,9 @@ A batch-1 decode step reads every weight once to make one token, so its speed is
 which weights stream from memory: a kernel that streams them faster, then fewer bytes per
 weight, are the levers (docs/generation.md has the figures and the CPU they were taken on).
 
-- fp32: the weights as trained. A compiled step has inductor turn each one-row product into a
-  reduction of its own (generate.CPU_COMPILE_OPTIONS), which streams a weight matrix faster
-  than the BLAS call F.linear makes for one row.
+- fp32: the weights as trained. A compiled step has inductor turn each one-row block product
+  into a reduction of its own (generate.CPU_COMPILE_OPTIONS), which streams a weight matrix
+  faster than the BLAS call F.linear makes for one row.
 - bf16: the blocks' weights in bf16, multiplied by activations rounded to bf16; the head, the
   embedding, the norms, attention and the residual stream stay fp32 (bf16 logits would flip
   top-1 wherever two tokens are close). Only where bf16 is native (a GPU, or a CPU with
@@ -41,7 +41,7 @@ from runtime import (BUSY_SHARE, autocast_context, cpu_identity, decided_once, d
 from utils import require
 
 DTYPES = ("auto", "fp32", "bf16", "int8")
-AGREEMENT_BOUND = {"bf16": 0.99, "int8": 0.98}  # top-1 with fp32; llama.cpp's q8_0 meets 98%
+AGREEMENT_BOUND = {"bf16": 0.99, "int8": 0.98}  # top-1 with fp32, as llama.cpp's files meet
 AUTO_MIN_SPEEDUP = 1.3       # a lower precision must decode this much faster to be chosen
 AUTO_SAMPLE_TOKENS = 128     # fp32's sample that agreement is measured on
 AUTO_TIMED_STEPS = 16        # decode steps timed per dtype, in turns
@@ -82,6 +82,7 @@ def products(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 
 def bf16_is_native(device: torch.device) -> bool:
+    """A GPU, or a CPU with AVX512-BF16 or AMX: bf16 products without software conversion."""
     return device.type != "cpu" or torch.cpu._is_avx512_bf16_supported() or (
         torch.cpu._is_amx_tile_supported())
 
@@ -99,7 +100,9 @@ def with_dtype(trained: TrainedModel, dtype: str) -> TrainedModel:
             setattr(parent, name, Int8Linear(linear.weight))
         elif linear is not model.lm_head:  # bf16 logits would flip the near-ties of top-1
             setattr(parent, name, BF16Linear(linear.weight))
-    return dataclasses.replace(trained, model=model.eval(), precision="fp32")
+    # a GPU keeps its autocast (attention and the cache in bf16); a CPU computes the rest in fp32
+    precision = trained.precision if trained.device.type != "cpu" else "fp32"
+    return dataclasses.replace(trained, model=model.eval(), precision=precision)
 
 
 def resolve_dtype(trained: TrainedModel, dtype: str, checkpoint_path: str) -> TrainedModel:
@@ -115,7 +118,8 @@ def resolve_dtype(trained: TrainedModel, dtype: str, checkpoint_path: str) -> Tr
     if trained.device.type != "cpu":  # a GPU's autocast precision (runtime.setup_precision)
         return trained
     stat = os.stat(checkpoint_path)
-    key = {"decision": "decode_dtype", **cpu_identity(), "model": dataclasses.asdict(
+    key = {"decision": "decode_dtype", **cpu_identity(), "rule": [AUTO_MIN_SPEEDUP,
+           AGREEMENT_BOUND], "model": dataclasses.asdict(
         trained.model.config), "checkpoint": [os.path.abspath(checkpoint_path), stat.st_size,
                                               stat.st_mtime_ns]}
     choice, reason, kept = decided_once(key, lambda: measure_dtypes(trained))

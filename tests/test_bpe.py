@@ -7,7 +7,6 @@ follow falls back."""
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 import numpy as np
