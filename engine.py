@@ -87,10 +87,12 @@ class Engine:
         self.model, self.context_length, self.precision = model, context_length, precision
         self.max_batch = max_batch
         self.device = model.embed_tokens.weight.device
-        # the decode step compiled once per batch width (decode_widths); the cache's positions
-        # are a dynamic dimension, so a longer request compiles nothing new
+        # the decode step compiled once per batch width (decode_widths) by warm_up; the cache's
+        # positions are a dynamic dimension, so a longer request compiles nothing new. A width
+        # warm_up did not reach runs eagerly: no request waits for a compile.
         self.compiled = torch.compile(model, dynamic=False, options=(
             CPU_COMPILE_OPTIONS if self.device.type == "cpu" else None)) if compile else None
+        self.compiled_widths: set[int] = set()
         c = model.config
         itemsize = 2 if precision in ("bf16", "fp16") else 4
         # keys and values of every layer, one position of one row
@@ -258,7 +260,8 @@ class Engine:
         to its width (decode_widths) with rows that write at position 0 of cache rows no
         request holds."""
         count = len(rows)
-        width = (count if self.compiled is None else decode_width(count, len(self.caches[0].k)))
+        width = decode_width(count, len(self.caches[0].k))
+        width = width if width in self.compiled_widths else count
         last = torch.zeros(width, 1, dtype=torch.long, device=self.device)
         last[:count, 0] = torch.tensor([row.window[-1] for row in rows], device=self.device)
         positions = torch.zeros(width, 1, dtype=torch.long, device=self.device)
@@ -266,7 +269,7 @@ class Engine:
                                             device=self.device)
         views = [KVCache(cache.k[:width], cache.v[:width]) for cache in self.caches]
         forward = self.model
-        if self.compiled is not None:
+        if width in self.compiled_widths:
             forward = self.compiled
             for view in views:
                 torch._dynamo.mark_dynamic(view.k, 2)
@@ -275,9 +278,9 @@ class Engine:
 
     @torch.inference_mode()
     def warm_up(self, budget_seconds: float) -> list[int]:
-        """Compile the decode step for each batch width from 1 up while `budget_seconds` last
-        (a width not reached compiles when it is first needed); -> the widths compiled. Call
-        it before the first request."""
+        """Compile the decode step for width 1, then each wider one while `budget_seconds` last
+        (a width not reached runs eagerly); -> the widths compiled. Call it before the first
+        request."""
         if self.rows or self.waiting:
             raise ValueError("warm_up() replaces the cache: call it before the first request")
         widths, start = [], time.perf_counter()
@@ -285,8 +288,10 @@ class Engine:
         with autocast_context(self.device, self.precision):  # the cache dtype steps will use
             self.caches = self.model.new_caches(self._rows_allowed(positions), positions)
             for width in decode_widths(len(self.caches[0].k)):
-                if self.compiled is None or time.perf_counter() - start > budget_seconds:
+                if self.compiled is None or widths and (
+                        time.perf_counter() - start > budget_seconds):
                     break
+                self.compiled_widths.add(width)
                 self._next_logits([Request([0], 1, window=[0]) for _ in range(width)])
                 widths.append(width)
         self.caches = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -68,8 +69,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the decode step: seconds to compile once (less from "
                         "inductor's on-disk cache), then more tokens/s. Default: compile when "
-                        "--max-length x --num-samples (or x the prompts of --prompts) reaches "
-                        f"{COMPILE_FROM_TOKENS} tokens")
+                        f"--max-length x --num-samples reaches {COMPILE_FROM_TOKENS} tokens "
+                        "(with --prompts: only when asked, once per batch width)")
     parser.add_argument("--prompts", metavar="FILE",
                         help="generate for every prompt of FILE together: a prompt per line, or "
                         "a .jsonl file of {\"prompt\": text} or {\"messages\": [...]} lines; "
@@ -212,9 +213,10 @@ def generate_file(trained: TrainedModel, args: argparse.Namespace, records: list
             end_id = tokenizer.end_of_text_id
         requests.append(Request(ids[-context:], args.max_length, end_id, args.temperature,
                                 args.top_k, args.top_p, (seed + index) % MAX_SEED))
-    compile = args.compile if args.compile is not None else (
-        args.max_length * len(requests) >= COMPILE_FROM_TOKENS)
-    engine = Engine(trained.model, context, trained.precision, args.max_batch, compile=compile)
+    engine = Engine(trained.model, context, trained.precision, args.max_batch,
+                    compile=bool(args.compile))
+    if args.compile:
+        engine.warm_up(budget_seconds=math.inf)  # every width, before the first prompt
     with tqdm(total=len(requests), unit="prompt", desc="generating") as bar:
         for request in requests:
             engine.submit(request)

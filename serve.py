@@ -296,7 +296,7 @@ def main() -> None:
         start = time.perf_counter()
         widths = engine.warm_up(WARM_UP_SECONDS)
         print(f"compiled the decode step for {', '.join(map(str, widths))} rows at once in "
-              f"{time.perf_counter() - start:.0f} s (wider batches compile when first needed)",
+              f"{time.perf_counter() - start:.0f} s (wider batches run eagerly)",
               file=sys.stderr, flush=True)
     server = Server(trained, engine, name, args.api_key, args.max_queue,
                     allowed_hosts(args.host, args.allowed_hosts),

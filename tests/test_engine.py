@@ -98,6 +98,18 @@ def test_a_compiled_engine_gives_the_eager_tokens_and_compiles_only_at_warm_up()
         assert same >= 4 and request.tokens[:same] == solo.tokens[:same]
 
 
+
+def test_a_width_the_warm_up_did_not_reach_runs_eagerly_without_compiling():
+    model = make_decisive_model(num_kv_heads=2, max_seq_len=160)
+    engine = Engine(model, 160, max_batch=4, compile=True)
+    torch._dynamo.reset()
+    assert engine.warm_up(budget_seconds=0) == [1]  # width 1 always; the budget is spent
+    requests = [Request([3, 5, 7 + index], 12, temperature=0.0) for index in range(3)]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # widths 2 and 4: eager
+        run_with_partners(engine, requests, [], steps_between=0)
+    assert all(len(request.tokens) == 12 for request in requests)
+
+
 def test_seeded_rows_draw_their_own_samples_whatever_their_partners(trained):
     model, window = trained.model, trained.context_length
     ids = prompts(trained, ["JULIET:\nO Romeo"])[0]
