@@ -129,8 +129,7 @@ def bench_gguf(config: Config, ckpt_path: str) -> None:
                                    for window in windows]).float().numpy()
         for compiled in (False, True):
             rows[f"SLM generate{', compiled' if compiled else ''}"] = {"decode": max(
-                decode_tokens_per_sec(generate(trained.model, torch.tensor([prompt]), count,
-                                               context, temperature=0.0, compile=compiled))
+                slm_decode(trained, torch.tensor([prompt]), count, compiled)
                 for _ in range(RUNS))}
     print(f"{ckpt_path}: {trained.model.num_params():,} parameters, {context}-token window, "
           f"{threads} threads; logits over {len(logits['f32']):,} validation positions")

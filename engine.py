@@ -283,13 +283,14 @@ class Engine:
         request."""
         if self.rows or self.waiting:
             raise ValueError("warm_up() replaces the cache: call it before the first request")
+        if self.compiled is None:
+            return []
         widths, start = [], time.perf_counter()
         positions = min(MIN_CACHE_POSITIONS, self.context_length)
         with autocast_context(self.device, self.precision):  # the cache dtype steps will use
             self.caches = self.model.new_caches(self._rows_allowed(positions), positions)
             for width in decode_widths(len(self.caches[0].k)):
-                if self.compiled is None or widths and (
-                        time.perf_counter() - start > budget_seconds):
+                if widths and time.perf_counter() - start > budget_seconds:
                     break
                 self.compiled_widths.add(width)
                 self._next_logits([Request([0], 1, window=[0]) for _ in range(width)])
