@@ -6,6 +6,8 @@ written crash-safely by files.py; snapshots.py writes and resumes snapshots.
 A best checkpoint is {"model", "config", "tokenizer", "chat", "step", "run_id", "val_loss",
 "val_bpb"}. "tokenizer" is the fingerprint of the tokenizer the weights were trained with,
 "chat" the chat template and special tokens (chat.ChatFormat), "run_id" the run that wrote it.
+A LoRA run's "model" holds its adapters only, and "base" {"path", "absolute", "fingerprint"}
+names the frozen base they apply to: loading one merges them into a copy of the base.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 from bpe import BPETokenizer, load_tokenizer
 from chat import stored_chat_format
 from files import atomic_write, check_writable
-from hf import load_hf_directory
+from hf import load_hf_directory, read_peft_settings
+from lora import adapter_weights, fingerprint, is_adapter, merged
 from model import Transformer
 from runtime import pick_device, setup_precision
 from utils import (Config, ModelConfig, TrainingConfig, UserError, config_to_dict, load_config,
@@ -36,11 +39,12 @@ def is_sharded_snapshot(path: str) -> bool:
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
-                    weights: bool = True) -> dict:
+                    weights: bool = True, merge_adapter: bool = True) -> dict:
     """What `path` holds, as a checkpoint dict with "config" and, if `weights`, "model": a
     Hugging Face Llama directory (read by hf.py, in fp32), else an SLM checkpoint or snapshot
     file, read with weights_only=True (tensors and plain containers, never code). Without
-    `weights`, no weight is read into memory."""
+    `weights`, no weight is read into memory. A LoRA checkpoint's "model" is its adapter merged
+    into its base, unless not `merge_adapter`."""
     require(not is_sharded_snapshot(path), f"{path} is a sharded "
             "training snapshot (an FSDP run's) — use the run's best checkpoint "
             "(training.checkpoint_path), one file, or resume training from the snapshot")
@@ -57,15 +61,48 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
                         "corrupt, truncated or not an SLM checkpoint; use another one") from None
     require(isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint,
             f"'{path}' is not an SLM checkpoint (no weights and config) — pass one from train.py")
+    if weights and merge_adapter and "base" in checkpoint:
+        return {**checkpoint, "model": merged_into_base(checkpoint, path)}
     return checkpoint
 
 
-def model_record(weights: dict[str, torch.Tensor], config: Config,
-                 tokenizer: BPETokenizer) -> dict:
-    """What every checkpoint holds: the weights, the config, the tokenizer's fingerprint and
-    the chat format (template and special tokens) conversations are rendered with."""
+def base_reference(path: str, base_fingerprint: str) -> dict:
+    """What a LoRA checkpoint records of its base: where it is, and its weights' fingerprint."""
+    return {"path": path, "absolute": os.path.abspath(path), "fingerprint": base_fingerprint}
+
+
+def load_base(checkpoint: dict, source: str) -> dict:
+    """The base of LoRA checkpoint `source`, as a checkpoint dict whose weights are checked
+    against the fingerprint `source` recorded. Its path is tried as written, then absolute."""
+    base = checkpoint["base"]
+    found = [path for path in (base["path"], base["absolute"]) if os.path.exists(path)]
+    require(bool(found), f"{source} is a LoRA adapter over {base['path']}, which is missing — "
+            "put that base model back (the adapter holds only the change to it)")
+    loaded = load_checkpoint(found[0])
+    tied = stored_config(checkpoint["config"], source).model.tie_embeddings
+    require(fingerprint(loaded["model"], tied) == base["fingerprint"], f"{found[0]} has changed "
+            f"since the LoRA adapter {source} was trained over it (its weights differ) — "
+            "restore the base it was trained on")
+    return loaded
+
+
+def merged_into_base(checkpoint: dict, source: str) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's weights: its adapter merged into its (checked) base's."""
+    scale = stored_config(checkpoint["config"], source).training.lora_scale
+    return merged(load_base(checkpoint, source)["model"], adapter_weights(checkpoint["model"]),
+                  scale)
+
+
+def model_record(weights: dict[str, torch.Tensor], config: Config, tokenizer: BPETokenizer,
+                 base_fingerprint: str = "") -> dict:
+    """What every checkpoint holds: the weights (a LoRA run's: its adapters), the config, the
+    tokenizer's fingerprint and the chat format (template and special tokens) conversations
+    are rendered with; a LoRA run's also its base (base_reference)."""
+    t = config.training
+    base = {"base": base_reference(t.init_from, base_fingerprint)} if t.lora_rank else {}
     return {"model": weights, "config": config_to_dict(config),
-            "tokenizer": tokenizer.fingerprint, "chat": dataclasses.asdict(tokenizer.chat)}
+            "tokenizer": tokenizer.fingerprint, "chat": dataclasses.asdict(tokenizer.chat),
+            **base}
 
 
 def save_checkpoint(contents: dict, path: str) -> None:
@@ -121,8 +158,12 @@ def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
         raise UserError(f"{source} was trained with a different model ({', '.join(differences)},"
                         " checkpoint vs config) — use the config it was trained with or start a "
                         "new run elsewhere")
-    try:
-        model.load_state_dict(checkpoint["model"])
+    state = checkpoint["model"]
+    adapter_only = "base" in checkpoint and all(is_adapter(name) for name in state)
+    try:  # a LoRA run's own save holds its adapters, which must fit the model's exactly
+        missing = model.load_state_dict(state, strict=not adapter_only).missing_keys
+        if any(is_adapter(name) for name in missing):
+            raise RuntimeError(f"missing adapter weights {missing[0]}, ...")
     except (RuntimeError, KeyError, TypeError) as err:
         raise UserError(f"{source} does not fit the model ({str(err).splitlines()[0][:160]}) — "
                         "the checkpoint is damaged or from another program") from None
@@ -197,4 +238,20 @@ def adopt_pretrained(config: Config, cli_keys: Collection[str],
               f"{model.vocab_size}) and tokenizer {stored.data.tokenizer_path} come from "
               f"{path}, replacing the config's", flush=True)
     data = dataclasses.replace(config.data, tokenizer_path=stored.data.tokenizer_path)
-    return Config(model=model, data=data, training=config.training), source
+    training = adopt_adapter(config.training) if config.training.init_adapter else config.training
+    return Config(model=model, data=data, training=training), source
+
+
+def adopt_adapter(t: TrainingConfig) -> TrainingConfig:
+    """training.init_adapter's rank, alpha and targets in place of the config's; a value the
+    config sets otherwise (not its default) is refused. Dropout stays a training choice."""
+    adapter = read_peft_settings(t.init_adapter)
+    defaults = TrainingConfig()
+    for key in ("lora_rank", "lora_alpha", "lora_targets"):
+        mine, default, theirs = getattr(t, key), getattr(defaults, key), adapter[key]
+        same = set(mine) == set(theirs) if key == "lora_targets" else mine == theirs
+        require(same or mine == default, f"training.{key}={mine!r} contradicts the adapter "
+                f"{t.init_adapter}, whose value is {theirs!r} — drop it: training.init_adapter "
+                "sets the rank, alpha and targets")
+    return dataclasses.replace(t, **{key: adapter[key] for key in ("lora_rank", "lora_alpha",
+                                                                   "lora_targets")})

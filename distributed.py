@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bpe import BPETokenizer
 from data import TokenWindows, prepare_data
+from lora import attach
 from model import Block, Transformer, meta_model
 from utils import Config, TrainingConfig, UserError
 
@@ -148,14 +149,17 @@ def wrap_model(model: Transformer, t: TrainingConfig) -> Transformer | Distribut
     return DistributedDataParallel(model, broadcast_buffers=False)
 
 
-def shard_model_across_ranks(model: Transformer, device: torch.device,
-                             precision: str) -> Transformer:
+def shard_model_across_ranks(model: Transformer, device: torch.device, precision: str,
+                             t: TrainingConfig) -> Transformer:
     """FSDP2: a model whose every block is one unit and the rest (the embedding, tied to the
     head, and the final norm) one more, each rank holding a 1/N shard of each parameter, filled
     with rank 0's `model` (the other ranks' may be on the meta device). It is built on the meta
     device, so no rank allocates a whole copy. With bf16 on CUDA the units compute in bf16 and
-    reduce gradients in fp32; their outputs (the residual stream) stay fp32."""
+    reduce gradients in fp32; their outputs (the residual stream) stay fp32. A LoRA run's
+    adapters are sharded with their blocks, beside the frozen base's shards."""
     sharded = meta_model(model.config)
+    if t.lora_rank:
+        attach(sharded, t)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                  output_dtype=torch.float32) if (
@@ -172,13 +176,30 @@ def shard_model_across_ranks(model: Transformer, device: torch.device,
     return sharded
 
 
+def trained_names(model: Transformer) -> set[str]:
+    """The state dict's names of trained parameters: all of a full run's, a LoRA run's adapters
+    (a tied head is frozen with its embedding)."""
+    return {name for name, param in model.named_parameters(remove_duplicate=False)
+            if param.requires_grad}
+
+
+def trained_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """The state dict's trained tensors (trained_names); under FSDP this rank's shards."""
+    return only_trained(model, model.state_dict())
+
+
+def only_trained(model: Transformer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = trained_names(model)
+    return {name: tensor for name, tensor in state.items() if name in names}
+
+
 def full_weights_across_ranks(model: Transformer) -> dict[str, torch.Tensor]:
-    """The whole state dict, on rank 0's host; gathered from the shards under FSDP (the other
-    ranks get an empty dict)."""
+    """The trained weights whole (trained_weights), on rank 0's host; gathered from the shards
+    under FSDP (the other ranks get an empty dict)."""
     if not isinstance(model, FSDPModule):
-        return model.state_dict()
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+        return trained_weights(model)
+    return only_trained(model, get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)))
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool) -> ContextManager:

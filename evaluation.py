@@ -85,9 +85,9 @@ def evaluate_and_keep_best_across_ranks(
         state.best_val_loss, state.best_val_bpb = val_loss, val_bpb
     weights = full_weights_across_ranks(model) if improved else {}  # all ranks, as val_loss
     if improved and is_rank_0():
-        save_checkpoint({**model_record(weights, config, tokenizer), "step": state.step,
-                         "run_id": state.run_id, "val_loss": val_loss, "val_bpb": val_bpb},
-                        t.checkpoint_path)
+        record = model_record(weights, config, tokenizer, state.base_fingerprint)
+        save_checkpoint({**record, "step": state.step, "run_id": state.run_id,
+                         "val_loss": val_loss, "val_bpb": val_bpb}, t.checkpoint_path)
     text = sample(model, tokenizer, config, precision, conversations) if t.sample_tokens else None
     scalars = {"2_val/loss": val_loss, "2_val/bpb": val_bpb,
                "2_val/best_loss": state.best_val_loss, "2_val/best_bpb": state.best_val_bpb,

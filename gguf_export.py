@@ -195,6 +195,34 @@ def write_gguf(out_path: str, state: dict[str, torch.Tensor], config: Config,
     writer.add_chat_template(chat.template)
     for tensor_name, (array, tensor_type) in gguf_tensors(state, config, dtype).items():
         writer.add_tensor(tensor_name, array, raw_dtype=tensor_type)
+    write_atomically(writer, out_path)
+
+
+def write_gguf_lora(out_path: str, adapter: dict[str, torch.Tensor], config: Config) -> None:
+    """Write a LoRA adapter (lora.py's tensors) as llama.cpp's LoRA GGUF at `out_path`, which
+    llama.cpp applies over a GGUF of its base (`--lora`): each adapted weight's A and B, in f32,
+    under the weight's name plus `.lora_a` / `.lora_b`, in PEFT's shapes; B's rows of q and k
+    interleaved as the base's are, since (P B) A = P (B A). Crash-safe, as write_gguf."""
+    model, t = config.model, config.training
+    writer = gguf.GGUFWriter(None, "llama")  # llama.cpp refuses an adapter of another architecture
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, t.lora_alpha or 2.0 * t.lora_rank)
+    for name, tensor in adapter.items():  # layers.3.self_attn.q_proj.lora_A.weight
+        linear, part = name.removesuffix(".weight").rsplit(".", 1)
+        _, layer, module = linear.split(".", 2)
+        heads = {"self_attn.q_proj": model.num_heads, "self_attn.k_proj": model.num_kv_heads}
+        if part == "lora_B" and module in heads:
+            tensor = interleave_rope_rows(tensor, heads[module])
+        suffix = "lora_a" if part == "lora_A" else "lora_b"
+        writer.add_tensor(f"blk.{layer}.{LAYER_NAMES[module]}.weight.{suffix}",
+                          tensor.detach().float().contiguous().numpy(), raw_dtype=Q.F32)
+    write_atomically(writer, out_path)
+
+
+def write_atomically(writer: gguf.GGUFWriter, out_path: str) -> None:
+    """The writer's header, metadata and tensors into `out_path` crash-safely: a failure leaves
+    any earlier file there as it was."""
 
     def write(file: BinaryIO) -> None:  # gguf opens a path itself unless given its open files
         writer.fout, writer.state = [file], gguf.WriterState.EMPTY

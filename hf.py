@@ -1,6 +1,7 @@
 """Hugging Face Llama directories, both ways: SLM weights written as a `LlamaForCausalLM`
 directory (export.py), and any supported Llama directory read back as SLM's config and weights
-(infer.py, and train.py's `training.init_from`).
+(infer.py, and train.py's `training.init_from`). PEFT LoRA adapter directories, both ways too
+(export.py --format peft, and `training.init_adapter`).
 
 model.py is Llama module for module (rotate-half RoPE, RMSNorm in fp32, SwiGLU, repeat_kv-order
 GQA), so the weights only change names: LlamaForCausalLM keeps the decoder under `model.` and the
@@ -24,8 +25,8 @@ from tokenizers import Tokenizer
 from bpe import tokenizer_fingerprint
 from chat import ChatFormat
 from files import check_writable
-from utils import (Config, DataConfig, ModelConfig, UserError, config_to_dict, require,
-                   stored_config)
+from utils import (LORA_TARGETS, Config, DataConfig, ModelConfig, TrainingConfig, UserError,
+                   config_to_dict, require, stored_config)
 
 HF_PREFIX = "model."
 HEAD = "lm_head.weight"
@@ -34,6 +35,8 @@ SHADOWS = (WEIGHTS_INDEX, "chat_template.jinja", "generation_config.json")  # an
 # a source's files that a reader would take over the new export's (with the index's shards)
 DERIVED_BUFFER = "rotary_emb.inv_freq"  # older Llama files store it; RoPE recomputes it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+PEFT_PREFIX = "base_model.model." + HF_PREFIX  # PeftModel's path to LlamaForCausalLM's decoder
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HF_NUMBERS = {**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "head_dim",
                                "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                "max_position_embeddings"), int),
@@ -248,3 +251,59 @@ def load_hf_directory(directory: str, weights: bool = True) -> dict:
     return {**({"model": state} if weights else {}), "config": config_to_dict(config),
             "tokenizer": tokenizer_fingerprint(json.loads(tokenizer.to_str())),
             "directory": directory}
+
+
+def peft_adapter_contents(adapter: dict[str, torch.Tensor], t: TrainingConfig,
+                          base: str) -> dict[str, bytes]:
+    """The files of a PEFT LoRA adapter directory over the base at `base`: the adapter's
+    tensors under PeftModel's names, and its adapter_config.json."""
+    tensors = {PEFT_PREFIX + name: tensor.contiguous() for name, tensor in adapter.items()}
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": t.lora_rank, "lora_alpha": t.lora_alpha or 2 * t.lora_rank,
+        "lora_dropout": t.lora_dropout, "target_modules": sorted(t.lora_targets),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+    return {ADAPTER_CONFIG: (json.dumps(adapter_config, indent=2) + "\n").encode(),
+            ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"})}
+
+
+def read_peft_settings(directory: str) -> dict[str, Any]:
+    """A PEFT LoRA adapter directory's settings, as training's keys {"lora_rank", "lora_alpha",
+    "lora_dropout", "lora_targets"}; an adapter SLM cannot train on is refused by name."""
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    require(os.path.isfile(path) and os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS)),
+            f"training.init_adapter {directory} is not a PEFT adapter directory (no "
+            f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}) — point it at one, e.g. written by "
+            "python export.py --format peft")
+    peft = _read_json(path)
+    require(isinstance(peft, dict), f"{path} is damaged (not a JSON object) — fetch it again")
+    targets = peft.get("target_modules")
+    unsupported = {"peft_type": (peft.get("peft_type"), "LORA"), "bias": (peft.get("bias"), "none"),
+                   "use_rslora": (peft.get("use_rslora", False), False),
+                   "use_dora": (peft.get("use_dora", False), False),
+                   "modules_to_save": (peft.get("modules_to_save") or None, None),
+                   "layers_to_transform": (peft.get("layers_to_transform"), None),
+                   "rank_pattern": (peft.get("rank_pattern") or {}, {}),
+                   "alpha_pattern": (peft.get("alpha_pattern") or {}, {}),
+                   "target_modules": (isinstance(targets, list) and bool(targets)
+                                      and set(targets) <= set(LORA_TARGETS), True)}
+    for name, (value, supported) in unsupported.items():
+        require(value == supported, f"{path}: {name}={peft.get(name)!r} is an adapter SLM's LoRA "
+                f"cannot train (it needs {supported!r}; targets among {', '.join(LORA_TARGETS)})"
+                " — use a plain LoRA adapter of a Llama model")
+    return {"lora_rank": peft.get("r"), "lora_alpha": peft.get("lora_alpha"),
+            "lora_dropout": peft.get("lora_dropout", 0.0), "lora_targets": sorted(targets)}
+
+
+def read_peft_weights(directory: str) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA adapter directory's tensors, by model.py's names."""
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # safetensors has its own error type for bad headers, short files
+        raise UserError(f"cannot read {path} ({str(err)[:120]}) — fetch or export it again"
+                        ) from None
+    return {name.removeprefix(PEFT_PREFIX).replace(".default.", "."): tensor.float()
+            for name, tensor in tensors.items()}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from data import IGNORE_INDEX
+from lora import attach, count
 from model import Transformer, meta_model
 from runtime import autocast_context, memory_per_process, sync
 from utils import Config, TrainingConfig, require
@@ -22,13 +23,14 @@ FUSED_ADAMW = ("cuda", "cpu")  # device types where fused AdamW beats foreach, a
 
 def configure_optimizers(model: Transformer, t: TrainingConfig, device: torch.device,
                          newton_schulz_dtype: str) -> list[torch.optim.Optimizer]:
-    """AdamW on every parameter; or, with training.optimizer=muon, Muon on the blocks' weight
-    matrices (q/k/v/o, gate/up/down), orthogonalising in `newton_schulz_dtype`, and AdamW on the
-    rest (embedding, head, norms). Weight decay applies to matrices only. Muon's update is
-    scaled to AdamW's RMS, so one learning rate and one schedule serve both."""
+    """AdamW on every trained parameter (a LoRA run's: its adapters); or, with
+    training.optimizer=muon, Muon on the blocks' trained weight matrices (q/k/v/o, gate/up/down,
+    or their adapters' A and B), orthogonalising in `newton_schulz_dtype`, and AdamW on the rest
+    (embedding, head, norms). Weight decay applies to matrices only. Muon's update is scaled to
+    AdamW's RMS, so one learning rate and one schedule serve both."""
     muon = muon_matrices(model, t)
     muon_ids = {id(p) for p in muon}
-    rest = [p for p in model.parameters() if id(p) not in muon_ids]
+    rest = [p for p in model.parameters() if id(p) not in muon_ids and p.requires_grad]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     optimizers = [torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95),
@@ -40,20 +42,29 @@ def configure_optimizers(model: Transformer, t: TrainingConfig, device: torch.de
 
 
 def muon_matrices(model: Transformer, t: TrainingConfig) -> list[torch.nn.Parameter]:
-    """The parameters Muon updates: the blocks' weight matrices (none under AdamW)."""
-    return ([p for layer in model.layers for p in layer.parameters() if p.dim() == 2]
-            if t.optimizer == "muon" else [])
+    """The parameters Muon updates: the blocks' trained weight matrices (none under AdamW)."""
+    return ([p for layer in model.layers for p in layer.parameters()
+             if p.dim() == 2 and p.requires_grad] if t.optimizer == "muon" else [])
+
+
+def training_model(config: Config) -> Transformer:
+    """The model a run trains, on the meta device: with its adapters under LoRA."""
+    model = meta_model(config.model)
+    if config.training.lora_rank:
+        attach(model, config.training)
+    return model
 
 
 def training_bytes_per_rank(config: Config, world_size: int) -> int:
-    """Bytes one rank holds of fp32 weights, their gradients and the optimizer state (AdamW's
-    two moments, Muon's one momentum), counted on the meta device: all of it under DDP, a
-    1/world_size shard of each under FSDP. Activations are not counted: they scale with the
-    batch, and activation checkpointing cuts them."""
-    model = meta_model(config.model)
-    params = model.num_params()
+    """Bytes one rank holds of fp32 weights, the trained ones' gradients and the optimizer state
+    (AdamW's two moments, Muon's one momentum), counted on the meta device: all of it under DDP,
+    a 1/world_size shard of each under FSDP. A LoRA run trains its adapters only; its frozen
+    base is counted in fp32 (in a bf16 run it is kept in bf16, half of that). Activations are
+    not counted: they scale with the batch, and activation checkpointing cuts them."""
+    model = training_model(config)
+    trained, frozen = count(model)
     muon = sum(p.numel() for p in muon_matrices(model, config.training))
-    floats_per_model = 2 * params + 2 * (params - muon) + muon
+    floats_per_model = frozen + 2 * trained + 2 * (trained - muon) + muon
     shards = world_size if config.training.parallelism == "fsdp" else 1
     return 4 * math.ceil(floats_per_model / shards)
 
@@ -67,10 +78,12 @@ def check_training_fits(config: Config, device: torch.device, world_size: int) -
     more_ranks = ("launch more processes" if t.parallelism == "fsdp" else
                   "set training.parallelism=fsdp to shard it over the processes")
     cheaper = ", set training.optimizer=muon (one moment per matrix)" * (t.optimizer == "adamw")
+    lora = "" if t.lora_rank else ", train LoRA adapters (training.lora_rank=8)" * bool(t.init_from)
+    state = "frozen base, adapters' gradients" if t.lora_rank else "fp32 weights, gradients"
     require(need <= have, f"training this model takes {need / 2**30:,.1f} GiB per process "
-            f"(fp32 weights, gradients and {t.optimizer} state, before activations), more than "
-            f"the {have / 2**30:,.1f} GiB each process has of {where} — {more_ranks}{cheaper}, "
-            "or lower embed_dim, ff_dim, num_layers or vocab_size")
+            f"({state} and {t.optimizer} state, before activations), more than "
+            f"the {have / 2**30:,.1f} GiB each process has of {where} — {more_ranks}{cheaper}"
+            f"{lora}, or lower embed_dim, ff_dim, num_layers or vocab_size")
 
 
 NEWTON_SCHULZ_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -66,21 +66,25 @@ def keep_freed_memory() -> None:
         mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: free heap top kept up to this size
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def use_compile(setting: Literal["auto", True, False], device: torch.device) -> bool:
     """torch.compile by default on CUDA only: on a CPU its compile time eats a short run's gain."""
     return setting is True or (setting == "auto" and device.type == "cuda")
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    dtype = PRECISION_DTYPES[precision]
+    return (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else
+            contextlib.nullcontext())
 
 
 def measure_peak_flops(device: torch.device, precision: str, seconds: float = 0.5,
                        windows: int = 5) -> float:
     """Matmul FLOP/s this device reaches, the denominator of MFU: the best of `windows` timings,
     since a neighbour's burst on a shared machine can lower a window but never raise one."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = PRECISION_DTYPES[precision]
     n = 8192 if device.type == "cuda" else 1024  # big enough that a GPU's launch overhead is noise
     generator = torch.Generator(device=device).manual_seed(0)  # the training RNG stream stays
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))

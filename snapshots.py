@@ -12,7 +12,6 @@ last training.keep_snapshots saves and checks one before it is resumed.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -23,24 +22,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
-                                                     get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
 from bpe import BPETokenizer
 from checkpoints import (SHARDED_LATEST, check_best_checkpoint, load_checkpoint, load_weights,
-                         save_checkpoint)
+                         model_record, save_checkpoint)
 from data import TokenWindows, corpus_fingerprint
 from distributed import (all_gather_objects, broadcast_rank_0s, is_rank_0,
-                         require_same_on_all_ranks)
+                         require_same_on_all_ranks, trained_weights)
 from files import atomic_write
 from model import Transformer
 from saves import (RUN_RECORD, START_OVER, find_snapshot_across_ranks, remove_old_saves,
                    read_latest, save_file, save_name, snapshot_record,
                    write_manifest_across_ranks)
-from utils import Config, TrainingConfig, UserError, config_to_dict, require
+from utils import Config, TrainingConfig, UserError, require
 
 SNAPSHOT_KEYS = ("progress", "optimizer", "batch_plan")
 RESHARDABLE = ("processes", "data.batch_size", "training.grad_accum_steps")  # global batch kept
@@ -57,6 +55,7 @@ class RunState:
     train_seconds: float = 0.0       # wall clock of the loop, over every process that resumed it
     best_val_loss: float = math.inf  # nats per token
     best_val_bpb: float = math.inf   # bits per UTF-8 byte
+    base_fingerprint: str = ""       # a LoRA run's frozen base (lora.fingerprint), kept checked
 
 
 def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict:
@@ -69,6 +68,8 @@ def batch_plan(config: Config, train_set: TokenWindows, world_size: int) -> dict
             "training.grad_accum_steps": t.grad_accum_steps,
             "data.context_length": d.context_length, "data.val_split": d.val_split,
             "training.seed": t.seed, "training.optimizer": t.optimizer,
+            "training.lora_rank": t.lora_rank,
+            "training.lora_targets": sorted(t.lora_targets) if t.lora_rank else [],
             "corpus": corpus_fingerprint(train_set.tokens, train_set.mask)}
 
 
@@ -109,15 +110,15 @@ def save_snapshot_across_ranks(path: str, model: Transformer,
     returns once the snapshot is in place and the saves beyond training.keep_snapshots are gone."""
     rng = {"torch": torch.get_rng_state(),
            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    record = {"config": config_to_dict(config), "tokenizer": tokenizer.fingerprint,
-              "chat": dataclasses.asdict(tokenizer.chat),
+    record = {**model_record({}, config, tokenizer, progress["base_fingerprint"]),
               "scaler": scaler.state_dict(), "precision": precision, "progress": progress,
               "batch_plan": plan, "rng": all_gather_objects(rng)}
     keep = config.training.keep_snapshots
     if isinstance(model, FSDPModule):
+        del record["model"]
         save_shards(path, model, optimizers, record, keep)
     elif is_rank_0():
-        save_file(path, {**record, "model": model.state_dict(),
+        save_file(path, {**record, "model": trained_weights(model),
                          "optimizer": [optimizer.state_dict() for optimizer in optimizers]}, keep)
     if dist.is_initialized():
         dist.barrier()
@@ -160,13 +161,18 @@ def find_resume_point(t: TrainingConfig) -> tuple[str | None, str | None, str]:
     return save, precision, run_id
 
 
-def resume_or_start(t: TrainingConfig, save: str | None, run_id: str, model: Transformer,
-                    optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
-                    device: torch.device, plan: dict) -> RunState:
-    """The run's state: restored from `save`, or a fresh one."""
+def resume_or_start(t: TrainingConfig, save: str | None, run_id: str, base_fingerprint: str,
+                    model: Transformer, optimizers: list[torch.optim.Optimizer],
+                    scaler: torch.amp.GradScaler, device: torch.device, plan: dict) -> RunState:
+    """The run's state: restored from `save`, or a fresh one. A LoRA run's base must be the
+    one its snapshot was trained over (`base_fingerprint`)."""
     if not save:
-        return RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"), run_id=run_id)
+        return RunState(run_name=t.run_name or time.strftime("%Y%m%d-%H%M%S"), run_id=run_id,
+                        base_fingerprint=base_fingerprint)
     state = RunState(**load_snapshot(save, model, optimizers, scaler, device, plan))
+    require(state.base_fingerprint == base_fingerprint, f"training.init_from {t.init_from} "
+            f"has changed since {t.snapshot_path} was saved over it (the frozen base's weights "
+            f"differ) — restore the base the run started from, or {START_OVER}")
     if is_rank_0():
         print(f"resuming from {t.snapshot_path}: step {state.step}, epoch {state.epoch}, "
               f"batch {state.batch_in_epoch} of that epoch", flush=True)
@@ -174,7 +180,9 @@ def resume_or_start(t: TrainingConfig, save: str | None, run_id: str, model: Tra
 
 
 def sharded_state(model: Transformer, optimizers: list[torch.optim.Optimizer]) -> dict:
-    return {"model": get_model_state_dict(model),
+    """What a sharded save holds: the trained weights' shards (a LoRA run's adapters) and the
+    optimizer's."""
+    return {"model": trained_weights(model),
             "optimizer": get_optimizer_state_dict(model, optimizers)}
 
 
@@ -188,7 +196,8 @@ def load_snapshot(save: str, model: Transformer, optimizers: list[torch.optim.Op
     require(sharded == os.path.isdir(save), f"{save} is a "
             f"{'single-file' if sharded else 'sharded (FSDP)'} snapshot — resume it with "
             f"training.parallelism={'ddp' if sharded else 'fsdp'}, or {START_OVER}")
-    snapshot = snapshot_record(save) if sharded else load_checkpoint(save, device)
+    snapshot = (snapshot_record(save) if sharded else
+                load_checkpoint(save, device, merge_adapter=False))
     require(all(key in snapshot for key in SNAPSHOT_KEYS if key != "optimizer" or not sharded),
             f"{save} is not a training snapshot (a best-model checkpoint, or from an older SLM) "
             f"— point training.snapshot_path at a snapshot, or {START_OVER}")
@@ -196,7 +205,8 @@ def load_snapshot(save: str, model: Transformer, optimizers: list[torch.optim.Op
     if sharded:
         state = sharded_state(model, optimizers)
         dcp.load(state, checkpoint_id=save)
-        set_model_state_dict(model, state["model"])
+        frozen = any(not param.requires_grad for param in model.parameters())
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not frozen))
         set_optimizer_state_dict(model, optimizers, state["optimizer"])
     else:
         load_weights(model, snapshot, save)
@@ -217,7 +227,8 @@ def load_snapshot(save: str, model: Transformer, optimizers: list[torch.optim.Op
 def resumable_plan(saved: dict, plan: dict, path: str) -> dict:
     """The snapshot's batch plan, with what an older one lacks filled in, if this run can go
     on from it; else one error line naming the first difference and its fix."""
-    saved = {**saved, "global_batch": saved.get("global_batch", saved["data.batch_size"]
+    saved = {"training.lora_rank": 0, "training.lora_targets": [], **saved,
+             "global_batch": saved.get("global_batch", saved["data.batch_size"]
                                                 * saved["training.grad_accum_steps"]
                                                 * saved["processes"])}
     changed = [(key, saved.get(key), now) for key, now in plan.items()

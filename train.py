@@ -29,15 +29,18 @@ from checkpoints import (adopt_pretrained, check_outputs, check_tokenizer, load_
                          load_weights)
 from data import IGNORE_INDEX, TokenWindows, epoch_loader, epoch_order
 from distributed import (agree_across_ranks, all_reduce, all_reduce_on_host, broadcast_rank_0s,
-                         gradient_sync, prepare_data_once_per_node, shard_model_across_ranks,
-                         wrap_model)
+                         gradient_sync, is_rank_0, prepare_data_once_per_node,
+                         shard_model_across_ranks, wrap_model)
 from evaluation import evaluate_and_keep_best_across_ranks, fixed_val_batches
 from files import claimed
+from hf import read_peft_weights
+from lora import attach, count, fingerprint, store_frozen_in
 from model import Transformer, meta_model
 from optim import (check_training_fits, configure_optimizers, forward_backward, lr_at,
                    optimizer_step, skip_update, step_seconds)
-from runtime import (decide_cpu_precision, decide_newton_schulz_dtype, keep_freed_memory,
-                     measure_peak_flops, pick_device, read_later, setup_precision, use_compile)
+from runtime import (PRECISION_DTYPES, decide_cpu_precision, decide_newton_schulz_dtype,
+                     keep_freed_memory, measure_peak_flops, pick_device, read_later,
+                     setup_precision, use_compile)
 from saves import START_OVER
 from snapshots import (RunState, batch_plan, find_resume_point, resume_or_start,
                        save_snapshot_across_ranks)
@@ -75,6 +78,7 @@ def train_holding(config: Config, device: torch.device, cli_keys: Collection[str
             "training.parallelism=ddp")
     broadcast_rank_0s(lambda: claim_outputs(t, held))  # before anything reads them
     config, source = adopt_pretrained(config, cli_keys, is_main)
+    t = config.training  # init_adapter's rank, alpha and targets
     if is_main:
         print(format_config(config), flush=True)
     tasks = load_tasks(t.eval_tasks)
@@ -83,6 +87,9 @@ def train_holding(config: Config, device: torch.device, cli_keys: Collection[str
     broadcast_rank_0s(lambda: check_training_fits(config, device, world_size))
     tokenizer, train_set, val_set = prepare_data_once_per_node(config)
     model = build_model(config, device, rank)
+    if source and (not save or t.lora_rank):  # a snapshot wins, but for a LoRA run's frozen base
+        load_pretrained(config, model, tokenizer, source)
+    base_fingerprint = attach_adapters(config, model, save) if t.lora_rank else ""
     peak_flops = functools.cache(functools.partial(measure_peak_flops, device))  # FLOP/s by dtype
     newton_schulz = choose_newton_schulz_dtype(t, device, peak_flops)
     precision = choose_precision(config, device, model, peak_flops, newton_schulz,
@@ -90,14 +97,15 @@ def train_holding(config: Config, device: torch.device, cli_keys: Collection[str
     require(t.parallelism == "ddp" or precision != "fp16", "training.parallelism=fsdp does not "
             "train in fp16: the GradScaler would look for inf in each rank's shard alone — use "
             "training.precision=bf16 or fp32")
-    if source and not save:  # a snapshot wins: init_from's weights are never read
-        load_pretrained(config, model, tokenizer, source)
     if t.parallelism == "fsdp":
-        model = shard_model_across_ranks(model, device, precision)
+        model = shard_model_across_ranks(model, device, precision, t)
+    elif t.lora_rank and precision in ("bf16", "fp16"):
+        store_frozen_in(model, PRECISION_DTYPES[precision])
     optimizers = configure_optimizers(model, t, device, newton_schulz)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     plan = batch_plan(config, train_set, world_size)
-    state = resume_or_start(t, save, run_id, model, optimizers, scaler, device, plan)
+    state = resume_or_start(t, save, run_id, base_fingerprint, model, optimizers, scaler, device,
+                            plan)
     wrapped = wrap_model(model, t)  # DDP, activation checkpointing
     train_model = torch.compile(wrapped) if use_compile(t.compile, device) else wrapped
     per_epoch, total_steps, length = run_length(config, len(train_set) // world_size)
@@ -236,6 +244,26 @@ def build_model(config: Config, device: torch.device, rank: int) -> Transformer:
         model = Transformer(config.model).to(device)
     torch.manual_seed(config.training.seed + rank)
     return model
+
+
+def attach_adapters(config: Config, model: Transformer, save: str | None) -> str:
+    """A LoRA run's adapters beside its frozen base (training.init_adapter's weights in them,
+    unless a snapshot will restore them); returns the base's fingerprint, rank 0's (under FSDP
+    only rank 0 holds weights). The adapters and the memory they take are said once."""
+    t, is_main = config.training, is_rank_0()
+    base = broadcast_rank_0s(lambda: fingerprint(model.state_dict(), config.model.tie_embeddings))
+    attach(model, t)
+    if t.init_adapter and not save and model.embed_tokens.weight.device.type != "meta":
+        load_weights(model, {"model": read_peft_weights(t.init_adapter), "base": {},
+                             "config": config_to_dict(config)}, t.init_adapter)
+    trained, frozen = count(model)
+    if is_main:
+        print(f"LoRA: rank {t.lora_rank}, alpha {t.lora_alpha or 2 * t.lora_rank:g} on "
+              f"{', '.join(t.lora_targets)}: {trained:,} trained parameters, "
+              f"{100 * trained / (trained + frozen):.2f}% of {trained + frozen:,}; the base "
+              f"{t.init_from} (fingerprint {base}) frozen"
+              + (f"; adapter from {t.init_adapter}" if t.init_adapter else ""), flush=True)
+    return base
 
 
 def choose_newton_schulz_dtype(t: TrainingConfig, device: torch.device,

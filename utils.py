@@ -115,6 +115,7 @@ def within(default: float, low: float, high: float, open_low: bool = False,
 
 MAX_COUNT = 2**31 - 1  # counts, steps and sizes stay int32: every tensor index and op takes them
 MAX_SEED = 2**63 - 1   # torch seeds are 64-bit; seed + epoch and seed + rank must still fit
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class Section:
@@ -199,6 +200,11 @@ class TrainingConfig(Section):
     snapshot_path: str = "checkpoints/snapshot.pth"
     logdir: str = "runs"
     init_from: str = ""          # a Hugging Face Llama directory or SLM checkpoint to fine-tune
+    lora_rank: int = within(0, 0, 1 << 16)  # > 0: train rank-r adapters (lora.py), base frozen
+    lora_alpha: float | None = within(None, 0, 1e6, open_low=True)  # scale alpha/r; null = 2 x r
+    lora_dropout: float = within(0.0, 0, 1, open_high=True)  # on the adapters' inputs
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    init_adapter: str = ""       # a PEFT adapter directory over init_from to train on from
     run_name: str = ""           # TensorBoard sub-directory; "" = a timestamp
     sample_tokens: int = within(64, 0, 1 << 20)  # sample logged at each eval; 0 = none
     seed: int = within(1337, 0, MAX_SEED)
@@ -214,6 +220,11 @@ class TrainingConfig(Section):
         """Where the schedule ends: min_lr if set, else min_lr_ratio x lr."""
         return self.lr * self.min_lr_ratio if self.min_lr is None else self.min_lr
 
+    @property
+    def lora_scale(self) -> float:
+        """What the adapters' product is multiplied by: lora_alpha / lora_rank."""
+        return (self.lora_alpha or 2.0 * self.lora_rank) / max(1, self.lora_rank)
+
     def validate(self) -> None:
         require(self.floor_lr <= self.lr, f"training.min_lr ({self.min_lr}) > training.lr "
                 f"({self.lr}) — the schedule decays from lr down to min_lr; lower min_lr, or "
@@ -226,6 +237,12 @@ class TrainingConfig(Section):
                 != os.path.abspath(self.checkpoint_path), f"training.init_from and "
                 f"training.checkpoint_path are both {self.init_from}: the run would overwrite "
                 "its own source — give training.checkpoint_path (and snapshot_path) new paths")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        require(bool(self.lora_targets) and not unknown, f"training.lora_targets "
+                f"{unknown or self.lora_targets} — name one or more of {', '.join(LORA_TARGETS)}")
+        require(not (self.lora_rank or self.init_adapter) or bool(self.init_from),
+                "LoRA trains adapters beside a trained model's frozen weights — set "
+                "training.init_from to that model (an SLM checkpoint or Hugging Face directory)")
 
 
 @dataclass
