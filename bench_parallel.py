@@ -2,6 +2,7 @@
 
     python bench_parallel.py checkpointing configs.yaml [section.key=value ...] [--steps 10]
     python bench_parallel.py sharding configs.yaml [section.key=value ...] [--steps 10]
+    python bench_parallel.py lora configs.yaml [section.key=value ...] [--steps 5]
 
 checkpointing counts the bytes a training forward keeps for backward, with and without
 training.activation_checkpointing: every tensor autograd saves (saved-tensor hooks), plus the
@@ -19,6 +20,13 @@ DCP's save alone, of a save with its manifest (every rank reading back its files
 CRC-32s), of the check before a resume, and of DCP's load. The files are fresh in the page
 cache: from a cold disk the check also waits for the disk's read speed.
 
+lora fine-tunes SmolLM2-135M's shape (random weights stand in for the base) at batch 2 x 256
+tokens in fp32, one process each: in full with AdamW, in full with Muon, and as LoRA (rank 8 on
+every target) with AdamW. Each prints the median optimizer step, the bytes of parameters,
+gradients and optimizer state it holds, what train.py's memory check counts, and its peak
+memory (a CPU's peak RSS above the process's size before the model was built; a GPU's peak
+allocation).
+
 Numbers are printed, not asserted: compare ratios taken in one run.
 """
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,6 +51,7 @@ from torch.distributed.tensor import DTensor
 
 from distributed import (broadcast_rank_0s, checkpoint_activations, gradient_sync,
                          shard_model_across_ranks, wrap_model)
+from lora import attach
 from model import Transformer, meta_model
 from optim import (configure_optimizers, forward_backward, optimizer_step,
                    training_bytes_per_rank)
@@ -56,6 +66,14 @@ ISSUE_SHAPE = ["model.num_layers=6", "model.embed_dim=384", "model.num_heads=6",
 STATE_SHAPE = ["model.num_layers=14", "model.embed_dim=768", "model.num_heads=12",
                "model.num_kv_heads=12", "model.ff_dim=2048", "model.max_seq_len=64",
                "data.context_length=64", "data.batch_size=1", "model.dropout=0.0"]
+FINE_TUNE_SHAPE = ["model.vocab_size=49152", "model.embed_dim=576", "model.num_heads=9",
+                   "model.num_kv_heads=3", "model.ff_dim=1536", "model.num_layers=30",
+                   "model.max_seq_len=256", "data.context_length=256", "data.batch_size=2",
+                   "model.dropout=0.0", "training.precision=fp32"]  # SmolLM2-135M's
+FINE_TUNES = {"full, adamw": ["training.optimizer=adamw"],
+              "full, muon": ["training.optimizer=muon"],
+              "LoRA r=8, adamw": ["training.optimizer=adamw", "training.lora_rank=8",
+                                  "training.init_from=base"]}  # random weights as the base
 RANKS = 2
 
 
@@ -140,13 +158,18 @@ def measure_on_rank(config: Config, steps: int) -> dict:
     t, rank = config.training, dist.get_rank()
     precision = setup_precision(t.precision, device)
     torch.manual_seed(0)
+    rss_before = resident_bytes()
     if t.parallelism == "fsdp":
         model = Transformer(config.model) if rank == 0 else meta_model(config.model)
-        model = shard_model_across_ranks(model, device, precision)
+        if t.lora_rank and rank == 0:
+            attach(model, t)
+        model = shard_model_across_ranks(model, device, precision, t)
     else:
         model = Transformer(config.model).to(device)
+        if t.lora_rank:
+            attach(model, t)
     optimizers = configure_optimizers(model, t, device, "fp32")
-    wrapped = wrap_model(model, t)
+    wrapped = wrap_model(model, t) if dist.get_world_size() > 1 else model
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     shape = (config.data.batch_size, config.data.context_length)
     generator = torch.Generator().manual_seed(rank)
@@ -170,11 +193,19 @@ def measure_on_rank(config: Config, steps: int) -> dict:
         sync(device)
         seconds.append(time.perf_counter() - start)
         update_seconds.append(time.perf_counter() - update_start)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
     snapshot = measure_snapshot(model, optimizers) if t.parallelism == "fsdp" else {}
     dist.destroy_process_group()
     return {"step_seconds": statistics.median(seconds[1:]),
             "update_seconds": statistics.median(update_seconds[1:]), "held": held,
-            "snapshot": snapshot}
+            "peak_bytes": peak, "snapshot": snapshot}
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure_snapshot(model: Transformer, optimizers: list[torch.optim.Optimizer]) -> dict:
@@ -207,12 +238,12 @@ def measure_snapshot(model: Transformer, optimizers: list[torch.optim.Optimizer]
     return measured
 
 
-def run_ranks(config_path: str, overrides: list[str], steps: int) -> dict:
-    """measure_on_rank on RANKS processes under torchrun; rank 0's figures."""
+def run_ranks(config_path: str, overrides: list[str], steps: int, ranks: int = RANKS) -> dict:
+    """measure_on_rank on `ranks` processes under torchrun; rank 0's figures."""
     with tempfile.TemporaryDirectory() as directory:
         out = os.path.join(directory, "rank_0.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={RANKS}", os.path.abspath(__file__), "rank", config_path,
+                   f"--nproc_per_node={ranks}", os.path.abspath(__file__), "rank", config_path,
                    out, *overrides, "--steps", str(steps)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
@@ -261,6 +292,30 @@ def bench_sharding(config_path: str, overrides: list[str], steps: int) -> None:
           f"load {snapshot['dcp_load']:.2f} s")
 
 
+def bench_lora(config_path: str, overrides: list[str], steps: int) -> None:
+    device = pick_device(load_config(config_path, overrides).training.device)
+    where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"fine-tuning SmolLM2-135M's shape, batch 2 x 256 tokens, fp32, one process on "
+          f"{where}, torch {torch.__version__}")
+    print(f"{'MiB':<18}{'parameters':>12}{'gradients':>11}{'optimizer':>11}{'total':>9}"
+          f"{'check':>8}{'peak':>8}{'step s':>8}")
+    runs = {}
+    for name, settings in FINE_TUNES.items():
+        overridden = FINE_TUNE_SHAPE + settings + overrides
+        runs[name] = run = run_ranks(config_path, overridden, steps, ranks=1)
+        held = run["held"]
+        check = training_bytes_per_rank(load_config(config_path, overridden), 1)
+        print(f"{name:<18}" + "".join(f"{held[part] / 2**20:>{width},.0f}" for part, width in (
+            ("parameters", 12), ("gradients", 11), ("optimizer state", 11)))
+              + f"{sum(held.values()) / 2**20:>9,.0f}{check / 2**20:>8,.0f}"
+              f"{run['peak_bytes'] / 2**20:>8,.0f}{run['step_seconds']:>8.2f}", flush=True)
+    lora, full = runs["LoRA r=8, adamw"], runs["full, adamw"]
+    print(f"LoRA / full (adamw): weights, gradients and optimizer state "
+          f"{sum(lora['held'].values()) / sum(full['held'].values()):.2f}x, peak "
+          f"{lora['peak_bytes'] / full['peak_bytes']:.2f}x, step "
+          f"{lora['step_seconds'] / full['step_seconds']:.2f}x")
+
+
 def main() -> None:
     parser = ArgumentParser(description="Benchmarks of the memory-saving training modes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -275,6 +330,11 @@ def main() -> None:
     sharding.add_argument("config", help="configs.yaml")
     sharding.add_argument("overrides", nargs="*", help="section.key=value")
     sharding.add_argument("--steps", type=int, default=10)
+    lora = commands.add_parser("lora", help="a LoRA fine-tune against a full one: memory "
+                               "and step time")
+    lora.add_argument("config", help="configs.yaml")
+    lora.add_argument("overrides", nargs="*", help="section.key=value")
+    lora.add_argument("--steps", type=int, default=5)
     rank = commands.add_parser("rank")  # one of sharding's ranks, under torchrun
     rank.add_argument("config")
     rank.add_argument("out")
@@ -285,6 +345,8 @@ def main() -> None:
         bench_checkpointing(load_config(args.config, ISSUE_SHAPE + args.overrides), args.steps)
     elif args.command == "sharding":
         bench_sharding(args.config, args.overrides, args.steps)
+    elif args.command == "lora":
+        bench_lora(args.config, args.overrides, args.steps)
     else:
         measured = measure_on_rank(load_config(args.config, args.overrides), args.steps)
         if os.environ.get("RANK") == "0":

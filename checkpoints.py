@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import sys
 from dataclasses import dataclass
 from typing import Collection
 
@@ -196,6 +197,9 @@ def load_trained(path: str, config_path: str | None = None,
     and eval.py. `config_path` replaces the stored config's tokenizer, device and precision
     (the weights decide the model's shape); `device_name` overrides the device."""
     checkpoint = load_checkpoint(path)
+    if "base" in checkpoint:  # merged: decoding then costs what the base costs
+        print(f"{path}: LoRA adapter merged into its base {checkpoint['base']['path']}",
+              file=sys.stderr, flush=True)
     stored = stored_config(checkpoint["config"], path)
     config = load_config(config_path) if config_path else stored
     if "directory" in checkpoint:  # a Hugging Face directory carries its own tokenizer

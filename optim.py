@@ -24,10 +24,10 @@ FUSED_ADAMW = ("cuda", "cpu")  # device types where fused AdamW beats foreach, a
 def configure_optimizers(model: Transformer, t: TrainingConfig, device: torch.device,
                          newton_schulz_dtype: str) -> list[torch.optim.Optimizer]:
     """AdamW on every trained parameter (a LoRA run's: its adapters); or, with
-    training.optimizer=muon, Muon on the blocks' trained weight matrices (q/k/v/o, gate/up/down,
-    or their adapters' A and B), orthogonalising in `newton_schulz_dtype`, and AdamW on the rest
-    (embedding, head, norms). Weight decay applies to matrices only. Muon's update is scaled to
-    AdamW's RMS, so one learning rate and one schedule serve both."""
+    training.optimizer=muon, Muon on the blocks' weight matrices (q/k/v/o, gate/up/down),
+    orthogonalising in `newton_schulz_dtype`, and AdamW on the rest (embedding, head, norms).
+    Weight decay applies to matrices only. Muon's update is scaled to AdamW's RMS, so one
+    learning rate and one schedule serve both."""
     muon = muon_matrices(model, t)
     muon_ids = {id(p) for p in muon}
     rest = [p for p in model.parameters() if id(p) not in muon_ids and p.requires_grad]
@@ -42,9 +42,10 @@ def configure_optimizers(model: Transformer, t: TrainingConfig, device: torch.de
 
 
 def muon_matrices(model: Transformer, t: TrainingConfig) -> list[torch.nn.Parameter]:
-    """The parameters Muon updates: the blocks' trained weight matrices (none under AdamW)."""
-    return ([p for layer in model.layers for p in layer.parameters()
-             if p.dim() == 2 and p.requires_grad] if t.optimizer == "muon" else [])
+    """The parameters Muon updates: the blocks' weight matrices (none under AdamW). A LoRA
+    run's adapters take AdamW: it reached the lower validation loss (docs/training.md#lora)."""
+    return ([p for layer in model.layers for p in layer.parameters() if p.dim() == 2]
+            if t.optimizer == "muon" and not t.lora_rank else [])
 
 
 def training_model(config: Config) -> Transformer:

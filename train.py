@@ -259,7 +259,7 @@ def attach_adapters(config: Config, model: Transformer, save: str | None) -> str
     trained, frozen = count(model)
     if is_main:
         print(f"LoRA: rank {t.lora_rank}, alpha {t.lora_alpha or 2 * t.lora_rank:g} on "
-              f"{', '.join(t.lora_targets)}: {trained:,} trained parameters, "
+              f"{', '.join(t.lora_targets)}: {trained:,} trained parameters (AdamW), "
               f"{100 * trained / (trained + frozen):.2f}% of {trained + frozen:,}; the base "
               f"{t.init_from} (fingerprint {base}) frozen"
               + (f"; adapter from {t.init_adapter}" if t.init_adapter else ""), flush=True)
@@ -270,8 +270,8 @@ def choose_newton_schulz_dtype(t: TrainingConfig, device: torch.device,
                                peak_flops: Callable[[str], float]) -> str:
     """Muon's orthogonalisation dtype, rank 0's on every rank (runtime.decide_newton_schulz_dtype).
     A resume then takes its snapshot's."""
-    if t.optimizer != "muon":
-        return "fp32"  # AdamW has no orthogonalisation
+    if t.optimizer != "muon" or t.lora_rank:
+        return "fp32"  # AdamW (a LoRA run's adapters' too) has no orthogonalisation
     return broadcast_rank_0s(lambda: decide_newton_schulz_dtype(device, peak_flops))
 
 

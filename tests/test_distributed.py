@@ -86,7 +86,7 @@ rank = dist.get_rank()
 config = ModelConfig(**{TINY})
 torch.manual_seed(0)
 model = Transformer(config) if rank == 0 else meta_model(config)
-sharded = shard_model_across_ranks(model, torch.device("cpu"), "fp32")
+sharded = shard_model_across_ranks(model, torch.device("cpu"), "fp32", TrainingConfig())
 """  # a 2-rank script's start: the tiny model sharded from rank 0's seeded weights
 
 SHARDED = SHARDED_START + """

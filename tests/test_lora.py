@@ -28,6 +28,7 @@ from conftest import (
     run_main,
     run_script,
     sharded_weights,
+    signal_tree,
     tiny_config,
     torchrun_command,
     write_config,
@@ -296,6 +297,25 @@ def test_accumulation_and_two_ranks_under_ddp_and_fsdp_train_the_same_adapters(
     for name in ("accumulation", "ddp", "fsdp"):
         for key, tensor in adapters["one"].items():
             assert torch.allclose(adapters[name][key], tensor, atol=1e-5, rtol=0), (name, key)
+    # FSDP killed after its step-5 snapshot resumes to the uninterrupted run's adapters exactly
+    workdir = tmp_path / "fsdp-resumed"
+    workdir.mkdir()
+    snapshot = workdir / "ckpt" / "snapshot"
+    config = lora_config(workdir, corpus, base, {"batch_size": 4}, **steps, save_every=5,
+                         parallelism="fsdp", snapshot_path=str(snapshot))
+    process = subprocess.Popen(torchrun_command(config), cwd=workdir, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    stopped_at = pause_at_snapshot(process, snapshot, 5)["step"]
+    signal_tree(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run(torchrun_command(config), cwd=workdir, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step {stopped_at}," in resumed.stdout
+    final, reference = (sharded_weights(run / "ckpt" / "snapshot")
+                        for run in (workdir, tmp_path / "fsdp"))
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[key], reference[key]) for key in final)
 
 
 def test_a_conversation_run_with_auto_precision_trains_adapters_on_assistant_tokens(
@@ -317,7 +337,7 @@ def slm_logits(ckpt: Path, ids: torch.Tensor) -> torch.Tensor:
         return load_trained(str(ckpt), device_name="cpu").model(ids)[0]
 
 
-def test_peft_loads_the_exported_adapter_over_the_exported_base_with_slms_logits(
+def test_peft_loads_the_exported_adapter_over_the_base_and_hf_the_merged_model_with_slms_logits(
         tmp_path, base, random_adapter):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -335,6 +355,11 @@ def test_peft_loads_the_exported_adapter_over_the_exported_base_with_slms_logits
     expected = slm_logits(random_adapter, ids)
     torch.testing.assert_close(peft_logits, expected, atol=1e-4, rtol=0)
     assert (base_logits - expected).abs().max() > 0.5, "the adapter changes the logits"
+    export(str(random_adapter), str(tmp_path / "merged"))  # hf: merged into the base
+    with torch.no_grad():
+        merged_logits = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "merged")(ids).logits
+    torch.testing.assert_close(merged_logits, expected, atol=1e-4, rtol=0)
 
 
 def test_llama_cpp_applies_the_gguf_adapter_over_slms_base_as_the_merged_model(
