@@ -23,9 +23,10 @@ cache: from a cold disk the check also waits for the disk's read speed.
 lora fine-tunes SmolLM2-135M's shape (random weights stand in for the base) at batch 2 x 256
 tokens in fp32, one process each: in full with AdamW, in full with Muon, and as LoRA (rank 8 on
 every target) with AdamW. Each prints the median optimizer step, the bytes of parameters,
-gradients and optimizer state it holds, what train.py's memory check counts, and its peak
-memory (a CPU's peak RSS above the process's size before the model was built; a GPU's peak
-allocation).
+gradients and optimizer state it holds, what train.py's memory check counts, and the peak
+memory of one more step: of live tensors (a GPU's peak allocation; on a CPU, the peak of
+torch.profiler's memory timeline), and on a CPU the peak RSS above the process's size before
+the model was built, which also counts what the allocator keeps after tensors are freed.
 
 Numbers are printed, not asserted: compare ratios taken in one run.
 """
@@ -55,7 +56,8 @@ from lora import attach
 from model import Transformer, meta_model
 from optim import (configure_optimizers, forward_backward, optimizer_step,
                    training_bytes_per_rank)
-from runtime import autocast_context, cpu_name, pick_device, setup_precision, sync
+from runtime import (autocast_context, cpu_name, keep_freed_memory, pick_device, setup_precision,
+                     sync)
 from saves import find_snapshot_across_ranks
 from snapshots import save_shards, sharded_state
 from utils import ArgumentParser, Config, UserError, load_config, run_cli
@@ -146,10 +148,10 @@ def local_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in local)
 
 
-def measure_on_rank(config: Config, steps: int) -> dict:
+def measure_on_rank(config: Config, steps: int, peak: bool = False) -> dict:
     """One rank's optimizer steps (seconds each, after a first that allocates the optimizer
     state) and, at the last one's backward, the bytes it holds of parameters, gradients and
-    optimizer state."""
+    optimizer state; if `peak`, the peak memory of one more step (peak_memory)."""
     device = pick_device(config.training.device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -158,6 +160,7 @@ def measure_on_rank(config: Config, steps: int) -> dict:
     t, rank = config.training, dist.get_rank()
     precision = setup_precision(t.precision, device)
     torch.manual_seed(0)
+    keep_freed_memory()  # as train.py does
     rss_before = resident_bytes()
     if t.parallelism == "fsdp":
         model = Transformer(config.model) if rank == 0 else meta_model(config.model)
@@ -193,19 +196,42 @@ def measure_on_rank(config: Config, steps: int) -> dict:
         sync(device)
         seconds.append(time.perf_counter() - start)
         update_seconds.append(time.perf_counter() - update_start)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    memory = peak_memory(lambda: (forward_backward(wrapped, x, y, device, precision, scaler,
+                                                   1 / y.numel()),
+                                  optimizer_step(optimizers, scaler, t.lr, t.grad_clip)),
+                         device) if peak else 0
     snapshot = measure_snapshot(model, optimizers) if t.parallelism == "fsdp" else {}
     dist.destroy_process_group()
     return {"step_seconds": statistics.median(seconds[1:]),
             "update_seconds": statistics.median(update_seconds[1:]), "held": held,
-            "peak_bytes": peak, "snapshot": snapshot}
+            "peak_bytes": memory, "rss_peak_bytes": rss_peak, "snapshot": snapshot}
 
 
 def resident_bytes() -> int:
     """This process's resident memory now (Linux)."""
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(step: Callable[[], object], device: torch.device) -> int:
+    """The most bytes live tensors take during `step`, parameters and optimizer state included:
+    a GPU's peak allocation; on a CPU, the peak of torch.profiler's memory timeline (a CPU
+    allocator keeps freed memory, so its peak RSS also counts memory no tensor holds)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True, record_shapes=True,
+                                with_stack=True) as profiler:
+        step()
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "timeline.json")
+        profiler.export_memory_timeline(path, device="cpu")
+        with open(path, encoding="utf-8") as f:
+            _, sizes = json.load(f)  # [times, bytes by category at each time]
+    return max(sum(categories) for categories in sizes)
 
 
 def measure_snapshot(model: Transformer, optimizers: list[torch.optim.Optimizer]) -> dict:
@@ -238,13 +264,14 @@ def measure_snapshot(model: Transformer, optimizers: list[torch.optim.Optimizer]
     return measured
 
 
-def run_ranks(config_path: str, overrides: list[str], steps: int, ranks: int = RANKS) -> dict:
+def run_ranks(config_path: str, overrides: list[str], steps: int, ranks: int = RANKS,
+              peak: bool = False) -> dict:
     """measure_on_rank on `ranks` processes under torchrun; rank 0's figures."""
     with tempfile.TemporaryDirectory() as directory:
         out = os.path.join(directory, "rank_0.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={ranks}", os.path.abspath(__file__), "rank", config_path,
-                   out, *overrides, "--steps", str(steps)]
+                   out, *overrides, "--steps", str(steps), *(["--peak"] if peak else [])]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             lines = result.stderr.strip().splitlines() or ["(no message)"]
@@ -298,21 +325,23 @@ def bench_lora(config_path: str, overrides: list[str], steps: int) -> None:
     print(f"fine-tuning SmolLM2-135M's shape, batch 2 x 256 tokens, fp32, one process on "
           f"{where}, torch {torch.__version__}")
     print(f"{'MiB':<18}{'parameters':>12}{'gradients':>11}{'optimizer':>11}{'total':>9}"
-          f"{'check':>8}{'peak':>8}{'step s':>8}")
+          f"{'check':>8}{'peak':>8}{'RSS peak':>10}{'step s':>8}")
     runs = {}
     for name, settings in FINE_TUNES.items():
         overridden = FINE_TUNE_SHAPE + settings + overrides
-        runs[name] = run = run_ranks(config_path, overridden, steps, ranks=1)
+        runs[name] = run = run_ranks(config_path, overridden, steps, ranks=1, peak=True)
         held = run["held"]
         check = training_bytes_per_rank(load_config(config_path, overridden), 1)
         print(f"{name:<18}" + "".join(f"{held[part] / 2**20:>{width},.0f}" for part, width in (
             ("parameters", 12), ("gradients", 11), ("optimizer state", 11)))
               + f"{sum(held.values()) / 2**20:>9,.0f}{check / 2**20:>8,.0f}"
-              f"{run['peak_bytes'] / 2**20:>8,.0f}{run['step_seconds']:>8.2f}", flush=True)
+              f"{run['peak_bytes'] / 2**20:>8,.0f}{run['rss_peak_bytes'] / 2**20:>10,.0f}"
+              f"{run['step_seconds']:>8.2f}", flush=True)
     lora, full = runs["LoRA r=8, adamw"], runs["full, adamw"]
     print(f"LoRA / full (adamw): weights, gradients and optimizer state "
           f"{sum(lora['held'].values()) / sum(full['held'].values()):.2f}x, peak "
-          f"{lora['peak_bytes'] / full['peak_bytes']:.2f}x, step "
+          f"{lora['peak_bytes'] / full['peak_bytes']:.2f}x (RSS "
+          f"{lora['rss_peak_bytes'] / full['rss_peak_bytes']:.2f}x), step "
           f"{lora['step_seconds'] / full['step_seconds']:.2f}x")
 
 
@@ -340,6 +369,7 @@ def main() -> None:
     rank.add_argument("out")
     rank.add_argument("overrides", nargs="*")
     rank.add_argument("--steps", type=int, default=10)
+    rank.add_argument("--peak", action="store_true")
     args = parser.parse_args()
     if args.command == "checkpointing":
         bench_checkpointing(load_config(args.config, ISSUE_SHAPE + args.overrides), args.steps)
@@ -348,7 +378,8 @@ def main() -> None:
     elif args.command == "lora":
         bench_lora(args.config, args.overrides, args.steps)
     else:
-        measured = measure_on_rank(load_config(args.config, args.overrides), args.steps)
+        measured = measure_on_rank(load_config(args.config, args.overrides), args.steps,
+                                   args.peak)
         if os.environ.get("RANK") == "0":
             with open(args.out, "w", encoding="utf-8") as f:
                 json.dump(measured, f)
