@@ -37,7 +37,7 @@ from conftest import (
 from export import export
 from lora import adapter_weights, attach, count, fingerprint, merged, store_frozen_in
 from model import Transformer
-from optim import training_bytes_per_rank
+from optim import configure_optimizers, training_bytes_per_rank
 from utils import Config, ModelConfig, TrainingConfig, config_from_dict, config_to_dict
 
 LORA = {"lora_rank": 4, "max_steps": 30, "eval_every": 15, "save_every": 15, "lr": 1e-2}
@@ -120,6 +120,13 @@ def test_a_fresh_adapter_changes_nothing_and_only_adapters_train():
     model(x, x)[1].backward()
     assert all((param.grad is not None) == param.requires_grad
                for param in model.parameters())
+    for optimizer in ("adamw", "muon"):  # AdamW on the adapters whatever training.optimizer is
+        optimizers = configure_optimizers(model, TrainingConfig(
+            init_from="base", lora_rank=4, optimizer=optimizer), torch.device("cpu"), "fp32")
+        assert [type(each) for each in optimizers] == [torch.optim.AdamW]
+        optimized = {id(param) for group in optimizers[0].param_groups
+                     for param in group["params"]}
+        assert optimized == {id(param) for param in model.parameters() if param.requires_grad}
 
 
 def test_targets_pick_the_adapted_linears():
@@ -301,7 +308,7 @@ def test_accumulation_and_two_ranks_under_ddp_and_fsdp_train_the_same_adapters(
     workdir = tmp_path / "fsdp-resumed"
     workdir.mkdir()
     snapshot = workdir / "ckpt" / "snapshot"
-    config = lora_config(workdir, corpus, base, {"batch_size": 4}, **steps, save_every=5,
+    config = lora_config(workdir, corpus, base, {"batch_size": 4}, **{**steps, "save_every": 5},
                          parallelism="fsdp", snapshot_path=str(snapshot))
     process = subprocess.Popen(torchrun_command(config), cwd=workdir, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
