@@ -172,6 +172,9 @@ def measure_on_rank(config: Config, steps: int, peak: bool = False) -> dict:
         if t.lora_rank:
             attach(model, t)
     optimizers = configure_optimizers(model, t, device, "fp32")
+    # One process (the lora bench) runs as train.py does without torchrun: no DDP wrapper.
+    if dist.get_world_size() == 1 and t.activation_checkpointing:
+        checkpoint_activations(model)
     wrapped = wrap_model(model, t) if dist.get_world_size() > 1 else model
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     shape = (config.data.batch_size, config.data.context_length)

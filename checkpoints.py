@@ -76,15 +76,17 @@ def load_base(checkpoint: dict, source: str) -> dict:
     """The base of LoRA checkpoint `source`, as a checkpoint dict whose weights are checked
     against the fingerprint `source` recorded. Its path is tried as written, then absolute."""
     base = checkpoint["base"]
-    found = [path for path in (base["path"], base["absolute"]) if os.path.exists(path)]
+    found = list(dict.fromkeys(path for path in (base["path"], base["absolute"])
+                               if os.path.exists(path)))
     require(bool(found), f"{source} is a LoRA adapter over {base['path']}, which is missing — "
             "put that base model back (the adapter holds only the change to it)")
-    loaded = load_checkpoint(found[0])
     tied = stored_config(checkpoint["config"], source).model.tie_embeddings
-    require(fingerprint(loaded["model"], tied) == base["fingerprint"], f"{found[0]} has changed "
-            f"since the LoRA adapter {source} was trained over it (its weights differ) — "
-            "restore the base it was trained on")
-    return loaded
+    for path in found:  # run from elsewhere, the relative path may name another file
+        loaded = load_checkpoint(path)
+        if fingerprint(loaded["model"], tied) == base["fingerprint"]:
+            return loaded
+    raise UserError(f"{found[0]} has changed since the LoRA adapter {source} was trained over "
+                    "it (its weights differ) — restore the base it was trained on")
 
 
 def merged_into_base(checkpoint: dict, source: str) -> dict[str, torch.Tensor]:
@@ -161,13 +163,19 @@ def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
                         "new run elsewhere")
     state = checkpoint["model"]
     adapter_only = "base" in checkpoint and all(is_adapter(name) for name in state)
-    try:  # a LoRA run's own save holds its adapters, which must fit the model's exactly
-        missing = model.load_state_dict(state, strict=not adapter_only).missing_keys
-        if any(is_adapter(name) for name in missing):
-            raise RuntimeError(f"missing adapter weights {missing[0]}, ...")
+    try:  # a LoRA run's own save, or a PEFT adapter: its adapters only, each fitting exactly
+        loaded = model.load_state_dict(state, strict=not adapter_only)
     except (RuntimeError, KeyError, TypeError) as err:
-        raise UserError(f"{source} does not fit the model ({str(err).splitlines()[0][:160]}) — "
-                        "the checkpoint is damaged or from another program") from None
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else lines[0]
+        raise UserError(f"{source} does not fit the model ({detail[:160]}) — it is damaged, "
+                        "from another program, or an adapter of another base") from None
+    misfits = [*loaded.unexpected_keys,
+               *(name for name in loaded.missing_keys if is_adapter(name))]
+    if misfits:
+        raise UserError(f"{source} does not fit the model's adapters ({misfits[0]} is "
+                        f"{'not one of them' if loaded.unexpected_keys else 'missing'}) — it was "
+                        "trained with other LoRA settings or over another base")
 
 
 def check_tokenizer(checkpoint: dict, tokenizer: BPETokenizer, source: str, fix: str) -> None:
@@ -242,20 +250,22 @@ def adopt_pretrained(config: Config, cli_keys: Collection[str],
               f"{model.vocab_size}) and tokenizer {stored.data.tokenizer_path} come from "
               f"{path}, replacing the config's", flush=True)
     data = dataclasses.replace(config.data, tokenizer_path=stored.data.tokenizer_path)
-    training = adopt_adapter(config.training) if config.training.init_adapter else config.training
+    t = config.training
+    training = adopt_adapter(t, cli_keys) if t.init_adapter else t
     return Config(model=model, data=data, training=training), source
 
 
-def adopt_adapter(t: TrainingConfig) -> TrainingConfig:
-    """training.init_adapter's rank, alpha and targets in place of the config's; a value the
-    config sets otherwise (not its default) is refused. Dropout stays a training choice."""
+def adopt_adapter(t: TrainingConfig, cli_keys: Collection[str]) -> TrainingConfig:
+    """training.init_adapter's rank, alpha and targets in place of the config's; a value set
+    otherwise (on the command line, or other than the default) is refused. Dropout stays a
+    training choice."""
     adapter = read_peft_settings(t.init_adapter)
     defaults = TrainingConfig()
-    for key in ("lora_rank", "lora_alpha", "lora_targets"):
-        mine, default, theirs = getattr(t, key), getattr(defaults, key), adapter[key]
+    for key, theirs in adapter.items():
+        mine, default = getattr(t, key), getattr(defaults, key)
         same = set(mine) == set(theirs) if key == "lora_targets" else mine == theirs
-        require(same or mine == default, f"training.{key}={mine!r} contradicts the adapter "
+        unset = mine == default and f"training.{key}" not in cli_keys
+        require(same or unset, f"training.{key}={mine!r} contradicts the adapter "
                 f"{t.init_adapter}, whose value is {theirs!r} — drop it: training.init_adapter "
                 "sets the rank, alpha and targets")
-    return dataclasses.replace(t, **{key: adapter[key] for key in ("lora_rank", "lora_alpha",
-                                                                   "lora_targets")})
+    return dataclasses.replace(t, **adapter)

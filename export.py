@@ -42,8 +42,9 @@ def check_out(out: str, out_format: str, force: bool) -> None:
         check_writable(os.path.dirname(os.path.abspath(out)))
         exists = os.path.exists(out)
     elif os.path.isfile(out):
+        single_file = "gguf-lora" if out_format == "peft" else "gguf"
         raise UserError(f"{out} is a file — give a directory for the {out_format} export, or "
-                        "add --format gguf")
+                        f"add --format {single_file}")
     else:
         exists = os.path.isdir(out) and bool(os.listdir(out))
     if exists and not force:
@@ -120,8 +121,8 @@ def main() -> None:
     args = parser.parse_args()
     out_format = args.format or ("gguf" if args.out.endswith(".gguf") else "hf")
     if args.dtype and out_format != "gguf":
-        raise UserError("--dtype applies to GGUF files only (the Hugging Face export is float32)"
-                        " — drop --dtype, or add --format gguf")
+        raise UserError("--dtype applies to GGUF model files only (the Hugging Face export and "
+                        "adapters are float32) — drop --dtype, or add --format gguf")
     export(args.ckpt_path, args.out, args.tokenizer, args.force, out_format, args.dtype or "f32")
     written = {"gguf": f"{args.out} ({args.dtype or 'f32'})", "gguf-lora": args.out,
                "peft": f"{args.out}/ ({ADAPTER_CONFIG}, {ADAPTER_WEIGHTS})"}.get(

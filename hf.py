@@ -271,7 +271,7 @@ def peft_adapter_contents(adapter: dict[str, torch.Tensor], t: TrainingConfig,
 
 def read_peft_settings(directory: str) -> dict[str, Any]:
     """A PEFT LoRA adapter directory's settings, as training's keys {"lora_rank", "lora_alpha",
-    "lora_dropout", "lora_targets"}; an adapter SLM cannot train on is refused by name."""
+    "lora_targets"}; an adapter SLM cannot train on is refused by name."""
     path = os.path.join(directory, ADAPTER_CONFIG)
     require(os.path.isfile(path) and os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS)),
             f"training.init_adapter {directory} is not a PEFT adapter directory (no "
@@ -279,22 +279,24 @@ def read_peft_settings(directory: str) -> dict[str, Any]:
             "python export.py --format peft")
     peft = _read_json(path)
     require(isinstance(peft, dict), f"{path} is damaged (not a JSON object) — fetch it again")
-    targets = peft.get("target_modules")
+    targets, rank, alpha = peft.get("target_modules"), peft.get("r"), peft.get("lora_alpha", 8)
+    require(isinstance(targets, list) and bool(targets) and set(targets) <= set(LORA_TARGETS),
+            f"{path}: target_modules={targets!r} — SLM's LoRA adapts a list among "
+            f"{', '.join(LORA_TARGETS)}; use such an adapter")
+    require(isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 1 << 16
+            and isinstance(alpha, (int, float)) and alpha > 0, f"{path}: r={rank!r}, "
+            f"lora_alpha={alpha!r} — an adapter needs a rank of 1 or more and a positive alpha; "
+            "fetch or export it again")
     unsupported = {"peft_type": (peft.get("peft_type"), "LORA"), "bias": (peft.get("bias"), "none"),
-                   "use_rslora": (peft.get("use_rslora", False), False),
-                   "use_dora": (peft.get("use_dora", False), False),
-                   "modules_to_save": (peft.get("modules_to_save") or None, None),
-                   "layers_to_transform": (peft.get("layers_to_transform"), None),
-                   "rank_pattern": (peft.get("rank_pattern") or {}, {}),
-                   "alpha_pattern": (peft.get("alpha_pattern") or {}, {}),
-                   "target_modules": (isinstance(targets, list) and bool(targets)
-                                      and set(targets) <= set(LORA_TARGETS), True)}
+                   **{name: (peft.get(name) or None, None) for name in (
+                       "use_rslora", "use_dora", "lora_bias", "modules_to_save",
+                       "layers_to_transform", "layer_replication", "exclude_modules",
+                       "alora_invocation_tokens", "rank_pattern", "alpha_pattern")}}
     for name, (value, supported) in unsupported.items():
         require(value == supported, f"{path}: {name}={peft.get(name)!r} is an adapter SLM's LoRA "
-                f"cannot train (it needs {supported!r}; targets among {', '.join(LORA_TARGETS)})"
-                " — use a plain LoRA adapter of a Llama model")
-    return {"lora_rank": peft.get("r"), "lora_alpha": peft.get("lora_alpha"),
-            "lora_dropout": peft.get("lora_dropout", 0.0), "lora_targets": sorted(targets)}
+                f"cannot train (it needs {supported!r}) — use a plain LoRA adapter of a Llama "
+                "model")
+    return {"lora_rank": rank, "lora_alpha": float(alpha), "lora_targets": sorted(targets)}
 
 
 def read_peft_weights(directory: str) -> dict[str, torch.Tensor]:

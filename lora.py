@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Transformer
-from utils import TrainingConfig
+from utils import TrainingConfig, require
 
 HEAD = "lm_head.weight"
 ADAPTER_PARTS = (".lora_A.", ".lora_B.")
@@ -83,8 +83,10 @@ def merged(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
     for name, a in adapter.items():
         if ".lora_A." in name:
             linear = name.split(".lora_A.")[0]
-            b = adapter[f"{linear}.lora_B.weight"]
-            weight = state[f"{linear}.weight"]
+            b, weight = adapter.get(f"{linear}.lora_B.weight"), state.get(f"{linear}.weight")
+            require(b is not None and weight is not None, f"the adapter's {name} has no lora_B "
+                    "or no base weight to merge into — the checkpoint is damaged or of another "
+                    "base; use another one")
             state[f"{linear}.weight"] = (weight.float() + scale * (b.float() @ a.float())
                                          ).to(weight.dtype)
     return state

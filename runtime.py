@@ -200,6 +200,9 @@ def decide_cpu_precision(config: Config, newton_schulz: str, peak_flops: Callabl
            "batch_size": config.data.batch_size,
            "context_length": config.data.context_length, "optimizer": config.training.optimizer,
            "newton_schulz": newton_schulz, "rule": [BF16_PEAK_GATE, BF16_MIN_SPEEDUP]}
+    t = config.training
+    if t.lora_rank:  # a LoRA step costs another mix of work than a full one
+        key["lora"] = [t.lora_rank, sorted(t.lora_targets)]
     choice, reason, kept = decided_once(key, lambda: choose_cpu_precision(
         peak_flops, lambda: with_others_share(step_seconds)))
     where = (f"decided once for this CPU, model and batch, kept in {decisions_path()}" if kept

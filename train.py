@@ -249,15 +249,15 @@ def build_model(config: Config, device: torch.device, rank: int) -> Transformer:
 def attach_adapters(config: Config, model: Transformer, save: str | None) -> str:
     """A LoRA run's adapters beside its frozen base (training.init_adapter's weights in them,
     unless a snapshot will restore them); returns the base's fingerprint, rank 0's (under FSDP
-    only rank 0 holds weights). The adapters and the memory they take are said once."""
-    t, is_main = config.training, is_rank_0()
+    only rank 0 holds weights). Rank 0 says what trains."""
+    t = config.training
     base = broadcast_rank_0s(lambda: fingerprint(model.state_dict(), config.model.tie_embeddings))
     attach(model, t)
     if t.init_adapter and not save and model.embed_tokens.weight.device.type != "meta":
         load_weights(model, {"model": read_peft_weights(t.init_adapter), "base": {},
                              "config": config_to_dict(config)}, t.init_adapter)
     trained, frozen = count(model)
-    if is_main:
+    if is_rank_0():
         print(f"LoRA: rank {t.lora_rank}, alpha {t.lora_alpha or 2 * t.lora_rank:g} on "
               f"{', '.join(t.lora_targets)}: {trained:,} trained parameters (AdamW), "
               f"{100 * trained / (trained + frozen):.2f}% of {trained + frozen:,}; the base "

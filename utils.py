@@ -238,8 +238,9 @@ class TrainingConfig(Section):
                 f"training.checkpoint_path are both {self.init_from}: the run would overwrite "
                 "its own source — give training.checkpoint_path (and snapshot_path) new paths")
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
-        require(bool(self.lora_targets) and not unknown, f"training.lora_targets "
-                f"{unknown or self.lora_targets} — name one or more of {', '.join(LORA_TARGETS)}")
+        require(bool(self.lora_targets) and not unknown, f"training.lora_targets names "
+                f"{unknown or 'no'} linears SLM's LoRA adapts — name one or more of "
+                f"{', '.join(LORA_TARGETS)}")
         require(not (self.lora_rank or self.init_adapter) or bool(self.init_from),
                 "LoRA trains adapters beside a trained model's frozen weights — set "
                 "training.init_from to that model (an SLM checkpoint or Hugging Face directory)")

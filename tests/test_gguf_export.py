@@ -193,7 +193,7 @@ def test_the_command_line_picks_gguf_by_suffix_and_refuses_what_does_not_fit(
     for argv, message in (
             (["--out", "m.gguf"], "m.gguf already exists — .* add --force"),
             (["--out", str(tmp_path), "--format", "gguf"], "is a directory — give a GGUF file"),
-            (["--out", "hf", "--dtype", "f16"], "--dtype applies to GGUF files only"),
+            (["--out", "hf", "--dtype", "f16"], "--dtype applies to GGUF model files only"),
             (["--out", "m.gguf", "--format", "hf"], "m.gguf is a file — give a directory"),
             (["--out", "m.gguf/x.gguf"], "cannot create .*m.gguf is a file")):
         code, _, stderr = run_main(export_script.main, ["--ckpt_path", ckpt, *argv], tmp_path,

@@ -422,15 +422,21 @@ def test_a_peft_adapter_continues_training_with_its_rank_alpha_and_targets(
 
 @pytest.mark.parametrize("training, message", [
     ({"init_from": "", "lora_rank": 4}, "set training.init_from"),
-    ({"lora_targets": ["q_proj", "lm_head"]}, r"training.lora_targets \['lm_head'\]"),
+    ({"lora_targets": ["q_proj", "lm_head"]}, r"training.lora_targets names \['lm_head'\]"),
     ({"lora_rank": 8, "init_adapter": "ADAPTER"}, r"training.lora_rank=8 contradicts"),
     ({"init_adapter": "nowhere"}, "is not a PEFT adapter directory"),
+    ({"init_adapter": "ADAPTER", "edit": {"use_dora": True}}, "use_dora=True is an adapter"),
+    ({"init_adapter": "ADAPTER", "edit": {"r": 0}}, r"r=0, lora_alpha=6(\.0)? — an adapter"),
 ])
 def test_bad_lora_settings_are_one_line_and_write_nothing(
         tmp_path, corpus, base, random_adapter, training, message):
+    training = dict(training)
+    edit = training.pop("edit", {})
     if training.get("init_adapter") == "ADAPTER":
         export(str(random_adapter), str(tmp_path / "adapter"), out_format="peft")
         training["init_adapter"] = str(tmp_path / "adapter")
+        settings_path = tmp_path / "adapter" / "adapter_config.json"
+        settings_path.write_text(json.dumps({**json.loads(settings_path.read_text()), **edit}))
     config = lora_config(tmp_path, corpus, base, **training)
     before = file_tree(tmp_path)
     result = run_script("train.py", str(config), cwd=tmp_path)
