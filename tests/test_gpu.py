@@ -161,3 +161,16 @@ def test_bench_gpu_table_reports_mfu_against_the_measured_bf16_peak():
     assert results["peak_flops"]["bf16"] > results["peak_flops"]["fp32"] > 0
     for row in results["training"].values():
         assert 0 < row["mfu"] < 1, row
+
+
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
+def test_a_bf16_lora_run_on_cuda_learns_and_saves_its_adapters(trained_run, tmp_path, corpus,
+                                                                 compile_model):
+    """LoRA on the GPU: the frozen block weights stored in bf16, the adapters trained through
+    autocast and (compiled) through torch.compile with their forward hooks."""
+    losses = train_losses(tmp_path, corpus, precision="bf16", compile=compile_model,
+                          init_from=str(trained_run / "ckpt" / "best.pth"), lora_rank=8,
+                          lr=1e-2)
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], losses
+    best = torch.load(tmp_path / "ckpt" / "best.pth", weights_only=True)
+    assert best["model"] and all(".lora_" in name for name in best["model"])
