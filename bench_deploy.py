@@ -393,13 +393,16 @@ def bench_decode(ckpt_path: str | None, shape: str, agreement_path: str | None,
     print(f"{'matrix-vector path, one step of products':<44}{'GB/s':>7}")
     for name, rate in rates.items():
         print(f"{name:<44}{rate:>7.1f}")
-    weight_bytes = {"fp32": 4, "f32": 4, "bf16": 2, "int8": 1, "q8_0": 34 / 32}
-    product_weights = sum(linear.weight.numel() for _, _, linear in products(trained.model))
+    head = trained.model.lm_head.weight.numel()
+    blocks = sum(linear.weight.numel() for _, _, linear in products(trained.model)) - head
+    bytes_per_step = {"fp32": 4 * (blocks + head), "f32": 4 * (blocks + head),
+                      "bf16": 2 * blocks + 4 * head,  # quantize.py keeps the head fp32 in bf16
+                      "int8": blocks + head, "q8_0": 34 / 32 * (blocks + head)}
     print(f"{'batch-1 greedy decode, ' + str(count) + ' tokens':<44}{'tok/s':>7}{'GB/s':>7}"
           f"{'/ llama.cpp f32':>17}")
     for name, speed in speeds.items():
         dtype = name.split()[1].rstrip(",")
-        print(f"{name:<44}{speed:>7.1f}{speed * product_weights * weight_bytes[dtype] / 1e9:>7.1f}"
+        print(f"{name:<44}{speed:>7.1f}{speed * bytes_per_step[dtype] / 1e9:>7.1f}"
               f"{speed / speeds['llama.cpp f32']:>16.2f}x")
     fp32 = speeds["SLM fp32, compiled"]
     print(f"  int8 / fp32 (compiled): {speeds['SLM int8, compiled'] / fp32:.2f}x; int8 / "
