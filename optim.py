@@ -78,11 +78,13 @@ def check_training_fits(config: Config, device: torch.device, world_size: int) -
     have, where = memory_per_process(device)
     more_ranks = ("launch more processes" if t.parallelism == "fsdp" else
                   "set training.parallelism=fsdp to shard it over the processes")
-    cheaper = ", set training.optimizer=muon (one moment per matrix)" * (t.optimizer == "adamw")
-    lora = "" if t.lora_rank else ", train LoRA adapters (training.lora_rank=8)" * bool(t.init_from)
+    optimizer = "adamw" if t.lora_rank else t.optimizer  # a LoRA run's adapters take AdamW
+    cheaper = ", set training.optimizer=muon (one moment per matrix)" * (
+        t.optimizer == "adamw" and not t.lora_rank)
+    lora = ", train LoRA adapters (training.lora_rank=8)" * bool(t.init_from and not t.lora_rank)
     state = "frozen base, adapters' gradients" if t.lora_rank else "fp32 weights, gradients"
     require(need <= have, f"training this model takes {need / 2**30:,.1f} GiB per process "
-            f"({state} and {t.optimizer} state, before activations), more than "
+            f"({state} and {optimizer} state, before activations), more than "
             f"the {have / 2**30:,.1f} GiB each process has of {where} — {more_ranks}{cheaper}"
             f"{lora}, or lower embed_dim, ff_dim, num_layers or vocab_size")
 

@@ -18,6 +18,7 @@ import torch
 
 import export as export_script
 import infer
+import optim
 from checkpoints import base_reference, load_checkpoint, load_trained, save_checkpoint
 from conftest import (
     REPO,
@@ -38,7 +39,8 @@ from export import export
 from lora import adapter_weights, attach, count, fingerprint, merged, store_frozen_in
 from model import Transformer
 from optim import configure_optimizers, training_bytes_per_rank
-from utils import Config, ModelConfig, TrainingConfig, config_from_dict, config_to_dict
+from utils import (Config, ModelConfig, TrainingConfig, UserError, config_from_dict,
+                   config_to_dict)
 
 LORA = {"lora_rank": 4, "max_steps": 30, "eval_every": 15, "save_every": 15, "lr": 1e-2}
 SMOLLM2_135M = ModelConfig(vocab_size=49152, embed_dim=576, num_heads=9, num_kv_heads=3,
@@ -451,3 +453,19 @@ def test_exporting_a_whole_model_as_an_adapter_is_one_line(tmp_path, base, monke
                             tmp_path, monkeypatch, capsys)
     assert_one_error_line(code, err, "is a whole model, not a LoRA adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("lora_rank, says", [
+    (0, r"\(fp32 weights, gradients and adamw state.*training.optimizer=muon.*train LoRA "
+        r"adapters \(training.lora_rank=8\)"),
+    (8, r"\(frozen base, adapters' gradients and adamw state, before activations\), more than "
+        r"the 0.0 GiB each process has of a small machine — set training.parallelism=fsdp to "
+        r"shard it over the processes, or lower"),
+])
+def test_a_fine_tune_too_big_for_the_memory_check_is_told_its_way_out(monkeypatch, lora_rank,
+                                                                       says):
+    monkeypatch.setattr(optim, "memory_per_process", lambda device: (2**20, "a small machine"))
+    config = Config(model=SMOLLM2_135M, training=TrainingConfig(
+        optimizer="adamw", lora_rank=lora_rank, init_from="base"))
+    with pytest.raises(UserError, match=says):
+        optim.check_training_fits(config, torch.device("cpu"), 1)
