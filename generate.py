@@ -86,7 +86,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    # One uniform draw through each row's cumulative distribution (in fp64, so its last value
+    # is the row's whole mass): multinomial's CPU kernel costs more than the rest of the
+    # sampling together when one token per row is drawn.
+    cumulative = logits.softmax(dim=-1).double().cumsum(dim=-1)
+    draws = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device,
+                       dtype=torch.float64) * cumulative[:, -1:]
+    picked = torch.searchsorted(cumulative, draws, right=True)
+    return picked.clamp(max=logits.shape[-1] - 1).squeeze(-1)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
