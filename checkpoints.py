@@ -162,7 +162,7 @@ def load_weights(model: Transformer, checkpoint: dict, source: str) -> None:
                         " checkpoint vs config) — use the config it was trained with or start a "
                         "new run elsewhere")
     state = checkpoint["model"]
-    adapter_only = "base" in checkpoint and all(is_adapter(name) for name in state)
+    adapter_only = bool(state) and all(is_adapter(name) for name in state)
     try:  # a LoRA run's own save, or a PEFT adapter: its adapters only, each fitting exactly
         loaded = model.load_state_dict(state, strict=not adapter_only)
     except (RuntimeError, KeyError, TypeError) as err:

@@ -86,14 +86,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    # One uniform draw through each row's cumulative distribution (in fp64, so its last value
-    # is the row's whole mass): multinomial's CPU kernel costs more than the rest of the
-    # sampling together when one token per row is drawn.
-    cumulative = logits.softmax(dim=-1).double().cumsum(dim=-1)
-    draws = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device,
-                       dtype=torch.float64) * cumulative[:, -1:]
-    picked = torch.searchsorted(cumulative, draws, right=True)
-    return picked.clamp(max=logits.shape[-1] - 1).squeeze(-1)
+    # One uniform draw per row (inverse_cdf): multinomial's CPU kernel costs more than the rest
+    # of the sampling together when one token per row is drawn.
+    uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device,
+                         dtype=torch.float64)
+    return inverse_cdf(logits.softmax(dim=-1), uniform)
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """probs (B, n), each row's weights (any total), and uniform (B,) in [0, 1) -> (B,) the
+    index each uniform falls on in its row's cumulative distribution, summed in fp64 so that
+    its last value is the row's whole mass; a weight of zero is never picked."""
+    cumulative = probs.double().cumsum(dim=-1)
+    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+    return picked.clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -112,9 +118,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     sorted_probs = sorted_logits.softmax(dim=-1)
     # Drop a token when the tokens ranked above it already cover top_p; the best one stays.
     dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None]
-    cumulative = sorted_probs.masked_fill(dropped, 0.0).double().cumsum(dim=-1)
-    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
-    sampled = order.gather(-1, picked.clamp(max=vocab - 1)).squeeze(-1)
+    picked = inverse_cdf(sorted_probs.masked_fill(dropped, 0.0), uniform)
+    sampled = order.gather(-1, picked[:, None]).squeeze(-1)
     return torch.where(temperature < GREEDY_BELOW, logits.argmax(dim=-1), sampled)
 
 

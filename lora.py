@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hf import HEAD
 from model import Transformer
 from utils import TrainingConfig, require
 
-HEAD = "lm_head.weight"
 ADAPTER_PARTS = (".lora_A.", ".lora_B.")
 
 

@@ -254,7 +254,7 @@ def attach_adapters(config: Config, model: Transformer, save: str | None) -> str
     base = broadcast_rank_0s(lambda: fingerprint(model.state_dict(), config.model.tie_embeddings))
     attach(model, t)
     if t.init_adapter and not save and model.embed_tokens.weight.device.type != "meta":
-        load_weights(model, {"model": read_peft_weights(t.init_adapter), "base": {},
+        load_weights(model, {"model": read_peft_weights(t.init_adapter),
                              "config": config_to_dict(config)}, t.init_adapter)
     trained, frozen = count(model)
     if is_rank_0():
