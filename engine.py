@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from generate import (CPU_COMPILE_OPTIONS, GREEDY_BELOW, MIN_CACHE_POSITIONS, cache_positions,
+from generate import (GREEDY_BELOW, MIN_CACHE_POSITIONS, cache_positions, compile_decoder,
                       row_uniforms, sample_rows)
 from model import KVCache, Transformer
 from runtime import autocast_context
@@ -90,8 +90,7 @@ class Engine:
         # the decode step compiled once per batch width (decode_widths) by warm_up; the cache's
         # positions are a dynamic dimension, so a longer request compiles nothing new. A width
         # warm_up did not reach runs eagerly: no request waits for a compile.
-        self.compiled = torch.compile(model, dynamic=False, options=(
-            CPU_COMPILE_OPTIONS if self.device.type == "cpu" else None)) if compile else None
+        self.compiled = compile_decoder(model, self.device, dynamic=False) if compile else None
         self.compiled_widths: set[int] = set()
         c = model.config
         itemsize = 2 if precision in ("bf16", "fp16") else 4

@@ -11,21 +11,26 @@ from a model with a long window stays fast, and a compiled step sees few distinc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import Transformer
+from model import KVCache, Transformer
 
 # A CPU decode step is little compute, so per-call costs count: the C++ wrapper launches kernels
-# without Python, and memory planning takes the step's intermediates from one allocation. A
-# one-row product reads its whole weight for one output row: inductor's decompose_mm_pass makes
-# it a reduction kernel of its own, which streams the weight faster than the BLAS call does
-# (for weights of at most 2,048 x 2,048, inductor's CPU rule; docs/generation.md).
-CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True,
-                       "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+# without Python. A one-row product reads its whole weight for one output row: inductor's
+# decompose_mm_pass makes it a reduction kernel of its own, which streams the weight faster than
+# the BLAS call does (docs/generation.md). Inductor's memory planning is left off: with attention
+# as plain operations its pool tree recursed past Python's limit on deep models.
+CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+# The pass's bound on a one-row product's other dimensions: inductor's default (2,048) leaves a
+# small model's vocabulary head to BLAS; a head as large as SmolLM2's (49,152 rows) streams
+# faster through BLAS than through the reduction.
+ONE_ROW_REDUCTION_MAX_DIM = 8192
 MIN_CACHE_POSITIONS = 64
 GREEDY_BELOW = 1e-3   # a lower temperature is greedy: dividing logits by it would overflow
 MAX_TEMPERATURE = 2.0  # OpenAI's bound; above it a sample is near-uniform noise
@@ -69,9 +74,11 @@ def cache_positions(prompt_length: int, max_new_tokens: int, context_length: int
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits: (B, vocab) -> (B,) ids. A temperature below GREEDY_BELOW is greedy; top_k <= 0
-    and top_p >= 1 disable those filters."""
+                uniform: torch.Tensor) -> torch.Tensor:
+    """logits: (B, vocab) -> (B,) ids, row b picked by uniform[b] in [0, 1) (fp64) through the
+    inverse of its distribution (inverse_cdf): multinomial's CPU kernel costs more than the rest
+    of the sampling together when one token per row is drawn. A temperature below GREEDY_BELOW
+    is greedy; top_k <= 0 and top_p >= 1 disable those filters."""
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     # Shifting by the max first keeps a tiny temperature from overflowing to inf (then nan).
@@ -86,10 +93,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    # One uniform draw per row (inverse_cdf): multinomial's CPU kernel costs more than the rest
-    # of the sampling together when one token per row is drawn.
-    uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device,
-                         dtype=torch.float64)
     return inverse_cdf(logits.softmax(dim=-1), uniform)
 
 
@@ -137,6 +140,26 @@ def row_uniforms(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     return ((first >> 8).double() * 2 ** 24 + (second >> 8).double()) / 2 ** 48
 
 
+def compile_decoder(forward: Callable, device: torch.device, dynamic: bool | None = None
+                    ) -> Callable:
+    """`forward`, a function that runs the model, compiled for decoding on `device`. On a CPU
+    attention runs as plain operations (SDPA's math backend), which inductor fuses with the
+    step's other kernels: the flash kernel would be a call of its own, with its own buffers, in
+    every layer."""
+    if device.type != "cpu":
+        return torch.compile(forward, dynamic=dynamic)
+    # The pass reads its bounds once, when inductor imports it: torch.compile's options arrive
+    # too late to change them.
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = ONE_ROW_REDUCTION_MAX_DIM
+
+    def attention_as_math(*args, **kwargs) -> Any:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return forward(*args, **kwargs)
+
+    return torch.compile(attention_as_math, dynamic=dynamic, options=CPU_COMPILE_OPTIONS)
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, context_length: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -155,21 +178,33 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
     positions = torch.arange(context_length, device=device)
     cache_length = cache_positions(length, max_new_tokens, context_length)
     caches = model.new_caches(batch_size, cache_length) if use_cache else None
-    options = CPU_COMPILE_OPTIONS if device.type == "cpu" else None
-    forward = torch.compile(model, options=options) if compile else model
+
+    def next_token_after(idx: torch.Tensor, caches: list[KVCache] | None,
+                         input_pos: torch.Tensor | None, uniform: torch.Tensor) -> torch.Tensor:
+        """One forward and its sample: compiled, the sampling joins the step's graph."""
+        logits = model(idx, caches=caches, input_pos=input_pos, last_only=True)[0]
+        return sample_next(logits[:, -1].float(), temperature, top_k, top_p, uniform)
+
+    step = compile_decoder(next_token_after, device) if compile else next_token_after
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     refill = True  # the cache holds none of the window yet
+    guards_passed = False  # by a compiled decode step of this generation
     for _ in range(max_new_tokens):
         window = buffer[:, :length]
+        uniform = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
         if not use_cache:
-            logits = forward(window, last_only=True)[0]
+            next_token = step(window, None, None, uniform)
         elif refill:  # prefill the whole window, eagerly: it happens once per half window
-            logits = model(window, caches=caches, input_pos=positions[:length], last_only=True)[0]
+            next_token = next_token_after(window, caches, positions[:length], uniform)
             refill = False
         else:  # one new position: the token sampled last
-            logits = forward(next_token[:, None], caches=caches,
-                             input_pos=positions[length - 1:length])[0]
-        next_token = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            # Each step passes the objects and shapes the first one did, so the guards it passed
+            # still hold: checking them again costs more than the rest of a small model's Python.
+            with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+                  if guards_passed else contextlib.nullcontext()):
+                next_token = step(next_token[:, None], caches, positions[length - 1:length],
+                                  uniform)
+            guards_passed = compile
         if eos_id is not None:
             next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
             finished |= next_token == eos_id

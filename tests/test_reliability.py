@@ -210,7 +210,8 @@ def test_infer_flags_are_finite_and_in_range(trained_run, monkeypatch, capsys, a
 @pytest.mark.parametrize("temperature", [1e-40, 1e-46, 0.0009])
 def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_nan(temperature):
     logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -6.0, 40.0]])
-    chosen = sample_next(logits, temperature, top_k=0, top_p=1.0, generator=torch.Generator())
+    chosen = sample_next(logits, temperature, top_k=0, top_p=1.0,
+                         uniform=torch.tensor([0.999, 0.999], dtype=torch.float64))
     assert chosen.tolist() == [1, 2]
     rows = sample_rows(logits, torch.tensor([temperature] * 2), torch.zeros(2, dtype=torch.long),
                        torch.ones(2), torch.tensor([0.999, 0.999], dtype=torch.float64))
