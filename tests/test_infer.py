@@ -226,9 +226,9 @@ def test_infer_prompts_generates_a_file_of_prompts_together_in_their_order(train
 
 
 @pytest.mark.parametrize("flags, compiled", [
-    ([], False), (["--max-length", "1024"], True), (["--max-length", "256", "--num-samples", "4"],
-                                                  True),
-    (["--max-length", "4096", "--no-compile"], False), (["--compile"], True)])
+    ([], False), (["--max-length", "4096"], False), (["--max-length", "8192"], True),
+    (["--max-length", "2048", "--num-samples", "4"], True),
+    (["--max-length", "16384", "--no-compile"], False), (["--compile"], True)])
 def test_the_decode_step_compiles_when_the_work_is_long_enough(monkeypatch, flags, compiled):
     monkeypatch.setattr("sys.argv", ["infer.py", *flags])
     assert infer.parse_args().compile is compiled
