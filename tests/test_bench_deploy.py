@@ -41,22 +41,3 @@ def test_bench_serve_times_generate_one_streamed_client_and_several(tmp_path):
     assert set(rates) == {"1 client, 8 requests in turn", "3 at once", "8 at once"}
     assert all(float(rate.replace(",", "")) > 0 for rate in rates.values())
     assert re.search(r"8 at once / 8 in turn: [\d.]+x", result.stdout)
-
-
-def test_bench_decode_prints_each_path_and_dtype_beside_llama_cpp(trained_run):
-    pytest.importorskip("llama_cpp")
-    checkpoint = str(trained_run / "ckpt" / "best.pth")
-    result = run_script("bench_deploy.py", "decode", checkpoint, "--agreement", checkpoint,
-                        "--config", str(trained_run / "tiny.yaml"), cwd=trained_run)
-    assert result.returncode == 0, result.stderr[-3000:]
-    paths = dict(re.findall(r"^((?:fp32|bf16|int8) .+?) +([\d.]+)$", result.stdout, re.M))
-    assert {"fp32 F.linear (BLAS)", "fp32 compiled step (reductions)",
-            "int8 _weight_int8pack_mm, bf16 rows"} <= set(paths)
-    speeds = dict(re.findall(r"^((?:SLM|llama.cpp) [\w ,.]+?) +([\d.]+) +[\d.]+ +[\d.]+x$",
-                             result.stdout, re.M))
-    assert set(speeds) >= {"SLM fp32", "SLM fp32, compiled", "SLM int8", "SLM int8, compiled",
-                           "llama.cpp f32", "llama.cpp q8_0"}
-    assert all(float(speed) > 0 for speed in speeds.values())
-    agreement = re.search(r"top-1 agreement with fp32 .*: int8 ([\d.]+)%, bf16 ([\d.]+)%",
-                          result.stdout)
-    assert agreement and all(float(share) >= 90 for share in agreement.groups())
