@@ -107,22 +107,30 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                 top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """logits (B, vocab) -> (B,) ids, every row by its own settings in one set of tensor
-    operations: temperature (B,) (below GREEDY_BELOW: greedy), top_k (B,) (<= 0: off), top_p
-    (B,) (>= 1: off), and uniform (B,), each row's draw in [0, 1), picked by the inverse of its
-    cumulative distribution."""
+    """logits (B, vocab) -> (B,) ids, every row by its own settings, as sample_next draws one:
+    temperature (B,) (below GREEDY_BELOW: greedy), top_k (B,) (<= 0: off), top_p (B,) (>= 1:
+    off), and uniform (B,), each row's draw in [0, 1). A row's token depends on its own inputs
+    only: only the rows with top_p < 1 are sorted (a whole-vocabulary sort per row would cost
+    more than the batch's forward on a small model), and top-k keeps what is at least a row's
+    own k-th largest logit."""
     vocab = logits.shape[-1]
     scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.clamp(
         min=GREEDY_BELOW)[:, None]
-    sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
-    ranks = torch.arange(vocab, device=logits.device)
-    kept = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-    sorted_logits = sorted_logits.masked_fill(ranks >= kept[:, None], float("-inf"))
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the tokens ranked above it already cover top_p; the best one stays.
-    dropped = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None]
-    picked = inverse_cdf(sorted_probs.masked_fill(dropped, 0.0), uniform)
-    sampled = order.gather(-1, picked[:, None]).squeeze(-1)
+    filtered = top_k > 0
+    if filtered.any():
+        kept = torch.where(filtered, top_k.clamp(max=vocab), 1)
+        largest = torch.topk(scaled, int(kept.max()), dim=-1).values
+        kth_largest = largest.gather(-1, kept[:, None] - 1)
+        scaled = scaled.masked_fill(filtered[:, None] & (scaled < kth_largest), float("-inf"))
+    nucleus = (top_p < 1).nonzero().squeeze(-1)
+    if len(nucleus):
+        sorted_logits, order = torch.sort(scaled[nucleus], descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p; the best one stays.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[nucleus, None]
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled[nucleus] = scaled[nucleus].masked_fill(drop, float("-inf"))
+    sampled = inverse_cdf(scaled.softmax(dim=-1), uniform)
     return torch.where(temperature < GREEDY_BELOW, logits.argmax(dim=-1), sampled)
 
 

@@ -5,7 +5,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import make_decisive_model, make_model
-from generate import Sampling, cache_positions, generate, sample_next
+from generate import Sampling, cache_positions, generate, sample_next, sample_rows
 
 CONTEXT = 16  # shorter than the test models' max_seq_len=48: the training context rules, not RoPE
 
@@ -113,6 +113,21 @@ def test_sampling_draws_each_token_as_often_as_its_probability():
     assert torch.allclose(shares, torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
                           .expand(4, 4), atol=0.02)
     assert not (draws == 3).any()
+
+
+def test_each_row_of_a_batch_samples_what_it_would_alone():
+    """sample_rows, the engine's sampling, draws each row's token as sample_next draws it for
+    that row alone with the same uniform: greedy, top-k, top-p and both, mixed in one batch."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * 3
+    temperature = torch.tensor([0.8, 1.0, 0.5, 0.0, 1.3, 0.9])
+    top_k = torch.tensor([0, 5, 40, 0, 0, 3])
+    top_p = torch.tensor([1.0, 1.0, 0.9, 1.0, 0.5, 0.7])
+    for _ in range(100):
+        uniform = torch.rand(6, dtype=torch.float64)
+        alone = [sample_next(logits[row:row + 1], float(temperature[row]), int(top_k[row]),
+                             float(top_p[row]), uniform[row:row + 1]).item() for row in range(6)]
+        assert sample_rows(logits, temperature, top_k, top_p, uniform).tolist() == alone
 
 
 @pytest.mark.parametrize("settings, setting", [
