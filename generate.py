@@ -87,13 +87,18 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the best one stays.
-        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = without_nucleus_tail(logits, top_p)
     return inverse_cdf(logits.softmax(dim=-1), uniform)
+
+
+def without_nucleus_tail(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """logits (B, vocab) with -inf for each token whose better-ranked tokens already cover top_p
+    (a float, or (B, 1) for each row its own) of the probability; the best one stays."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -124,12 +129,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
         scaled = scaled.masked_fill(filtered[:, None] & (scaled < kth_largest), float("-inf"))
     nucleus = (top_p < 1).nonzero().squeeze(-1)
     if len(nucleus):
-        sorted_logits, order = torch.sort(scaled[nucleus], descending=True, dim=-1)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the best one stays.
-        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[nucleus, None]
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled[nucleus] = scaled[nucleus].masked_fill(drop, float("-inf"))
+        scaled[nucleus] = without_nucleus_tail(scaled[nucleus], top_p[nucleus, None])
     sampled = inverse_cdf(scaled.softmax(dim=-1), uniform)
     return torch.where(temperature < GREEDY_BELOW, logits.argmax(dim=-1), sampled)
 
