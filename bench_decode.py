@@ -26,7 +26,7 @@ from bench_deploy import (GGUF_WINDOWS, RUNS, SHAPES, decode_tokens_per_sec,
                           exported_gguf, random_checkpoint, slm_decode)
 from checkpoints import load_trained
 from data import prepare_data
-from generate import CPU_COMPILE_OPTIONS
+from generate import compile_decoder
 from model import Transformer
 from quantize import Int8Linear, bf16_is_native, products, top1_agreement, with_dtype
 from runtime import cpu_name
@@ -62,8 +62,8 @@ def matvec_rates(model: Transformer) -> dict[str, float]:
         paths["fp32 MKL, packed"] = (each(lambda x, w, p: torch.ops.mkl._mkl_linear(
             x, p, w, None, 1), [torch.ops.mkl._mkl_reorder_linear_weight(w, 1)
                                 for w in weights]), 1.0)
-    step = torch.compile(lambda rows: [F.linear(rows[w.shape[1]], w) for w in weights],
-                         options=CPU_COMPILE_OPTIONS)
+    step = compile_decoder(lambda rows: [F.linear(rows[w.shape[1]], w) for w in weights],
+                           torch.device("cpu"))  # as decoding compiles: the head's bound too
     rates = {}
     with torch.inference_mode():
         for name, (run, share) in paths.items():
