@@ -11,27 +11,33 @@ from a model with a long window stays fast, and a compiled step sees few distinc
 """
 from __future__ import annotations
 
-import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import KVCache, Transformer
 
 # A CPU decode step is little compute, so per-call costs count: the C++ wrapper launches kernels
-# without Python. A one-row product reads its whole weight for one output row: inductor's
-# decompose_mm_pass makes it a reduction kernel of its own, which streams the weight faster than
-# the BLAS call does (docs/generation.md). Inductor's memory planning is left off: with attention
-# as plain operations its pool tree recursed past Python's limit on deep models.
-CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+# without Python, and memory planning makes the step's buffers one allocation instead of one each.
+# A one-row product reads its whole weight for one output row: inductor's decompose_mm_pass makes
+# it a reduction kernel of its own, which streams the weight faster than the BLAS call does
+# (docs/generation.md).
+CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True,
+                       "post_grad_fusion_options": {"decompose_mm_pass": {}}}
 # The pass's bound on a one-row product's other dimensions: inductor's default (2,048) leaves a
 # small model's vocabulary head to BLAS; a head as large as SmolLM2's (49,152 rows) streams
 # faster through BLAS than through the reduction.
 ONE_ROW_REDUCTION_MAX_DIM = 8192
 MIN_CACHE_POSITIONS = 64
+# compile_decode_step's graphs, per model (for as long as it lives): a few sampling settings and
+# shapes each, the oldest dropped first
+COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+COMPILED_STEPS_PER_MODEL = 8
 GREEDY_BELOW = 1e-3   # a lower temperature is greedy: dividing logits by it would overflow
 MAX_TEMPERATURE = 2.0  # OpenAI's bound; above it a sample is near-uniform noise
 MAX_TOP_K = 1 << 24
@@ -165,7 +171,85 @@ def compile_decoder(forward: Callable, device: torch.device, dynamic: bool | Non
         with sdpa_kernel([SDPBackend.MATH]):
             return forward(*args, **kwargs)
 
-    return torch.compile(attention_as_math, dynamic=dynamic, options=CPU_COMPILE_OPTIONS)
+    planned = torch.compile(attention_as_math, dynamic=dynamic, options=CPU_COMPILE_OPTIONS)
+    compiled = planned
+
+    def step(*args, **kwargs) -> Any:
+        # Inductor's memory planner walks its pool tree recursively, and on some deep graphs it
+        # passes Python's recursion limit: such a step compiles again without the planning.
+        nonlocal compiled
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as error:
+            if compiled is not planned or not caused_by_recursion(error):
+                raise
+            compiled = torch.compile(attention_as_math, dynamic=dynamic,
+                                     options={**CPU_COMPILE_OPTIONS, "memory_planning": False})
+            return compiled(*args, **kwargs)
+
+    return step
+
+
+def compile_decode_step(model: Transformer, caches: list[KVCache],
+                        sample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                        settings: tuple, *example: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A CPU decode step compiled into one call: the model's forward of idx (B, 1) at input_pos
+    through `caches`, then sample(logits (B, vocab), uniform, finished), which `settings` (a
+    tuple) names. `example` is (idx, input_pos, uniform, finished) as each call passes them. The
+    weights and the caches are the graph's inputs, handed over by reference on each call: it
+    reads the weights as they are and writes the caches in place. Traced with make_fx rather than
+    through dynamo, whose work on each call (guards, gathering every weight from the module tree)
+    costs more than a small model's kernels; kept per model for these shapes and settings."""
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    names = list(state)
+    held = [*state.values(), *(tensor for cache in caches for tensor in (cache.k, cache.v))]
+    key = (settings, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+           *((tensor.shape, tensor.dtype) for tensor in (*example, *held)))
+    steps = COMPILED_STEPS.setdefault(model, {})
+    if key not in steps:
+        if len(steps) >= COMPILED_STEPS_PER_MODEL:
+            del steps[next(iter(steps))]
+        steps[key] = traced_and_compiled(model, names, sample, [*example, *held])
+    compiled = steps[key]
+    return lambda *inputs: compiled(*inputs, *held)
+
+
+def traced_and_compiled(model: Transformer, names: list[str], sample: Callable,
+                        inputs: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """compile_decode_step's graph: inputs are the step's four, the weights in `names`' order,
+    then each cache's keys and values."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = ONE_ROW_REDUCTION_MAX_DIM
+
+    def flat_step(idx: torch.Tensor, input_pos: torch.Tensor, uniform: torch.Tensor,
+                  finished: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        kv = tensors[len(names):]
+        views = [KVCache(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)]
+        logits = torch.func.functional_call(
+            model, dict(zip(names, tensors)), (idx,),
+            {"caches": views, "input_pos": input_pos, "last_only": True})[0]
+        return sample(logits[:, -1].float(), uniform, finished)
+
+    def compiled_with(options: dict) -> Callable:
+        with sdpa_kernel([SDPBackend.MATH]):
+            graph = make_fx(flat_step, tracing_mode="fake")(*inputs)
+            return torch._inductor.compile(graph, inputs, options=options)
+
+    try:
+        return compiled_with(CPU_COMPILE_OPTIONS)
+    except Exception as error:  # the memory planner's recursion: see compile_decoder
+        if not caused_by_recursion(error):
+            raise
+        return compiled_with({**CPU_COMPILE_OPTIONS, "memory_planning": False})
+
+
+def caused_by_recursion(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is a RecursionError."""
+    while error is not None:
+        if isinstance(error, RecursionError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @torch.inference_mode()
@@ -187,35 +271,52 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
     cache_length = cache_positions(length, max_new_tokens, context_length)
     caches = model.new_caches(batch_size, cache_length) if use_cache else None
 
-    def next_token_after(idx: torch.Tensor, caches: list[KVCache] | None,
-                         input_pos: torch.Tensor | None, uniform: torch.Tensor) -> torch.Tensor:
-        """One forward and its sample: compiled, the sampling joins the step's graph."""
-        logits = model(idx, caches=caches, input_pos=input_pos, last_only=True)[0]
-        return sample_next(logits[:, -1].float(), temperature, top_k, top_p, uniform)
+    def sample(logits: torch.Tensor, uniform: torch.Tensor, finished: torch.Tensor
+               ) -> torch.Tensor:
+        """logits (B, vocab) -> (B,) ids; eos_id for the rows already `finished`, which it marks
+        (in place) with those that just produced it."""
+        token = sample_next(logits, temperature, top_k, top_p, uniform)
+        if eos_id is not None:
+            token = token.masked_fill(finished, eos_id)
+            finished |= token == eos_id
+        return token
 
-    step = compile_decoder(next_token_after, device) if compile else next_token_after
+    def next_token_after(idx: torch.Tensor, caches: list[KVCache] | None,
+                         input_pos: torch.Tensor | None, uniform: torch.Tensor,
+                         finished: torch.Tensor) -> torch.Tensor:
+        logits = model(idx, caches=caches, input_pos=input_pos, last_only=True)[0]
+        return sample(logits[:, -1].float(), uniform, finished)
+
+    def cached_step(idx: torch.Tensor, input_pos: torch.Tensor, uniform: torch.Tensor,
+                    finished: torch.Tensor) -> torch.Tensor:
+        return next_token_after(idx, caches, input_pos, uniform, finished)
+
+    uncached_step = (compile_decoder(next_token_after, device) if compile and not use_cache
+                     else next_token_after)
+    decode_step = None  # built at the first decode step, for its shapes
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    greedy = temperature < GREEDY_BELOW  # draws nothing from the generator
+    no_draw = torch.zeros(batch_size, dtype=torch.float64, device=device)
     refill = True  # the cache holds none of the window yet
-    guards_passed = False  # by a compiled decode step of this generation
     for _ in range(max_new_tokens):
-        window = buffer[:, :length]
-        uniform = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+        uniform = no_draw if greedy else torch.rand(batch_size, generator=generator,
+                                                    device=device, dtype=torch.float64)
         if not use_cache:
-            next_token = step(window, None, None, uniform)
+            next_token = uncached_step(buffer[:, :length], None, None, uniform, finished)
         elif refill:  # prefill the whole window, eagerly: it happens once per half window
-            next_token = next_token_after(window, caches, positions[:length], uniform)
+            next_token = next_token_after(buffer[:, :length], caches, positions[:length],
+                                          uniform, finished)
             refill = False
         else:  # one new position: the token sampled last
-            # Each step passes the objects and shapes the first one did, so the guards it passed
-            # still hold: checking them again costs more than the rest of a small model's Python.
-            with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-                  if guards_passed else contextlib.nullcontext()):
-                next_token = step(next_token[:, None], caches, positions[length - 1:length],
-                                  uniform)
-            guards_passed = compile
-        if eos_id is not None:
-            next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
-            finished |= next_token == eos_id
+            inputs = (next_token[:, None], positions[length - 1:length], uniform, finished)
+            if decode_step is None:
+                decode_step = cached_step
+                if compile:
+                    settings = (temperature, top_k, top_p, eos_id)
+                    decode_step = (
+                        compile_decode_step(model, caches, sample, settings, *inputs)
+                        if device.type == "cpu" else compile_decoder(cached_step, device))
+            next_token = decode_step(*inputs)
         yield next_token
         if eos_id is not None and bool(finished.all()):
             return

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import generate as generate_module
 from conftest import make_decisive_model, make_model
 from generate import Sampling, cache_positions, generate, sample_next, sample_rows
 
@@ -66,17 +67,41 @@ def test_generation_stops_on_eos_and_finished_rows_repeat_it():
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
-def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once(batch_size):
+def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once(batch_size,
+                                                                            monkeypatch):
     model = make_decisive_model(num_kv_heads=2, vocab_size=4096)  # a head above inductor's 2,048
     prompt = torch.randint(0, 4096, (batch_size, 7))
     eager = tokens(model, prompt, 100)  # 107 > CONTEXT: several refills too
-    torch._dynamo.reset()
+    compiles = []
+    traced_and_compiled = generate_module.traced_and_compiled
+    monkeypatch.setattr(generate_module, "traced_and_compiled",
+                        lambda *args: compiles.append(args) or traced_and_compiled(*args))
     counters["inductor"].clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a stride or position change
-        assert torch.equal(tokens(model, prompt, 100, compile=True), eager)
+    assert torch.equal(tokens(model, prompt, 100, compile=True), eager)
     # one row: every product a reduction of its own, the head's too (generate.compile_decoder)
     products = 7 * model.config.num_layers + 1
     assert counters["inductor"]["decompose_mm"] == (products if batch_size == 1 else 0)
+    assert torch.equal(tokens(model, prompt, 100, compile=True), eager)  # the same graph again
+    assert len(compiles) == 1
+    assert torch.equal(tokens(model, prompt, 20, top_k=5, compile=True), eager[:, :20])
+    assert len(compiles) == 2  # other settings: a graph of their own
+
+
+def test_a_decode_step_too_deep_for_memory_planning_compiles_without_it(monkeypatch):
+    from torch._inductor.codegen import memory_planning
+
+    plans = []
+
+    def too_deep(planner, lines):
+        plans.append(lines)
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(memory_planning.MemoryPlanner, "plan", too_deep)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # plan, not a cache hit
+    model = make_decisive_model(num_kv_heads=2)
+    prompt = torch.randint(0, 97, (1, 5))
+    assert torch.equal(tokens(model, prompt, 8, compile=True), tokens(model, prompt, 8))
+    assert len(plans) == 1
 
 
 def test_compiled_generation_without_cache_and_under_autocast():
