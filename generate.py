@@ -35,7 +35,7 @@ CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True,
 ONE_ROW_REDUCTION_MAX_DIM = 8192
 MIN_CACHE_POSITIONS = 64
 # compile_decode_step's graphs, per model (for as long as it lives): a few sampling settings and
-# shapes each, the oldest dropped first
+# shapes each, the least recently used dropped first
 COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 COMPILED_STEPS_PER_MODEL = 8
 GREEDY_BELOW = 1e-3   # a lower temperature is greedy: dividing logits by it would overflow
@@ -162,16 +162,13 @@ def compile_decoder(forward: Callable, device: torch.device, dynamic: bool | Non
     every layer."""
     if device.type != "cpu":
         return torch.compile(forward, dynamic=dynamic)
-    # The pass reads its bounds once, when inductor imports it: torch.compile's options arrive
-    # too late to change them.
-    from torch._inductor.fx_passes import decompose_mem_bound_mm
-    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = ONE_ROW_REDUCTION_MAX_DIM
+    options = cpu_compile_options()
 
     def attention_as_math(*args, **kwargs) -> Any:
         with sdpa_kernel([SDPBackend.MATH]):
             return forward(*args, **kwargs)
 
-    planned = torch.compile(attention_as_math, dynamic=dynamic, options=CPU_COMPILE_OPTIONS)
+    planned = torch.compile(attention_as_math, dynamic=dynamic, options=options)
     compiled = planned
 
     def step(*args, **kwargs) -> Any:
@@ -184,10 +181,19 @@ def compile_decoder(forward: Callable, device: torch.device, dynamic: bool | Non
             if compiled is not planned or not caused_by_recursion(error):
                 raise
             compiled = torch.compile(attention_as_math, dynamic=dynamic,
-                                     options={**CPU_COMPILE_OPTIONS, "memory_planning": False})
+                                     options={**options, "memory_planning": False})
             return compiled(*args, **kwargs)
 
     return step
+
+
+def cpu_compile_options() -> dict:
+    """CPU_COMPILE_OPTIONS, with decompose_mm_pass's one-row bound raised to
+    ONE_ROW_REDUCTION_MAX_DIM: the pass reads its bounds once, when inductor imports it, so
+    compile options arrive too late to change them."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = ONE_ROW_REDUCTION_MAX_DIM
+    return CPU_COMPILE_OPTIONS
 
 
 def compile_decode_step(model: Transformer, caches: list[KVCache],
@@ -203,14 +209,17 @@ def compile_decode_step(model: Transformer, caches: list[KVCache],
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     names = list(state)
     held = [*state.values(), *(tensor for cache in caches for tensor in (cache.k, cache.v))]
-    key = (settings, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
-           *((tensor.shape, tensor.dtype) for tensor in (*example, *held)))
+    # what the trace bakes in besides the settings: the module tree (names, train or eval mode),
+    # autocast, and each input's layout
+    key = (settings, tuple(names), tuple(module.training for module in model.modules()),
+           torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+           *((tensor.shape, tensor.stride(), tensor.dtype) for tensor in (*example, *held)))
     steps = COMPILED_STEPS.setdefault(model, {})
-    if key not in steps:
-        if len(steps) >= COMPILED_STEPS_PER_MODEL:
-            del steps[next(iter(steps))]
-        steps[key] = traced_and_compiled(model, names, sample, [*example, *held])
-    compiled = steps[key]
+    compiled = steps.pop(key, None) or traced_and_compiled(model, names, sample,
+                                                           [*example, *held])
+    steps[key] = compiled  # the newest last: the oldest is dropped first
+    if len(steps) > COMPILED_STEPS_PER_MODEL:
+        del steps[next(iter(steps))]
     return lambda *inputs: compiled(*inputs, *held)
 
 
@@ -218,8 +227,7 @@ def traced_and_compiled(model: Transformer, names: list[str], sample: Callable,
                         inputs: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
     """compile_decode_step's graph: inputs are the step's four, the weights in `names`' order,
     then each cache's keys and values."""
-    from torch._inductor.fx_passes import decompose_mem_bound_mm
-    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = ONE_ROW_REDUCTION_MAX_DIM
+    options = cpu_compile_options()
 
     def flat_step(idx: torch.Tensor, input_pos: torch.Tensor, uniform: torch.Tensor,
                   finished: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
@@ -236,11 +244,11 @@ def traced_and_compiled(model: Transformer, names: list[str], sample: Callable,
             return torch._inductor.compile(graph, inputs, options=options)
 
     try:
-        return compiled_with(CPU_COMPILE_OPTIONS)
+        return compiled_with(options)
     except Exception as error:  # the memory planner's recursion: see compile_decoder
         if not caused_by_recursion(error):
             raise
-        return compiled_with({**CPU_COMPILE_OPTIONS, "memory_planning": False})
+        return compiled_with({**options, "memory_planning": False})
 
 
 def caused_by_recursion(error: BaseException | None) -> bool:
@@ -259,8 +267,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
              generator: torch.Generator | None = None,
              compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next (B,) token ids after prompt (B, T), one step at a time, by the window rule
-    above; temperature 0 is greedy. Stops once every row has produced eos_id (finished rows
-    repeat it). compile=True compiles the decode step (without the cache, the forward)."""
+    above; temperature 0 is greedy (and draws nothing from `generator`). Stops once every row has
+    produced eos_id (finished rows repeat it). compile=True compiles the decode step (without the
+    cache, the forward)."""
     batch_size, device = prompt.shape[0], prompt.device
     # The window is the first `length` columns of one buffer, written in place: no step
     # allocates it anew, and the no-cache path's compiled forward always sees one stride.
@@ -296,7 +305,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
     decode_step = None  # built at the first decode step, for its shapes
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     greedy = temperature < GREEDY_BELOW  # draws nothing from the generator
-    no_draw = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    no_draw = torch.zeros(batch_size, dtype=torch.float64, device=device) if greedy else None
     refill = True  # the cache holds none of the window yet
     for _ in range(max_new_tokens):
         uniform = no_draw if greedy else torch.rand(batch_size, generator=generator,
@@ -312,7 +321,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, cont
             if decode_step is None:
                 decode_step = cached_step
                 if compile:
-                    settings = (temperature, top_k, top_p, eos_id)
+                    settings = ((0.0, 0, 1.0) if greedy else (temperature, top_k, top_p),
+                                eos_id)
                     decode_step = (
                         compile_decode_step(model, caches, sample, settings, *inputs)
                         if device.type == "cpu" else compile_decoder(cached_step, device))

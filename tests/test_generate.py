@@ -1,5 +1,8 @@
 """generate.py: the window rule, KV cache against recomputation, the fused decode form, sampling."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -78,13 +81,34 @@ def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once(bat
                         lambda *args: compiles.append(args) or traced_and_compiled(*args))
     counters["inductor"].clear()
     assert torch.equal(tokens(model, prompt, 100, compile=True), eager)
-    # one row: every product a reduction of its own, the head's too (generate.compile_decoder)
+    # one row: every product a reduction of its own, the head's too (ONE_ROW_REDUCTION_MAX_DIM)
     products = 7 * model.config.num_layers + 1
     assert counters["inductor"]["decompose_mm"] == (products if batch_size == 1 else 0)
     assert torch.equal(tokens(model, prompt, 100, compile=True), eager)  # the same graph again
-    assert len(compiles) == 1
     assert torch.equal(tokens(model, prompt, 20, top_k=5, compile=True), eager[:, :20])
-    assert len(compiles) == 2  # other settings: a graph of their own
+    assert len(compiles) == 1  # greedy ignores top_k: the same graph
+    model_alive = weakref.ref(model)
+    del model, compiles[:]
+    gc.collect()
+    assert model_alive() is None  # the kept graphs do not hold the model
+
+
+def test_compiled_sampling_with_eos_draws_what_eager_draws():
+    model = make_model(vocab_size=97, num_kv_heads=2)
+    prompt = torch.randint(0, 97, (2, 5))
+
+    def sampled(compile: bool, eos_id: int | None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(3)
+        return torch.stack(list(generate(model, prompt, 40, CONTEXT, temperature=0.9, top_k=20,
+                                         top_p=0.9, eos_id=eos_id, generator=generator,
+                                         compile=compile)), dim=1)
+
+    eager = sampled(False, None)
+    assert torch.equal(sampled(True, None), eager)
+    eos_id = int(eager[0, 10])  # row 0 ends by its 11th token; finished rows repeat it
+    with_eos = sampled(False, eos_id)
+    assert with_eos.shape[1] < 40 or (with_eos[0, 10:] == eos_id).all()
+    assert torch.equal(sampled(True, eos_id), with_eos)
 
 
 def test_a_decode_step_too_deep_for_memory_planning_compiles_without_it(monkeypatch):
