@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -285,8 +286,22 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def require_free_port(host: str, port: int) -> None:
+    """Refuse a port that is taken before the model loads and compiles, not a minute later."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as error:
+        raise UserError(f"could not listen on {host}:{port} ({error.strerror}) — choose another "
+                        "--host or --port, or stop what uses it") from None
+
+
 def main() -> None:
     args = parse_args()
+    require_free_port(args.host, args.port)
     trained = resolve_dtype(load_trained(args.ckpt_path, device_name=args.device),
                             args.dtype, args.ckpt_path)
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt_path))
