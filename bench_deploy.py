@@ -16,6 +16,7 @@ window). Numbers are printed, not asserted: compare ratios taken in one run.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -231,11 +232,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(ckpt_path: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt_path: str, max_batch: int, compile: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--ckpt_path",
                                 ckpt_path, "--port", str(port), "--device", "cpu",
-                                "--max-batch", str(max_batch)],
+                                "--max-batch", str(max_batch),
+                                "--compile" if compile else "--no-compile"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -249,7 +251,7 @@ def start_server(ckpt_path: str, max_batch: int) -> tuple[subprocess.Popen, str]
 
 
 def bench_serve(ckpt_path: str | None, shape: str, prompt_tokens: int, new_tokens: int,
-                clients: list[int]) -> None:
+                clients: list[int], compile: bool) -> None:
     """infer.py's generate beside serve.py's engine: one streamed client, then N clients at
     once (each its own prompt), and one client sending the 8 requests one after another."""
     label = ckpt_path or f"a random model of the {shape} shape"
@@ -266,7 +268,7 @@ def bench_serve(ckpt_path: str | None, shape: str, prompt_tokens: int, new_token
                                                for _ in range(RUNS)]}
         context_length, vocab_size = trained.context_length, trained.tokenizer.vocab_size
         del trained  # the server loads its own copy
-        process, url = start_server(ckpt_path, max(clients))
+        process, url = start_server(ckpt_path, max(clients), compile)
         try:
             rows["serve.py, 1 streamed client"] = [streamed_timing(url, prompts[0], new_tokens)
                                                    for _ in range(RUNS)]
@@ -324,6 +326,8 @@ def main() -> None:
     serve.add_argument("--new-tokens", type=int, default=64)
     serve.add_argument("--clients", default="1,4,8,16",
                        help="comma-separated counts of clients at once (default 1,4,8,16)")
+    serve.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="serve.py's own default; --no-compile times its eager engine")
     args = parser.parse_args()
     if args.command == "gguf":
         bench_gguf(load_config(args.config), args.ckpt_path)
@@ -335,7 +339,8 @@ def main() -> None:
     clients = [int(count) for count in args.clients.split(",")]
     for count in clients:
         require_within("--clients", count, 1, 1024)
-    bench_serve(args.ckpt_path, args.shape, args.prompt_tokens, args.new_tokens, clients)
+    bench_serve(args.ckpt_path, args.shape, args.prompt_tokens, args.new_tokens, clients,
+                args.compile)
 
 
 if __name__ == "__main__":
