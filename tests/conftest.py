@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Callable
 
 import pytest
@@ -327,12 +328,15 @@ def pause_at_snapshot(process: subprocess.Popen, path: Path, min_step: int) -> d
     seen, deadline = None, time.time() + 120
     while time.time() < deadline and process.poll() is None:
         with contextlib.suppress(FileNotFoundError):
-            sharded = path.is_dir()  # an FSDP run's snapshot: its pointer to the newest save
-            stat = (path / "latest" if sharded else path).stat()
+            # One stat: is_dir() and then stat() would race the first save's mkdir
+            stat = path.stat()
+            sharded = S_ISDIR(stat.st_mode)
+            if sharded:  # an FSDP run's snapshot: watch its pointer to the newest save
+                stat = (path / "latest").stat()
             if (stat.st_ino, stat.st_mtime_ns) != seen:
                 seen = (stat.st_ino, stat.st_mtime_ns)
                 signal_tree(process.pid, signal.SIGSTOP)
-                save = path / (path / "latest").read_text() if sharded else path
+                save = (path / (path / "latest").read_text()) if sharded else path
                 snapshot = snapshot_record(str(save))
                 progress = snapshot.get("progress", {"step": snapshot.get("step")})
                 if progress["step"] >= min_step:
