@@ -251,7 +251,7 @@ def torchrun_command(config: Path, nproc: int = 2, *flags: str) -> list[str]:
 
 
 def run_script(
-    script: str, *args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None
+    script: str, *args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
@@ -336,8 +336,12 @@ def pause_at_snapshot(process: subprocess.Popen, path: Path, min_step: int) -> d
             if (stat.st_ino, stat.st_mtime_ns) != seen:
                 seen = (stat.st_ino, stat.st_mtime_ns)
                 signal_tree(process.pid, signal.SIGSTOP)
-                save = (path / (path / "latest").read_text()) if sharded else path
-                snapshot = snapshot_record(str(save))
+                try:
+                    save = (path / (path / "latest").read_text()) if sharded else path
+                    snapshot = snapshot_record(str(save))
+                except BaseException:  # never leave the run frozen behind a failed test
+                    signal_tree(process.pid, signal.SIGCONT)
+                    raise
                 progress = snapshot.get("progress", {"step": snapshot.get("step")})
                 if progress["step"] >= min_step:
                     return progress

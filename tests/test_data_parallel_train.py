@@ -390,7 +390,9 @@ def test_a_time_budget_ends_every_rank_on_the_same_step_inside_the_budget(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     progress = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]
     mean_step = progress["train_seconds"] / progress["step"]
-    assert progress["step"] > 20 and 3.0 - mean_step <= progress["train_seconds"] < 3.0 + mean_step
+    # a step early: the budget rule; up to two late: the last step's noise, and gloo's waits
+    assert progress["step"] > 20
+    assert 3.0 - mean_step <= progress["train_seconds"] < 3.0 + 2 * mean_step
 
 
 def test_elastic_restart_after_rank_0_is_killed(tmp_path, corpus):
@@ -530,7 +532,7 @@ prepare_data, mode = distributed.prepare_data, sys.argv[2]
 
 def patched(config):
     if mode == "slow" and os.environ["LOCAL_RANK"] == "0":  # tokenizing outlasts the timeout
-        time.sleep(12)
+        time.sleep(14)
     if mode == "fail" and os.environ["LOCAL_RANK"] == "1":  # a problem only rank 1 finds
         raise UserError("rank 1 cannot read its corpus — fix it")
     return prepare_data(config)
@@ -553,10 +555,10 @@ def torchrun_patched_prepare(tmp_path: Path, corpus: Path, mode: str,
 
 
 def test_ranks_wait_out_a_cache_build_longer_than_the_process_group_timeout(tmp_path, corpus):
-    """Rank 1 waits 12 s for rank 0's data under training.dist_timeout_s=4: it polls the store
+    """Rank 1 waits 14 s for rank 0's data under training.dist_timeout_s=6: it polls the store
     instead of sitting in a collective, so the run trains and ends."""
     result = torchrun_patched_prepare(tmp_path, corpus, "slow", {
-        "max_steps": 4, "eval_every": 4, "save_every": 4, "dist_timeout_s": 4})
+        "max_steps": 4, "eval_every": 4, "save_every": 4, "dist_timeout_s": 6})
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]["step"] == 4
 

@@ -51,11 +51,11 @@ def serving(ckpt: Path, log: Path, *args: str) -> Iterator[tuple[str, subprocess
             stdout=subprocess.DEVNULL, stderr=stderr, cwd=ckpt.parent)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a cold --compile warm-up on two busy cores
         while True:
             assert process.poll() is None, log.read_text()[-3000:]
             with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/health").status_code == 200:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
                     break
             assert time.monotonic() < deadline, "serve.py did not start"
             time.sleep(0.2)
@@ -277,8 +277,9 @@ def test_the_page_is_served_and_uses_only_relative_urls(chat_server, tmp_path):
 def test_a_key_is_required_a_full_queue_answers_503_and_sigterm_ends_cleanly(tmp_path):
     model, _ = chat_llama(tmp_path / "llama")
     app = "https://app.example"
+    # One row and a queue of one: of four requests at once, one runs, one waits, two get 503
     with serving(tmp_path / "llama", tmp_path / "serve.log", "--api-key", "sesame",
-                 "--max-queue", "1", "--cors-origin", app) as (url, process):
+                 "--max-batch", "1", "--max-queue", "1", "--cors-origin", app) as (url, process):
         assert requests.get(f"{url}/v1/models").status_code == 401
         assert requests.get(f"{url}/v1/models", headers={
             "Authorization": "Bearer wrong"}).json()["error"]["code"] == "invalid_api_key"
@@ -430,14 +431,14 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(chat_
     before = requests.get(f"{url}/health").json()["cancelled_requests"]
     with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and hangs up
         requests.post(f"{url}/v1/completions", timeout=0.5, json={
-            "prompt": [[5] * 8] * 8, "max_tokens": 240, "ignore_eos": True})
+            "prompt": [[5] * 8] * 32, "max_tokens": 240, "ignore_eos": True})
     deadline = time.monotonic() + 30
     while requests.get(f"{url}/health").json()["cancelled_requests"] == before:
         assert time.monotonic() < deadline, "the generation was not cancelled"
         time.sleep(0.1)
     tokens = re.findall(r"cancelled by its client after (\d+) tokens",
                         chat_server["log"].read_text())
-    assert int(tokens[-1]) < 8 * 240  # it stopped before the end
+    assert int(tokens[-1]) < 32 * 240  # it stopped before the end
 
 
 def test_an_empty_api_key_is_refused_in_one_line(chat_server):
@@ -466,7 +467,10 @@ def test_sigterm_ends_running_streams_with_done_and_answers_the_waiting_503(tmp_
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        time.sleep(0.3)  # it waits: the one row is taken
+        deadline = time.monotonic() + 30
+        while "slm_requests_waiting 1" not in requests.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, "the second request never waited for the row"
+            time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         lines += [line for line in lines_iter if line]
         waiter.join(timeout=30)
@@ -556,7 +560,8 @@ def test_a_compiled_server_warms_up_then_answers_as_the_eager_one(chat_server, t
     eager = chat_server["client"].completions.create(**request).choices[0].text
     log = tmp_path / "serve.log"
     with serving(chat_server["directory"], log, "--compile", "--max-batch", "2") as (url, _):
-        assert re.search(r"compiled the decode step for 1, 2 rows at once in \d+ s",
+        # width 2 compiles only while the start-up budget lasts, which two busy cores may not
+        assert re.search(r"compiled the decode step for 1(, 2)? rows at once in \d+ s",
                          log.read_text())
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         assert client.completions.create(**request).choices[0].text == eager

@@ -490,8 +490,9 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
     assert snapshot["step"] > 20, "the budget replaces max_steps"
     assert best["step"] == snapshot["step"], "the final eval runs at the last step"
     mean_step = snapshot["train_seconds"] / snapshot["step"]
-    # It ends inside the budget, less than a mean step short of it (give or take a step's noise).
-    assert 4.0 - mean_step <= snapshot["train_seconds"] < 4.0 + mean_step
+    # It ends less than a mean step short of the budget, and past it by no more than a slow last
+    # step (twice the mean) on a busy machine.
+    assert 4.0 - mean_step <= snapshot["train_seconds"] < 4.0 + 2 * mean_step
     events = EventAccumulator(str(tmp_path / "runs" / "test"))
     events.Reload()
     lrs = [e.value for e in events.Scalars("1_train/lr")]
@@ -510,7 +511,7 @@ def test_time_budget_run_ends_at_the_budget_with_eval_checkpoint_and_snapshot(tm
     )
     resumed = load_checkpoint(str(tmp_path / "ckpt" / "snapshot.pth"))["progress"]
     assert resumed["step"] > snapshot["step"]
-    assert 7.0 - 2 * mean_step <= resumed["train_seconds"] < 7.0 + mean_step
+    assert 7.0 - 2 * mean_step <= resumed["train_seconds"] < 7.0 + 2 * mean_step
     events.Reload()
     lrs_after = [e.value for e in events.Scalars("1_train/lr")][len(lrs) :]
     assert lrs_after[0] > lrs[-1], "a larger budget puts the resumed run back earlier on its cosine"
