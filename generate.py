@@ -27,12 +27,14 @@ from model import KVCache, Transformer
 # A one-row product reads its whole weight for one output row: inductor's decompose_mm_pass makes
 # it a reduction kernel of its own, which streams the weight faster than the BLAS call does
 # (docs/generation.md).
+# The pass's bound on a one-row product's other dimensions: inductor's default (2,048) would leave
+# the vocabulary head, the largest weight of all, to BLAS; this one covers any vocabulary.
+ONE_ROW_REDUCTION_MAX_DIM = 1 << 18
+# The bound is in the options too, though the pass reads it at import (cpu_compile_options), so
+# that inductor's on-disk cache never hands back a step compiled under another bound.
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "memory_planning": True,
-                       "post_grad_fusion_options": {"decompose_mm_pass": {}}}
-# The pass's bound on a one-row product's other dimensions: inductor's default (2,048) leaves a
-# small model's vocabulary head to BLAS; a head as large as SmolLM2's (49,152 rows) streams
-# faster through BLAS than through the reduction.
-ONE_ROW_REDUCTION_MAX_DIM = 8192
+                       "post_grad_fusion_options": {"decompose_mm_pass": {
+                           "cpu_max_other_dimension_decomposition": ONE_ROW_REDUCTION_MAX_DIM}}}
 MIN_CACHE_POSITIONS = 64
 # compile_decode_step's graphs, per model (for as long as it lives): a few sampling settings and
 # shapes each, the least recently used dropped first

@@ -5,9 +5,9 @@ A batch-1 decode step reads every weight once to make one token, so its speed is
 which weights stream from memory: a kernel that streams them faster, then fewer bytes per
 weight, are the levers (docs/generation.md has the figures and the CPU they were taken on).
 
-- fp32: the weights as trained. A compiled step has inductor turn each one-row block product
-  into a reduction of its own (generate.CPU_COMPILE_OPTIONS), which streams a weight matrix
-  faster than the BLAS call F.linear makes for one row.
+- fp32: the weights as trained. A compiled step has inductor turn each one-row product, the
+  head's too, into a reduction of its own (generate.CPU_COMPILE_OPTIONS), which streams a weight
+  matrix faster than the BLAS call F.linear makes for one row.
 - bf16: the blocks' weights in bf16, multiplied by activations rounded to bf16; the head, the
   embedding, the norms, attention and the residual stream stay fp32 (bf16 logits would flip
   top-1 wherever two tokens are close). Only where bf16 is native (a GPU, or a CPU with
@@ -17,8 +17,9 @@ weight, are the levers (docs/generation.md has the figures and the CPU they were
   (aten._weight_int8pack_mm: its fp32-activation kernel is not vectorised on every CPU). A
   quarter of fp32's bytes.
 - auto: fp32, unless int8 (or bf16, where native) decodes this model at least AUTO_MIN_SPEEDUP
-  faster and its top-1 agreement with fp32 meets its bound, measured on text the fp32 model
-  samples. Decided once per CPU, threads, torch and checkpoint, and kept (runtime.decided_once).
+  faster, compiled or eager as the run will decode, and its top-1 agreement with fp32 meets its
+  bound, measured on text the fp32 model samples. Decided once per CPU, threads, torch,
+  checkpoint and way of decoding, and kept (runtime.decided_once).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ DTYPES = ("auto", "fp32", "bf16", "int8")
 AGREEMENT_BOUND = {"bf16": 0.99, "int8": 0.98}  # top-1 with fp32, as llama.cpp's files meet
 AUTO_MIN_SPEEDUP = 1.3       # a lower precision must decode this much faster to be chosen
 AUTO_SAMPLE_TOKENS = 128     # fp32's sample that agreement is measured on
-AUTO_TIMED_STEPS = 16        # decode steps timed per dtype, in turns
+AUTO_TIMED_STEPS = 16        # decode steps timed per dtype and round
+AUTO_TIMED_ROUNDS = 3        # rounds, the dtypes in turns
 
 
 class Int8Linear(nn.Module):
@@ -105,9 +107,11 @@ def with_dtype(trained: TrainedModel, dtype: str) -> TrainedModel:
     return dataclasses.replace(trained, model=model.eval(), precision=precision)
 
 
-def resolve_dtype(trained: TrainedModel, dtype: str, checkpoint_path: str) -> TrainedModel:
-    """`trained` decoding in `dtype`; auto decided as the module's docstring says, and printed
-    on one line with what was measured."""
+def resolve_dtype(trained: TrainedModel, dtype: str, checkpoint_path: str,
+                  compiled: bool = False) -> TrainedModel:
+    """`trained` decoding in `dtype`; auto decided as the module's docstring says, for decoding
+    compiled or eager as the caller will run it, and printed on one line with what was
+    measured."""
     require(dtype in DTYPES, f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     if dtype == "bf16":
         require(bf16_is_native(trained.device), "--dtype bf16 needs native bf16 (a GPU, or a "
@@ -121,20 +125,21 @@ def resolve_dtype(trained: TrainedModel, dtype: str, checkpoint_path: str) -> Tr
     key = {"decision": "decode_dtype", **cpu_identity(), "rule": [AUTO_MIN_SPEEDUP,
            AGREEMENT_BOUND], "model": dataclasses.asdict(
         trained.model.config), "checkpoint": [os.path.abspath(checkpoint_path), stat.st_size,
-                                              stat.st_mtime_ns]}
-    choice, reason, kept = decided_once(key, lambda: measure_dtypes(trained))
-    where = (f"decided once for this CPU and checkpoint, kept in {decisions_path()}" if kept
-             else "not kept")
+                                              stat.st_mtime_ns], "compiled": compiled}
+    choice, reason, kept = decided_once(key, lambda: measure_dtypes(trained, compiled))
+    decoding = "compiled" if compiled else "eager"
+    where = (f"decided once for this CPU, checkpoint and {decoding} decoding, kept in "
+             f"{decisions_path()}" if kept else "not kept")
     print(f"dtype auto: {choice} ({reason}); {where} — pin it with --dtype fp32 or int8",
           file=sys.stderr, flush=True)
     return with_dtype(trained, choice)
 
 
-def measure_dtypes(trained: TrainedModel) -> tuple[str, str, bool]:
+def measure_dtypes(trained: TrainedModel, compiled: bool) -> tuple[str, str, bool]:
     """auto's choice: the fastest lower precision that meets its agreement bound on a sample of
-    fp32's and decodes AUTO_MIN_SPEEDUP x faster, else fp32; fp32, not kept, when other
-    processes held the CPUs during the timing. -> (dtype, what was measured, whether to keep
-    it)"""
+    fp32's and decodes AUTO_MIN_SPEEDUP x faster (compiled or eager), else fp32; fp32, not
+    kept, when other processes held the CPUs during the timing. -> (dtype, what was measured,
+    whether to keep it)"""
     candidates = ["int8"] + ["bf16"] * bf16_is_native(trained.device)
     generator = torch.Generator(trained.device).manual_seed(0)
     start = torch.tensor([[trained.tokenizer.end_of_text_id]], device=trained.device)
@@ -144,7 +149,8 @@ def measure_dtypes(trained: TrainedModel) -> tuple[str, str, bool]:
     variants = {"fp32": trained, **{dtype: with_dtype(trained, dtype) for dtype in candidates}}
     agreement = {dtype: top1_agreement(trained, variants[dtype], [sample[0].tolist()])
                  for dtype in candidates}
-    seconds, others_share = with_others_share(lambda: decode_step_seconds(variants))
+    seconds, others_share = with_others_share(
+        lambda: decode_step_seconds(variants, compiled))
     if others_share > BUSY_SHARE:  # a noisy timing could flip the choice from start to start
         return "fp32", (f"other processes took {others_share:.0%} of the CPUs while the dtypes "
                         "were timed: fp32 until a quiet start times them"), False
@@ -174,25 +180,24 @@ def top1_agreement(reference: TrainedModel, other: TrainedModel,
     return same / max(1, total)
 
 
-@torch.inference_mode()
-def decode_step_seconds(variants: dict[str, TrainedModel], positions: int = 256
-                        ) -> dict[str, float]:
-    """Median seconds of an eager batch-1 decode step for each model, the models taking turns
-    so that a neighbour's burst slows them alike."""
-    positions = min([positions] + [trained.context_length for trained in variants.values()])
-    steps = {}
-    for name, trained in variants.items():
+def decode_step_seconds(variants: dict[str, TrainedModel], compiled: bool,
+                        prompt_tokens: int = 128) -> dict[str, float]:
+    """Median seconds of a batch-1 greedy decode step of each model, as generate() runs it
+    (compiled: the step is compiled first, untimed), the models taking turns so that a
+    neighbour's burst slows them alike."""
+    def step_seconds(trained: TrainedModel) -> list[float]:
+        prompt = torch.full((1, min(prompt_tokens, trained.context_length // 2)),
+                            trained.tokenizer.end_of_text_id, device=trained.device)
         with autocast_context(trained.device, trained.precision):
-            caches = trained.model.new_caches(1, positions)
-        steps[name] = (trained, caches)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    token = torch.zeros(1, 1, dtype=torch.long, device=next(iter(variants.values())).device)
-    for step in range(AUTO_TIMED_STEPS + 1):
-        for name, (trained, caches) in steps.items():
-            position = torch.tensor([(positions // 2 + step) % positions], device=token.device)
-            begin = time.perf_counter()
-            with autocast_context(trained.device, trained.precision):
-                trained.model(token, caches=caches, input_pos=position)
-            if step:  # the first is a warm-up
-                times[name].append(time.perf_counter() - begin)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
+            times = [time.perf_counter() for _ in generate(  # the first token is the prefill's
+                trained.model, prompt, AUTO_TIMED_STEPS + 1, trained.context_length,
+                temperature=0.0, compile=compiled)]
+        return [after - before for before, after in zip(times, times[1:])]
+
+    for trained in variants.values():
+        step_seconds(trained)  # a warm-up: the compile, the first touch of the weights
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(AUTO_TIMED_ROUNDS):
+        for name, trained in variants.items():
+            seconds[name] += step_seconds(trained)
+    return {name: statistics.median(times) for name, times in seconds.items()}

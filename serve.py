@@ -303,7 +303,7 @@ def main() -> None:
     args = parse_args()
     require_free_port(args.host, args.port)
     trained = resolve_dtype(load_trained(args.ckpt_path, device_name=args.device),
-                            args.dtype, args.ckpt_path)
+                            args.dtype, args.ckpt_path, compiled=args.compile)
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt_path))
     engine = Engine(trained.model, trained.context_length, trained.precision, args.max_batch,
                     compile=args.compile)

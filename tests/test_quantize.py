@@ -69,12 +69,39 @@ def test_auto_is_measured_once_and_kept(trained, trained_run, monkeypatch, capsy
     first = resolve_dtype(trained, "auto", path)
     line = capsys.readouterr().err
     assert re.fullmatch(r"dtype auto: (fp32|int8) \(int8 [\d.]+x fp32's decode speed, top-1 "
-                        r"agreement [\d.]+% \(needs 1.3x, 98%\)\); decided once for this CPU and "
-                        r"checkpoint, kept in .* — pin it with --dtype fp32 or int8\n", line)
-    monkeypatch.setattr(quantize, "measure_dtypes", lambda trained: pytest.fail("measured again"))
+                        r"agreement [\d.]+% \(needs 1.3x, 98%\)\); decided once for this CPU, "
+                        r"checkpoint and eager decoding, kept in .* — pin it with --dtype fp32 or "
+                        r"int8\n", line)
+    monkeypatch.setattr(quantize, "measure_dtypes", lambda *args: pytest.fail("measured again"))
     again = resolve_dtype(trained, "auto", path)
     assert capsys.readouterr().err == line
     assert type(first.model.lm_head) is type(again.model.lm_head)
+
+
+def test_auto_decides_compiled_decoding_apart_from_eager(trained, trained_run, tmp_path,
+                                                         monkeypatch, capsys):
+    """int8 can lead fp32 eagerly and trail it compiled (the compiled fp32 step streams its
+    weights faster than BLAS does): each is timed as it will run, and kept apart."""
+    path = tmp_path / "best.pth"
+    path.write_bytes((trained_run / "ckpt" / "best.pth").read_bytes())
+    monkeypatch.setattr(quantize, "with_others_share", lambda measure: (measure(), 0.0))
+    timed = []
+    decode_step_seconds = quantize.decode_step_seconds
+
+    def step_seconds(variants: dict, compiled: bool) -> dict[str, float]:
+        timed.append(compiled)
+        real = decode_step_seconds(variants, compiled)  # compiles both dtypes when compiled
+        assert set(real) == {"fp32", "int8"} and all(seconds > 0 for seconds in real.values())
+        return {"fp32": 2.0, "int8": 1.0} if not compiled else {"fp32": 1.0, "int8": 1.25}
+
+    monkeypatch.setattr(quantize, "decode_step_seconds", step_seconds)
+    resolve_dtype(trained, "auto", str(path))
+    assert "int8 2.00x fp32's decode speed" in capsys.readouterr().err
+    compiled = resolve_dtype(trained, "auto", str(path), compiled=True)
+    line = capsys.readouterr().err
+    assert line.startswith("dtype auto: fp32 (int8 0.80x fp32's decode speed") and (
+        "checkpoint and compiled decoding, kept in" in line)
+    assert compiled.model is trained.model and timed == [False, True]
 
 
 def test_a_compiled_int8_step_gives_the_eager_steps_tokens():
