@@ -242,7 +242,8 @@ def main() -> None:
     if args.out:
         check_writable(os.path.dirname(os.path.abspath(args.out)))
     trained = resolve_dtype(load_trained(args.ckpt_path, args.config, args.device),
-                            args.dtype, args.ckpt_path, compiled=bool(args.compile))
+                            args.dtype, args.ckpt_path,
+                            compiled=bool(args.compile) and not args.no_cache)
     seed = args.seed if args.seed is not None else torch.seed()  # torch.seed(): a fresh one
     if args.prompts:
         generate_file(trained, args, records, seed)

@@ -149,6 +149,10 @@ def measure_dtypes(trained: TrainedModel, compiled: bool) -> tuple[str, str, boo
     variants = {"fp32": trained, **{dtype: with_dtype(trained, dtype) for dtype in candidates}}
     agreement = {dtype: top1_agreement(trained, variants[dtype], [sample[0].tolist()])
                  for dtype in candidates}
+    # an untimed warm-up: the compile (its C++ compiler's processes would count as others'
+    # load) and the weights' first touch
+    for variant in variants.values():
+        decode_steps_seconds(variant, compiled)
     seconds, others_share = with_others_share(
         lambda: decode_step_seconds(variants, compiled))
     if others_share > BUSY_SHARE:  # a noisy timing could flip the choice from start to start
@@ -180,24 +184,25 @@ def top1_agreement(reference: TrainedModel, other: TrainedModel,
     return same / max(1, total)
 
 
-def decode_step_seconds(variants: dict[str, TrainedModel], compiled: bool,
-                        prompt_tokens: int = 128) -> dict[str, float]:
-    """Median seconds of a batch-1 greedy decode step of each model, as generate() runs it
-    (compiled: the step is compiled first, untimed), the models taking turns so that a
-    neighbour's burst slows them alike."""
-    def step_seconds(trained: TrainedModel) -> list[float]:
-        prompt = torch.full((1, min(prompt_tokens, trained.context_length // 2)),
-                            trained.tokenizer.end_of_text_id, device=trained.device)
-        with autocast_context(trained.device, trained.precision):
-            times = [time.perf_counter() for _ in generate(  # the first token is the prefill's
-                trained.model, prompt, AUTO_TIMED_STEPS + 1, trained.context_length,
-                temperature=0.0, compile=compiled)]
-        return [after - before for before, after in zip(times, times[1:])]
+def decode_steps_seconds(trained: TrainedModel, compiled: bool, prompt_tokens: int = 128
+                         ) -> list[float]:
+    """Seconds of each of AUTO_TIMED_STEPS batch-1 greedy decode steps of `trained`, as
+    generate() runs them, after a prompt short enough that no step refills the window."""
+    length = max(1, min(prompt_tokens, trained.context_length - AUTO_TIMED_STEPS - 1))
+    prompt = torch.full((1, length), trained.tokenizer.end_of_text_id, device=trained.device)
+    with autocast_context(trained.device, trained.precision):
+        times = [time.perf_counter() for _ in generate(  # the first token is the prefill's
+            trained.model, prompt, AUTO_TIMED_STEPS + 1, trained.context_length,
+            temperature=0.0, compile=compiled)]
+    return [after - before for before, after in zip(times, times[1:])]
 
-    for trained in variants.values():
-        step_seconds(trained)  # a warm-up: the compile, the first touch of the weights
+
+def decode_step_seconds(variants: dict[str, TrainedModel], compiled: bool) -> dict[str, float]:
+    """Median seconds of a decode step of each model (decode_steps_seconds), the models taking
+    turns so that a neighbour's burst slows them alike. Compiled, each step should have been
+    compiled before."""
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(AUTO_TIMED_ROUNDS):
         for name, trained in variants.items():
-            seconds[name] += step_seconds(trained)
+            seconds[name] += decode_steps_seconds(trained, compiled)
     return {name: statistics.median(times) for name, times in seconds.items()}

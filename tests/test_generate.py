@@ -72,8 +72,9 @@ def test_generation_stops_on_eos_and_finished_rows_repeat_it():
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_compiled_generation_matches_eager_and_compiles_the_decode_step_once(batch_size,
                                                                             monkeypatch):
-    model = make_decisive_model(num_kv_heads=2, vocab_size=4096)  # a head above inductor's 2,048
-    prompt = torch.randint(0, 4096, (batch_size, 7))
+    # a head above inductor's bound of 2,048 rows, and above 8,192
+    model = make_decisive_model(num_kv_heads=2, vocab_size=16384)
+    prompt = torch.randint(0, 16384, (batch_size, 7))
     eager = tokens(model, prompt, 100)  # 107 > CONTEXT: several refills too
     compiles = []
     traced_and_compiled = generate_module.traced_and_compiled

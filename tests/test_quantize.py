@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import generate as generate_module
 import quantize
 from checkpoints import load_trained
 from conftest import make_decisive_model
@@ -66,6 +67,7 @@ def test_auto_is_measured_once_and_kept(trained, trained_run, monkeypatch, capsy
     path = str(trained_run / "ckpt" / "best.pth")
     # a timing while other processes hold the CPUs is not kept; here, as if none did
     monkeypatch.setattr(quantize, "with_others_share", lambda measure: (measure(), 0.0))
+    monkeypatch.setattr(quantize, "bf16_is_native", lambda device: False)  # int8 the candidate
     first = resolve_dtype(trained, "auto", path)
     line = capsys.readouterr().err
     assert re.fullmatch(r"dtype auto: (fp32|int8) \(int8 [\d.]+x fp32's decode speed, top-1 "
@@ -81,16 +83,29 @@ def test_auto_is_measured_once_and_kept(trained, trained_run, monkeypatch, capsy
 def test_auto_decides_compiled_decoding_apart_from_eager(trained, trained_run, tmp_path,
                                                          monkeypatch, capsys):
     """int8 can lead fp32 eagerly and trail it compiled (the compiled fp32 step streams its
-    weights faster than BLAS does): each is timed as it will run, and kept apart."""
+    weights faster than BLAS does): each is timed as it will run, and kept apart. The compile
+    happens before the timing, whose share of others' load would count its C++ compiler."""
     path = tmp_path / "best.pth"
     path.write_bytes((trained_run / "ckpt" / "best.pth").read_bytes())
-    monkeypatch.setattr(quantize, "with_others_share", lambda measure: (measure(), 0.0))
+    monkeypatch.setattr(quantize, "bf16_is_native", lambda device: False)
+    compiles = []
+    traced_and_compiled = generate_module.traced_and_compiled
+    monkeypatch.setattr(generate_module, "traced_and_compiled",
+                        lambda *args: compiles.append(args) or traced_and_compiled(*args))
+
+    def others_share(measure):
+        before = len(compiles)
+        result = measure()
+        assert len(compiles) == before, "a compile inside the timed decode steps"
+        return result, 0.0
+
+    monkeypatch.setattr(quantize, "with_others_share", others_share)
     timed = []
     decode_step_seconds = quantize.decode_step_seconds
 
     def step_seconds(variants: dict, compiled: bool) -> dict[str, float]:
         timed.append(compiled)
-        real = decode_step_seconds(variants, compiled)  # compiles both dtypes when compiled
+        real = decode_step_seconds(variants, compiled)
         assert set(real) == {"fp32", "int8"} and all(seconds > 0 for seconds in real.values())
         return {"fp32": 2.0, "int8": 1.0} if not compiled else {"fp32": 1.0, "int8": 1.25}
 
@@ -102,6 +117,7 @@ def test_auto_decides_compiled_decoding_apart_from_eager(trained, trained_run, t
     assert line.startswith("dtype auto: fp32 (int8 0.80x fp32's decode speed") and (
         "checkpoint and compiled decoding, kept in" in line)
     assert compiled.model is trained.model and timed == [False, True]
+    assert len(compiles) == 2  # fp32's step and int8's, each once
 
 
 def test_a_compiled_int8_step_gives_the_eager_steps_tokens():
