@@ -152,7 +152,7 @@ def measure_dtypes(trained: TrainedModel, compiled: bool) -> tuple[str, str, boo
     # an untimed warm-up: the compile (its C++ compiler's processes would count as others'
     # load) and the weights' first touch
     for variant in variants.values():
-        decode_steps_seconds(variant, compiled)
+        timed_decode_steps(variant, compiled)
     seconds, others_share = with_others_share(
         lambda: decode_step_seconds(variants, compiled))
     if others_share > BUSY_SHARE:  # a noisy timing could flip the choice from start to start
@@ -184,8 +184,8 @@ def top1_agreement(reference: TrainedModel, other: TrainedModel,
     return same / max(1, total)
 
 
-def decode_steps_seconds(trained: TrainedModel, compiled: bool, prompt_tokens: int = 128
-                         ) -> list[float]:
+def timed_decode_steps(trained: TrainedModel, compiled: bool,
+                       prompt_tokens: int = 128) -> list[float]:
     """Seconds of each of AUTO_TIMED_STEPS batch-1 greedy decode steps of `trained`, as
     generate() runs them, after a prompt short enough that no step refills the window."""
     length = max(1, min(prompt_tokens, trained.context_length - AUTO_TIMED_STEPS - 1))
@@ -198,11 +198,11 @@ def decode_steps_seconds(trained: TrainedModel, compiled: bool, prompt_tokens: i
 
 
 def decode_step_seconds(variants: dict[str, TrainedModel], compiled: bool) -> dict[str, float]:
-    """Median seconds of a decode step of each model (decode_steps_seconds), the models taking
+    """Median seconds of a decode step of each model (timed_decode_steps), the models taking
     turns so that a neighbour's burst slows them alike. Compiled, each step should have been
     compiled before."""
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(AUTO_TIMED_ROUNDS):
         for name, trained in variants.items():
-            seconds[name] += decode_steps_seconds(trained, compiled)
+            seconds[name] += timed_decode_steps(trained, compiled)
     return {name: statistics.median(times) for name, times in seconds.items()}
